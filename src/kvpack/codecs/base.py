@@ -1,0 +1,67 @@
+"""The codec interface: one quantizer per file behind it.
+
+A codec turns a block of vectors x [..., tokens, head_dim] into `Encoded` storage (real packed
+tensors whose byte counts are the honest size) and back. `shared_nbytes()` is storage shared by
+every block of a layer (codebooks), amortized over the context by whoever reports bits.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Encoded:
+    """Packed storage of one block: named tensors plus the original shape."""
+
+    tensors: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def bits_per_element(self) -> float:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return 8.0 * self.nbytes() / max(numel, 1)
+
+
+class Codec(ABC):
+    """Quantizer for keys or values of one layer."""
+
+    name: str = "codec"
+
+    def fit(self, samples: torch.Tensor, weights: torch.Tensor | None = None) -> "Codec":
+        """Learn parameters from calibration samples [..., tokens, head_dim]; baselines need none."""
+        return self
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """x [..., tokens, head_dim] -> packed storage."""
+
+    @abstractmethod
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """Packed storage -> float32 tensor of `enc.shape`."""
+
+    def shared_nbytes(self) -> int:
+        """Bytes of per-layer storage shared by all blocks (codebooks); 0 for baselines."""
+        return 0
+
+    def token_group(self) -> int:
+        """Tokens that must be encoded together (1 unless statistics are taken over tokens in groups)."""
+        return 1
+
+    def roundtrip(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Quantize-dequantize x; returns (x_hat in x's dtype, stored bytes)."""
+        enc = self.encode(x)
+        return self.decode(enc).to(x.dtype), enc.nbytes()
+
+
+def check_bits(bits: int, low: int = 1, high: int = 8) -> int:
+    if not isinstance(bits, int) or not low <= bits <= high:
+        raise ValueError(f"bit width must be an integer in {low}..{high}, got {bits!r}")
+    return bits

@@ -1,0 +1,16 @@
+"""fp16 storage: the uncompressed baseline (the model itself may compute in float32)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Codec, Encoded
+
+
+class Fp16Codec(Codec):
+    name = "fp16"
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        return Encoded({"values": x.to(torch.float16)}, tuple(x.shape))
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        return enc.tensors["values"].float()

@@ -1,0 +1,40 @@
+"""int-N: asymmetric min-max uniform quantization, per token or per channel, optional groups.
+
+Stored per group: N-bit codes (packed), the minimum and the step, both fp16. KIVI-style is this
+codec with per-channel keys in groups of 32 tokens and per-token values in groups of 32 channels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import packing
+from .base import Codec, Encoded, check_bits
+from .grouping import check_axis, grouped, grouped_shape
+
+
+class UniformCodec(Codec):
+    def __init__(self, bits: int, axis: str = "token", group_size: int | None = None):
+        self.bits = check_bits(bits, 1, 8)
+        self.axis = check_axis(axis)
+        self.group_size = group_size
+        self.name = f"int{bits}-{axis}" + (f"-g{group_size}" if group_size else "")
+
+    def token_group(self) -> int:
+        return (self.group_size or 1) if self.axis == "channel" else 1
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        view, dim = grouped(x.float(), self.axis, self.group_size)
+        lo = view.amin(dim, keepdim=True).to(torch.float16)
+        hi = view.amax(dim, keepdim=True)
+        levels = (1 << self.bits) - 1
+        step = ((hi - lo.float()) / levels).to(torch.float16)
+        step = torch.where(step.float() > 0, step, torch.ones_like(step))
+        codes = torch.round((view - lo.float()) / step.float()).clamp_(0, levels).to(torch.int32)
+        packed = packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)
+        return Encoded({"codes": packed, "min": lo, "step": step}, tuple(x.shape))
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        shape = enc.shape
+        codes = packing.unpack(enc.tensors["codes"], self.bits, shape[-2] * shape[-1])
+        view = codes.reshape(grouped_shape(shape, self.axis, self.group_size)).float()
+        return (view * enc.tensors["step"].float() + enc.tensors["min"].float()).reshape(shape)

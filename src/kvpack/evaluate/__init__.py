@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, results files and tables."""

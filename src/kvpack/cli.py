@@ -1,2 +1,127 @@
+"""The `kvpack` command line: eval, report, demo (calibrate, generate, bench, plan join as they land)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer()
+
+from .errors import KVPackError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress the KV cache of transformer LMs and measure it.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _split_methods(methods: str) -> list[str]:
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    return names
+
+
+def run_eval(
+    model_spec: str, data: str, methods: list[str], seqlen: int, max_windows: Optional[int],
+    pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4",
+    calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
+) -> list[dict]:
+    """Evaluate `methods` (fp16 always included, first) and return result rows."""
+    from .data import load_windows
+    from .evaluate.perplexity import simulated_perplexity
+    from .evaluate.results import add_deltas, environment
+    from .methods import parse_method
+    from .models import load_model
+    from .pipeline import resolve_recipe
+
+    settings = [parse_method(m, pre_rope=pre_rope, key_axis=key_axis) for m in methods]
+    if not any(s.name == "fp16" for s in settings):
+        settings.insert(0, parse_method("fp16"))
+    model, tokenizer = load_model(model_spec)
+    windows = load_windows(tokenizer, data, seqlen, max_windows)
+    rows = []
+    for s in settings:
+        recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
+                                calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress)
+        result = simulated_perplexity(model, windows, recipe, progress=progress)
+        rows.append({
+            "method": result.method, "bits_per_element": result.bits_per_element, "ppl": result.ppl,
+            "nll": result.nll, "model": model_spec, "data": data, "seqlen": seqlen, "windows": result.windows,
+            "tokens": result.tokens, "mode": "simulated", "seconds": result.seconds,
+            "seconds_per_window": result.seconds / result.windows, "calibration": recipe.calibration or None,
+            "env": environment(),
+        })
+        typer.echo(f"{result.method}: ppl {result.ppl:.4f}  bits/elem {result.bits_per_element:.3f}  "
+                   f"({result.seconds:.1f} s, {result.seconds / result.windows:.2f} s/window)", err=True)
+    return add_deltas(rows)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option("smollm2-135m", help="Short name, local directory, hub id, or .gguf file."),
+    data: str = typer.Option("wikitext2", help="wikitext2 | c4 | PATH (.jsonl with 'text', or plain text); c4[500:] slices documents."),
+    methods: str = typer.Option("fp16,int4,kivi-2", help="Comma-separated methods; options follow ':' (int4:pre-rope:key-channel)."),
+    seqlen: int = typer.Option(2048, help="Tokens per window."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows to this JSON file."),
+    pre_rope: Optional[bool] = typer.Option(None, "--pre-rope/--post-rope", help="Quantize keys before / after RoPE for every method."),
+    key_axis: Optional[str] = typer.Option(None, help="'channel' or 'token': the axis keys share statistics along, for every method."),
+    calib_data: str = typer.Option("c4", help="Calibration data for methods that need it."),
+    calib_windows: int = typer.Option(16, help="Calibration windows (of --seqlen tokens)."),
+    recipe: Optional[Path] = typer.Option(None, help="Use this saved recipe instead of calibrating."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Perplexity of each method (simulated quantization), next to fp16 measured in the same run."""
+    from .evaluate.results import PPL_COLUMNS, text_table, write_rows
+
+    try:
+        rows = run_eval(model, data, _split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
+                        calib_data, calib_windows, recipe, progress)
+    except KVPackError as exc:
+        _fail(exc)
+    typer.echo(text_table(rows, PPL_COLUMNS))
+    if json_out:
+        write_rows(json_out, rows)
+        typer.echo(f"wrote {json_out}", err=True)
+
+
+@app.command()
+def report(
+    results: Path = typer.Option(Path("results"), help="Folder of JSON results."),
+    readme: Path = typer.Option(Path("README.md"), help="README whose <!-- results:NAME --> blocks are refreshed."),
+    check: bool = typer.Option(False, help="Exit 1 if the README is not up to date instead of writing it."),
+) -> None:
+    """Render the README's result tables from the saved JSON results."""
+    from .evaluate.report import render_readme
+
+    text = render_readme(readme, results)
+    if check:
+        if text != readme.read_text():
+            typer.echo(f"{readme} is out of date: run `kvpack report`.", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{readme} is up to date.")
+        return
+    readme.write_text(text)
+    typer.echo(f"refreshed {readme} from {results}/")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m"),
+    data: str = typer.Option("wikitext2"),
+) -> None:
+    """The main job on the default model: fp16 vs compressed KV caches, perplexity and bits."""
+    from .evaluate.results import PPL_COLUMNS, text_table
+
+    start = time.perf_counter()
+    try:
+        rows = run_eval(model, data, ["fp16", "int4", "int4:pre-rope:key-channel", "kivi-4", "kivi-2"], 2048, 2)
+    except KVPackError as exc:
+        _fail(exc)
+    typer.echo(text_table(rows, PPL_COLUMNS))
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    app()

@@ -30,10 +30,38 @@ class Encoded:
         return 8.0 * self.nbytes() / max(numel, 1)
 
 
+CODEC_TYPES: dict[str, type["Codec"]] = {}
+
+
+def register_codec(cls: type["Codec"]) -> type["Codec"]:
+    """Class decorator: make `cls` rebuildable from its saved state (recipe files)."""
+    CODEC_TYPES[cls.__name__] = cls
+    return cls
+
+
+def codec_from_state(kind: str, config: dict, tensors: dict[str, torch.Tensor]) -> "Codec":
+    """Rebuild a codec saved with `Codec.state()`."""
+    if kind not in CODEC_TYPES:
+        raise ValueError(f"unknown codec type '{kind}' (known: {', '.join(sorted(CODEC_TYPES))})")
+    return CODEC_TYPES[kind].from_state(config, tensors)
+
+
 class Codec(ABC):
     """Quantizer for keys or values of one layer."""
 
     name: str = "codec"
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able config, tensors) that `from_state` rebuilds this codec from."""
+        return self.config(), {}
+
+    def config(self) -> dict:
+        """Constructor arguments as JSON-able values."""
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Codec":
+        return cls(**config)
 
     def fit(self, samples: torch.Tensor, weights: torch.Tensor | None = None) -> "Codec":
         """Learn parameters from calibration samples [..., tokens, head_dim]; baselines need none."""

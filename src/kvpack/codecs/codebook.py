@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import packing
-from .base import Codec, Encoded, check_bits
+from .base import Codec, Encoded, check_bits, register_codec
 from .grouping import check_axis, grouped, grouped_shape
 
 
@@ -31,6 +31,7 @@ def nearest_level(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(u, midpoints.to(u.dtype), right=False)
 
 
+@register_codec
 class CodebookCodec(Codec):
     def __init__(self, levels: torch.Tensor, axis: str = "token", group_size: int | None = None, name: str | None = None):
         levels = torch.as_tensor(levels, dtype=torch.float32).flatten().sort().values
@@ -42,6 +43,13 @@ class CodebookCodec(Codec):
         self.axis = check_axis(axis)
         self.group_size = group_size
         self.name = name or f"codebook{self.bits}-{axis}"
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"axis": self.axis, "group_size": self.group_size, "name": self.name}, {"levels": self.levels}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "CodebookCodec":
+        return cls(tensors["levels"], **config)
 
     def token_group(self) -> int:
         return (self.group_size or 1) if self.axis == "channel" else 1
@@ -68,9 +76,17 @@ class CodebookCodec(Codec):
         return self.levels.numel() * 2  # stored as fp16
 
 
+@register_codec
 class NormalFloatCodec(CodebookCodec):
     def __init__(self, bits: int, axis: str = "token", group_size: int | None = None):
         super().__init__(normal_float_levels(bits), axis, group_size, name=f"nf{bits}-{axis}")
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"bits": self.bits, "axis": self.axis, "group_size": self.group_size}, {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "NormalFloatCodec":
+        return cls(**config)
 
     def shared_nbytes(self) -> int:
         return 0  # the NF levels are a fixed datatype, not stored with the cache

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, Encoded
+from .base import Codec, Encoded, register_codec
 
 
+@register_codec
 class Fp16Codec(Codec):
     name = "fp16"
 

@@ -8,16 +8,20 @@ from __future__ import annotations
 import torch
 
 from .. import packing
-from .base import Codec, Encoded, check_bits
+from .base import Codec, Encoded, check_bits, register_codec
 from .grouping import check_axis, grouped, grouped_shape
 
 
+@register_codec
 class UniformCodec(Codec):
     def __init__(self, bits: int, axis: str = "token", group_size: int | None = None):
         self.bits = check_bits(bits, 1, 8)
         self.axis = check_axis(axis)
         self.group_size = group_size
         self.name = f"int{bits}-{axis}" + (f"-g{group_size}" if group_size else "")
+
+    def config(self) -> dict:
+        return {"bits": self.bits, "axis": self.axis, "group_size": self.group_size}
 
     def token_group(self) -> int:
         return (self.group_size or 1) if self.axis == "channel" else 1

@@ -1,0 +1,37 @@
+"""Turn a method name into a ready recipe for a model: baselines directly, calibrated methods
+from a saved recipe or calibrated on the fly (and cached on disk)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .methods import MethodSettings, parse_method
+from .models import text_config
+from .recipe import Recipe
+from .registry import needs_calibration
+
+
+def num_layers(model) -> int:
+    return text_config(model.config).num_hidden_layers
+
+
+def resolve_recipe(
+    model,
+    tokenizer,
+    method: str | MethodSettings,
+    *,
+    calib_data: str = "c4",
+    calib_windows: int = 16,
+    calib_seqlen: int = 2048,
+    recipe_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Recipe:
+    """The recipe for `method` on `model`: uncalibrated, loaded from `recipe_dir`, or calibrated."""
+    settings = parse_method(method) if isinstance(method, str) else method
+    if not needs_calibration(settings):
+        return Recipe.baseline(settings, num_layers(model))
+    from .calibrate import cached_calibration  # calibrated families only
+
+    return cached_calibration(
+        model, tokenizer, settings, data=calib_data, windows=calib_windows, seqlen=calib_seqlen,
+        recipe_dir=recipe_dir, progress=progress,
+    )

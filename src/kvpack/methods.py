@@ -86,6 +86,11 @@ def apply_option(settings: MethodSettings, option: str) -> MethodSettings:
             if prefix == "g" and value < 1:
                 raise MethodError(f"group size must be >= 1 in '{option}'")
             return replace(settings, **{f: value for f in fields})
+    from .registry import family_option  # calibrated families add options of their own
+
+    changed = family_option(settings, option)
+    if changed is not None:
+        return changed
     raise MethodError(
         f"Unknown method option '{option}'. Options: pre-rope, post-rope, key-channel, key-token, g<N>, sink<N>, recent<N>."
     )

@@ -21,6 +21,7 @@ class Family:
     matches: Callable[[str], bool]
     settings: Callable[[str], MethodSettings]
     calibrated: bool
+    option: Callable[[MethodSettings, str], MethodSettings | None] | None = None  # family-only `:options`
 
 
 _FAMILIES: list[Family] = []
@@ -34,6 +35,14 @@ def family_of(preset: str) -> Family | None:
     for family in _FAMILIES:
         if family.matches(preset):
             return family
+    return None
+
+
+def family_option(settings: MethodSettings, option: str) -> MethodSettings | None:
+    """`settings` changed by a `:option` only `settings.family` knows; None if it knows none."""
+    for family in _FAMILIES:
+        if family.name == settings.family and family.option is not None:
+            return family.option(settings, option)
     return None
 
 
@@ -61,3 +70,6 @@ def baseline_codecs(settings: MethodSettings) -> tuple[Codec, Codec]:
         return make(settings.key_axis, settings.key_group), make(settings.value_axis, settings.value_group)
     except ValueError as exc:
         raise MethodError(f"Method '{settings.name}': {exc}") from exc
+
+
+from . import rvq_family as _rvq_family  # noqa: E402,F401  (registers rvq-dD-cC-gG)

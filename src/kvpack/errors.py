@@ -27,3 +27,7 @@ class RecipeError(KVPackError):
 
 class NonFiniteError(KVPackError):
     """NaN or inf met where finite keys/values are required."""
+
+
+class CacheFileError(KVPackError):
+    """A saved compressed cache is missing, damaged, or made for another model or recipe."""

@@ -1,0 +1,53 @@
+"""Model hooks that tell a CompressedCache what `Cache.update` does not: each attention layer's
+cos/sin and position ids (needed to store keys pre-RoPE), and the batch's left padding (needed
+to keep each row's first tokens, the attention sink, in full precision).
+
+The hooks are installed once per model and act only when the `past_key_values` passed to the
+forward is a cache that has `_kvpack_receive_rope` / `_kvpack_receive_mask`; with any other cache
+(or none) they do nothing.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+_INSTALLED = "_kvpack_cache_hooks"
+
+
+def _attention_pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    receive = getattr(cache, "_kvpack_receive_rope", None)
+    if receive is None:
+        return
+    rope = kwargs.get("position_embeddings")
+    if rope is None and len(args) > 1:
+        rope = args[1]
+    receive(module.layer_idx, rope, kwargs.get("position_ids"))
+
+
+def _model_pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    receive = getattr(cache, "_kvpack_receive_mask", None)
+    if receive is not None:
+        receive(kwargs.get("attention_mask"))
+
+
+def install(model: nn.Module, attention_layers: list[nn.Module]) -> None:
+    """Install the hooks on `model` (idempotent)."""
+    if getattr(model, _INSTALLED, None):
+        return
+    handles = [layer.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True) for layer in attention_layers]
+    # The top-level model and its decoder both see the 2D attention mask; whichever runs first reports it.
+    targets = [model]
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, nn.Module):
+        targets.append(decoder)
+    handles += [t.register_forward_pre_hook(_model_pre_hook, with_kwargs=True) for t in targets]
+    object.__setattr__(model, _INSTALLED, handles)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove the hooks `install` added."""
+    for handle in getattr(model, _INSTALLED, None) or []:
+        handle.remove()
+    if hasattr(model, _INSTALLED):
+        object.__delattr__(model, _INSTALLED)

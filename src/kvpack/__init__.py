@@ -3,6 +3,7 @@ from .data import load_corpus, load_windows
 from .errors import KVPackError
 from .models import DEFAULT_MODEL, load_model
 from .recipe import Recipe
+from .calibrate import calibrate
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL"]
+__all__ = ["calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL"]

@@ -86,6 +86,31 @@ def eval_command(
         typer.echo(f"wrote {json_out}", err=True)
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: str = typer.Option("smollm2-135m", help="Short name, local directory, hub id, or .gguf file."),
+    method: str = typer.Option("kvquant-3bit-1pct", help="Calibrated method, options after ':' (kvquant-3bit-1pct:sink4)."),
+    data: str = typer.Option("c4", help="Calibration text: c4 | wikitext2 | PATH; c4[:500] slices documents."),
+    windows: int = typer.Option(16, help="Calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    out: Path = typer.Option(..., help="Folder to write the recipe to (recipe.json + codecs.safetensors)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Calibrate a method for a model and save the recipe; use it with `kvpack eval --recipe DIR`."""
+    from .calibrate import calibrate
+    from .models import load_model
+
+    try:
+        loaded, tokenizer = load_model(model)
+        recipe = calibrate(loaded, tokenizer, method, data=data, windows=windows, seqlen=seqlen, progress=progress)
+        recipe.save(out)
+    except KVPackError as exc:
+        _fail(exc)
+    timing = (recipe.calibration or {}).get("timing_s", {})
+    typer.echo(f"wrote {out} ({recipe.method}, {recipe.num_layers} layers"
+               + (f", calibrated in {timing['total']:.1f} s)" if "total" in timing else ")"))
+
+
 @app.command()
 def report(
     results: Path = typer.Option(Path("results"), help="Folder of JSON results."),

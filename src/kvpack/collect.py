@@ -40,10 +40,9 @@ class CollectionTiming:
 
 
 class _Collector:
-    pre_rope = True
-
-    def __init__(self, num_layers: int, fisher: bool):
+    def __init__(self, num_layers: int, fisher: bool, pre_rope: bool = True):
         self.fisher = fisher
+        self.pre_rope = pre_rope
         self.token_index: torch.Tensor | None = None
         self.parts = [{"k": [], "v": [], "h": [], "kf": [], "vf": []} for _ in range(num_layers)]
 
@@ -74,8 +73,10 @@ def collect_activations(
     max_rows: int | None = 131072,
     seed: int = 0,
     progress: bool = True,
+    pre_rope: bool = True,
 ) -> tuple[list[LayerActivations], CollectionTiming]:
-    """Run `windows` [n, seqlen] through the model and return per-layer calibration rows."""
+    """Run `windows` [n, seqlen] through the model and return per-layer calibration rows
+    (keys before RoPE, or after it with pre_rope=False)."""
     from .intercept import attention_layers
 
     layers = attention_layers(model)
@@ -86,7 +87,7 @@ def collect_activations(
         raise ValueError(f"calibration windows of {seqlen} tokens leave nothing after {sink_tokens} sink tokens")
     per_window = usable if max_rows is None else max(1, min(usable, math.ceil(max_rows / (n * heads))))
     generator = torch.Generator().manual_seed(seed)
-    collector = _Collector(len(layers), fisher)
+    collector = _Collector(len(layers), fisher, pre_rope)
     timing = CollectionTiming()
     embed = model.get_input_embeddings()
     bar = tqdm(windows, desc="collecting K/V" + (" + Fisher" if fisher else ""), unit="window", disable=not progress)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .codecs import Codec
 from .methods import MethodSettings, parse_method
@@ -35,3 +36,16 @@ class Recipe:
             raise MethodError(f"Method '{settings.name}' needs calibration: use kvpack.calibrate(...) or `kvpack calibrate`.")
         key, value = baseline_codecs(settings)
         return cls(settings, [key] * num_layers, [value] * num_layers)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write this recipe to `directory` (safetensors + JSON, see recipe_io)."""
+        from .recipe_io import save_recipe
+
+        return save_recipe(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, model=None) -> "Recipe":
+        """Load a saved recipe; with `model`, check it was calibrated for that model (RecipeError if not)."""
+        from .recipe_io import load_recipe
+
+        return load_recipe(directory, model)

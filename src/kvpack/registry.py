@@ -73,3 +73,4 @@ def baseline_codecs(settings: MethodSettings) -> tuple[Codec, Codec]:
 
 
 from . import rvq_family as _rvq_family  # noqa: E402,F401  (registers rvq-dD-cC-gG)
+from . import kvquant_family as _kvquant_family  # noqa: E402,F401  (registers kvquant-Nbit[-Ppct])

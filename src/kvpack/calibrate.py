@@ -1,0 +1,157 @@
+"""Calibration: text -> per-layer activations (+ Fisher) -> a fitted recipe, cached on disk.
+
+`calibrate(model, tokenizer, "kvquant-3bit-1pct", data="c4", windows=16, seqlen=2048)` runs the
+model over the calibration windows (`collect.collect_activations`: pre-RoPE K/V rows and, for
+Fisher-weighted methods, squared gradients), then hands the rows to the method family's fitter.
+`recipe.calibration["timing_s"]` says where the time went (forward, backward, thresholds, k-means).
+
+`cached_calibration` is what `kvpack eval` uses: a saved recipe folder if given, else a recipe
+cached under `cache_root()/recipes/` keyed by the model (identity + weights fingerprint), the
+full method settings, the exact calibration token ids, and `CALIBRATION_VERSION`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .errors import DataError, MethodError, RecipeError
+from .methods import MethodSettings, parse_method
+from .recipe import Recipe
+from .registry import needs_calibration
+
+# Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
+CALIBRATION_VERSION = 1
+
+# family -> (module, function) with signature fit(model, activations, settings, progress=...) -> (keys, values, info)
+FITTERS = {
+    "kvquant": ("kvpack.kvquant_fit", "fit_kvquant_recipe"),
+    "rvq": ("kvpack.rvq_train", "fit_rvq_recipe"),
+}
+
+
+def needs_fisher(settings: MethodSettings) -> bool:
+    return str(settings.extra.get("weighting", "")).startswith("fisher")
+
+
+def _fitter(settings: MethodSettings):
+    if settings.family not in FITTERS:
+        raise MethodError(f"No calibration is known for the '{settings.family}' family of '{settings.name}'.")
+    module, name = FITTERS[settings.family]
+    return getattr(importlib.import_module(module), name)
+
+
+def calibration_windows(tokenizer, data: str, windows: int, seqlen: int) -> torch.Tensor:
+    """The first `windows` windows [windows, seqlen] of `data`; error if the data is too short."""
+    from .data import load_windows
+
+    if windows < 1:
+        raise DataError(f"calibration needs at least one window, got {windows}.")
+    ids = load_windows(tokenizer, data, seqlen, windows)
+    if ids.shape[0] < windows:
+        raise DataError(
+            f"Calibration data '{data}' holds only {ids.shape[0]} windows of {seqlen} tokens, {windows} asked. "
+            "Use fewer --windows, a shorter --seqlen, or more data."
+        )
+    return ids
+
+
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: str, progress: bool = True) -> Recipe:
+    """Calibrate `settings` on token windows ids [n, seqlen] (described as `data`)."""
+    from .collect import collect_activations
+    from .recipe_io import model_identity
+
+    fit = _fitter(settings)
+    start = time.perf_counter()
+    fisher = needs_fisher(settings)
+    collect_kwargs = dict(fisher=fisher, sink_tokens=settings.sink_tokens, progress=progress)
+    if not settings.pre_rope:
+        collect_kwargs["pre_rope"] = False
+    activations, timing = collect_activations(model, ids, **collect_kwargs)
+    keys, values, info = fit(model, activations, settings, progress=progress)
+    del activations
+    total = time.perf_counter() - start
+    info = dict(info)
+    fit_timing = info.pop("timing_s", {})
+    timing_s = {"forward": timing.forward_s, "backward": timing.backward_s, **fit_timing, "total": total}
+    calibration = {
+        "data": data, "windows": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.numel()),
+        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "fisher": fisher, "sink_tokens": settings.sink_tokens, "timing_s": timing_s,
+        "calibration_version": CALIBRATION_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
+    }
+    _log(progress, f"calibrated {settings.name} on {ids.shape[0]} x {ids.shape[1]} tokens of {data} in {total:.1f} s: "
+         + ", ".join(f"{k} {v:.1f} s" for k, v in timing_s.items() if k != "total"))
+    return Recipe(settings, keys, values, model_identity(model), calibration)
+
+
+def calibrate(
+    model, tokenizer, method: str | MethodSettings, data: str = "c4", windows: int = 16, seqlen: int = 2048,
+    progress: bool = True,
+) -> Recipe:
+    """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data`; returns the Recipe."""
+    settings = parse_method(method) if isinstance(method, str) else method
+    if not needs_calibration(settings):
+        from .pipeline import num_layers
+
+        return Recipe.baseline(settings, num_layers(model))
+    return calibrate_windows(model, calibration_windows(tokenizer, data, windows, seqlen), settings, data, progress)
+
+
+def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
+    """Hash of everything a calibrated recipe depends on."""
+    from .recipe_io import model_identity, weights_fingerprint
+
+    payload = {
+        "model": model_identity(model), "weights": weights_fingerprint(model), "settings": asdict(settings),
+        "tokens": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(ids.shape),
+        "version": CALIBRATION_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_calibration(
+    model, tokenizer, settings: MethodSettings, data: str = "c4", windows: int = 16, seqlen: int = 2048,
+    recipe_dir: str | Path | None = None, progress: bool = True,
+) -> Recipe:
+    """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache, or calibrated and cached."""
+    from .models import cache_root
+    from .recipe_io import replace_directory
+
+    if recipe_dir is not None:
+        recipe = Recipe.load(recipe_dir, model)
+        if recipe.settings.name != settings.name:
+            raise RecipeError(
+                f"Recipe '{recipe_dir}' is for method '{recipe.settings.name}', not '{settings.name}'. "
+                f"Evaluate '{recipe.settings.name}' with it, or drop --recipe to calibrate '{settings.name}'."
+            )
+        return recipe
+    ids = calibration_windows(tokenizer, data, windows, seqlen)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.name)
+    folder = cache_root() / "recipes" / f"{safe}-{cache_key(model, settings, ids)[:16]}"
+    if folder.is_dir():
+        try:
+            recipe = Recipe.load(folder, model)
+            _log(progress, f"using the cached recipe {folder}")
+            return recipe
+        except RecipeError as exc:
+            _log(progress, f"cached recipe {folder} unusable ({exc}); recalibrating")
+    recipe = calibrate_windows(model, ids, settings, data, progress)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    recipe.save(tmp)
+    replace_directory(tmp, folder)
+    _log(progress, f"cached the recipe in {folder}")
+    return recipe

@@ -1,0 +1,245 @@
+"""KVQuant's nuqN codec: learned non-uniform levels, per-channel or per-token ranges, dense-and-sparse.
+
+Blocks are x [..., heads, tokens, head_dim]. Every vector is normalized to [-1, 1] by its range
+(zero = (hi + lo) / 2, scale = (hi - lo) / 2, fp16) and each element becomes the index of the
+nearest of 2**N levels (one codebook per layer, or one per KV head). Elements outside the range
+are outliers, stored exactly in fp16 as a sparse matrix (`codecs.sparse`).
+
+- axis="channel" (keys): one range per (head, channel), fixed offline at calibration, so keys
+  stream in without revisiting older tokens. The ranges are per-layer shared state.
+- axis="token" (values): one range per token, computed online. With outliers, the `k` smallest
+  and largest elements of each token vector (k = round(frac * n / 2), at least 1) are outliers
+  and the range is that of the rest; `span="all"` takes one range over all KV heads of a token,
+  `span="head"` one per head.
+- outlier_scope="matrix": one outlier threshold pair per head fixed at calibration instead
+  of per-vector ones (an ablation; the paper's per-vector rule is the default).
+- Q-Norm: decoded levels are `levels * a + b` per codebook, (a, b) fitted offline so that the
+  mean and standard deviation of dequantized calibration data match the originals.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import packing
+from . import sparse
+from .base import Codec, Encoded, check_bits, register_codec
+from .kmeans import assign
+
+AXES = ("channel", "token")
+SPANS = ("head", "all")
+SCOPES = ("vector", "matrix")
+
+
+def _fp16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.as_tensor(t).to(torch.float16).float()
+
+
+def range_to_zero_scale(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero, scale) of ranges [lo, hi], rounded to fp16 as stored; a zero scale becomes 1."""
+    zero, scale = _fp16((hi + lo) / 2), _fp16((hi - lo) / 2)
+    return zero, torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def outliers_per_side(frac: float, n: int) -> int:
+    """Outliers taken from each end of a vector of n elements for an outlier fraction `frac`."""
+    if frac <= 0:
+        return 0
+    return min(max(1, round(frac * n / 2)), (n - 1) // 2)
+
+
+@register_codec
+class NuqCodec(Codec):
+    """nuqN with optional dense-and-sparse outliers and Q-Norm; see the module docstring."""
+
+    def __init__(
+        self,
+        levels: torch.Tensor,
+        axis: str,
+        heads: int,
+        head_dim: int,
+        outlier_frac: float = 0.0,
+        zero: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        out_lo: torch.Tensor | None = None,
+        out_hi: torch.Tensor | None = None,
+        qnorm: torch.Tensor | None = None,
+        span: str = "head",
+        outlier_scope: str = "vector",
+        name: str | None = None,
+    ):
+        levels = _fp16(levels)
+        levels = levels.reshape(-1, levels.shape[-1]).sort(-1).values
+        groups, n = levels.shape
+        if n < 2 or n & (n - 1):
+            raise ValueError(f"a codebook needs a power-of-two number of levels >= 2, got {n}")
+        if groups not in (1, heads):
+            raise ValueError(f"{groups} codebooks for {heads} KV heads: use one per layer or one per head")
+        if axis not in AXES or span not in SPANS or outlier_scope not in SCOPES:
+            raise ValueError(f"axis must be in {AXES}, span in {SPANS}, outlier_scope in {SCOPES}")
+        if not 0 <= outlier_frac < 0.5:
+            raise ValueError(f"outlier fraction must be in [0, 0.5), got {outlier_frac}")
+        self.levels = levels
+        self.bits = check_bits(n.bit_length() - 1, 1, 8)
+        self.axis, self.span, self.outlier_scope = axis, span, outlier_scope
+        self.heads, self.head_dim = heads, head_dim
+        self.outlier_frac = float(outlier_frac)
+        self.qnorm = None if qnorm is None else _fp16(qnorm).reshape(groups, 2)
+        self.decode_levels = levels if self.qnorm is None else levels * self.qnorm[:, :1] + self.qnorm[:, 1:]
+        if axis == "channel":
+            if zero is None or scale is None:
+                raise ValueError("per-channel nuq needs offline zero/scale [heads, head_dim] (see `range_to_zero_scale`)")
+            self.zero = _fp16(zero).reshape(heads, 1, head_dim)
+            scale = _fp16(scale).reshape(heads, 1, head_dim)
+            self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if outlier_scope == "matrix" and outlier_frac > 0:
+            if out_lo is None or out_hi is None:
+                raise ValueError("per-matrix outliers need offline thresholds out_lo/out_hi [heads]")
+            self.out_lo = _fp16(out_lo).reshape(heads, 1, 1)
+            self.out_hi = _fp16(out_hi).reshape(heads, 1, 1)
+        self.name = name or f"nuq{self.bits}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+
+    # ----- state (recipes) -----
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        config = {
+            "axis": self.axis, "heads": self.heads, "head_dim": self.head_dim, "outlier_frac": self.outlier_frac,
+            "span": self.span, "outlier_scope": self.outlier_scope, "name": self.name,
+        }
+        tensors = {"levels": self.levels.half()}
+        if self.axis == "channel":
+            tensors["zero"] = self.zero.reshape(self.heads, self.head_dim).half()
+            tensors["scale"] = self.scale.reshape(self.heads, self.head_dim).half()
+        if self.qnorm is not None:
+            tensors["qnorm"] = self.qnorm.half()
+        if self._matrix_outliers:
+            tensors["out_lo"], tensors["out_hi"] = self.out_lo.flatten().half(), self.out_hi.flatten().half()
+        return config, tensors
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "NuqCodec":
+        return cls(tensors["levels"], zero=tensors.get("zero"), scale=tensors.get("scale"), out_lo=tensors.get("out_lo"),
+                   out_hi=tensors.get("out_hi"), qnorm=tensors.get("qnorm"), **config)
+
+    def config(self) -> dict:
+        return self.state()[0]
+
+    @property
+    def _matrix_outliers(self) -> bool:
+        return self.outlier_scope == "matrix" and self.outlier_frac > 0
+
+    def shared_nbytes(self) -> int:
+        """fp16 codebooks, Q-Norm pairs, per-channel ranges and per-matrix thresholds of this layer."""
+        return sum(t.numel() * 2 for t in self.state()[1].values())
+
+    # ----- normalization -----
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() < 3 or x.shape[-3] != self.heads or x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"nuq codec calibrated for [..., {self.heads} heads, tokens, {self.head_dim}] got {tuple(x.shape)}; "
+                "use a recipe calibrated for this model"
+            )
+
+    def _token_range(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (lo, hi) of x [..., H, T, D] ignoring `mask`ed elements: [..., H|1, T, 1]."""
+        dims = (-3, -1) if self.span == "all" else (-1,)
+        if mask is None:
+            return x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+        inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        lo, hi = x.where(~mask, inf).amin(dims, keepdim=True), x.where(~mask, -inf).amax(dims, keepdim=True)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)  # a vector made only of outliers
+        return lo.where(finite, 0.0), hi.where(finite, 0.0)
+
+    def _token_outliers(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-vector outlier mask of x [..., H, T, D]: the k smallest and k largest of each token vector."""
+        v = x.movedim(-3, -2) if self.span == "all" else x  # [..., T, H, D] or [..., H, T, D]
+        v = v.reshape(*v.shape[:-2], -1) if self.span == "all" else v
+        n = v.shape[-1]
+        k = outliers_per_side(self.outlier_frac, n)
+        ordered = v.sort(-1).values
+        lo, hi = ordered[..., k : k + 1], ordered[..., n - 1 - k : n - k]
+        mask = sparse.outlier_mask(v, lo, hi)
+        if self.span == "all":
+            mask = mask.reshape(*mask.shape[:-1], self.heads, self.head_dim).movedim(-2, -3)
+        return mask
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x [..., H, T, D] -> (u, outlier mask or None, zero, scale); u = (x - zero) / scale, in [-1, 1] off the outliers."""
+        self._check(x)
+        x = x.float()
+        mask = None
+        if self._matrix_outliers:
+            mask = sparse.outlier_mask(x, self.out_lo, self.out_hi)
+        if self.axis == "channel":
+            zero, scale = self.zero, self.scale
+            u = (x - zero) / scale
+            if self.outlier_frac > 0 and mask is None:
+                mask = u.abs() > 1
+        else:
+            if self.outlier_frac > 0 and mask is None:
+                mask = self._token_outliers(x)
+            lo, hi = self._token_range(x, mask)
+            zero, scale = range_to_zero_scale(lo, hi)
+            u = (x - zero) / scale
+        return u, mask, zero, scale
+
+    def quantize_normalized(self, u: torch.Tensor) -> torch.Tensor:
+        """Codes of normalized u [..., H, T, D] (clamped to [-1, 1]) under each head's codebook."""
+        u = u.clamp(-1, 1)
+        if self.levels.shape[0] == 1:
+            return assign(u, self.levels[0])
+        return torch.stack([assign(u[..., h, :, :], self.levels[h]) for h in range(self.heads)], dim=-3)
+
+    def dequantize_normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decoded normalized values of codes [..., H, T, D] (Q-Norm applied)."""
+        levels = self.decode_levels
+        if levels.shape[0] == 1:
+            return levels[0][codes]
+        offset = (torch.arange(self.heads, device=codes.device) * levels.shape[1]).view(self.heads, 1, 1)
+        return levels.flatten()[codes + offset]
+
+    # ----- sparse layout -----
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H, T, D] -> rows of the sparse layout: channels (CSC) for keys, tokens (CSR) for values."""
+        if self.axis == "channel":
+            return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+        if self.span == "all":
+            return x.movedim(-3, -2).reshape(-1, self.heads * self.head_dim)
+        return x.reshape(-1, x.shape[-1])
+
+    def _unrows(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        *lead, heads, tokens, dim = shape
+        if self.axis == "channel":
+            return rows.reshape(*lead, heads, dim, tokens).transpose(-1, -2)
+        if self.span == "all":
+            return rows.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
+        return rows.reshape(shape)
+
+    # ----- codec interface -----
+    def encode(self, x: torch.Tensor) -> Encoded:
+        u, mask, zero, scale = self.normalize(x)
+        codes = self.quantize_normalized(u)
+        tensors = {"codes": packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)}
+        if self.axis == "token":
+            tensors["zero"], tensors["scale"] = zero.half(), scale.half()
+        if mask is not None:
+            for key, t in sparse.encode_rows(self._rows(x.float()), self._rows(mask)).items():
+                tensors[f"outlier_{key}"] = t
+        return Encoded(tensors, tuple(x.shape))
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        shape = enc.shape
+        t = enc.tensors
+        codes = packing.unpack(t["codes"], self.bits, shape[-2] * shape[-1]).reshape(shape)
+        zero, scale = (self.zero, self.scale) if self.axis == "channel" else (t["zero"].float(), t["scale"].float())
+        x = self.dequantize_normalized(codes) * scale + zero
+        if "outlier_values" in t:
+            probe = self._rows(torch.empty(shape, device="meta"))
+            part = {k: t[f"outlier_{k}"] for k in ("values", "indices", "counts")}
+            values, mask = sparse.decode_rows(part, probe.shape[0], probe.shape[1])
+            x = torch.where(self._unrows(mask, shape), self._unrows(values, shape), x)
+        return x
+
+    def outlier_rate(self, enc: Encoded) -> float:
+        """Measured share of elements stored as sparse outliers in `enc`."""
+        return enc.tensors["outlier_values"].numel() / max(math.prod(enc.shape), 1) if "outlier_values" in enc.tensors else 0.0

@@ -1,0 +1,67 @@
+"""Dense-and-sparse split: the outliers of x (elements outside per-vector [lo, hi]) are stored
+exactly in fp16 as a compressed sparse row matrix; the dense part is quantized by the caller.
+
+Layout of one block, rows of `n` elements each (tokens for values: CSR; channels for keys, the
+row running over tokens: CSC of the [tokens, channels] matrix):
+  values  fp16 [nnz]   the outliers, exactly (x rounded to fp16, restored bit-exact)
+  indices [nnz]        position inside the row, in the smallest integer type that holds n - 1
+  counts  [rows]       outliers per row, the smallest type that holds n; the CSR row pointer
+                       array is their prefix sum (`pointers`), so storing counts instead of
+                       int32 pointers is the same information in 1/4 (uint8) of the bytes.
+Byte counts are those of these real tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def index_dtype(limit: int) -> torch.dtype:
+    """Smallest integer dtype holding every value in [0, limit]."""
+    if limit <= 255:
+        return torch.uint8
+    if limit <= 32767:
+        return torch.int16
+    if limit <= 2**31 - 1:
+        return torch.int32
+    return torch.int64
+
+
+def outlier_mask(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """True where x lies outside [lo, hi] (lo, hi broadcast against x)."""
+    return (x < lo) | (x > hi)
+
+
+def encode_rows(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x, mask [rows, n] -> {"values", "indices", "counts"} holding x[mask] in row-major order."""
+    if x.dim() != 2 or mask.shape != x.shape:
+        raise ValueError(f"encode_rows needs x and mask of one shape [rows, n], got {tuple(x.shape)}, {tuple(mask.shape)}")
+    rows, n = x.shape
+    _, cols = mask.nonzero(as_tuple=True)
+    return {
+        "values": x[mask].to(torch.float16),
+        "indices": cols.to(index_dtype(max(n - 1, 0))),
+        "counts": mask.sum(1).to(index_dtype(n)),
+    }
+
+
+def pointers(counts: torch.Tensor) -> torch.Tensor:
+    """CSR row pointers [rows + 1] (int64) from per-row counts [rows]."""
+    return torch.cat([counts.new_zeros(1, dtype=torch.int64), torch.cumsum(counts.to(torch.int64), 0)])
+
+
+def decode_rows(sparse: dict[str, torch.Tensor], rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `encode_rows`: (values [rows, n] float32, zero off the outliers; mask [rows, n])."""
+    counts = sparse["counts"].to(torch.int64)
+    if counts.numel() != rows:
+        raise ValueError(f"sparse outliers hold {counts.numel()} rows, expected {rows}")
+    row_idx = torch.repeat_interleave(torch.arange(rows, device=counts.device), counts)
+    col_idx = sparse["indices"].to(torch.int64)
+    dense = torch.zeros(rows, n, dtype=torch.float32, device=counts.device)
+    mask = torch.zeros(rows, n, dtype=torch.bool, device=counts.device)
+    dense[row_idx, col_idx] = sparse["values"].float()
+    mask[row_idx, col_idx] = True
+    return dense, mask
+
+
+def nbytes(sparse: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sparse.values())

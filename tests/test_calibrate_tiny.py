@@ -1,0 +1,112 @@
+"""End to end on a tiny random Llama: calibrate, cache, simulate, CLI; KVQuant method names."""
+import sys
+
+import pytest
+import torch
+
+import kvpack
+from conftest import make_tiny_model, make_tiny_tokenizer
+from kvpack.errors import MethodError
+from kvpack.evaluate.perplexity import simulated_perplexity
+from kvpack.methods import parse_method
+from kvpack.pipeline import resolve_recipe
+from kvpack.recipe import Recipe
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)]
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_calibrate_and_simulate(text_file):
+    model = make_tiny_model("llama")
+    tok = make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-4bit-1pct", data=str(text_file), windows=3, seqlen=64, progress=False)
+    assert recipe.num_layers == 2 and recipe.key_codecs[0].axis == "channel" and recipe.value_codecs[0].axis == "token"
+    timing = recipe.calibration["timing_s"]
+    assert {"forward", "backward", "thresholds", "kmeans", "total"} <= set(timing)
+    assert recipe.calibration["windows"] == 3 and recipe.calibration["fisher"] is True
+    ids = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1))
+    fp16 = simulated_perplexity(model, ids, Recipe.baseline("fp16", 2), progress=False)
+    q4 = simulated_perplexity(model, ids, recipe, progress=False)
+    q2 = simulated_perplexity(model, ids, kvpack.calibrate(model, tok, "kvquant-2bit", data=str(text_file), windows=3, seqlen=64, progress=False), progress=False)
+    assert abs(q4.nll - fp16.nll) < 0.01 and abs(q4.nll - fp16.nll) <= abs(q2.nll - fp16.nll) + 1e-3
+    assert 4.0 < q4.bits_per_element < 16 and q2.bits_per_element < q4.bits_per_element
+
+
+def test_cache_hit_second_time(text_file, cache, monkeypatch):
+    model = make_tiny_model("llama")
+    tok = make_tiny_tokenizer()
+    settings = parse_method("kvquant-3bit:plain:sink4")
+    first = resolve_recipe(model, tok, settings, calib_data=str(text_file), calib_windows=2, calib_seqlen=64, progress=False)
+    assert len(list((cache / "recipes").iterdir())) == 1
+    cal = sys.modules["kvpack.calibrate"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recalibrated although cached")
+
+    monkeypatch.setattr(cal, "calibrate_windows", boom)
+    second = resolve_recipe(model, tok, settings, calib_data=str(text_file), calib_windows=2, calib_seqlen=64, progress=False)
+    x = torch.randn(1, 2, 10, 16)
+    assert torch.equal(first.value_codecs[1].roundtrip(x)[0], second.value_codecs[1].roundtrip(x)[0])
+    with pytest.raises(AssertionError, match="recalibrated"):  # other settings: another cache entry
+        resolve_recipe(model, tok, parse_method("kvquant-3bit:plain:sink1"), calib_data=str(text_file), calib_windows=2,
+                       calib_seqlen=64, progress=False)
+
+
+def test_post_rope_and_key_token_ablations(text_file):
+    model = make_tiny_model("llama")
+    tok = make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:post-rope:key-token:uniform:sink0", data=str(text_file),
+                              windows=2, seqlen=64, progress=False)
+    assert not recipe.settings.pre_rope and recipe.key_codecs[0].axis == "token"
+    assert torch.allclose(recipe.key_codecs[0].levels[0], torch.linspace(-1, 1, 8), atol=1e-3)
+    ids = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(2))
+    assert simulated_perplexity(model, ids, recipe, progress=False).ppl < 1000
+
+
+def test_too_little_data(text_file):
+    with pytest.raises(kvpack.KVPackError, match="holds only"):
+        kvpack.calibrate(make_tiny_model("llama"), make_tiny_tokenizer(), "kvquant-3bit", data=str(text_file), windows=50, seqlen=64)
+
+
+def test_method_names_and_options():
+    s = parse_method("kvquant-3bit-1pct")
+    assert (s.bits, s.key_axis, s.value_axis, s.pre_rope, s.sink_tokens) == (3, "channel", "token", True, 1)
+    assert s.extra["outlier_frac"] == 0.01 and s.extra["weighting"] == "fisher" and not s.extra["qnorm"]
+    assert parse_method("kvquant-2bit").extra["qnorm"] is True
+    s = parse_method("kvquant-3bit-1pct:out0.5:out-matrix:fisher-s2:no-qnorm:cb-head:vspan-head:sink4:post-rope:key-token")
+    assert s.extra == {"outlier_frac": 0.005, "weighting": "fisher-s2", "outlier_scope": "matrix", "qnorm": False,
+                       "codebook": "head", "value_span": "head"}
+    assert (s.sink_tokens, s.pre_rope, s.key_axis) == (4, False, "token")
+    for bad in ("kvquant-9bit", "kvquant-3bit-60pct", "kvquant-3bit:out70", "kvquant-3bit:bogus", "kvquant-3"):
+        with pytest.raises(MethodError):
+            parse_method(bad)
+
+
+def test_cli_calibrate(text_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import kvpack.models
+    from kvpack.cli import app
+
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(kvpack.models, "load_model", lambda spec: (model, make_tiny_tokenizer()))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["calibrate", "--model", "tiny", "--method", "kvquant-2bit-1pct", "--data", str(text_file),
+                                      "--windows", "2", "--seqlen", "64", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert Recipe.load(out, model).method == "kvquant-2bit-1pct"
+    bad = CliRunner().invoke(app, ["calibrate", "--model", "tiny", "--method", "kvquant-2bit:nope", "--data", str(text_file),
+                                   "--out", str(out)])
+    assert bad.exit_code == 2 and "Unknown method option" in bad.output

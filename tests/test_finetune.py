@@ -1,0 +1,113 @@
+"""Light fine-tuning with the RVQ quantizer in the loop, on a tiny random Llama (no download)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_tiny_model
+from kvpack.collect import collect_activations
+from kvpack.errors import MethodError, RecipeError
+from kvpack.finetune import FinetuneConfig, STEQuantizer, apply_finetuned, finetune_lora, quantized_nll, save_finetuned, FinetuneResult
+from kvpack.intercept import intercept_kv
+from kvpack.lora import LoRALinear, add_lora, remove_lora
+from kvpack.methods import parse_method
+from kvpack.recipe import Recipe
+from kvpack.recipe_io import model_identity
+from kvpack.rvq_train import RVQTrainConfig, fit_rvq_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_recipe(model, method: str = "rvq-d2-c16-g8") -> Recipe:
+    g = torch.Generator().manual_seed(7)
+    calib = torch.randint(3, VOCAB, (4, 64), generator=g)
+    acts, _ = collect_activations(model, calib, fisher=False, sink_tokens=1, progress=False)
+    settings = parse_method(method)
+    config = RVQTrainConfig(train_vectors=1024, kmeans_vectors=512, kmeans_iters=3, batch_size=64, heldout_vectors=64)
+    keys, values, info = fit_rvq_recipe(model, acts, settings, config, progress=False)
+    return Recipe(settings, keys, values, model_identity(model), {"fit": info["timing_s"]})
+
+
+def train_ids() -> torch.Tensor:
+    # a learnable pattern: repeated short sequences
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(3, VOCAB, (4, 8), generator=g)
+    return base.repeat(1, 4)  # [4, 32]
+
+
+def test_straight_through_forward_is_quantized_and_gradients_pass():
+    model = make_tiny_model("llama")
+    recipe = tiny_recipe(model)
+    quantizer = STEQuantizer(recipe, ema=False)
+    x = torch.randn(1, 2, 10, 16, requires_grad=True)
+    y = quantizer._quantize(x, recipe.key_codecs[0], (0, "keys"))
+    codec = recipe.key_codecs[0]
+    assert torch.allclose(y, codec.decode(codec.encode(x.detach())), atol=1e-5)
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x))  # straight through
+    assert len(quantizer.losses) == 1 and quantizer.losses[0] > 0
+
+
+def test_finetune_step_changes_weights_and_lowers_quantized_loss():
+    model = make_tiny_model("llama")
+    recipe = tiny_recipe(model)
+    ids = train_ids()
+    before = quantized_nll(model, recipe, ids)
+    books_before = recipe.key_codecs[1].codebooks.clone()
+    config = FinetuneConfig(steps=30, batch_size=4, lr=1e-2, rank=4, alpha=8, seed=0)
+    wrapped, log = finetune_lora(model, ids, recipe, config, progress=False)
+    assert all(lora.lora_b.abs().sum() > 0 for lora in wrapped.values())  # adapters moved from zero
+    assert not torch.equal(recipe.key_codecs[1].codebooks, books_before)  # codebooks kept learning by EMA
+    assert log[-1]["loss"] < log[0]["loss"]
+    after = quantized_nll(model, recipe, ids)
+    assert after < before - 0.05, (before, after)
+
+
+def test_adapter_saves_merges_and_reloads(tmp_path):
+    model = make_tiny_model("llama")
+    recipe = tiny_recipe(model)
+    ids = train_ids()
+    config = FinetuneConfig(steps=3, batch_size=2, lr=1e-2, rank=2, alpha=4)
+    wrapped, log = finetune_lora(model, ids, recipe, config, progress=False)
+    with torch.no_grad():
+        wrapped_logits = model(ids).logits
+    save_finetuned(wrapped, FinetuneResult(recipe=recipe, log=log), config, tmp_path)
+    remove_lora(model, merge=False)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+    fresh = make_tiny_model("llama")  # same seed: the same base weights
+    loaded = apply_finetuned(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, wrapped_logits, atol=1e-4)
+    assert torch.equal(loaded.key_codecs[0].codebooks, recipe.key_codecs[0].codebooks)
+    assert loaded.calibration["finetune"]["config"]["rank"] == 2
+    with pytest.raises(RecipeError, match="no fine-tuned adapter"):
+        apply_finetuned(fresh, tmp_path / "missing")
+
+
+def test_merge_equals_wrapped_and_quantizer_needs_rvq():
+    model = make_tiny_model("llama")
+    ids = train_ids()
+    wrapped = add_lora(model, rank=2)
+    for lora in wrapped.values():
+        torch.nn.init.normal_(lora.lora_b)
+    with torch.no_grad():
+        expected = model(ids).logits
+    remove_lora(model, merge=True)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-4)
+    with pytest.raises(MethodError, match="rvq"):
+        STEQuantizer(Recipe.baseline("int4", 2))
+
+
+def test_sink_tokens_pass_unquantized():
+    model = make_tiny_model("llama")
+    recipe = tiny_recipe(model, "rvq-d2-c16-g8:sink2")
+    seen = {}
+    quantizer = STEQuantizer(recipe, ema=False)
+    x = torch.randn(1, 2, 6, 16)
+    k, _ = quantizer(0, x, x)
+    assert torch.equal(k[..., :2, :], x[..., :2, :]) and not torch.equal(k[..., 2:, :], x[..., 2:, :])
+    with intercept_kv(model, quantizer), torch.no_grad():
+        seen["logits"] = model(train_ids()).logits
+    assert torch.isfinite(seen["logits"]).all()

@@ -89,9 +89,12 @@ def _read_documents(path: Path) -> list[str]:
                     if not line.strip():
                         continue
                     try:
-                        docs.append(json.loads(line)["text"])
+                        text = json.loads(line)["text"]
+                        if not isinstance(text, str):
+                            raise TypeError(f"'text' is {type(text).__name__}, not a string")
                     except (json.JSONDecodeError, KeyError, TypeError) as exc:
                         raise DataError(f"{path}:{lineno}: each line must be a JSON object with a 'text' field ({exc}).") from exc
+                    docs.append(text)
             return docs
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as exc:
@@ -132,6 +135,8 @@ def cut_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) 
     """Non-overlapping windows [n_windows, seqlen] of `ids` [n_tokens]; the last partial window is dropped."""
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2 tokens, got {seqlen}.")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be at least 1, got {max_windows}.")
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

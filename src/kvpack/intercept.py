@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 from .models import check_architecture, text_config
-from .rope import apply_rope, invert_rope
+from .rope import apply_rope, invert_rope, rotate_half
 
 ATTN_NAME_SDPA = "kvpack_sdpa"
 ATTN_NAME_EAGER = "kvpack_eager"
@@ -87,6 +87,20 @@ def _inner_function(module: nn.Module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+def check_rope_convention(module: nn.Module) -> None:
+    """Raise UnsupportedArchitectureError unless `module`'s model rotates keys in the rotate_half
+    convention (channel c paired with c + d/2), the only one pre-RoPE keys are recovered in exactly.
+    Interleaved (Cohere, GLM, ...) or half-width cos/sin (GPT-OSS) variants would silently hand the
+    codec wrong "pre-RoPE" keys."""
+    rotate = getattr(sys.modules[type(module).__module__], "rotate_half", None)
+    probe = torch.arange(1.0, 9.0)
+    if rotate is None or not torch.equal(rotate(probe), rotate_half(probe)):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} does not use the rotate_half RoPE convention (channel c paired with c + d/2), so "
+            "its pre-RoPE keys cannot be recovered exactly; use a post-RoPE method (drop :pre-rope) with this model."
+        )
+
+
 def _stash_rope(module, args, kwargs):
     pos = kwargs.get("position_embeddings")
     if pos is None and len(args) > 1:
@@ -114,6 +128,9 @@ def intercept_kv(model: nn.Module, transform: KVTransform) -> Iterator[None]:
     original = configs[-1]._attn_implementation or "sdpa"
     name = ATTN_NAME_EAGER if original == "eager" else ATTN_NAME_SDPA
     layers = attention_layers(model)
+    if transform.pre_rope:
+        for layer in layers:
+            check_rope_convention(layer)
     handles = []
     try:
         for layer in layers:

@@ -104,7 +104,7 @@ def parse_method(text: str, pre_rope: bool | None = None, key_axis: str | None =
     if not text:
         raise MethodError("Empty method name.")
     preset, *options = text.split(":")
-    settings = family_settings(preset)
+    settings = preset_settings = family_settings(preset)
     if pre_rope is not None:
         settings = replace(settings, pre_rope=pre_rope)
     if key_axis is not None:
@@ -113,9 +113,12 @@ def parse_method(text: str, pre_rope: bool | None = None, key_axis: str | None =
         settings = replace(settings, key_axis=key_axis)
     for option in options:
         settings = apply_option(settings, option)
+    # The name must re-parse to these settings: flags that change the preset show up in it, and of
+    # repeated options the last (the one that takes effect) is kept.
     suffix = [o for o in options]
-    if pre_rope:
-        suffix.insert(0, "pre-rope")
-    if key_axis == "channel":
-        suffix.insert(0, "key-channel")
-    return replace(settings, name=":".join([preset, *dict.fromkeys(suffix)]))
+    if pre_rope or (pre_rope is False and preset_settings.pre_rope):
+        suffix.insert(0, "pre-rope" if pre_rope else "post-rope")
+    if key_axis == "channel" or (key_axis == "token" and preset_settings.key_axis != "token"):
+        suffix.insert(0, f"key-{key_axis}")
+    suffix = list(dict.fromkeys(reversed(suffix)))[::-1]
+    return replace(settings, name=":".join([preset, *suffix]))

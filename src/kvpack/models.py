@@ -81,7 +81,12 @@ def _load_pretrained(source: str | Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except ValueError as exc:
         raise ModelLoadError(f"'{source}' is not a causal language model transformers can load: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{source}' has no usable tokenizer; save it next to the model (tokenizer.save_pretrained(dir)): {exc}"
+        ) from exc
     return model, tokenizer
 
 

@@ -17,7 +17,7 @@ def normal_float_levels(bits: int) -> torch.Tensor:
     n = 1 << check_bits(bits, 1, 8)
     if n == 2:
         return torch.tensor([-1.0, 1.0])
-    offset = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 2)))  # 0.9677 for 4 bits, as in QLoRA
+    offset = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 1)))  # 0.9677 for 4 bits, as in QLoRA
     normal = torch.distributions.Normal(0.0, 1.0)
     pos = normal.icdf(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
     neg = -normal.icdf(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
@@ -59,7 +59,9 @@ class CodebookCodec(Codec):
         hi, lo = view.amax(dim, keepdim=True), view.amin(dim, keepdim=True)
         zero = ((hi + lo) / 2).to(torch.float16)
         scale = ((hi - lo) / 2).to(torch.float16)
-        scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))
+        # A constant group (hi == lo): the tiniest fp16 scale decodes it to its stored zero whatever the
+        # levels are (a scale of 1 would add the nearest level's magnitude when 0 is not a level).
+        scale = torch.where(scale.float() > 0, scale, torch.full_like(scale, 2.0**-24))
         u = (view - zero.float()) / scale.float()
         codes = nearest_level(u, self.levels)
         packed = packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)

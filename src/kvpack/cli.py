@@ -12,6 +12,17 @@ from .errors import KVPackError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress the KV cache of transformer LMs and measure it.")
 
 
+@app.callback()
+def main(
+    threads: Optional[int] = typer.Option(None, envvar="KVPACK_THREADS", help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Compress the KV cache of transformer LMs and measure it."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

@@ -1,18 +1,19 @@
 """Encoded blocks of one layer's keys or values, appended and never re-encoded.
 
-A block is what a codec's `encode` returned for x [*lead, tokens, head_dim] (lead = batch, heads).
-Codecs follow one layout convention: every tensor of an `Encoded` starts with the leading dims
-of x, the rest is the codec's own. Consecutive blocks with identical layouts (same tensor shapes
-after the leading dims, same meta) are kept in one *run*: per tensor a preallocated buffer
-[*lead, capacity, *rest] that new blocks are copied into (capacity grows by ~1/8, so appends are
-amortized O(1)). A run decodes in one call, as an `Encoded` whose leading dims are
-(*lead, blocks): the codec sees `blocks` as one more leading dim. The first time a codec's
-blocks are stacked the cache checks that this equals decoding the blocks one by one; codecs
-that break the convention (variable-length outlier lists, for instance) keep one run per block.
+A block is what a codec's `encode` returned for x [batch, heads, tokens, head_dim]. Blocks of the
+same layout (same x shape, tensor names, dtypes and trailing tensor dims, same meta) are kept
+in one *run*, per tensor one buffer that blocks are concatenated into along dim 0, with spare
+capacity (grown by ~1/8, so appends are amortized O(1)). A run decodes in one codec call: the
+codec sees the blocks as one batch of `blocks * batch` rows, [blocks * batch, heads, tokens,
+head_dim], block-major. That is what `encode` would have produced for the blocks stacked along
+the batch dim for every codec whose tensors are batch-major (leading batch dim, or flat
+row-major lists such as sparse outliers); the first time a codec's blocks are stacked the store
+checks it (decoding together == decoding apart), and keeps one run per block otherwise.
+
+The layout is paged: block i of a run is a contiguous slice of every buffer, so a packed
+attention kernel can walk runs block by block.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
@@ -21,30 +22,29 @@ from .codecs import Codec, Encoded
 _VERDICT = "_kvpack_stacks_exactly"  # codec attribute caching the one-time stacking check
 
 
-def _signature(enc: Encoded, lead: int) -> tuple | None:
-    """Layout key of a block, or None if it breaks the leading-dims convention."""
-    parts = []
-    for name in sorted(enc.tensors):
-        t = enc.tensors[name]
-        if t.dim() < lead or tuple(t.shape[:lead]) != tuple(enc.shape[:lead]):
-            return None
-        parts.append((name, tuple(t.shape[lead:]), t.dtype))
-    return (tuple(parts), tuple(enc.shape[lead:]), repr(sorted(enc.meta.items())))
+def signature(enc: Encoded) -> tuple:
+    """Layout key: blocks with equal keys can share a run."""
+    parts = tuple((n, tuple(enc.tensors[n].shape[1:]), enc.tensors[n].dtype) for n in sorted(enc.tensors))
+    return parts, tuple(enc.shape), repr(sorted(enc.meta.items()))
 
 
-@dataclass
 class Run:
-    """Blocks of identical layout: buffers [*lead, capacity, *rest], `count` blocks used."""
+    """Blocks of one layout. buffers[name][:used[name]] holds every block's tensor, block after block."""
 
-    buffers: dict[str, torch.Tensor]
-    block_shape: tuple[int, ...]  # shape of one block's x: [*lead, tokens, head_dim]
-    meta: dict
-    count: int
-    signature: tuple | None = field(default=None, compare=False)
+    def __init__(self, block_shape: tuple[int, ...], meta: dict, sig: tuple, buffers: dict[str, torch.Tensor],
+                 lengths: dict[str, list[int]]):
+        self.block_shape = tuple(block_shape)  # one block's x: [batch, heads, tokens, head_dim]
+        self.meta = dict(meta)
+        self.signature = sig
+        self.buffers = buffers
+        self.lengths = lengths  # per tensor, the dim-0 length of each block
+        self.count = len(next(iter(lengths.values()))) if lengths else 0
 
-    @property
-    def lead(self) -> int:
-        return len(self.block_shape) - 2
+    @classmethod
+    def start(cls, enc: Encoded) -> "Run":
+        run = cls(enc.shape, enc.meta, signature(enc), {n: t.clone() for n, t in enc.tensors.items()},
+                  {n: [t.shape[0]] for n, t in enc.tensors.items()})
+        return run
 
     @property
     def block_tokens(self) -> int:
@@ -54,67 +54,87 @@ class Run:
     def tokens(self) -> int:
         return self.count * self.block_tokens
 
-    def used(self, name: str) -> torch.Tensor:
-        return self.buffers[name].narrow(self.lead, 0, self.count)
+    def used(self, name: str) -> int:
+        return sum(self.lengths[name])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.buffers[name][: self.used(name)]
 
     def encoded(self) -> Encoded:
-        """All blocks as one Encoded of shape [*lead, count, block_tokens, head_dim]."""
-        shape = (*self.block_shape[:-2], self.count, *self.block_shape[-2:])
-        return Encoded({n: self.used(n) for n in self.buffers}, shape, dict(self.meta))
+        """All blocks as one Encoded of x shape [count * batch, heads, block_tokens, head_dim]."""
+        batch, *rest = self.block_shape
+        return Encoded({n: self.tensor(n) for n in self.buffers}, (self.count * batch, *rest), dict(self.meta))
 
     def decode(self, codec: Codec) -> torch.Tensor:
-        """-> float tensor [*lead, tokens, head_dim]."""
+        """-> float tensor [batch, heads, count * block_tokens, head_dim]."""
+        batch, heads, tokens, dim = self.block_shape
         x = codec.decode(self.encoded())
-        return x.reshape(*self.block_shape[:-2], self.tokens, self.block_shape[-1])
+        if self.count == 1:
+            return x
+        return x.reshape(self.count, batch, heads, tokens, dim).permute(1, 2, 0, 3, 4).reshape(batch, heads, -1, dim)
 
     def append(self, enc: Encoded) -> None:
-        lead = self.lead
-        capacity = next(iter(self.buffers.values())).shape[lead]
-        if self.count == capacity:
-            grow = max(8, capacity // 8)
-            for name, buf in self.buffers.items():
-                extra = torch.zeros(*buf.shape[:lead], grow, *buf.shape[lead + 1:], dtype=buf.dtype, device=buf.device)
-                self.buffers[name] = torch.cat([buf, extra], dim=lead)
         for name, t in enc.tensors.items():
-            self.buffers[name].select(lead, self.count).copy_(t)
+            buf, used = self.buffers[name], self.used(name)
+            if used + t.shape[0] > buf.shape[0]:
+                grow = max(t.shape[0], buf.shape[0] // 8)
+                extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
+                buf = self.buffers[name] = torch.cat([buf[:used], extra])
+            buf[used:used + t.shape[0]].copy_(t)
+            self.lengths[name].append(t.shape[0])
         self.count += 1
 
     def nbytes(self, name: str, reserved: bool = False) -> int:
         buf = self.buffers[name]
-        per_block = buf.element_size() * buf.numel() // max(buf.shape[self.lead], 1)
-        blocks = buf.shape[self.lead] - self.count if reserved else self.count
-        return per_block * blocks
-
-    def map_batch(self, fn) -> None:
-        """Apply fn (a function of a tensor with batch first) to every buffer."""
-        self.buffers = {n: fn(b) for n, b in self.buffers.items()}
-        self.block_shape = (int(next(iter(self.buffers.values())).shape[0]), *self.block_shape[1:])
+        row = buf.element_size() * (buf[0].numel() if buf.shape[0] else 0)
+        rows = buf.shape[0] - self.used(name) if reserved else self.used(name)
+        return row * rows
 
     def compact(self) -> None:
-        """Drop unused capacity (before saving)."""
-        self.buffers = {n: self.used(n).contiguous() for n in self.buffers}
+        """Drop spare capacity (before saving)."""
+        self.buffers = {n: self.tensor(n).contiguous() for n in self.buffers}
 
     def drop_first(self, blocks: int) -> None:
-        self.buffers = {n: b.narrow(self.lead, blocks, b.shape[self.lead] - blocks).clone() for n, b in self.buffers.items()}
+        for name in self.buffers:
+            cut = sum(self.lengths[name][:blocks])
+            self.buffers[name] = self.tensor(name)[cut:].clone()
+            self.lengths[name] = self.lengths[name][blocks:]
         self.count -= blocks
 
     def drop_last(self, blocks: int) -> None:
+        for name in self.buffers:
+            self.lengths[name] = self.lengths[name][: self.count - blocks]
         self.count -= blocks
 
-
-def _new_run(enc: Encoded, signature: tuple | None) -> Run:
-    lead = len(enc.shape) - 2
-    buffers = {n: t.unsqueeze(lead).clone() for n, t in enc.tensors.items()}
-    return Run(buffers, tuple(enc.shape), dict(enc.meta), 1, signature)
+    def map_batch(self, fn) -> None:
+        """Apply fn (acting on dim 0 = batch) to every block; needs every tensor to lead with the batch dim."""
+        batch = self.block_shape[0]
+        for name, lengths in self.lengths.items():
+            if any(n != batch for n in lengths):
+                raise NotImplementedError(
+                    f"cannot reorder or select batch rows of encoded tensor '{name}': its length varies per block "
+                    "(variable-length outliers). Beam search and batch edits need a codec without per-block "
+                    "variable-length parts; use greedy or sampled decoding."
+                )
+        new_batch = batch
+        for name in self.buffers:
+            t = self.tensor(name)
+            v = t.reshape(self.count, batch, *t.shape[1:]).transpose(0, 1)
+            v = fn(v)
+            new_batch = v.shape[0]
+            self.buffers[name] = v.transpose(0, 1).reshape(self.count * new_batch, *t.shape[1:]).contiguous()
+            self.lengths[name] = [new_batch] * self.count
+        self.block_shape = (new_batch, *self.block_shape[1:])
+        self.signature = (self.signature[0], self.block_shape, self.signature[2])
 
 
 def _stacks_exactly(codec: Codec, first: Encoded, second: Encoded) -> bool:
-    """One-time check that decoding two stacked blocks equals decoding them apart."""
+    """One-time check per codec that decoding two stacked blocks equals decoding them apart."""
     verdict = codec.__dict__.get(_VERDICT)
     if verdict is None:
-        run = _new_run(first, None)
-        run.append(second)
         try:
+            run = Run.start(first)
+            run.append(second)
             together = run.decode(codec)
             apart = torch.cat([codec.decode(first), codec.decode(second)], dim=-2)
             verdict = together.shape == apart.shape and bool(torch.equal(together, apart))
@@ -125,32 +145,30 @@ def _stacks_exactly(codec: Codec, first: Encoded, second: Encoded) -> bool:
 
 
 class BlockStore:
-    """The encoded middle of one layer's keys or values: a list of runs of blocks, oldest first."""
+    """The encoded middle of one layer's keys or values: runs of blocks, oldest first."""
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
-        self._last: Encoded | None = None  # the newest block, kept for the stacking check
+        self._last: Encoded | None = None  # the newest block, for the one-time stacking check
 
     @property
     def tokens(self) -> int:
         return sum(r.tokens for r in self.runs)
 
     def append(self, enc: Encoded, codec: Codec) -> None:
-        """Add one encoded block of x [*lead, tokens, head_dim] after the others."""
-        lead = len(enc.shape) - 2
-        signature = _signature(enc, lead)
+        """Add one encoded block of x [batch, heads, tokens, head_dim] after the others."""
+        if any(t.dim() == 0 for t in enc.tensors.values()):
+            raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
         last = self.runs[-1] if self.runs else None
-        if (
-            last is not None and signature is not None and last.signature == signature
-            and self._last is not None and _stacks_exactly(codec, self._last, enc)
-        ):
+        if (last is not None and last.signature == signature(enc)
+                and self._last is not None and _stacks_exactly(codec, self._last, enc)):
             last.append(enc)
         else:
-            self.runs.append(_new_run(enc, signature))
-        self._last = enc if signature is not None else None
+            self.runs.append(Run.start(enc))
+        self._last = enc
 
     def decode(self, codec: Codec) -> torch.Tensor | None:
-        """All blocks decoded, float [*lead, tokens, head_dim]; None when empty."""
+        """All blocks decoded, float [batch, heads, tokens, head_dim]; None when empty."""
         parts = [r.decode(codec) for r in self.runs if r.count]
         if not parts:
             return None

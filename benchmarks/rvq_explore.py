@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/rvq_dev"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 row")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="fit and save the recipes, evaluate nothing (fitting does not run the model: no lock needed)")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
@@ -74,12 +76,15 @@ def main() -> None:
     acts = activations(model, tokenizer, args.calib_data, args.calib_windows, args.seqlen, cache)
     windows = load_windows(tokenizer, args.eval_data, args.seqlen, args.eval_windows)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.no_fp16 and "fp16" not in methods:
+    if not args.no_fp16 and not args.fit_only and "fp16" not in methods:
         methods.insert(0, "fp16")
     rows, base = [], None
     for method in methods:
         safe = method.replace(":", "__")
         recipe, fit_s = recipe_for(model, acts, method, args.work / "recipes" / f"{safe}-{args.calib_windows}w", RVQTrainConfig())
+        if args.fit_only:
+            print(f"{method}: fitted in {fit_s:.0f} s" if fit_s else f"{method}: nothing to fit", flush=True)
+            continue
         result = simulated_perplexity(model, windows, recipe, progress=False)
         codes_bits = None
         if recipe.settings.family == "rvq":

@@ -5,27 +5,22 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_tiny_model
-from kvpack.collect import collect_activations
+from kvpack.calibrate import calibrate_windows
 from kvpack.errors import MethodError, RecipeError
 from kvpack.finetune import FinetuneConfig, STEQuantizer, apply_finetuned, finetune_lora, quantized_nll, save_finetuned, FinetuneResult
 from kvpack.intercept import intercept_kv
 from kvpack.lora import LoRALinear, add_lora, remove_lora
 from kvpack.methods import parse_method
 from kvpack.recipe import Recipe
-from kvpack.recipe_io import model_identity
-from kvpack.rvq_train import RVQTrainConfig, fit_rvq_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(model, method: str = "rvq-d2-c16-g8") -> Recipe:
+    """Calibrate `method` on random token windows through kvpack.calibrate (the rvq fitter dispatch)."""
     g = torch.Generator().manual_seed(7)
     calib = torch.randint(3, VOCAB, (4, 64), generator=g)
-    acts, _ = collect_activations(model, calib, fisher=False, sink_tokens=1, progress=False)
-    settings = parse_method(method)
-    config = RVQTrainConfig(train_vectors=1024, kmeans_vectors=512, kmeans_iters=3, batch_size=64, heldout_vectors=64)
-    keys, values, info = fit_rvq_recipe(model, acts, settings, config, progress=False)
-    return Recipe(settings, keys, values, model_identity(model), {"fit": info["timing_s"]})
+    return calibrate_windows(model, calib, parse_method(method), "random tokens", progress=False)
 
 
 def train_ids() -> torch.Tensor:
@@ -81,6 +76,7 @@ def test_adapter_saves_merges_and_reloads(tmp_path):
         assert torch.allclose(fresh(ids).logits, wrapped_logits, atol=1e-4)
     assert torch.equal(loaded.key_codecs[0].codebooks, recipe.key_codecs[0].codebooks)
     assert loaded.calibration["finetune"]["config"]["rank"] == 2
+    assert loaded.calibration["timing_s"]["rvq_fit"] > 0  # calibrated through kvpack.calibrate
     with pytest.raises(RecipeError, match="no fine-tuned adapter"):
         apply_finetuned(fresh, tmp_path / "missing")
 

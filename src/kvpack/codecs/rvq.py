@@ -87,19 +87,27 @@ def nearest_code(r: torch.Tensor, codebook: torch.Tensor, sq_norms: torch.Tensor
     return torch.from_numpy(dist.numpy().argmin(axis=1))
 
 
-def residual_encode(vectors: torch.Tensor, codebooks: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+def prepare_search(codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codebooks [D, C, g], transposed [D, g, C], squared norms [D, C]) as the greedy search uses them."""
+    books = codebooks.float().cpu().contiguous()
+    return books, books.transpose(1, 2).contiguous(), (books * books).sum(-1)
+
+
+def residual_encode(
+    vectors: torch.Tensor, codebooks: torch.Tensor, chunk_rows: int | None = None,
+    prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Greedy residual codes [rows, D] of vectors [rows, g] with codebooks [D, C, g].
 
     Per stage, the nearest codeword minimizes |c|^2 - 2 r.c. Rows go in chunks so the rows x C
     distance block (one reused buffer) stays below CHUNK_ENTRIES; numpy's argmin is used because
-    it is ~4x faster than torch's on CPU (same first-minimum tie rule).
+    it is ~4x faster than torch's on CPU (same first-minimum tie rule). `prepared` is
+    `prepare_search(codebooks)`, passed by callers that encode many small blocks.
     """
     depth, size, _ = codebooks.shape
     chunk = chunk_rows or max(1, CHUNK_ENTRIES // size)
     vectors = vectors.float().cpu()
-    books = codebooks.float().cpu()
-    books_t = books.transpose(1, 2).contiguous()  # [D, g, C]
-    sq = (books * books).sum(-1)  # [D, C]
+    books, books_t, sq = prepared or prepare_search(codebooks)
     codes = torch.empty(vectors.shape[0], depth, dtype=torch.int64)
     buffer = torch.empty(min(chunk, vectors.shape[0]), size)
     with intra_op_threads(SEARCH_THREADS):
@@ -150,6 +158,7 @@ class RVQCodec(Codec):
         if size < 2 or size & (size - 1) or size > 1 << 16:
             raise ValueError(f"RVQ codebook size must be a power of two in 2..65536, got {size}")
         self.codebooks = codebooks
+        self._search = prepare_search(codebooks)
         self.depth, self.size, self.group = depth, size, group
         self.code_bits = size.bit_length() - 1
         self.head_dim = head_dim
@@ -181,6 +190,7 @@ class RVQCodec(Codec):
         if codebooks.shape != self.codebooks.shape:
             raise ValueError(f"codebooks shape {tuple(codebooks.shape)} != {tuple(self.codebooks.shape)}")
         self.codebooks = codebooks.detach().to(torch.float16).float()
+        self._search = prepare_search(self.codebooks)
 
     # -- the pieces encode is made of (training and fine-tuning reuse them) -----------------------
     def split_outliers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -210,7 +220,7 @@ class RVQCodec(Codec):
         x = x.float()
         dense, mask = self.split_outliers(x)
         groups, scale = self.normalize(dense)
-        codes = residual_encode(groups.reshape(-1, self.group), self.codebooks)  # [rows * n, D]
+        codes = residual_encode(groups.reshape(-1, self.group), self.codebooks, prepared=self._search)  # [rows * n, D]
         codes = codes.view(*x.shape[:-1], -1)  # [..., tokens, n * D]
         tensors = {"codes": packing.pack(codes, self.code_bits), "scale": scale}
         if mask is not None:

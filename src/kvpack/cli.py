@@ -37,11 +37,15 @@ def run_eval(
     model_spec: str, data: str, methods: list[str], seqlen: int, max_windows: Optional[int],
     pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4",
     calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
+    cache: str = "simulated", chunk: int = 1,
 ) -> list[dict]:
-    """Evaluate `methods` (fp16 always included, first) and return result rows."""
+    """Evaluate `methods` (fp16 always included, first) and return result rows.
+
+    cache: "simulated" (quantize-dequantize inside one forward), "real" (stream each window through
+    CompressedCache, prefilling `chunk` tokens at a time) or "both" (one row per mode)."""
     from .data import load_windows
     from .evaluate.perplexity import simulated_perplexity
-    from .evaluate.results import add_deltas, environment
+    from .evaluate.results import add_deltas
     from .methods import parse_method
     from .models import load_model
     from .pipeline import resolve_recipe
@@ -55,17 +59,39 @@ def run_eval(
     for s in settings:
         recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
                                 calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress)
-        result = simulated_perplexity(model, windows, recipe, progress=progress)
-        rows.append({
-            "method": result.method, "bits_per_element": result.bits_per_element, "ppl": result.ppl,
-            "nll": result.nll, "model": model_spec, "data": data, "seqlen": seqlen, "windows": result.windows,
-            "tokens": result.tokens, "mode": "simulated", "seconds": result.seconds,
-            "seconds_per_window": result.seconds / result.windows, "calibration": recipe.calibration or None,
-            "env": environment(),
-        })
-        typer.echo(f"{result.method}: ppl {result.ppl:.4f}  bits/elem {result.bits_per_element:.3f}  "
-                   f"({result.seconds:.1f} s, {result.seconds / result.windows:.2f} s/window)", err=True)
+        for mode in _cache_modes(cache):
+            if mode == "real":
+                from .evaluate.streaming import streaming_perplexity
+
+                result = streaming_perplexity(model, windows, recipe, chunk=chunk, progress=progress)
+            else:
+                result = simulated_perplexity(model, windows, recipe, progress=progress)
+            rows.append(_eval_row(result, recipe, model_spec, data, seqlen, mode, chunk))
     return add_deltas(rows)
+
+
+def _cache_modes(cache: str) -> list[str]:
+    modes = {"simulated": ["simulated"], "real": ["real"], "both": ["simulated", "real"]}
+    if cache not in modes:
+        raise KVPackError(f"--cache must be one of {', '.join(modes)}, got '{cache}'.")
+    return modes[cache]
+
+
+def _eval_row(result, recipe, model_spec: str, data: str, seqlen: int, mode: str, chunk: int) -> dict:
+    from .evaluate.results import environment
+
+    row = {
+        "method": result.method, "bits_per_element": result.bits_per_element, "ppl": result.ppl,
+        "nll": result.nll, "model": model_spec, "data": data, "seqlen": seqlen, "windows": result.windows,
+        "tokens": result.tokens, "mode": mode, "seconds": result.seconds,
+        "seconds_per_window": result.seconds / result.windows, "calibration": recipe.calibration or None,
+        "env": environment(),
+    }
+    if mode == "real":
+        row["chunk"] = chunk
+    typer.echo(f"{result.method} [{mode}]: ppl {result.ppl:.4f}  bits/elem {result.bits_per_element:.3f}  "
+               f"({result.seconds:.1f} s, {result.seconds / result.windows:.2f} s/window)", err=True)
+    return row
 
 
 @app.command("eval")
@@ -82,16 +108,19 @@ def eval_command(
     calib_windows: int = typer.Option(16, help="Calibration windows (of --seqlen tokens)."),
     recipe: Optional[Path] = typer.Option(None, help="Use this saved recipe instead of calibrating."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    cache: str = typer.Option("simulated", help="simulated | real (stream windows through CompressedCache) | both."),
+    chunk: int = typer.Option(1, help="With --cache real: tokens fed per forward (1 = the exact decode path)."),
 ) -> None:
-    """Perplexity of each method (simulated quantization), next to fp16 measured in the same run."""
+    """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run."""
     from .evaluate.results import PPL_COLUMNS, text_table, write_rows
 
     try:
         rows = run_eval(model, data, _split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
-                        calib_data, calib_windows, recipe, progress)
+                        calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk)
     except KVPackError as exc:
         _fail(exc)
-    typer.echo(text_table(rows, PPL_COLUMNS))
+    columns = PPL_COLUMNS if cache == "simulated" else [PPL_COLUMNS[0], ("mode", "cache"), *PPL_COLUMNS[1:]]
+    typer.echo(text_table(rows, columns))
     if json_out:
         write_rows(json_out, rows)
         typer.echo(f"wrote {json_out}", err=True)

@@ -1,0 +1,118 @@
+"""The real compressed cache on SmolLM2: simulated vs streamed perplexity, bytes per token vs an fp16
+DynamicCache at several lengths, greedy-generation agreement with fp16. Writes JSON rows to results/.
+
+    flock /tmp/kvpack-heavy.lock .venv/bin/python benchmarks/cache_real_vs_sim.py \
+        --methods fp16,int4:pre-rope:sink1,kivi-2,kvquant-4bit-1pct --seqlen 512 --windows 1 --chunk 1 \
+        --memory-lengths 2048,8192 --gen-tokens 128
+
+Calibrated methods are calibrated here on `--calib-windows` windows of `--calib-seqlen` tokens of C4
+(small, to fit a CPU run; the rows say so), or loaded with --recipe-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kvpack import load_model, load_windows
+from kvpack.cache import CompressedCache
+from kvpack.calibrate import calibrate
+from kvpack.data import load_corpus, tokenize
+from kvpack.evaluate.perplexity import simulated_perplexity
+from kvpack.evaluate.results import environment, write_rows
+from kvpack.evaluate.streaming import streaming_perplexity
+
+
+def _append(path: Path, row: dict) -> None:
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = [r for r in rows if not (r["method"] == row["method"] and r.get("kind") == row.get("kind")
+                                    and r.get("tokens") == row.get("tokens"))]
+    write_rows(path, rows + [row])
+
+
+@torch.no_grad()
+def memory_rows(model, recipe, ids: torch.Tensor, lengths: list[int], prefill_chunk: int = 512) -> list[dict]:
+    """Prefill up to each length (in chunks), then measure the cache."""
+    rows = []
+    cache = CompressedCache(model, recipe)
+    done = 0
+    for length in sorted(lengths):
+        while done < length:
+            step = min(prefill_chunk, length - done)
+            model(ids[:, done:done + step], past_key_values=cache, use_cache=True)
+            done += step
+        rep = cache.memory_report()
+        rows.append({"kind": "memory", "method": recipe.method, "tokens": length, "bytes": rep.total,
+                     "fp16_bytes": rep.fp16_total, "ratio": rep.ratio, "bits_per_element": rep.bits_per_element,
+                     "per_token_per_layer": rep.per_token_per_layer, "reserved": rep.reserved})
+    return rows
+
+
+@torch.no_grad()
+def generation_row(model, recipe, prompt: torch.Tensor, reference: torch.Tensor, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    out = model.generate(prompt, past_key_values=CompressedCache(model, recipe), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)[0, prompt.shape[1]:]
+    same = (out == reference).long()
+    first_diff = int((same == 0).nonzero()[0]) if bool((same == 0).any()) else new_tokens
+    return {"kind": "generation", "method": recipe.method, "tokens": new_tokens, "prompt_tokens": prompt.shape[1],
+            "agreement": float(same.float().mean()), "first_divergence": first_diff, "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--methods", default="fp16,int4:pre-rope:sink1,nf4:pre-rope:sink1,kivi-2,kivi-4")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=1)
+    p.add_argument("--memory-lengths", default="2048,8192")
+    p.add_argument("--gen-prompt", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--calib-windows", type=int, default=4)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--skip", default="", help="comma list of parts to skip: ppl,memory,generation")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    model, tok = load_model()
+    windows = load_windows(tok, "wikitext2", args.seqlen, args.windows)
+    text_ids = tokenize(tok, load_corpus("wikitext2").text).unsqueeze(0)
+    lengths = [int(x) for x in args.memory_lengths.split(",") if x]
+    prompt = text_ids[:, : args.gen_prompt]
+    reference = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                               do_sample=False)[0, prompt.shape[1]:] if "generation" not in skip else None
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        recipe = calibrate(model, tok, method, data="c4", windows=args.calib_windows, seqlen=args.calib_seqlen,
+                           progress=False)
+        calib = None if not recipe.calibration else {"windows": args.calib_windows, "seqlen": args.calib_seqlen,
+                                                     "data": "c4", "seconds": time.perf_counter() - t0}
+        if "ppl" not in skip:
+            sim = simulated_perplexity(model, windows, recipe, progress=False)
+            real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)
+            row = {"kind": "ppl", "method": recipe.method, "data": "wikitext2", "seqlen": args.seqlen,
+                   "windows": args.windows, "tokens": real.tokens, "chunk": args.chunk,
+                   "sim_ppl": sim.ppl, "real_ppl": real.ppl, "rel_diff": real.ppl / sim.ppl - 1,
+                   "sim_bits": sim.bits_per_element, "real_bits": real.bits_per_element,
+                   "sim_seconds": sim.seconds, "real_seconds": real.seconds, "calibration": calib, "env": environment()}
+            _append(args.out / "cache-real-vs-sim.json", row)
+            print(json.dumps({k: row[k] for k in ("method", "sim_ppl", "real_ppl", "rel_diff", "sim_bits", "real_bits")}), flush=True)
+        if "memory" not in skip:
+            for row in memory_rows(model, recipe, text_ids, lengths):
+                row["calibration"] = calib
+                _append(args.out / "cache-memory.json", row)
+                print(json.dumps({k: row[k] for k in ("method", "tokens", "ratio", "bits_per_element")}), flush=True)
+        if "generation" not in skip:
+            row = generation_row(model, recipe, prompt, reference, args.gen_tokens)
+            row["calibration"] = calib
+            _append(args.out / "cache-generation.json", row)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

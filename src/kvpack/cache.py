@@ -45,7 +45,8 @@ def _check_streamable(codec, what: str) -> None:
 class CompressedCache(Cache):
     """A transformers Cache storing keys/values compressed by `recipe` (see module docstring)."""
 
-    def __init__(self, model, recipe: Recipe, residual_length: int | None = None, block_tokens: int = 128):
+    def __init__(self, model, recipe: Recipe, residual_length: int | None = None, block_tokens: int = 128,
+                 packed_attention: bool | None = None, attention_backend: str | None = None):
         config = text_config(model.config)
         check_architecture(config)
         n_layers = config.num_hidden_layers
@@ -87,6 +88,10 @@ class CompressedCache(Cache):
         attn = attention_layers(model)
         self.rope = RopeSource(model, attn, layer_types) if self.pre_rope else None
         cache_hooks.install(model, attn)
+        # Decode steps read the packed blocks directly (kvpack.attention); None = decode-then-attend.
+        from .attention import attach
+
+        self.packed = attach(self, model, packed_attention, attention_backend)
         self._pending: dict[int, tuple] = {}
         self._positions: torch.Tensor | None = None  # [batch, capacity] int32
         self._positions_len = 0

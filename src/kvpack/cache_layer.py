@@ -78,6 +78,9 @@ class CompressedLayer(CacheLayerMixin):
                 keys = invert_rope(keys, cos.float(), sin.float())
         self.k.append(keys)
         self.v.append(value_states.float())
+        packed = getattr(self.cache, "packed", None)
+        if packed is not None and packed.claim(self.layer_idx, q):
+            return packed.placeholders(self, key_states)  # attention reads the packed storage (kvpack.attention)
         out_k = self.k.read(torch.float32)
         if pre_rope:
             cos, sin = self.cache.rope_for(self.layer_idx, self.first_slot, slot + q)

@@ -1,0 +1,253 @@
+"""Fast CPU path: the C++ kernels of cpu_kernels.cpp, compiled on first use and called through ctypes.
+
+Why not torch.utils.cpp_extension: the kernels need no torch headers, so a plain `g++ -O3
+-march=native -fopenmp -shared` build takes ~1 s instead of ~60 s, and the library is cached under
+`cache_root()/kernels/` keyed by the source, the compiler flags and the CPU. `available()` is False
+(and attention uses the torch path) without g++, without AVX2/FMA/F16C, or with
+KVPACK_CPU_KERNELS=0.
+
+A layer's whole decode-step attention is one C call, `kvpack_layer(int64 args[])`: the arguments
+(pointers, sizes, strides) of its fp16 head/tail and of every run of packed blocks, in token order,
+plus the query, mask and RoPE rows; the C side computes scores, softcap/mask/softmax and p . v, so
+a layer costs one ctypes conversion instead of dozens of small torch ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .layout import NuqView, RvqView
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ABI_VERSION = 4
+
+_LIB: ctypes.CDLL | None = None
+_ERROR: str | None = None
+
+SEG_FP16, SEG_NUQ, SEG_RVQ = 0, 1, 2
+
+
+def _cpu_ok() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and platform.machine() in ("x86_64", "AMD64")
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((line for line in text.splitlines() if line.startswith("model name")), "")
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        return model + flags
+    except OSError:
+        return platform.processor()
+
+
+def library_path() -> Path:
+    from ..models import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"kvpack_cpu_{key}.so"
+
+
+def _build(path: Path) -> None:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
+        if path.exists():
+            return
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, path)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{exc.stderr[-2000:]}") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it if needed; None when unavailable (see `error()`)."""
+    global _LIB, _ERROR
+    if _LIB is not None or _ERROR is not None:
+        return _LIB
+    if os.environ.get("KVPACK_CPU_KERNELS", "1") == "0":
+        _ERROR = "disabled by KVPACK_CPU_KERNELS=0"
+        return None
+    if not _cpu_ok():
+        _ERROR = f"needs an x86-64 CPU with AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        if lib.kvpack_abi_version() != ABI_VERSION:
+            raise RuntimeError("stale kernel library")
+        lib.kvpack_layer.argtypes, lib.kvpack_layer.restype = [ctypes.c_void_p], ctypes.c_int
+        _LIB = lib
+    except (OSError, RuntimeError) as exc:
+        _ERROR = str(exc)
+    return _LIB
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def error() -> str | None:
+    load()
+    return _ERROR
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(x)))[0]
+
+
+def _outlier_args(o) -> list[int]:
+    if o is None or o.values.numel() == 0:
+        return [0, 0, 0, 0, 0]
+    return [_ptr(o.values), _ptr(o.positions), o.positions.element_size(), _ptr(o.counts), o.counts.element_size()]
+
+
+def _fp16_segment(t: torch.Tensor) -> list[int] | None:
+    if t.dtype != torch.float16 or t.stride(-1) != 1:
+        return None
+    return [t.shape[-2], SEG_FP16, _ptr(t), t.stride(0), t.stride(1), t.stride(2), t.shape[-2]]
+
+
+def _run_head(view) -> list[int]:
+    return [view.run_tokens, _ptr(view.codes), *view.codes.stride()[:4], view.nblk, view.tokens]
+
+
+def nuq_segment(view: NuqView, keys: bool) -> list[int]:
+    """Arguments of one run of nuq blocks (kind SEG_NUQ, see run_segment in cpu_kernels.cpp)."""
+    n, *codes = _run_head(view)
+    args = [n, SEG_NUQ, *codes, view.bits, _ptr(view.levels), int(view.levels.shape[0] > 1), *_outlier_args(view.outliers)]
+    if keys:
+        return args + [_ptr(view.kscale), _ptr(view.kzero)]
+    s = view.vscale.stride()
+    return args + [_ptr(view.vscale), _ptr(view.vzero), s[0], s[1], s[2] if view.vscale.shape[2] > 1 else 0, s[3],
+                   int(view.span_all)]
+
+
+def rvq_segment(view: RvqView) -> list[int]:
+    """Arguments of one run of residual-VQ blocks (kind SEG_RVQ)."""
+    n, *codes = _run_head(view)
+    depth, size, group = view.books.shape
+    o = view.outliers
+    has = o is not None and o.values.numel() > 0
+    return [n, SEG_RVQ, *codes, _ptr(view.scale), *view.scale.stride(), _ptr(view.books), depth, size, group,
+            view.code_bits, _ptr(view.inv_perm), _ptr(o.values) if has else 0, _ptr(o.positions) if has else 0,
+            _ptr(o.counts) if has else 0, o.counts.element_size() if has else 0]
+
+
+def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | None:
+    """[count, segment args...] for a TokenStream, or None if a part has no kernel."""
+    from .layout import nuq_view, rvq_view
+
+    out, count = [], 0
+    if stream.head is not None:
+        seg = _fp16_segment(stream.head)
+        if seg is None:
+            return None
+        out += seg
+        count += 1
+    for run in stream.body.runs:
+        if not run.count:
+            continue
+        view = nuq_view(run, codec)
+        if view is not None and view.axis == ("channel" if keys else "token"):
+            cached = view.__dict__.setdefault("_segment", {})
+            if keys not in cached:
+                cached[keys] = nuq_segment(view, keys)
+            out += cached[keys]
+        else:
+            view = rvq_view(run, codec)
+            if view is None:
+                return None
+            cached = view.__dict__.setdefault("_segment", {})
+            if keys not in cached:
+                cached[keys] = rvq_segment(view)
+            out += cached[keys]
+        if view.heads != heads or view.dim != dim:
+            return None
+        count += 1
+    if stream.tail is not None:
+        seg = _fp16_segment(stream.tail)
+        if seg is None:
+            return None
+        out += seg
+        count += 1
+    return [count, *out]
+
+
+def _mask_args(mask: torch.Tensor | None, queries: int, tokens: int) -> list[int] | None:
+    if mask is None:
+        return [0, 0, 0, 0, 0, int(queries > 1)]
+    if mask.device.type != "cpu" or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] < tokens:
+        return None
+    m = mask[..., mask.shape[-1] - tokens:]
+    if m.dtype == torch.bool:
+        kind = 1
+    elif m.dtype == torch.float32:
+        kind = 2
+    else:
+        return None
+    sb = m.stride(0) if m.shape[0] > 1 else 0
+    sq = m.stride(2) if m.shape[2] > 1 else 0
+    return [_ptr(m), kind, sb, sq, m.stride(3), 0]
+
+
+def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None,
+                    rope) -> torch.Tensor | None:
+    """One layer's decode-step attention in one C call: query [B, Hq, Q, D] -> [B, Q, Hq, D] float32.
+
+    None when some part has no kernel (an unsupported codec or mask); the caller then uses the per-run path.
+    """
+    batch, hq, queries, dim = query.shape
+    heads = layer.k.head.shape[1] if layer.k.head is not None else (
+        layer.k.body.runs[0].block_shape[1] if layer.k.body.runs else layer.k.tail.shape[1])
+    if hq % heads or (hq // heads) * queries > 64 or dim % 8 or dim > 1024:
+        return None
+    if rope is not None and (not rope.half or rope.rot % 16):
+        return None
+    tokens = layer.k.stored
+    mask_args = _mask_args(mask, queries, tokens)
+    keys = _segments(layer.k, layer.key_codec, True, heads, dim)
+    values = _segments(layer.v, layer.value_codec, False, heads, dim)
+    if mask_args is None or keys is None or values is None:
+        return None
+    q = query if query.dtype == torch.float32 and query.stride(-1) == 1 else query.float().contiguous()
+    if rope is None:
+        rope_args = [0, 0, 0, 0, 0]
+    else:
+        cos, sin = rope.halves()
+        rope_args = [_ptr(cos), _ptr(sin), cos.stride(0), cos.stride(1), rope.rot]
+    out = torch.empty(batch, queries, hq, dim, dtype=torch.float32)
+    args = [_ptr(q), q.stride(0), q.stride(1), q.stride(2), batch, heads, hq // heads, queries, dim, tokens,
+            max(1, torch.get_num_threads()), _float_bits(scaling), _ptr(out), _float_bits(softcap or 0.0), *mask_args,
+            *rope_args, *keys, *values]
+    array = (ctypes.c_int64 * len(args))(*args)
+    code = load().kvpack_layer(array)
+    if code != 0:
+        raise RuntimeError(f"kvpack_layer rejected its arguments (code {code})")
+    return out

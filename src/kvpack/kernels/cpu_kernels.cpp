@@ -1,0 +1,838 @@
+// kvpack CPU kernels: decode-step attention read straight from packed KV blocks (AVX2 + FMA + F16C, OpenMP).
+//
+// Built on first use by kernels/cpu.py (g++ -O3 -march=native -fopenmp, a plain shared library called
+// through ctypes; no torch headers, so it compiles in about a second). Every function works on one
+// *run* of blocks of a layer's BlockStore: `nblk` blocks of x [B, H, T, D], token n = blk * T + t of
+// the run. Query heads are grouped per KV head: q [B, H, G, D] (G = query heads per KV head x query
+// tokens), already multiplied by the softmax scaling. Scores are written to out[b, h, g, n]
+// (n contiguous); value kernels add p[b, h, g, n] . v into out[b, h, g, d].
+//
+// nuq (KVQuant): a code row of D codes of BITS bits, 8 codes in BITS bytes; decoded level = levels[code].
+//   keys   (per channel): k = kscale[h, c] * level + kzero[h, c]; sparse outliers (CSC: rows (blk, b, h, c),
+//          entries = token) replace elements, added here as a correction (v - dequantized) * (R^T q)_c.
+//   values (per token):  v = vscale[t] * level + vzero[t]; outliers (CSR: rows (blk, b, [h,] t)) likewise.
+// rvq: a code row holds n_groups * depth codes of `cbits` bits (group-major); the group vector is the sum of
+//   one codeword per stage, times the per-token fp16 scale; channel c = group vector element inv_perm[c].
+//   Outliers (per token row: count, channel, fp16 value) replace elements before RoPE.
+// RoPE ("rotate_half", channel i paired with i + rot/2): cos/sin rows [rot/2] per run token (fp32).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+typedef int64_t i64;
+
+namespace {
+
+constexpr int MAXG = 64;  // query rows per KV head handled in registers/stack
+
+struct Rope {
+  const float* cos;  // nullptr: keys are not rotated (post-RoPE storage)
+  const float* sin;
+  i64 sb, st;  // strides of batch and run token, in floats
+  int rot;     // rotated channels (even), channel c < rot/2 paired with c + rot/2
+};
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+
+// 8 consecutive BITS-bit codes starting at a byte boundary -> 8 int32 lanes.
+template <int BITS>
+inline __m256i codes8(const uint8_t* p) {
+  uint64_t w;  // the BITS bytes, read with power-of-two loads (a memcpy of 3 or 5..7 bytes stalls store forwarding)
+  if constexpr (BITS == 1) {
+    w = p[0];
+  } else if constexpr (BITS == 2) {
+    uint16_t v; std::memcpy(&v, p, 2); w = v;
+  } else if constexpr (BITS == 3) {
+    uint16_t v; std::memcpy(&v, p, 2); w = v | ((uint64_t)p[2] << 16);
+  } else if constexpr (BITS == 4) {
+    uint32_t v; std::memcpy(&v, p, 4); w = v;
+  } else if constexpr (BITS == 8) {
+    std::memcpy(&w, p, 8);
+  } else {
+    uint32_t v; std::memcpy(&v, p, 4); w = v;
+    for (int i = 4; i < BITS; ++i) w |= (uint64_t)p[i] << (8 * i);
+  }
+  const uint32_t lo = (uint32_t)w, hi = (uint32_t)(w >> (4 * BITS));
+  const __m256i v = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+  const __m256i sh = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
+  return _mm256_and_si256(_mm256_srlv_epi32(v, sh), _mm256_set1_epi32((1 << BITS) - 1));
+}
+
+inline int code_at(const uint8_t* row, i64 i, int bits) {  // code i of a little-endian bitstream row
+  const i64 pos = i * bits;
+  const uint8_t* p = row + (pos >> 3);
+  const int sh = (int)(pos & 7);
+  uint32_t w = p[0];
+  if (sh + bits > 8) w |= (uint32_t)p[1] << 8;
+  if (sh + bits > 16) w |= (uint32_t)p[2] << 16;
+  return (int)((w >> sh) & ((1u << bits) - 1));
+}
+
+// Level lookup for 8 codes: register permutes for up to 16 levels, a gather beyond.
+template <int BITS>
+struct Lut {
+  __m256 a, b;
+  const float* tab;
+  explicit Lut(const float* levels) : tab(levels) {
+    alignas(32) float t[16] = {0};
+    const int n = 1 << BITS;
+    for (int i = 0; i < std::min(n, 16); ++i) t[i] = levels[i];
+    a = _mm256_load_ps(t);
+    b = _mm256_load_ps(t + 8);
+  }
+  inline __m256 get(__m256i idx) const {
+    if constexpr (BITS <= 3) {
+      return _mm256_permutevar8x32_ps(a, idx);
+    } else if constexpr (BITS == 4) {
+      const __m256 lo = _mm256_permutevar8x32_ps(a, idx), hi = _mm256_permutevar8x32_ps(b, idx);
+      return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    } else {
+      return _mm256_i32gather_ps(tab, idx, 4);
+    }
+  }
+};
+
+// Score of one key (pre-RoPE values in k[D], fp32) against G query rows: out[g * os] = q_g . R(pos) k.
+inline void dot_rope(const float* k, const float* q, i64 qg, int G, int D, const Rope& rope, const float* cs,
+                     const float* sn, float* out, i64 os) {
+  __m256 acc[MAXG];
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+  int start = 0;
+  if (rope.cos != nullptr) {
+    const int half = rope.rot / 2;
+    for (int i = 0; i < half; i += 8) {
+      const __m256 lo = _mm256_loadu_ps(k + i), hi = _mm256_loadu_ps(k + i + half);
+      const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+      const __m256 rlo = _mm256_fmsub_ps(lo, c, _mm256_mul_ps(hi, s));
+      const __m256 rhi = _mm256_fmadd_ps(hi, c, _mm256_mul_ps(lo, s));
+      for (int g = 0; g < G; ++g) {
+        const float* qq = q + g * qg;
+        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + i), rlo, acc[g]);
+        acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + i + half), rhi, acc[g]);
+      }
+    }
+    start = rope.rot;
+  }
+  for (int i = start; i < D; i += 8) {
+    const __m256 kk = _mm256_loadu_ps(k + i);
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * qg + i), kk, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) out[g * os] = hsum8(acc[g]);
+}
+
+template <typename T>
+inline i64 load_count(const void* p, i64 i) { return (i64)((const T*)p)[i]; }
+
+inline i64 count_at(const void* p, int size, i64 i) {
+  switch (size) {
+    case 1: return load_count<uint8_t>(p, i);
+    case 2: return load_count<int16_t>(p, i);
+    case 4: return load_count<int32_t>(p, i);
+    default: return load_count<int64_t>(p, i);
+  }
+}
+
+// Split `items` work items over threads: [begin, end) of thread `tid`.
+inline void share(i64 items, int threads, int tid, i64* begin, i64* end) {
+  const i64 per = items / threads, extra = items % threads;
+  *begin = tid * per + std::min<i64>(tid, extra);
+  *end = *begin + per + (tid < extra ? 1 : 0);
+}
+
+struct Codes {  // codes of token (blk, b, h, t) start at base + blk*sblk + b*sb + h*sh + t*st
+  const uint8_t* base;
+  i64 sblk, sb, sh, st;
+  inline const uint8_t* row(i64 blk, i64 b, i64 h, i64 t) const { return base + blk * sblk + b * sb + h * sh + t * st; }
+};
+
+struct Half4 {  // fp16 per-token scalars indexed (blk, b, h, t)
+  const uint16_t* base;
+  i64 sblk, sb, sh, st;
+  inline float at(i64 blk, i64 b, i64 h, i64 t) const { return h2f(base[blk * sblk + b * sb + h * sh + t * st]); }
+};
+
+std::vector<i64> row_pointers(const void* counts, int size, i64 rows);
+
+// ------------------------------------------------------------------------------------------------ nuq keys
+// 8 accumulators -> one vector of their 8 horizontal sums.
+inline __m256 hsum8x8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// Key outliers arrive as CSC (row (blk, b, h, c) lists the sorted tokens of block blk whose channel c is an
+// outlier); the kernel wants them per token: bucketed once per call by a counting sort over (b, n, h).
+struct KeyOutliers {
+  std::vector<int32_t> start;  // [B * N * H + 1]: entries of token n of (b, h) are start[i]..start[i+1]-1
+  std::vector<int32_t> channel;
+  std::vector<float> value;
+};
+
+void bucket_key_outliers(const uint16_t* values, const void* indices, int index_size, const void* counts,
+                         int count_size, int nblk, int B, int H, int T, int D, KeyOutliers* o) {
+  const i64 N = (i64)nblk * T, rows = (i64)nblk * B * H * D, slots = (i64)B * N * H;
+  o->start.assign(slots + 1, 0);
+  auto slot_of = [&](i64 r, i64 t) {  // row (blk, b, h, c), token t of the block -> (b, n, h)
+    const i64 h = (r / D) % H, b = (r / ((i64)D * H)) % B, blk = r / ((i64)D * H * B);
+    return (b * N + blk * T + t) * H + h;
+  };
+  for (int pass = 0; pass < 2; ++pass) {
+    i64 ptr = 0;
+    for (i64 r = 0; r < rows; ++r) {
+      if (count_size == 1 && (r & 7) == 0 && r + 8 <= rows) {  // skip 8 empty rows at once
+        uint64_t w;
+        std::memcpy(&w, (const uint8_t*)counts + r, 8);
+        if (w == 0) { r += 7; continue; }
+      }
+      const i64 cnt = count_at(counts, count_size, r);
+      for (i64 j = ptr; j < ptr + cnt; ++j) {
+        const i64 slot = slot_of(r, count_at(indices, index_size, j));
+        if (pass == 0) {
+          o->start[slot + 1] += 1;
+        } else {
+          const int32_t at = o->start[slot]++;
+          o->channel[at] = (int32_t)(r % D);
+          o->value[at] = h2f(values[j]);
+        }
+      }
+      ptr += cnt;
+    }
+    if (pass == 0) {
+      for (i64 i = 0; i < slots; ++i) o->start[i + 1] += o->start[i];
+      o->channel.resize(ptr);
+      o->value.resize(ptr);
+    } else {  // start[i] was advanced to the end of slot i: shift back
+      for (i64 i = slots; i > 0; --i) o->start[i] = o->start[i - 1];
+      o->start[0] = 0;
+    }
+  }
+}
+
+template <int BITS, int GT>  // GT > 0: the number of query rows G known at compile time (accumulators in registers)
+void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int B, int H, int T, int D, int Gr,
+              const float* levels, int levels_per_head, const float* kscale, const float* kzero, Rope rope,
+              const KeyOutliers* outl, float* out, i64 ob, i64 oh, i64 og, int threads) {
+  const int G = GT > 0 ? GT : Gr;
+  const int chunk = 128;
+  const i64 N = (i64)nblk * T, per_block = (T + chunk - 1) / chunk, items = (i64)B * nblk * per_block;
+  const int half = rope.cos ? rope.rot / 2 : 0, rot = rope.cos ? rope.rot : 0;
+#pragma omp parallel num_threads(threads)
+  {
+    alignas(32) float k[1024];
+    alignas(32) float part[MAXG * 8 * 8];  // [g][token of 8][lane]
+    i64 begin, end;
+    share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
+    for (i64 it = begin; it < end; ++it) {
+      const i64 b = it / (nblk * per_block), blk = (it / per_block) % nblk;
+      const int t0 = (int)(it % per_block) * chunk, t1 = std::min(T, t0 + chunk);
+      for (int h = 0; h < H; ++h) {
+        const Lut<BITS> lut(levels + (levels_per_head ? h << BITS : 0));
+        const float* sc = kscale + h * D;
+        const float* zr = kzero + h * D;
+        const float* qq = q + b * qb + h * qh;
+        float* o = out + b * ob + h * oh;
+        for (int tb = t0; tb < t1; tb += 8) {
+          const int m = std::min(8, t1 - tb);
+          for (int j = 0; j < m; ++j) {
+            const int t = tb + j;
+            const i64 n = blk * T + t;
+            const uint8_t* row = codes.row(blk, b, h, t);
+            const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
+            const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
+            __m256 acc[GT > 0 ? GT : MAXG];
+            for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+            const i64 slot = (b * N + n) * H + h;
+            const int nout = outl ? outl->start[slot + 1] - outl->start[slot] : 0;
+            if (nout) {  // slow path: dequantize, replace the outliers, then rotate
+              for (int i = 0; i < D; i += 8) {
+                const __m256 lv = lut.get(codes8<BITS>(row + (i / 8) * BITS));
+                _mm256_store_ps(k + i, _mm256_fmadd_ps(lv, _mm256_loadu_ps(sc + i), _mm256_loadu_ps(zr + i)));
+              }
+              for (int32_t e = outl->start[slot]; e < outl->start[slot + 1]; ++e) k[outl->channel[e]] = outl->value[e];
+              for (int i = 0; i < half; i += 8) {
+                const __m256 lo = _mm256_load_ps(k + i), hi = _mm256_load_ps(k + i + half);
+                const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+                const __m256 rlo = _mm256_fmsub_ps(lo, c, _mm256_mul_ps(hi, s));
+                const __m256 rhi = _mm256_fmadd_ps(hi, c, _mm256_mul_ps(lo, s));
+                for (int g = 0; g < G; ++g) {
+                  acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), rlo, acc[g]);
+                  acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i + half), rhi, acc[g]);
+                }
+              }
+              for (int i = rot; i < D; i += 8) {
+                const __m256 kk = _mm256_load_ps(k + i);
+                for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), kk, acc[g]);
+              }
+            } else {  // fused: dequantize a channel chunk and its RoPE partner, rotate, dot
+              // Each chunk's products are summed apart (mul + fma) and added to one of two accumulator sets, so
+              // the dependency chain through the accumulators stays short.
+              __m256 acc2[GT > 0 ? GT : MAXG];
+              for (int g = 0; g < G; ++g) acc2[g] = _mm256_setzero_ps();
+              for (int i = 0; i < half; i += 8) {
+                const __m256 lo = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + (i / 8) * BITS)), _mm256_loadu_ps(sc + i),
+                                                  _mm256_loadu_ps(zr + i));
+                const __m256 hi = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + ((i + half) / 8) * BITS)),
+                                                  _mm256_loadu_ps(sc + i + half), _mm256_loadu_ps(zr + i + half));
+                const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+                const __m256 rlo = _mm256_fmsub_ps(lo, c, _mm256_mul_ps(hi, s));
+                const __m256 rhi = _mm256_fmadd_ps(hi, c, _mm256_mul_ps(lo, s));
+                __m256* dst = (i / 8) & 1 ? acc2 : acc;
+                for (int g = 0; g < G; ++g) {
+                  const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i + half), rhi,
+                                                   _mm256_mul_ps(_mm256_loadu_ps(qq + g * qg + i), rlo));
+                  dst[g] = _mm256_add_ps(dst[g], t);
+                }
+              }
+              for (int i = rot; i < D; i += 8) {
+                const __m256 kk = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + (i / 8) * BITS)), _mm256_loadu_ps(sc + i),
+                                                  _mm256_loadu_ps(zr + i));
+                __m256* dst = (i / 8) & 1 ? acc2 : acc;
+                for (int g = 0; g < G; ++g) dst[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), kk, dst[g]);
+              }
+              for (int g = 0; g < G; ++g) acc[g] = _mm256_add_ps(acc[g], acc2[g]);
+            }
+            for (int g = 0; g < G; ++g) _mm256_store_ps(part + (g * 8 + j) * 8, acc[g]);
+          }
+          for (int g = 0; g < G; ++g) {
+            float* dst = o + g * og + blk * T + tb;
+            if (m == 8) {
+              __m256 v[8];
+              for (int j = 0; j < 8; ++j) v[j] = _mm256_load_ps(part + (g * 8 + j) * 8);
+              _mm256_storeu_ps(dst, hsum8x8(v));
+            } else {
+              for (int j = 0; j < m; ++j) dst[j] = hsum8(_mm256_load_ps(part + (g * 8 + j) * 8));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ nuq values
+// Value outliers are CSR: row (blk, b, t) over H*D channels (span_all) or row (blk, b, h, t) over D channels.
+struct ValueOutliers {
+  const uint16_t* values;
+  const void* indices;
+  int index_size;
+  int span_all;
+  std::vector<i64> ptr;
+};
+
+template <int BITS, int GT>
+void nuq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, int B, int H, int T, int D, int Gr,
+                const float* levels, int levels_per_head, Half4 vscale, Half4 vzero, const ValueOutliers* outl,
+                float* out, i64 ob, i64 oh, i64 og, int threads) {
+  const int G = GT > 0 ? GT : Gr;
+  constexpr int PAIR = (GT > 0 && GT <= 4) ? 2 : 1;  // channel chunks per pass over the tokens
+  const i64 N = (i64)nblk * T, chunk = 256, chunks = (N + chunk - 1) / chunk, items = (i64)B * H * chunks;
+  const i64 part = (i64)B * H * G * D;
+  std::vector<float> partial((size_t)threads * part, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    float* mine = partial.data() + tid * part;
+    std::vector<float> w((size_t)G * chunk);
+    std::vector<const uint8_t*> rows(chunk);
+    float zs[MAXG];
+    i64 begin, end;
+    share(items, omp_get_num_threads(), tid, &begin, &end);
+    for (i64 it = begin; it < end; ++it) {
+      const i64 bh = it / chunks, b = bh / H, h = bh % H, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+      const i64 m = n1 - n0;
+      const float* lvh = levels + (levels_per_head ? h << BITS : 0);
+      const Lut<BITS> lut(lvh);
+      const float* pp = p + b * pb + h * ph;
+      float* acc_out = mine + (b * H + h) * (i64)G * D;
+      for (int g = 0; g < G; ++g) zs[g] = 0.0f;
+      for (i64 n = n0; n < n1; ++n) {
+        const i64 blk = n / T, t = n % T;
+        rows[n - n0] = codes.row(blk, b, h, t);
+        const float s = vscale.at(blk, b, h, t), z = vzero.at(blk, b, h, t);
+        for (int g = 0; g < G; ++g) {
+          const float pv = pp[g * pg + n];
+          w[g * chunk + (n - n0)] = pv * s;
+          zs[g] += pv * z;
+        }
+        if (outl) {  // replaced elements: add p * (outlier - dequantized)
+          const i64 row = outl->span_all ? (blk * B + b) * T + t : ((blk * B + b) * H + h) * T + t;
+          for (i64 j = outl->ptr[row]; j < outl->ptr[row + 1]; ++j) {
+            const i64 col = count_at(outl->indices, outl->index_size, j);
+            if (outl->span_all && col / D != h) continue;
+            const int c = (int)(outl->span_all ? col % D : col);
+            const float delta = h2f(outl->values[j]) - (s * lvh[code_at(codes.row(blk, b, h, t), c, BITS)] + z);
+            for (int g = 0; g < G; ++g) acc_out[g * D + c] += pp[g * pg + n] * delta;
+          }
+        }
+      }
+      int i = 0;
+      for (; i + 8 * PAIR <= D; i += 8 * PAIR) {  // PAIR channel chunks per pass over the tokens
+        __m256 acc[(GT > 0 ? GT : MAXG) * PAIR];
+        for (int g = 0; g < G * PAIR; ++g) acc[g] = _mm256_setzero_ps();
+        for (i64 j = 0; j < m; ++j) {
+          const uint8_t* row = rows[j] + (i / 8) * BITS;
+          __m256 lv[PAIR];
+          for (int e = 0; e < PAIR; ++e) lv[e] = lut.get(codes8<BITS>(row + e * BITS));
+          for (int g = 0; g < G; ++g) {
+            const __m256 wv = _mm256_broadcast_ss(&w[g * chunk + j]);
+            for (int e = 0; e < PAIR; ++e) acc[PAIR * g + e] = _mm256_fmadd_ps(wv, lv[e], acc[PAIR * g + e]);
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          const __m256 zv = _mm256_set1_ps(zs[g]);
+          for (int e = 0; e < PAIR; ++e) {
+            float* dst = acc_out + g * D + i + 8 * e;
+            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_add_ps(acc[PAIR * g + e], zv)));
+          }
+        }
+      }
+      for (; i < D; i += 8) {
+        __m256 acc[GT > 0 ? GT : MAXG];
+        for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+        for (i64 j = 0; j < m; ++j) {
+          const __m256 lv = lut.get(codes8<BITS>(rows[j] + (i / 8) * BITS));
+          for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&w[g * chunk + j]), lv, acc[g]);
+        }
+        for (int g = 0; g < G; ++g) {
+          float* dst = acc_out + g * D + i;
+          _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_add_ps(acc[g], _mm256_set1_ps(zs[g]))));
+        }
+      }
+    }
+  }
+  for (int tid = 0; tid < threads; ++tid) {
+    const float* src = partial.data() + tid * part;
+    for (i64 bh = 0; bh < (i64)B * H; ++bh)
+      for (int g = 0; g < G; ++g) {
+        float* dst = out + (bh / H) * ob + (bh % H) * oh + g * og;
+        const float* s = src + (bh * G + g) * D;
+        for (int d = 0; d < D; ++d) dst[d] += s[d];
+      }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ rvq
+struct Rvq {
+  const float* books;     // [depth, C, gs]
+  int depth, C, gs, cbits;
+  const int32_t* inv_perm;  // [D] or nullptr (contiguous groups)
+  // outliers per token row (blk, b, h, t): counts, channel (uint8), fp16 value; nullptr if none
+  const void* counts;
+  int count_size;
+  const uint8_t* channels;
+  const uint16_t* values;
+};
+
+// Decode one token vector into k[D] (natural channel order), scaled; kp is scratch [D].
+inline void rvq_decode(const uint8_t* row, const Rvq& r, int D, float scale, float* kp, float* k) {
+  const int n = D / r.gs;
+  for (int j = 0; j < n; ++j) {
+    float* dst = kp + j * r.gs;
+    const float* first = r.books + (i64)code_at(row, (i64)j * r.depth, r.cbits) * r.gs;
+    for (int e = 0; e < r.gs; ++e) dst[e] = first[e];
+    for (int s = 1; s < r.depth; ++s) {
+      const float* cw = r.books + ((i64)s * r.C + code_at(row, (i64)j * r.depth + s, r.cbits)) * r.gs;
+      for (int e = 0; e < r.gs; ++e) dst[e] += cw[e];
+    }
+  }
+  if (r.inv_perm) {
+    for (int c = 0; c < D; ++c) k[c] = kp[r.inv_perm[c]] * scale;
+  } else {
+    for (int c = 0; c < D; ++c) k[c] = kp[c] * scale;
+  }
+}
+
+std::vector<i64> row_pointers(const void* counts, int size, i64 rows) {
+  std::vector<i64> ptr((size_t)rows + 1, 0);
+  if (counts)
+    for (i64 r = 0; r < rows; ++r) ptr[r + 1] = ptr[r] + count_at(counts, size, r);
+  return ptr;
+}
+
+void rvq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int B, int H, int T, int D, int G,
+              Half4 scale, Rvq r, Rope rope, float* out, i64 ob, i64 oh, i64 og, int threads) {
+  const i64 N = (i64)nblk * T, chunk = 64, chunks = (N + chunk - 1) / chunk, items = (i64)B * H * chunks;
+  const std::vector<i64> ptr = row_pointers(r.counts, r.count_size, (i64)nblk * B * H * T);
+#pragma omp parallel num_threads(threads)
+  {
+    alignas(32) float k[1024], kp[1024];
+    i64 begin, end;
+    share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
+    for (i64 it = begin; it < end; ++it) {
+      const i64 bh = it / chunks, b = bh / H, h = bh % H, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+      for (i64 n = n0; n < n1; ++n) {
+        const i64 blk = n / T, t = n % T;
+        rvq_decode(codes.row(blk, b, h, t), r, D, scale.at(blk, b, h, t), kp, k);
+        if (r.counts) {
+          const i64 row = ((blk * B + b) * H + h) * T + t;
+          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) k[r.channels[j]] = h2f(r.values[j]);
+        }
+        const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
+        const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
+        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, cs, sn, out + b * ob + h * oh + n, og);
+      }
+    }
+  }
+}
+
+void rvq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, int B, int H, int T, int D, int G,
+                Half4 scale, Rvq r, float* out, i64 ob, i64 oh, i64 og, int threads) {
+  const i64 N = (i64)nblk * T, chunk = 256, chunks = (N + chunk - 1) / chunk, items = (i64)B * H * chunks;
+  const i64 part = (i64)B * H * G * D;
+  const std::vector<i64> ptr = row_pointers(r.counts, r.count_size, (i64)nblk * B * H * T);
+  std::vector<float> partial((size_t)threads * part, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    float* mine = partial.data() + tid * part;
+    alignas(32) float v[1024], kp[1024];
+    i64 begin, end;
+    share(items, omp_get_num_threads(), tid, &begin, &end);
+    for (i64 it = begin; it < end; ++it) {
+      const i64 bh = it / chunks, b = bh / H, h = bh % H, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+      float* acc = mine + (b * H + h) * (i64)G * D;
+      for (i64 n = n0; n < n1; ++n) {
+        const i64 blk = n / T, t = n % T;
+        rvq_decode(codes.row(blk, b, h, t), r, D, scale.at(blk, b, h, t), kp, v);
+        if (r.counts) {
+          const i64 row = ((blk * B + b) * H + h) * T + t;
+          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) v[r.channels[j]] = h2f(r.values[j]);
+        }
+        for (int g = 0; g < G; ++g) {
+          const __m256 w = _mm256_set1_ps(p[b * pb + h * ph + g * pg + n]);
+          float* a = acc + g * D;
+          for (int i = 0; i < D; i += 8)
+            _mm256_storeu_ps(a + i, _mm256_fmadd_ps(w, _mm256_load_ps(v + i), _mm256_loadu_ps(a + i)));
+        }
+      }
+    }
+  }
+  for (int tid = 0; tid < threads; ++tid) {
+    const float* src = partial.data() + tid * part;
+    for (i64 bh = 0; bh < (i64)B * H; ++bh)
+      for (int g = 0; g < G; ++g) {
+        float* dst = out + (bh / H) * ob + (bh % H) * oh + g * og;
+        const float* s = src + (bh * G + g) * D;
+        for (int d = 0; d < D; ++d) dst[d] += s[d];
+      }
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------ C API
+// Compile-time (BITS, G) for the common shapes: bits 2..4 with G = 1..8 query rows per KV head; others at run time.
+#define NUQ_G_CASES(CALL, N)                                                                                   \
+  switch (G) {                                                                                                \
+    case 1: CALL(N, 1); break;                                                                                \
+    case 2: CALL(N, 2); break;                                                                                \
+    case 3: CALL(N, 3); break;                                                                                \
+    case 4: CALL(N, 4); break;                                                                                \
+    case 5: CALL(N, 5); break;                                                                                \
+    case 6: CALL(N, 6); break;                                                                                \
+    case 7: CALL(N, 7); break;                                                                                \
+    case 8: CALL(N, 8); break;                                                                                \
+    default: CALL(N, 0); break;                                                                               \
+  }
+#define NUQ_BITS_SWITCH(CALL)                 \
+  switch (bits) {                             \
+    case 1: CALL(1, 0); break;                \
+    case 2: NUQ_G_CASES(CALL, 2); break;      \
+    case 3: NUQ_G_CASES(CALL, 3); break;      \
+    case 4: NUQ_G_CASES(CALL, 4); break;      \
+    case 5: CALL(5, 0); break;                \
+    case 6: CALL(6, 0); break;                \
+    case 7: CALL(7, 0); break;                \
+    case 8: CALL(8, 0); break;                \
+    default: return -2;                       \
+  }
+
+// ------------------------------------------------------------------------------------------------ fp16 parts
+// fp16 keys x[b, h, t, :] (head / tail of a layer): scores with RoPE; values: out += p * v.
+void fp16_keys(const float* q, i64 qb, i64 qh, i64 qg, const uint16_t* x, i64 xb, i64 xh, i64 xt, int B, int H,
+               int n, int D, int G, Rope rope, float* out, i64 ob, i64 oh, i64 og) {
+  alignas(32) float k[1024];
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < n; ++t) {
+        const uint16_t* row = x + b * xb + h * xh + t * xt;
+        for (int i = 0; i < D; i += 8) _mm256_store_ps(k + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))));
+        const float* cs = rope.cos ? rope.cos + b * rope.sb + t * rope.st : nullptr;
+        const float* sn = rope.cos ? rope.sin + b * rope.sb + t * rope.st : nullptr;
+        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, cs, sn, out + b * ob + h * oh + t, og);
+      }
+}
+
+void fp16_values(const float* p, i64 pb, i64 ph, i64 pg, const uint16_t* x, i64 xb, i64 xh, i64 xt, int B, int H,
+                 int n, int D, int G, float* out, i64 ob, i64 oh, i64 og) {
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < n; ++t) {
+        const uint16_t* row = x + b * xb + h * xh + t * xt;
+        for (int g = 0; g < G; ++g) {
+          const __m256 w = _mm256_set1_ps(p[b * pb + h * ph + g * pg + t]);
+          float* o = out + b * ob + h * oh + g * og;
+          for (int i = 0; i < D; i += 8) {
+            const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i)));
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, v, _mm256_loadu_ps(o + i)));
+          }
+        }
+      }
+}
+
+// ------------------------------------------------------------------------------------------------ softmax
+// exp for x <= 88 (Cephes polynomial after n*ln2 range reduction, ~1 ulp); x < -87.3 gives 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+struct Mask {
+  const void* ptr;  // nullptr: none
+  int kind;         // 1: bool (true = attend), 2: float32 additive
+  i64 sb, sq, sk;   // strides of batch, query token, key
+  int causal;       // no mask and several queries: query i sees keys <= K - Q + i
+};
+
+// In place over scores [B, H, G, K] (row g = query head g / Q, query token g % Q): softcap, mask, softmax.
+void softmax_rows(float* s, int B, int H, int G, int Q, i64 K, float softcap, Mask m, int threads) {
+  const i64 rows = (i64)B * H * G;
+  const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (i64 r = 0; r < rows; ++r) {
+    float* x = s + r * K;
+    const i64 b = r / ((i64)H * G), qi = (r % G) % Q;
+    if (softcap > 0) for (i64 k = 0; k < K; ++k) x[k] = std::tanh(x[k] / softcap) * softcap;
+    if (m.ptr) {
+      if (m.kind == 1) {
+        const uint8_t* mm = (const uint8_t*)m.ptr + b * m.sb + qi * m.sq;
+        for (i64 k = 0; k < K; ++k) if (!mm[k * m.sk]) x[k] = ninf;
+      } else {
+        const float* mm = (const float*)m.ptr + b * m.sb + qi * m.sq;
+        for (i64 k = 0; k < K; ++k) x[k] += mm[k * m.sk];
+      }
+    } else if (m.causal) {
+      for (i64 k = K - Q + qi + 1; k < K; ++k) x[k] = ninf;
+    }
+    __m256 mx = _mm256_set1_ps(ninf);
+    i64 k = 0;
+    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + k));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    float top = ninf;
+    for (int j = 0; j < 8; ++j) top = std::max(top, lanes[j]);
+    for (; k < K; ++k) top = std::max(top, x[k]);
+    if (top == ninf) top = 0.0f;  // a fully masked row: all zeros, divided by 0 below (NaN, like SDPA's math path)
+    const __m256 tv = _mm256_set1_ps(top);
+    __m256 sum = _mm256_setzero_ps();
+    for (k = 0; k + 8 <= K; k += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + k), tv));
+      _mm256_storeu_ps(x + k, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    for (; k < K; ++k) {
+      const float d = x[k] - top;
+      x[k] = d < -87.3f ? 0.0f : std::exp(d);
+      total += x[k];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (k = 0; k + 8 <= K; k += 8) _mm256_storeu_ps(x + k, _mm256_mul_ps(_mm256_loadu_ps(x + k), inv));
+    for (; k < K; ++k) x[k] /= total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ segments
+// A layer's keys or values are segments in token order: fp16 (head / tail) or one run of encoded blocks.
+// Each segment's arguments follow its kind in the int64 array; `x`/`out` point at its first token.
+enum { SEG_FP16 = 0, SEG_NUQ = 1, SEG_RVQ = 2 };
+
+struct Reader {
+  const i64* a;
+  int k = 0;
+  i64 next() { return a[k++]; }
+  const void* ptr() { return (const void*)a[k++]; }
+};
+
+struct Common {  // the arguments shared by all segments of a call
+  int B, H, G, D, threads;
+  const float* x;  // q [B, H, G, D] (keys) or p [B, H, G, K] (values), at this segment's first token for values
+  i64 xb, xh, xg;
+  float* out;      // scores at this segment's first token (keys) or out [B, H, G, D] (values)
+  i64 ob, oh, og;
+  Rope rope;       // at this segment's first token
+};
+
+int run_segment(Reader& r, const Common& c, bool keys) {
+  const int kind = (int)r.next();
+  if (kind == SEG_FP16) {
+    const uint16_t* x = (const uint16_t*)r.ptr();
+    const i64 xb = r.next(), xh = r.next(), xt = r.next();
+    const int n = (int)r.next();
+    if (keys) fp16_keys(c.x, c.xb, c.xh, c.xg, x, xb, xh, xt, c.B, c.H, n, c.D, c.G, c.rope, c.out, c.ob, c.oh, c.og);
+    else fp16_values(c.x, c.xb, c.xh, c.xg, x, xb, xh, xt, c.B, c.H, n, c.D, c.G, c.out, c.ob, c.oh, c.og);
+    return 0;
+  }
+  const Codes codes{(const uint8_t*)r.ptr(), r.next(), r.next(), r.next(), r.next()};
+  const int nblk = (int)r.next(), T = (int)r.next();
+  const int B = c.B, H = c.H, D = c.D, G = c.G;
+  if (kind == SEG_NUQ) {
+    const int bits = (int)r.next();
+    const float* levels = (const float*)r.ptr();
+    const int per_head = (int)r.next();
+    const uint16_t* ov = (const uint16_t*)r.ptr();
+    const void* oi = r.ptr();
+    const int ois = (int)r.next();
+    const void* oc = r.ptr();
+    const int ocs = (int)r.next();
+    if (keys) {
+      const float* kscale = (const float*)r.ptr();
+      const float* kzero = (const float*)r.ptr();
+      KeyOutliers o;
+      const KeyOutliers* op_ = nullptr;
+      if (ov) { bucket_key_outliers(ov, oi, ois, oc, ocs, nblk, B, H, T, D, &o); op_ = &o; }
+#define CALL(N, GG) nuq_keys<N, GG>(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, levels, per_head, kscale, kzero, c.rope, op_, c.out, c.ob, c.oh, c.og, c.threads)
+      NUQ_BITS_SWITCH(CALL)
+#undef CALL
+    } else {
+      const uint16_t* vs = (const uint16_t*)r.ptr();
+      const uint16_t* vz = (const uint16_t*)r.ptr();
+      const i64 s0 = r.next(), s1 = r.next(), s2 = r.next(), s3 = r.next();
+      const int span_all = (int)r.next();
+      const Half4 hs{vs, s0, s1, s2, s3}, hz{vz, s0, s1, s2, s3};
+      ValueOutliers o{ov, oi, ois, span_all, {}};
+      const ValueOutliers* op_ = nullptr;
+      if (ov) { o.ptr = row_pointers(oc, ocs, span_all ? (i64)nblk * B * T : (i64)nblk * B * H * T); op_ = &o; }
+#define CALL(N, GG) nuq_values<N, GG>(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, levels, per_head, hs, hz, op_, c.out, c.ob, c.oh, c.og, c.threads)
+      NUQ_BITS_SWITCH(CALL)
+#undef CALL
+    }
+    return 0;
+  }
+  if (kind == SEG_RVQ) {
+    const uint16_t* sc = (const uint16_t*)r.ptr();
+    const Half4 scale{sc, r.next(), r.next(), r.next(), r.next()};
+    Rvq q{};
+    q.books = (const float*)r.ptr();
+    q.depth = (int)r.next(); q.C = (int)r.next(); q.gs = (int)r.next(); q.cbits = (int)r.next();
+    q.inv_perm = (const int32_t*)r.ptr();
+    q.values = (const uint16_t*)r.ptr();
+    q.channels = (const uint8_t*)r.ptr();
+    q.counts = r.ptr();
+    q.count_size = (int)r.next();
+    if (!q.values) q.counts = nullptr;
+    if (q.cbits > 16 || q.gs < 1 || D % q.gs) return -1;
+    if (keys) rvq_keys(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, scale, q, c.rope, c.out, c.ob, c.oh, c.og, c.threads);
+    else rvq_values(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, scale, q, c.out, c.ob, c.oh, c.og, c.threads);
+    return 0;
+  }
+  return -3;
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvpack_abi_version() { return 4; }
+
+// Attention of one layer for a decode step. Array layout:
+//   query ptr (float32 [B, Hq, Q, D], any strides with a contiguous last dim), its strides b, head, token,
+//   B, H (KV heads), G0 (query heads per KV head), Q (query tokens), D, K (stored tokens), threads,
+//   scaling (float bits), out ptr (float32 [B, Q, Hq, D] contiguous), softcap (float bits, 0 = none),
+//   mask ptr (0 = none), kind (1 bool / 2 float32), strides b, q, k, causal (no mask, Q > 1),
+//   rope cos ptr (0: keys not rotated), sin ptr, strides b, token, rot,
+//   number of key segments, each: tokens, kind, arguments (see run_segment); then the value segments.
+int kvpack_layer(const i64* a) {
+  Reader r{a};
+  const float* query = (const float*)r.ptr();
+  const i64 sb = r.next(), shq = r.next(), sq = r.next();
+  const int B = (int)r.next(), H = (int)r.next(), G0 = (int)r.next(), Q = (int)r.next(), D = (int)r.next();
+  const i64 K = r.next();
+  const int threads = (int)r.next();
+  const uint32_t scale_bits = (uint32_t)r.next();
+  float* final_out = (float*)r.ptr();
+  const uint32_t cap_bits = (uint32_t)r.next();
+  float scaling, softcap;
+  std::memcpy(&scaling, &scale_bits, 4);
+  std::memcpy(&softcap, &cap_bits, 4);
+  Mask m{};
+  m.ptr = r.ptr(); m.kind = (int)r.next(); m.sb = r.next(); m.sq = r.next(); m.sk = r.next(); m.causal = (int)r.next();
+  const float* cos = (const float*)r.ptr();
+  const float* sin = (const float*)r.ptr();
+  const i64 rsb = r.next(), rst = r.next();
+  const int rot = (int)r.next();
+  const int G = G0 * Q;
+  if (G > MAXG || D > 1024 || D % 8 || rot % 16 || rot > D) return -1;
+  // q [B, H, G, D], row g = g0 * Q + query token, pre-scaled
+  std::vector<float> q((size_t)B * H * G * D);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int g = 0; g < G; ++g) {
+        const float* src = query + b * sb + (i64)(h * G0 + g / Q) * shq + (i64)(g % Q) * sq;
+        float* dst = q.data() + (((i64)b * H + h) * G + g) * D;
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * scaling;
+      }
+  std::vector<float> scores((size_t)B * H * G * K);
+  const int nk = (int)r.next();
+  i64 off = 0;
+  for (int s = 0; s < nk; ++s) {
+    const i64 n = r.next();
+    Common c{B, H, G, D, threads, q.data(), (i64)H * G * D, (i64)G * D, D, scores.data() + off, (i64)H * G * K,
+             (i64)G * K, K, Rope{cos ? cos + off * rst : nullptr, cos ? sin + off * rst : nullptr, rsb, rst, cos ? rot : 0}};
+    const int code = run_segment(r, c, true);
+    if (code) return code;
+    off += n;
+  }
+  if (off != K) return -4;
+  softmax_rows(scores.data(), B, H, G, Q, K, softcap, m, threads);
+  std::vector<float> out((size_t)B * H * G * D, 0.0f);
+  const int nv = (int)r.next();
+  off = 0;
+  for (int s = 0; s < nv; ++s) {
+    const i64 n = r.next();
+    Common c{B, H, G, D, threads, scores.data() + off, (i64)H * G * K, (i64)G * K, K, out.data(), (i64)H * G * D,
+             (i64)G * D, D, Rope{nullptr, nullptr, 0, 0, 0}};
+    const int code = run_segment(r, c, false);
+    if (code) return code;
+    off += n;
+  }
+  if (off != K) return -4;
+  const int HQ = H * G0;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int g = 0; g < G; ++g) {
+        const float* src = out.data() + (((i64)b * H + h) * G + g) * D;
+        float* dst = final_out + (((i64)b * Q + g % Q) * HQ + h * G0 + g / Q) * D;
+        std::memcpy(dst, src, sizeof(float) * D);
+      }
+  return 0;
+}
+
+}  // extern "C"

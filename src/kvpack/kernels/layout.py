@@ -1,0 +1,174 @@
+"""What the attention kernels read from a BlockStore run: its blocks as strided tensors.
+
+A run (cache_store.Run) holds `count` blocks of x [batch, heads, tokens, head_dim] encoded by one
+codec; `run.encoded()` gives every block at once as one Encoded of x [count * batch, heads, tokens,
+head_dim], block-major. Token n of the run is token n % T of block n // T. The views below name the
+tensors of the two families with fast kernels and check their shapes; a view is None when the run
+does not have the expected layout, and attention then takes the generic decode-a-chunk path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from ..codecs import Codec, Encoded
+from ..codecs.nuq import NuqCodec
+from ..codecs.rvq import RVQCodec
+from ..packing import packed_length
+
+
+@dataclass
+class Outliers:
+    """Sparse outliers of a run: fp16 values [nnz], positions [nnz], per-row counts [rows] (any int dtype)."""
+
+    values: torch.Tensor
+    positions: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass
+class NuqView:
+    """One run of NuqCodec blocks. codes uint8 [nblk, B, H, T, D * bits / 8]."""
+
+    codes: torch.Tensor
+    nblk: int
+    batch: int
+    heads: int
+    tokens: int
+    dim: int
+    bits: int
+    levels: torch.Tensor  # fp32 [1 | H, 2**bits], decoded levels (Q-Norm applied)
+    axis: str
+    kscale: torch.Tensor | None  # keys: fp32 [H, D]
+    kzero: torch.Tensor | None
+    vscale: torch.Tensor | None  # values: fp16 [nblk, B, 1 | H, T]
+    vzero: torch.Tensor | None
+    span_all: bool
+    outliers: Outliers | None
+
+    @property
+    def run_tokens(self) -> int:
+        return self.nblk * self.tokens
+
+
+@dataclass
+class RvqView:
+    """One run of RVQCodec blocks. codes uint8 [nblk, B, H, T, packed bytes of n_groups * depth codes]."""
+
+    codes: torch.Tensor
+    nblk: int
+    batch: int
+    heads: int
+    tokens: int
+    dim: int
+    scale: torch.Tensor  # fp16 [nblk, B, H, T]
+    books: torch.Tensor  # fp32 [depth, C, group]
+    code_bits: int
+    inv_perm: torch.Tensor | None  # int32 [D]: channel c = group-order element inv_perm[c]; None if identity
+    outliers: Outliers | None  # per token row (blk, b, h, t): counts; positions = channel (uint8)
+
+    @property
+    def run_tokens(self) -> int:
+        return self.nblk * self.tokens
+
+
+def run_encoded(run) -> tuple[Encoded, tuple[int, int, int, int], int]:
+    """(every block as one Encoded, one block's x shape [B, H, T, D], block count)."""
+    return run.encoded(), tuple(run.block_shape), run.count
+
+
+def block_chunks(run, max_tokens: int):
+    """Yield (first token, Encoded of x [blocks * B, H, T, D]) for runs of whole blocks of about `max_tokens` tokens."""
+    enc, (batch, heads, tokens, dim), count = run_encoded(run)
+    per = max(1, max_tokens // max(tokens, 1))
+    if per >= count:
+        yield 0, enc
+        return
+    bounds = {n: [0, *accumulate(run.lengths[n][:count])] for n in enc.tensors}
+    for i in range(0, count, per):
+        j = min(count, i + per)
+        tensors = {n: t[bounds[n][i]: bounds[n][j]] for n, t in enc.tensors.items()}
+        yield i * tokens, Encoded(tensors, ((j - i) * batch, heads, tokens, dim), dict(enc.meta))
+
+
+def _outliers(t: dict, prefix: str, names=("values", "indices", "counts")) -> Outliers | None:
+    keys = [prefix + n for n in names]
+    if not all(k in t for k in keys):
+        return None
+    return Outliers(*(t[k].contiguous() for k in keys))
+
+
+def _cached(run, codec: Codec, kind: str, build):
+    """A view stored on the run, rebuilt when blocks are added or dropped or buffers reallocated."""
+    key = (kind, id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
+    memo = run.__dict__.get("_kvpack_view")
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    view = build(run, codec)
+    run.__dict__["_kvpack_view"] = (key, view)
+    return view
+
+
+def nuq_view(run, codec: Codec) -> NuqView | None:
+    """The kernel view of a run of NuqCodec blocks, or None."""
+    if not isinstance(codec, NuqCodec):
+        return None
+    return _cached(run, codec, "nuq", _nuq_view)
+
+
+def rvq_view(run, codec: Codec) -> RvqView | None:
+    """The kernel view of a run of RVQCodec blocks, or None."""
+    if not isinstance(codec, RVQCodec):
+        return None
+    return _cached(run, codec, "rvq", _rvq_view)
+
+
+def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
+    enc, (batch, heads, tokens, dim), nblk = run_encoded(run)
+    t = enc.tensors
+    bits = codec.bits
+    row = dim * bits // 8
+    codes = t.get("codes")
+    if dim % 8 or codes is None or tuple(codes.shape) != (nblk * batch, heads, tokens * row) or codes.dtype != torch.uint8:
+        return None
+    if "outlier_values" in t and codec.outlier_frac <= 0 and codec.outlier_scope != "matrix":
+        return None
+    view = NuqView(
+        codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
+        tokens=tokens, dim=dim, bits=bits, levels=codec.decode_levels.float().contiguous(), axis=codec.axis,
+        kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
+        outliers=_outliers(t, "outlier_"),
+    )
+    if codec.axis == "channel":
+        view.kscale = codec.scale.reshape(heads, dim).float().contiguous()
+        view.kzero = codec.zero.reshape(heads, dim).float().contiguous()
+    else:
+        scale, zero = t.get("scale"), t.get("zero")
+        if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
+            return None
+        view.vscale = scale.contiguous().view(nblk, batch, scale.shape[1], tokens)
+        view.vzero = zero.contiguous().view(nblk, batch, zero.shape[1], tokens)
+    return view
+
+
+def _rvq_view(run, codec: RVQCodec) -> RvqView | None:
+    enc, (batch, heads, tokens, dim), nblk = run_encoded(run)
+    t = enc.tensors
+    n = dim // codec.group
+    row = packed_length(n * codec.depth, codec.code_bits)
+    codes, scale = t.get("codes"), t.get("scale")
+    if codes is None or scale is None or tuple(codes.shape) != (nblk * batch, heads, tokens, row):
+        return None
+    if scale.dtype != torch.float16 or tuple(scale.shape) != (nblk * batch, heads, tokens, 1):
+        return None
+    perm = codec.perm
+    inv = None if torch.equal(perm, torch.arange(dim)) else torch.argsort(perm).to(torch.int32).to(codes.device)
+    out = _outliers(t, "outlier_", ("value", "channel", "count"))
+    return RvqView(
+        codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
+        tokens=tokens, dim=dim, scale=scale.contiguous().view(nblk, batch, heads, tokens),
+        books=codec.codebooks.to(codes.device).float().contiguous(), code_bits=codec.code_bits, inv_perm=inv,
+        outliers=out,
+    )

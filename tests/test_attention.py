@@ -238,3 +238,18 @@ def test_rope_table_follows_positions():
         cache.log_positions(20, torch.arange(100, 105).unsqueeze(0))  # different positions for the same slots
         got = table.get(0, 0, 25).full()
         torch.testing.assert_close(got[0], cache.rope_for(0, 0, 25)[0].float(), rtol=0, atol=0)
+
+
+def test_triton_modules_import_without_triton():
+    """Without triton the kernel modules import, report unavailable and decline every run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "from kvpack.kernels import triton_attention, triton_encode\n"
+        "assert not triton_attention.HAVE_TRITON and not triton_attention.available()\n"
+        "assert triton_attention.key_scores(None, None, None, None, None) is False\n"
+        "assert triton_encode.nuq_encode(None, None) is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

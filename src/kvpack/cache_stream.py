@@ -17,6 +17,17 @@ from .cache_store import BlockStore
 from .codecs import Codec
 
 
+def _encode_block(codec: Codec, x: torch.Tensor):
+    """codec.encode(x), by the fused Triton kernel on CUDA when it covers the codec (kernels/triton_encode.py)."""
+    if x.is_cuda:
+        from .kernels.triton_encode import nuq_encode
+
+        fast = nuq_encode(codec, x)
+        if fast is not None:
+            return fast
+    return codec.encode(x)
+
+
 class TokenStream:
     """Stored keys or values of one layer; see the module docstring."""
 
@@ -71,14 +82,14 @@ class TokenStream:
 
     def _encode(self, x: torch.Tensor) -> None:
         if self.block_tokens is None:
-            self.body.append(self.codec.encode(x), self.codec)
+            self.body.append(_encode_block(self.codec, x), self.codec)
             return
         start = self.body.tokens + self.dropped_body_tokens
         pos = 0
         while pos < x.shape[-2]:
             room = self.block_tokens - (start + pos) % self.block_tokens
             end = min(x.shape[-2], pos + room)
-            self.body.append(self.codec.encode(x[..., pos:end, :]), self.codec)
+            self.body.append(_encode_block(self.codec, x[..., pos:end, :]), self.codec)
             pos = end
 
     @property

@@ -135,6 +135,8 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         return None
     if "outlier_values" in t and codec.outlier_frac <= 0 and codec.outlier_scope != "matrix":
         return None
+    if codec.decode_levels.shape[0] not in (1, heads):  # one codebook per layer or per head only
+        return None
     view = NuqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, bits=bits, levels=codec.decode_levels.float().contiguous(), axis=codec.axis,

@@ -37,15 +37,17 @@ def run_eval(
     model_spec: str, data: str, methods: list[str], seqlen: int, max_windows: Optional[int],
     pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4",
     calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
-    cache: str = "simulated", chunk: int = 1,
+    cache: str = "simulated", chunk: int = 1, json_out: Optional[Path] = None, resume: bool = False,
 ) -> list[dict]:
     """Evaluate `methods` (fp16 always included, first) and return result rows.
 
     cache: "simulated" (quantize-dequantize inside one forward), "real" (stream each window through
-    CompressedCache, prefilling `chunk` tokens at a time) or "both" (one row per mode)."""
+    CompressedCache, prefilling `chunk` tokens at a time) or "both" (one row per mode).
+    With `json_out` the rows are written after every method, so a long run keeps what it finished;
+    `resume` keeps the rows already in `json_out` for the same model, data, seqlen and windows."""
     from .data import load_windows
     from .evaluate.perplexity import simulated_perplexity
-    from .evaluate.results import add_deltas
+    from .evaluate.results import add_deltas, read_rows, write_rows
     from .methods import parse_method
     from .models import load_model
     from .pipeline import resolve_recipe
@@ -56,10 +58,16 @@ def run_eval(
     model, tokenizer = load_model(model_spec)
     windows = load_windows(tokenizer, data, seqlen, max_windows)
     rows = []
+    if resume and json_out is not None and Path(json_out).is_file():
+        same = dict(model=model_spec, data=data, seqlen=seqlen, windows=len(windows))
+        rows = [r for r in read_rows(json_out) if all(r.get(k) == v for k, v in same.items())]
     for s in settings:
+        todo = [m for m in _cache_modes(cache) if not any(r["method"] == s.name and r["mode"] == m for r in rows)]
+        if not todo:
+            continue
         recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
                                 calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress)
-        for mode in _cache_modes(cache):
+        for mode in todo:
             if mode == "real":
                 from .evaluate.streaming import streaming_perplexity
 
@@ -67,6 +75,8 @@ def run_eval(
             else:
                 result = simulated_perplexity(model, windows, recipe, progress=progress)
             rows.append(_eval_row(result, recipe, model_spec, data, seqlen, mode, chunk))
+            if json_out is not None:
+                write_rows(json_out, add_deltas(rows))
     return add_deltas(rows)
 
 
@@ -110,19 +120,20 @@ def eval_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
     cache: str = typer.Option("simulated", help="simulated | real (stream windows through CompressedCache) | both."),
     chunk: int = typer.Option(1, help="With --cache real: tokens fed per forward (1 = the exact decode path)."),
+    resume: bool = typer.Option(False, help="Keep rows already in --json for the same model/data/seqlen/windows; run only the rest."),
 ) -> None:
     """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run."""
-    from .evaluate.results import PPL_COLUMNS, text_table, write_rows
+    from .evaluate.results import PPL_COLUMNS, text_table
 
     try:
         rows = run_eval(model, data, _split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
-                        calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk)
+                        calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk,
+                        json_out=json_out, resume=resume)
     except KVPackError as exc:
         _fail(exc)
     columns = PPL_COLUMNS if cache == "simulated" else [PPL_COLUMNS[0], ("mode", "cache"), *PPL_COLUMNS[1:]]
     typer.echo(text_table(rows, columns))
     if json_out:
-        write_rows(json_out, rows)
         typer.echo(f"wrote {json_out}", err=True)
 
 
@@ -201,18 +212,21 @@ def report(
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2-135m"),
-    data: str = typer.Option("wikitext2"),
+    model: str = typer.Option("smollm2-135m", help="Model to run."),
+    method: str = typer.Option("kvquant-4bit-1pct", help="Recipe for the compressed cache (calibrated on first use, then cached)."),
+    data: str = typer.Option("wikitext2", help="Where the long prompt comes from (a WikiText-2 article)."),
+    prompt_tokens: int = typer.Option(2048, help="Prompt length in tokens."),
+    new_tokens: int = typer.Option(64, help="Tokens to generate greedily."),
+    calib_windows: int = typer.Option(4, help="Calibration windows of 2048 C4 tokens for a calibrated method."),
 ) -> None:
-    """The main job on the default model: fp16 vs compressed KV caches, perplexity and bits."""
-    from .evaluate.results import PPL_COLUMNS, text_table
+    """The main job: compress a long real prompt's cache, generate next to fp16, report memory and agreement."""
+    from .demo import run_demo
 
     start = time.perf_counter()
     try:
-        rows = run_eval(model, data, ["fp16", "int4", "int4:pre-rope:key-channel", "kivi-4", "kivi-2"], 2048, 2)
+        run_demo(model, method, data, prompt_tokens, new_tokens, calib_windows, out=typer.echo)
     except KVPackError as exc:
         _fail(exc)
-    typer.echo(text_table(rows, PPL_COLUMNS))
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 

@@ -37,14 +37,15 @@ def long_article(tokenizer, data: str, min_tokens: int) -> tuple[str, torch.Tens
 
 @torch.no_grad()
 def run_demo(model_spec: str = "smollm2-135m", method: str = "kivi-4", data: str = "wikitext2",
-             prompt_tokens: int = 2048, new_tokens: int = 64, out: Callable[[str], None] = print) -> dict:
+             prompt_tokens: int = 2048, new_tokens: int = 64, calib_windows: int = 16,
+             out: Callable[[str], None] = print) -> dict:
     """Generate from a long WikiText-2 prompt with fp16 and with the compressed cache; returns the numbers."""
     from .cache import CompressedCache
     from .models import load_model
     from .pipeline import resolve_recipe
 
     model, tokenizer = load_model(model_spec)
-    recipe = resolve_recipe(model, tokenizer, method, progress=False)
+    recipe = resolve_recipe(model, tokenizer, method, calib_windows=calib_windows, progress=True)
     title, prompt = long_article(tokenizer, data, prompt_tokens)
     out(f"prompt: WikiText-2 article '{title}', first {prompt.shape[1]} tokens; method {recipe.method}")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

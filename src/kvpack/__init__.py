@@ -4,6 +4,7 @@ from .errors import KVPackError
 from .models import DEFAULT_MODEL, load_model
 from .recipe import Recipe
 from .calibrate import calibrate
+from .cache import CompressedCache
 
 __version__ = "0.1.0"
-__all__ = ["calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL"]
+__all__ = ["CompressedCache", "calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL"]

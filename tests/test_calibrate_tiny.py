@@ -87,7 +87,8 @@ def test_method_names_and_options():
     assert parse_method("kvquant-2bit").extra["qnorm"] is True
     s = parse_method("kvquant-3bit-1pct:out0.5:out-matrix:fisher-s2:no-qnorm:cb-head:vspan-head:sink4:post-rope:key-token")
     assert s.extra == {"outlier_frac": 0.005, "weighting": "fisher-s2", "outlier_scope": "matrix", "qnorm": False,
-                       "codebook": "head", "value_span": "head"}
+                       "codebook": "head", "value_span": "head", "alloc": "none", "min_bits": 1}
+    assert parse_method("kvquant-3bit:alloc-global:minbits0").extra["alloc"] == "global"
     assert (s.sink_tokens, s.pre_rope, s.key_axis) == (4, False, "token")
     for bad in ("kvquant-9bit", "kvquant-3bit-60pct", "kvquant-3bit:out70", "kvquant-3bit:bogus", "kvquant-3"):
         with pytest.raises(MethodError):

@@ -75,3 +75,16 @@ def test_weighted_objective_not_worse_than_unweighted():
     def cost(c):
         return float((w * (x - c[assign(x, c)]) ** 2).sum())
     assert cost(weighted_kmeans_1d(x, 4, w)) <= cost(weighted_kmeans_1d(x, 4)) + 1e-6
+
+
+def test_batched_rows_are_independent():
+    from kvpack.codecs.kmeans import weighted_kmeans_1d_batched
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 500, generator=g) * torch.tensor([[1.0], [5.0], [0.1]])
+    w = torch.rand(3, 500, generator=g)
+    w[1, :250] = 0  # masked points
+    batched = weighted_kmeans_1d_batched(x, 4, w)
+    for row in range(3):
+        keep = w[row] > 0
+        assert torch.allclose(batched[row], weighted_kmeans_1d(x[row][keep], 4, w[row][keep]), atol=1e-5)

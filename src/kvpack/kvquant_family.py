@@ -9,8 +9,12 @@ Options (after ':'), beside the generic post-rope, key-token, sink<N>:
   out<P>                                 outlier percentage (overrides the preset's -Ppct), e.g. out0.5
   out-vector | out-matrix                per-vector outlier thresholds, or one pair per head and layer
   qnorm | no-qnorm                       Q-Norm on the decoded levels (default: on at 2 bits only)
-  cb-layer | cb-head                     one codebook per layer, or one per KV head
+  cb-layer | cb-head | cb-channel        one codebook per layer, per KV head, or per channel
   vspan-all | vspan-head                 value ranges over all KV heads of a token, or per head
+  alloc-none | alloc-tensor | alloc-global  per-channel bit widths by Fisher-weighted error (beyond the
+                                         paper): none (one width), mean N per layer's K or V, or mean N
+                                         over the whole model; implies per-channel codebooks
+  minbits<M>                             smallest per-channel width under allocation (default 1)
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from .methods import MethodSettings
 from .registry import Family, register_family
 
 KVQUANT_PRESETS = [f"kvquant-{b}bit{p}" for b in (4, 3, 2) for p in ("", "-1pct")]
-KVQUANT_OPTIONS = "fisher, fisher-s2, plain, uniform, out<P>, out-vector, out-matrix, qnorm, no-qnorm, cb-layer, cb-head, vspan-all, vspan-head"
+KVQUANT_OPTIONS = "fisher, fisher-s2, plain, uniform, out<P>, out-vector, out-matrix, qnorm, no-qnorm, cb-layer, cb-head, cb-channel, vspan-all, vspan-head, alloc-none, alloc-tensor, alloc-global, minbits<M>"
 _NAME = re.compile(r"^kvquant-(?P<bits>\d+)bit(?:-(?P<pct>\d+(?:\.\d+)?)pct)?$")
 _OUT = re.compile(r"^out(?P<pct>\d+(?:\.\d+)?)$")
 _CHOICES = {
@@ -30,8 +34,9 @@ _CHOICES = {
     "plain": ("weighting", "plain"), "uniform": ("weighting", "uniform"),
     "out-vector": ("outlier_scope", "vector"), "out-matrix": ("outlier_scope", "matrix"),
     "qnorm": ("qnorm", True), "no-qnorm": ("qnorm", False),
-    "cb-layer": ("codebook", "layer"), "cb-head": ("codebook", "head"),
+    "cb-layer": ("codebook", "layer"), "cb-head": ("codebook", "head"), "cb-channel": ("codebook", "channel"),
     "vspan-all": ("value_span", "all"), "vspan-head": ("value_span", "head"),
+    "alloc-none": ("alloc", "none"), "alloc-tensor": ("alloc", "tensor"), "alloc-global": ("alloc", "global"),
 }
 
 
@@ -55,7 +60,7 @@ def kvquant_settings(preset: str) -> MethodSettings:
         extra={
             "outlier_frac": _fraction(match["pct"], preset) if match["pct"] else 0.0,
             "weighting": "fisher", "outlier_scope": "vector", "qnorm": bits <= 2,
-            "codebook": "layer", "value_span": "all",
+            "codebook": "layer", "value_span": "all", "alloc": "none", "min_bits": 1,
         },
     )
 
@@ -66,6 +71,10 @@ def kvquant_option(settings: MethodSettings, option: str) -> MethodSettings | No
     if option in _CHOICES:
         key, value = _CHOICES[option]
         extra[key] = value
+        return replace(settings, extra=extra)
+    match = re.fullmatch(r"minbits(\d)", option)
+    if match:
+        extra["min_bits"] = int(match[1])
         return replace(settings, extra=extra)
     match = _OUT.match(option)
     if match:

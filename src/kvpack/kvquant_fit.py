@@ -7,16 +7,20 @@ Per layer, for keys and for values:
 3. weighted 1-D k-means on the normalized values (weights: Fisher `F`, `F * scale^2`, or none),
    or the uniform grid; one codebook per layer or per KV head;
 4. Q-Norm (a, b) per codebook so that dequantized calibration data keep their mean and std.
+Optionally (extension beyond the paper) per-channel bit widths: per-channel codebooks at every
+candidate width, their Fisher-weighted errors (F * scale^2: loss units, comparable across
+channels, layers, K and V), and the widths that minimize the total error at a mean bit budget.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .codecs.kmeans import assign, weighted_kmeans_1d
-from .codecs.nuq import NuqCodec, range_to_zero_scale
+from .codecs.kmeans import SortedRows, assign_batched
+from .codecs.nuq import PAD, NuqCodec, range_to_zero_scale
 from .collect import LayerActivations
 from .errors import MethodError
 from .methods import MethodSettings
@@ -80,67 +84,189 @@ def _token_thresholds(x: torch.Tensor, frac: float, scope: str) -> dict[str, tor
     return {}
 
 
-def _levels(u: torch.Tensor, w: torch.Tensor | None, bits: int, weighting: str) -> torch.Tensor:
-    if weighting == "uniform":
-        return torch.linspace(-1, 1, 1 << bits)
-    return weighted_kmeans_1d(u, 1 << bits, w)
+def _qnorm(u: torch.Tensor, w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """(a, b) [G, 2] with mean/std of a * levels[assign(u)] + b equal to those of u, per row of u [G, n]
+    (w [G, n] in {0, 1}: which elements count)."""
+    stored = levels.to(torch.float16).float()
+    q = stored.gather(-1, assign_batched(u, stored)).double()
+    u, w = u.double(), w.double()
+    count = w.sum(-1).clamp_min(1)
+    m1, m2 = (w * u).sum(-1) / count, (w * q).sum(-1) / count
+    s1 = ((w * (u - m1[:, None]) ** 2).sum(-1) / count).sqrt()
+    s2 = ((w * (q - m2[:, None]) ** 2).sum(-1) / count).sqrt()
+    a = torch.where(s2 > 0, s1 / s2.clamp_min(1e-30), torch.ones_like(s1))
+    return torch.stack([a, m1 - m2 * a], -1).float()
 
 
-def _qnorm(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """(a, b) with mean/std of a * levels[assign(u)] + b equal to those of u [n]."""
-    q = levels.to(torch.float16).float()[assign(u, levels.to(torch.float16).float())]
-    m1, s1 = u.double().mean(), u.double().std()
-    m2, s2 = q.double().mean(), q.double().std()
-    a = s1 / s2 if s2 > 0 else torch.tensor(1.0, dtype=torch.float64)
-    return torch.stack([a, m1 - m2 * a]).float()
+def _groups(codebook: str, heads: int, dim: int) -> int:
+    return {"layer": 1, "head": heads, "channel": heads * dim}[codebook]
 
 
-def fit_nuq(
-    x: torch.Tensor, fisher: torch.Tensor | None, axis: str, settings: MethodSettings, max_points: int | None = None,
-    timing: dict | None = None,
-) -> NuqCodec:
-    """A fitted NuqCodec for calibration blocks x [W, H, P, D] (fisher: same shape, or None)."""
+@dataclass
+class Prepared:
+    """Normalized calibration data of one layer's K or V, laid out by codebook group."""
+
+    common: dict  # NuqCodec arguments shared by every fitted variant
+    u: torch.Tensor  # [G, n] normalized values, clamped to [-1, 1]
+    keep: torch.Tensor  # [G, n] 1.0 off the outliers
+    weights: torch.Tensor  # [G, n] k-means weights (zero on outliers)
+    loss_weights: torch.Tensor | None  # [G, n] F * scale^2 (zero on outliers): error in loss units
+    loss_factor: torch.Tensor | None  # [G] when loss_weights == weights * factor per group, else None
+
+
+def prepare(
+    x: torch.Tensor, fisher: torch.Tensor | None, axis: str, settings: MethodSettings, codebook: str,
+    max_points: int | None = None, timing: dict | None = None,
+) -> Prepared:
+    """Thresholds and normalization of calibration blocks x [W, H, P, D] (fisher: same shape, or None)."""
     extra = settings.extra
     frac, scope, weighting = extra["outlier_frac"], extra["outlier_scope"], extra["weighting"]
     heads, dim = x.shape[1], x.shape[-1]
     timing = timing if timing is not None else {}
     start = time.perf_counter()
     state = _channel_ranges(x, frac, scope) if axis == "channel" else _token_thresholds(x, frac, scope)
-    common = dict(axis=axis, heads=heads, head_dim=dim, outlier_frac=frac, span=extra["value_span"], outlier_scope=scope)
-    probe = NuqCodec(torch.linspace(-1, 1, 1 << settings.bits), **common, **state)
+    common = dict(axis=axis, heads=heads, head_dim=dim, outlier_frac=frac, span=extra["value_span"], outlier_scope=scope, **state)
+    probe = NuqCodec(torch.linspace(-1, 1, 1 << settings.bits).expand(_groups(codebook, heads, dim), -1), **common)
     u, mask, _, scale = probe.normalize(x)
-    timing["thresholds"] = timing.get("thresholds", 0.0) + time.perf_counter() - start
-
-    start = time.perf_counter()
-    if weighting in ("fisher", "fisher-s2"):
-        if fisher is None:
-            raise MethodError(f"'{settings.name}': Fisher weighting needs Fisher information; collect with fisher=True.")
-        w = fisher * scale.expand_as(fisher) ** 2 if weighting == "fisher-s2" else fisher
+    keep = probe.to_groups(~mask if mask is not None else torch.ones_like(u, dtype=torch.bool)).float()
+    ug = probe.to_groups(u.clamp(-1, 1))
+    del u
+    if weighting in ("fisher", "fisher-s2") and fisher is None:
+        raise MethodError(f"'{settings.name}': Fisher weighting needs Fisher information; collect with fisher=True.")
+    loss = None if fisher is None else probe.to_groups(fisher * scale.expand_as(fisher) ** 2) * keep
+    if weighting == "fisher-s2":
+        weights = loss
+    elif weighting == "fisher":
+        weights = probe.to_groups(fisher) * keep
     else:
-        w = None
-    keep = ~mask if mask is not None else torch.ones_like(u, dtype=torch.bool)
-    groups = [slice(None)] if extra["codebook"] == "layer" else [slice(h, h + 1) for h in range(heads)]
-    levels, qnorm = [], []
-    for g in groups:
-        sel = keep[:, g]
-        ug = u[:, g][sel].clamp(-1, 1)
-        wg = None if w is None else w[:, g][sel]
-        if max_points is not None and ug.numel() > max_points:  # deterministic thinning
-            idx = torch.linspace(0, ug.numel() - 1, max_points).long()
-            ug, wg = ug[idx], None if wg is None else wg[idx]
-        lv = _levels(ug, wg, settings.bits, weighting)
-        levels.append(lv)
-        if extra["qnorm"]:
-            qnorm.append(_qnorm(ug, lv))
+        weights = keep
+    factor = None
+    if loss is not None and weighting == "fisher-s2":
+        factor = torch.ones(ug.shape[0], dtype=torch.float64)
+    elif loss is not None and weighting == "fisher" and axis == "channel" and codebook == "channel":
+        factor = scale.reshape(-1).double() ** 2  # one scale per channel: F * s^2 = F * const
+    if max_points is not None and ug.shape[1] > max_points:  # a fixed random subset of every group
+        idx = torch.randperm(ug.shape[1], generator=torch.Generator().manual_seed(0))[:max_points]
+        ug, keep, weights = ug[:, idx], keep[:, idx], weights[:, idx]
+        loss = None if loss is None else loss[:, idx]
+    timing["thresholds"] = timing.get("thresholds", 0.0) + time.perf_counter() - start
+    return Prepared(common, ug, keep, weights, loss, factor)
+
+
+def _fit_levels(prep: Prepared, sorted_rows: SortedRows | None, bits: int, weighting: str, need_error: bool = True):
+    """(levels [G, 2**bits], loss-weighted error [G] or None) at one bit width."""
+    k = 1 << bits
+    if weighting == "uniform":
+        levels, error = torch.linspace(-1, 1, k).expand(prep.u.shape[0], -1).clone() if k > 1 else torch.zeros(prep.u.shape[0], 1), None
+    else:
+        levels, error = sorted_rows.lloyd(k)
+    if prep.loss_weights is None or not need_error:
+        error = None
+    elif prep.loss_factor is not None and error is not None:
+        error = error * prep.loss_factor
+    else:
+        stored = levels.to(torch.float16).float()
+        q = stored.gather(-1, assign_batched(prep.u, stored))
+        error = (prep.loss_weights.double() * (prep.u - q).double() ** 2).sum(-1)
+    return levels, error
+
+
+def fit_nuq(
+    x: torch.Tensor, fisher: torch.Tensor | None, axis: str, settings: MethodSettings, max_points: int | None = None,
+    timing: dict | None = None,
+) -> NuqCodec:
+    """A fitted NuqCodec (one bit width) for calibration blocks x [W, H, P, D] (fisher: same shape, or None)."""
+    timing = timing if timing is not None else {}
+    extra = settings.extra
+    prep = prepare(x, fisher, axis, settings, extra["codebook"], max_points, timing)
+    start = time.perf_counter()
+    rows = None if extra["weighting"] == "uniform" else SortedRows(prep.u, prep.weights)
+    levels, _ = _fit_levels(prep, rows, settings.bits, extra["weighting"], need_error=False)
+    qnorm = _qnorm(prep.u, prep.keep, levels) if extra["qnorm"] else None
     timing["kmeans"] = timing.get("kmeans", 0.0) + time.perf_counter() - start
-    return NuqCodec(torch.stack(levels), **common, **state, qnorm=torch.stack(qnorm) if qnorm else None)
+    return NuqCodec(levels, **prep.common, qnorm=qnorm)
+
+
+@dataclass
+class Ladder:
+    """Per-channel codebooks and their loss-weighted errors at every candidate bit width."""
+
+    common: dict
+    widths: list[int]
+    levels: dict[int, torch.Tensor]  # width -> [C, 2**width]
+    qnorm: dict[int, torch.Tensor]  # width -> [C, 2] (empty without Q-Norm)
+    error: torch.Tensor  # [C, len(widths)] float64
+
+
+def ladder(
+    x: torch.Tensor, fisher: torch.Tensor | None, axis: str, settings: MethodSettings, widths: list[int],
+    max_points: int | None = None, timing: dict | None = None,
+) -> Ladder:
+    """Per-channel codebooks of every width in `widths` for calibration blocks x [W, H, P, D]."""
+    timing = timing if timing is not None else {}
+    if fisher is None:
+        raise MethodError(f"'{settings.name}': bit allocation weighs errors by Fisher information; collect with fisher=True.")
+    prep = prepare(x, fisher, axis, settings, "channel", max_points, timing)
+    start = time.perf_counter()
+    weighting = settings.extra["weighting"]
+    rows = None if weighting == "uniform" else SortedRows(prep.u, prep.weights)
+    levels, qnorm, errors = {}, {}, []
+    for b in widths:
+        levels[b], error = _fit_levels(prep, rows, b, weighting)
+        errors.append(error)
+        if settings.extra["qnorm"] and b > 0:
+            qnorm[b] = _qnorm(prep.u, prep.keep, levels[b])
+    timing["kmeans"] = timing.get("kmeans", 0.0) + time.perf_counter() - start
+    return Ladder(prep.common, widths, levels, qnorm, torch.stack(errors, -1))
+
+
+def allocate_bits(error: torch.Tensor, widths: list[int], mean_bits: float) -> torch.Tensor:
+    """Per-channel widths [C] from `widths` minimizing sum_c error[c, width_c] with mean width `mean_bits`.
+
+    error [C, len(widths)] (widths consecutive integers). Greedy on marginal gains made
+    non-increasing per channel (the convex hull of a channel's error curve), which is optimal for
+    convex curves: take the C * (mean_bits - min width) largest gains over all channels.
+    """
+    channels = error.shape[0]
+    gains = (error[:, :-1] - error[:, 1:]).clamp_min(0)
+    gains = torch.cummin(gains, dim=1).values  # each extra bit gains no more than the previous one
+    steps = round(channels * (mean_bits - widths[0]))
+    if not 0 <= steps <= gains.numel():
+        raise ValueError(f"mean width {mean_bits} is outside {widths[0]}..{widths[-1]}")
+    chosen = torch.zeros(gains.numel(), dtype=torch.int64)
+    # Ties broken towards lower widths (stable order of the flattened gains).
+    order = torch.argsort(-gains.flatten(), stable=True)[:steps]
+    chosen[order] = 1
+    return widths[0] + chosen.view_as(gains).sum(1)
+
+
+def _from_ladder(lad: Ladder, bits: torch.Tensor) -> NuqCodec:
+    top = int(bits.max())
+    size = 1 << top
+    levels = torch.full((bits.numel(), size), PAD)
+    qnorm = torch.zeros(bits.numel(), 2) if lad.qnorm else None
+    for b in bits.unique().tolist():
+        rows = (bits == b).nonzero().flatten()
+        levels[rows, : 1 << b] = lad.levels[b][rows]
+        if qnorm is not None:
+            qnorm[rows] = lad.qnorm[b][rows] if b in lad.qnorm else torch.tensor([1.0, 0.0])
+    return NuqCodec(levels, **lad.common, qnorm=qnorm, channel_bits=bits)
+
+
+def candidate_widths(bits: int, settings: MethodSettings) -> list[int]:
+    low = int(settings.extra.get("min_bits", 1))
+    return list(range(low, min(8, bits + 4) + 1))
 
 
 def fit_kvquant_recipe(
     model, activations: list[LayerActivations], settings: MethodSettings, progress: bool = True,
     max_points: int | None = None,
 ) -> tuple[list[NuqCodec], list[NuqCodec], dict]:
-    """Fit per-layer key and value NuqCodecs; returns (key_codecs, value_codecs, info with timings)."""
+    """Fit per-layer key and value NuqCodecs; returns (key_codecs, value_codecs, info with timings).
+
+    With `extra["alloc"]` = "tensor" or "global", channels get bit widths by Fisher-weighted error
+    (mean `settings.bits` per layer's K or V, or over the whole model) instead of one width.
+    """
     if settings.family != "kvquant":
         raise MethodError(f"fit_kvquant_recipe fits kvquant-* methods, not '{settings.name}'.")
     from .models import text_config
@@ -148,12 +274,31 @@ def fit_kvquant_recipe(
     cfg = text_config(model.config)
     num_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     timing: dict[str, float] = {}
-    keys, values = [], []
+    alloc = settings.extra.get("alloc", "none")
+    widths = candidate_widths(settings.bits, settings)
+    fitted = []
     for layer in tqdm(activations, desc=f"fitting {settings.name}", unit="layer", disable=not progress):
-        k = blocks(layer.keys, layer.heads, num_heads)
-        v = blocks(layer.values, layer.heads, num_heads)
-        kf = None if layer.key_fisher is None else blocks(layer.key_fisher, layer.heads, num_heads)
-        vf = None if layer.value_fisher is None else blocks(layer.value_fisher, layer.heads, num_heads)
-        keys.append(fit_nuq(k, kf, settings.key_axis, settings, max_points, timing))
-        values.append(fit_nuq(v, vf, settings.value_axis, settings, max_points, timing))
-    return keys, values, {"timing_s": timing}
+        pair = []
+        for rows, fisher, axis in ((layer.keys, layer.key_fisher, settings.key_axis),
+                                   (layer.values, layer.value_fisher, settings.value_axis)):
+            x = blocks(rows, layer.heads, num_heads)
+            f = None if fisher is None else blocks(fisher, layer.heads, num_heads)
+            if alloc == "none":
+                pair.append(fit_nuq(x, f, axis, settings, max_points, timing))
+            else:
+                pair.append(ladder(x, f, axis, settings, widths, max_points, timing))
+        fitted.append(pair)
+    info: dict = {"timing_s": timing}
+    if alloc != "none":
+        start = time.perf_counter()
+        ladders = [lad for pair in fitted for lad in pair]
+        if alloc == "global":
+            bits = allocate_bits(torch.cat([lad.error for lad in ladders]), widths, settings.bits).split(
+                [lad.error.shape[0] for lad in ladders])
+        else:
+            bits = [allocate_bits(lad.error, widths, settings.bits) for lad in ladders]
+        codecs = [_from_ladder(lad, b) for lad, b in zip(ladders, bits)]
+        fitted = [codecs[i : i + 2] for i in range(0, len(codecs), 2)]
+        timing["allocation"] = time.perf_counter() - start
+        info["mean_bits"] = {"keys": [c.mean_bits for c, _ in fitted], "values": [c.mean_bits for _, c in fitted]}
+    return [k for k, _ in fitted], [v for _, v in fitted], info

@@ -25,7 +25,7 @@ import torch
 from .. import packing
 from . import sparse
 from .base import Codec, Encoded, check_bits, register_codec
-from .kmeans import assign
+from .kmeans import assign, assign_batched
 
 AXES = ("channel", "token")
 SPANS = ("head", "all")
@@ -34,6 +34,9 @@ SCOPES = ("vector", "matrix")
 
 def _fp16(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.as_tensor(t).to(torch.float16).float()
+
+
+PAD = 4.0  # codebook padding beyond the normalized range [-1, 1]: midpoints next to it exceed 1
 
 
 def range_to_zero_scale(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,21 +70,31 @@ class NuqCodec(Codec):
         qnorm: torch.Tensor | None = None,
         span: str = "head",
         outlier_scope: str = "vector",
+        channel_bits: torch.Tensor | None = None,
         name: str | None = None,
     ):
         levels = _fp16(levels)
-        levels = levels.reshape(-1, levels.shape[-1]).sort(-1).values
+        levels = levels.reshape(-1, levels.shape[-1])
         groups, n = levels.shape
-        if n < 2 or n & (n - 1):
+        if groups not in (1, heads, heads * head_dim):
+            raise ValueError(f"{groups} codebooks for {heads} KV heads of {head_dim} channels: use one per layer, head or channel")
+        self.channel_bits = None
+        if channel_bits is not None:
+            bits = torch.as_tensor(channel_bits).to(torch.int64).reshape(heads * head_dim)
+            if groups != heads * head_dim or not 0 <= int(bits.min()) <= int(bits.max()) <= 8 or n != 1 << int(bits.max()):
+                raise ValueError("per-channel bit widths (0..8) need one codebook per channel of 2**max(bits) entries")
+            self.channel_bits = bits
+            unused = torch.arange(n) >= (1 << bits)[:, None]
+            levels = levels.masked_fill(unused, PAD)  # entries past a channel's 2**b levels are never chosen
+        elif n < 2 or n & (n - 1):
             raise ValueError(f"a codebook needs a power-of-two number of levels >= 2, got {n}")
-        if groups not in (1, heads):
-            raise ValueError(f"{groups} codebooks for {heads} KV heads: use one per layer or one per head")
+        levels = levels.sort(-1).values
         if axis not in AXES or span not in SPANS or outlier_scope not in SCOPES:
             raise ValueError(f"axis must be in {AXES}, span in {SPANS}, outlier_scope in {SCOPES}")
         if not 0 <= outlier_frac < 0.5:
             raise ValueError(f"outlier fraction must be in [0, 0.5), got {outlier_frac}")
         self.levels = levels
-        self.bits = check_bits(n.bit_length() - 1, 1, 8)
+        self.bits = n.bit_length() - 1 if self.channel_bits is not None else check_bits(n.bit_length() - 1, 1, 8)
         self.axis, self.span, self.outlier_scope = axis, span, outlier_scope
         self.heads, self.head_dim = heads, head_dim
         self.outlier_frac = float(outlier_frac)
@@ -98,7 +111,13 @@ class NuqCodec(Codec):
                 raise ValueError("per-matrix outliers need offline thresholds out_lo/out_hi [heads]")
             self.out_lo = _fp16(out_lo).reshape(heads, 1, 1)
             self.out_hi = _fp16(out_hi).reshape(heads, 1, 1)
-        self.name = name or f"nuq{self.bits}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+        width = f"{self.mean_bits:g}" if self.channel_bits is not None else f"{self.bits}"
+        self.name = name or f"nuq{width}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+
+    @property
+    def mean_bits(self) -> float:
+        """Code bits per element: the bit width, or the mean of the per-channel widths."""
+        return float(self.channel_bits.float().mean()) if self.channel_bits is not None else float(self.bits)
 
     # ----- state (recipes) -----
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -114,12 +133,14 @@ class NuqCodec(Codec):
             tensors["qnorm"] = self.qnorm.half()
         if self._matrix_outliers:
             tensors["out_lo"], tensors["out_hi"] = self.out_lo.flatten().half(), self.out_hi.flatten().half()
+        if self.channel_bits is not None:
+            tensors["channel_bits"] = self.channel_bits.reshape(self.heads, self.head_dim).to(torch.uint8)
         return config, tensors
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "NuqCodec":
         return cls(tensors["levels"], zero=tensors.get("zero"), scale=tensors.get("scale"), out_lo=tensors.get("out_lo"),
-                   out_hi=tensors.get("out_hi"), qnorm=tensors.get("qnorm"), **config)
+                   out_hi=tensors.get("out_hi"), qnorm=tensors.get("qnorm"), channel_bits=tensors.get("channel_bits"), **config)
 
     def config(self) -> dict:
         return self.state()[0]
@@ -129,8 +150,13 @@ class NuqCodec(Codec):
         return self.outlier_scope == "matrix" and self.outlier_frac > 0
 
     def shared_nbytes(self) -> int:
-        """fp16 codebooks, Q-Norm pairs, per-channel ranges and per-matrix thresholds of this layer."""
-        return sum(t.numel() * 2 for t in self.state()[1].values())
+        """fp16 codebooks (only the 2**b used entries of each channel), Q-Norm pairs, per-channel ranges,
+        per-matrix thresholds and per-channel bit widths (1 byte each) of this layer."""
+        tensors = self.state()[1]
+        total = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "levels")
+        if self.channel_bits is None:
+            return total + self.levels.numel() * 2
+        return total + int((1 << self.channel_bits).sum()) * 2
 
     # ----- normalization -----
     def _check(self, x: torch.Tensor) -> None:
@@ -183,20 +209,47 @@ class NuqCodec(Codec):
             u = (x - zero) / scale
         return u, mask, zero, scale
 
+    @property
+    def codebooks(self) -> str:
+        """'layer', 'head' or 'channel': which elements share a codebook."""
+        groups = self.levels.shape[0]
+        return "layer" if groups == 1 else "head" if groups == self.heads else "channel"
+
+    def to_groups(self, u: torch.Tensor) -> torch.Tensor:
+        """u [..., H, T, D] -> [groups, n]: row g holds the elements that use codebook g."""
+        if self.codebooks == "layer":
+            return u.reshape(1, -1)
+        g = u.movedim(-3, 0)  # [H, ..., T, D]
+        if self.codebooks == "head":
+            return g.reshape(self.heads, -1)
+        return g.movedim(-1, 1).reshape(self.heads * self.head_dim, -1)  # [H, D, ..., T]
+
+    def from_groups(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Inverse of `to_groups` for a tensor of `shape` [..., H, T, D]."""
+        if self.codebooks == "layer":
+            return rows.reshape(shape)
+        moved = (shape[-3], *shape[:-3], *shape[-2:])
+        if self.codebooks == "head":
+            return rows.reshape(moved).movedim(0, -3)
+        inner = (shape[-3], shape[-1], *shape[:-3], shape[-2])
+        return rows.reshape(inner).movedim(1, -1).movedim(0, -3)
+
     def quantize_normalized(self, u: torch.Tensor) -> torch.Tensor:
-        """Codes of normalized u [..., H, T, D] (clamped to [-1, 1]) under each head's codebook."""
+        """Codes of normalized u [..., H, T, D] (clamped to [-1, 1]) under each element's codebook."""
         u = u.clamp(-1, 1)
-        if self.levels.shape[0] == 1:
+        if self.codebooks == "layer":
             return assign(u, self.levels[0])
-        return torch.stack([assign(u[..., h, :, :], self.levels[h]) for h in range(self.heads)], dim=-3)
+        return self.from_groups(assign_batched(self.to_groups(u), self.levels), tuple(u.shape))
 
     def dequantize_normalized(self, codes: torch.Tensor) -> torch.Tensor:
         """Decoded normalized values of codes [..., H, T, D] (Q-Norm applied)."""
         levels = self.decode_levels
-        if levels.shape[0] == 1:
+        if self.codebooks == "layer":
             return levels[0][codes]
-        offset = (torch.arange(self.heads, device=codes.device) * levels.shape[1]).view(self.heads, 1, 1)
-        return levels.flatten()[codes + offset]
+        n = levels.shape[1]
+        group = torch.arange(levels.shape[0], device=codes.device) * n
+        group = group.view(self.heads, 1, 1) if self.codebooks == "head" else group.view(self.heads, 1, self.head_dim)
+        return levels.flatten()[codes + group]
 
     # ----- sparse layout -----
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,11 +268,32 @@ class NuqCodec(Codec):
             return rows.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
         return rows.reshape(shape)
 
+    # ----- code packing -----
+    def _width_columns(self) -> dict[int, torch.Tensor]:
+        """Bit width -> the (head * head_dim + channel) columns stored at that width (0-bit ones store nothing)."""
+        return {int(b): (self.channel_bits == b).nonzero().flatten() for b in self.channel_bits.unique() if b > 0}
+
+    def _pack(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channel_bits is None:
+            return {"codes": packing.pack(codes.reshape(*codes.shape[:-2], -1), self.bits)}
+        flat = codes.movedim(-3, -2).reshape(*codes.shape[:-3], codes.shape[-2], -1)  # [..., T, H*D]
+        return {f"codes{b}": packing.pack(flat[..., cols].reshape(*flat.shape[:-2], -1), b)
+                for b, cols in self._width_columns().items()}
+
+    def _unpack(self, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        *lead, heads, tokens, dim = shape
+        if self.channel_bits is None:
+            return packing.unpack(t["codes"], self.bits, tokens * dim).reshape(shape)
+        flat = torch.zeros(*lead, tokens, heads * dim, dtype=torch.int64)
+        for b, cols in self._width_columns().items():
+            flat[..., cols] = packing.unpack(t[f"codes{b}"], b, tokens * cols.numel()).reshape(*lead, tokens, -1)
+        return flat.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
+
     # ----- codec interface -----
     def encode(self, x: torch.Tensor) -> Encoded:
         u, mask, zero, scale = self.normalize(x)
         codes = self.quantize_normalized(u)
-        tensors = {"codes": packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)}
+        tensors = self._pack(codes)
         if self.axis == "token":
             tensors["zero"], tensors["scale"] = zero.half(), scale.half()
         if mask is not None:
@@ -230,7 +304,7 @@ class NuqCodec(Codec):
     def decode(self, enc: Encoded) -> torch.Tensor:
         shape = enc.shape
         t = enc.tensors
-        codes = packing.unpack(t["codes"], self.bits, shape[-2] * shape[-1]).reshape(shape)
+        codes = self._unpack(t, shape)
         zero, scale = (self.zero, self.scale) if self.axis == "channel" else (t["zero"].float(), t["scale"].float())
         x = self.dequantize_normalized(codes) * scale + zero
         if "outlier_values" in t:

@@ -65,6 +65,8 @@ def test_key_outliers_restored_bit_exact():
     mask = x.float().abs() > 1.5
     assert int(mask.sum()) > 0
     assert torch.equal(out[mask].half().view(torch.int16), x[mask].view(torch.int16))
-    # keys are stored per channel (CSC): token indices over 300 tokens need int16, one count per channel
-    assert enc.tensors["outlier_indices"].dtype == torch.int16
-    assert enc.tensors["outlier_counts"].numel() == 2 * 8
+    # one CSR row per token over both heads: uint8 channel indices, one uint8 count per token
+    assert enc.tensors["outlier_indices"].dtype == torch.uint8
+    assert enc.tensors["outlier_counts"].numel() == 300 and enc.tensors["outlier_counts"].dtype == torch.uint8
+    one = codec.encode(x[:, :, :1].float())  # a single streamed token costs one count
+    assert one.tensors["outlier_counts"].numel() == 1

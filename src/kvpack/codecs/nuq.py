@@ -3,7 +3,9 @@
 Blocks are x [..., heads, tokens, head_dim]. Every vector is normalized to [-1, 1] by its range
 (zero = (hi + lo) / 2, scale = (hi - lo) / 2, fp16) and each element becomes the index of the
 nearest of 2**N levels (one codebook per layer, or one per KV head). Elements outside the range
-are outliers, stored exactly in fp16 as a sparse matrix (`codecs.sparse`).
+are outliers, stored exactly in fp16 as a sparse matrix (`codecs.sparse`), one CSR row per token:
+a streaming cache that appends one token at a time pays one small count per token, not one per
+channel (the paper's per-channel CSC layout for keys would cost a count per channel per block).
 
 - axis="channel" (keys): one range per (head, channel), fixed offline at calibration, so keys
   stream in without revisiting older tokens. The ranges are per-layer shared state.
@@ -253,18 +255,15 @@ class NuqCodec(Codec):
 
     # ----- sparse layout -----
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H, T, D] -> rows of the sparse layout: channels (CSC) for keys, tokens (CSR) for values."""
-        if self.axis == "channel":
-            return x.transpose(-1, -2).reshape(-1, x.shape[-2])
-        if self.span == "all":
+        """x [..., H, T, D] -> rows of the sparse layout (CSR): one row per token, over all heads for keys
+        and `span="all"` values (a 1-token block costs one count), per head for `span="head"` values."""
+        if self.axis == "channel" or self.span == "all":
             return x.movedim(-3, -2).reshape(-1, self.heads * self.head_dim)
         return x.reshape(-1, x.shape[-1])
 
     def _unrows(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         *lead, heads, tokens, dim = shape
-        if self.axis == "channel":
-            return rows.reshape(*lead, heads, dim, tokens).transpose(-1, -2)
-        if self.span == "all":
+        if self.axis == "channel" or self.span == "all":
             return rows.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
         return rows.reshape(shape)
 

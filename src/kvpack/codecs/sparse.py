@@ -1,8 +1,8 @@
 """Dense-and-sparse split: the outliers of x (elements outside per-vector [lo, hi]) are stored
 exactly in fp16 as a compressed sparse row matrix; the dense part is quantized by the caller.
 
-Layout of one block, rows of `n` elements each (tokens for values: CSR; channels for keys, the
-row running over tokens: CSC of the [tokens, channels] matrix):
+Layout of one block, rows of `n` elements each (the nuq codec uses one row per token, CSR, for
+keys and values alike):
   values  fp16 [nnz]   the outliers, exactly (x rounded to fp16, restored bit-exact)
   indices [nnz]        position inside the row, in the smallest integer type that holds n - 1
   counts  [rows]       outliers per row, the smallest type that holds n; the CSR row pointer

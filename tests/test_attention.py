@@ -27,18 +27,31 @@ def _dims(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
+class CscKeys(NuqCodec):
+    """Keys whose outliers are stored column-wise (rows (b, h, c) over the tokens of a block), the other sparse
+    layout the kernels read (kernels.layout.sparse_mode 0)."""
+
+    def _rows(self, x):
+        return x.transpose(-1, -2).reshape(-1, x.shape[-2])
+
+    def _unrows(self, rows, shape):
+        *lead, heads, tokens, dim = shape
+        return rows.reshape(*lead, heads, dim, tokens).transpose(-1, -2)
+
+
 def nuq_recipe(model, bits: int = 4, frac: float = 0.05, seed: int = 0, **options) -> Recipe:
     """kvquant-style recipe: per-channel keys (fixed ranges), per-token values, outliers, random levels."""
     layers, heads, dim = _dims(model)
     g = torch.Generator().manual_seed(seed)
     keys, values = [], []
     per_head = options.pop("per_head", False)
+    key_type = CscKeys if options.pop("csc", False) else NuqCodec
     for _ in range(layers):
         levels = torch.randn(heads if per_head else 1, 1 << bits, generator=g).sort(-1).values
         levels = levels / levels.abs().amax(-1, keepdim=True)
         zero = 0.1 * torch.randn(heads, dim, generator=g)
         scale = 0.5 + torch.rand(heads, dim, generator=g)
-        keys.append(NuqCodec(levels, "channel", heads, dim, frac, zero=zero, scale=scale))
+        keys.append(key_type(levels, "channel", heads, dim, frac, zero=zero, scale=scale))
         values.append(NuqCodec(levels, "token", heads, dim, frac, span=options.get("span", "all")))
     return Recipe(parse_method(f"kvquant-{bits}bit-{int(frac * 100)}pct"), keys, values)
 
@@ -60,7 +73,7 @@ def rvq_recipe(model, depth: int = 3, codes: int = 32, group: int = 8, outliers:
 RECIPES = {
     "nuq4": lambda m: nuq_recipe(m, 4),
     "nuq3-headcb-vspan-head": lambda m: nuq_recipe(m, 3, per_head=True, span="head"),
-    "nuq2": lambda m: nuq_recipe(m, 2, 0.02),
+    "nuq2-csc-keys": lambda m: nuq_recipe(m, 2, 0.02, csc=True),
     "rvq": lambda m: rvq_recipe(m),
     "int4-baseline": lambda m: Recipe.baseline("int4:pre-rope", _dims(m)[0]),
 }
@@ -253,3 +266,20 @@ def test_triton_modules_import_without_triton():
         "assert triton_encode.nuq_encode(None, None) is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("bits,frac,span,per_head,csc", [(2, 0.03, "all", False, True), (3, 0.05, "head", True, False),
+                                                         (4, 0.0, "all", False, False), (4, 0.01, "all", True, False)])
+def test_cpu_fused_encode_matches_codec(bits, frac, span, per_head, csc):
+    """Appends on the CPU use the C++ encoder: the same bytes as NuqCodec.encode."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model = make_tiny_model("llama")
+    recipe = nuq_recipe(model, bits, frac, per_head=per_head, span=span, csc=csc)
+    x = torch.randn(2, 2, 7, 16, generator=torch.Generator().manual_seed(bits)) * 1.3
+    x[0, 1, 3, 5] = x[0, 1, 3, 6]  # ties
+    for codec in (recipe.key_codecs[0], recipe.value_codecs[0]):
+        want, got = codec.encode(x), cpu.nuq_encode(codec, x)
+        assert got is not None and set(got.tensors) == set(want.tensors) and got.shape == want.shape
+        for name, t in want.tensors.items():
+            assert got.tensors[name].dtype == t.dtype and torch.equal(got.tensors[name], t), name

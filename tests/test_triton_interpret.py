@@ -53,12 +53,15 @@ def _rope(tokens: int, dim: int) -> RopeSlice:
     return RopeSlice(torch.stack([freqs.cos(), freqs.sin()], 2).contiguous(), dim, True)
 
 
-def nuq_codecs(bits: int, dim: int, frac: float, per_head: bool = False, span: str = "all", seed: int = 0):
+def nuq_codecs(bits: int, dim: int, frac: float, per_head: bool = False, span: str = "all", seed: int = 0,
+               csc: bool = False):
+    from test_attention import CscKeys  # keys with column-wise outliers: the other sparse layout
+
     g = torch.Generator().manual_seed(seed)
     levels = torch.randn(H if per_head else 1, 1 << bits, generator=g).sort(-1).values
     levels = levels / levels.abs().amax(-1, keepdim=True)
-    key = NuqCodec(levels, "channel", H, dim, frac, zero=0.2 * torch.randn(H, dim, generator=g),
-                   scale=1.0 + torch.rand(H, dim, generator=g))
+    key = (CscKeys if csc else NuqCodec)(levels, "channel", H, dim, frac, zero=0.2 * torch.randn(H, dim, generator=g),
+                                         scale=1.0 + torch.rand(H, dim, generator=g))
     value = NuqCodec(levels, "token", H, dim, frac, span=span)
     return key, value
 
@@ -91,7 +94,7 @@ def _compare_runs(stream, codec, dim, rope, keys=True, values=True):
 @pytest.mark.parametrize("frac", [0.0, 0.05])
 def test_nuq_kernels_match_reference(bits, frac):
     dim = 16
-    key, value = nuq_codecs(bits, dim, frac)
+    key, value = nuq_codecs(bits, dim, frac, csc=bits == 3)
     keys = _stream(key, 29, dim, [5, 1, 1, 16])
     values = _stream(value, 29, dim, [5, 1, 1, 16], seed=1)
     assert len(keys.body.runs) >= 3
@@ -135,7 +138,7 @@ def test_unsupported_runs_are_declined():
 def test_fused_encode_matches_codec(bits, frac, span):
     """The fused append kernel stores exactly what NuqCodec.encode stores (codes, scales, outliers)."""
     dim = 16
-    key, value = nuq_codecs(bits, dim, frac, span=span, seed=bits)
+    key, value = nuq_codecs(bits, dim, frac, span=span, seed=bits, csc=bits == 2)
     x = torch.randn(2, H, 5, dim, generator=torch.Generator().manual_seed(9)) * 1.7
     for codec in (key, value):
         want = codec.encode(x)

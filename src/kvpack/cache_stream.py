@@ -18,10 +18,13 @@ from .codecs import Codec
 
 
 def _encode_block(codec: Codec, x: torch.Tensor):
-    """codec.encode(x), by the fused Triton kernel on CUDA when it covers the codec (kernels/triton_encode.py)."""
-    if x.is_cuda:
-        from .kernels.triton_encode import nuq_encode
-
+    """codec.encode(x), by a fused kernel when one covers the codec (identical bytes): Triton on CUDA
+    (kernels/triton_encode.py), C++ on the CPU (kernels/cpu.py)."""
+    if type(codec).__name__ == "NuqCodec":
+        if x.is_cuda:
+            from .kernels.triton_encode import nuq_encode
+        else:
+            from .kernels.cpu import nuq_encode
         fast = nuq_encode(codec, x)
         if fast is not None:
             return fast

@@ -230,5 +230,45 @@ def demo(
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
+@app.command()
+def bench(
+    model: str = typer.Option("smollm2-135m", help="Short name, local directory, hub id, or .gguf file."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    contexts: str = typer.Option("1024,8192,32768", help="Comma-separated context lengths (tokens in the cache)."),
+    batch: int = typer.Option(1, help="Sequences decoded together."),
+    methods: str = typer.Option("fp16,kvquant-4bit-1pct,kvquant-3bit-1pct", help="Comma-separated methods; fp16 is always measured."),
+    rounds: int = typer.Option(7, help="Interleaved timing rounds (medians reported)."),
+    source_tokens: int = typer.Option(512, help="Tokens of real text whose K/V are repeated to fill the caches."),
+    data: str = typer.Option("wikitext2", help="Text the K/V come from."),
+    calib_data: str = typer.Option("c4", help="Calibration data for calibrated methods."),
+    calib_windows: int = typer.Option(2, help="Calibration windows (a small calibration is enough for speed)."),
+    calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    recipe: Optional[Path] = typer.Option(None, help="Use this saved recipe instead of calibrating."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows to this JSON file."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Latency vs context PNG."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Decode-step latency (attention alone, whole model), compression throughput and memory vs the fp16 cache."""
+    from .evaluate.results import text_table, write_rows
+    from .evaluate.speed import BENCH_COLUMNS, plot, run_bench
+
+    try:
+        rows = run_bench(model, device, [int(c) for c in contexts.split(",") if c.strip()], batch,
+                         _split_methods(methods), rounds=rounds, source_tokens=source_tokens, data=data,
+                         calib_data=calib_data, calib_windows=calib_windows, calib_seqlen=calib_seqlen,
+                         recipe_dir=recipe, progress=progress, log=lambda s: typer.echo(s, err=True))
+    except (KVPackError, RuntimeError) as exc:
+        _fail(exc)
+    typer.echo(text_table(rows, BENCH_COLUMNS))
+    if rows:
+        typer.echo(f"caches filled with {rows[0]['kv_source']}, {rows[0]['fill']}; "
+                   f"{rows[0]['threads']} threads; ratios are method / fp16 measured in the same run")
+    if json_out:
+        write_rows(json_out, rows)
+        typer.echo(f"wrote {json_out}", err=True)
+    if plot_out:
+        typer.echo(f"wrote {plot(rows, plot_out)}", err=True)
+
+
 if __name__ == "__main__":
     app()

@@ -30,7 +30,7 @@ from .layout import NuqView, RvqView
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 4
+ABI_VERSION = 6
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -98,7 +98,9 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         if lib.kvpack_abi_version() != ABI_VERSION:
             raise RuntimeError("stale kernel library")
-        lib.kvpack_layer.argtypes, lib.kvpack_layer.restype = [ctypes.c_void_p], ctypes.c_int
+        for name in ("kvpack_layer", "kvpack_nuq_encode"):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
         _LIB = lib
     except (OSError, RuntimeError) as exc:
         _ERROR = str(exc)
@@ -124,8 +126,9 @@ def _float_bits(x: float) -> int:
 
 def _outlier_args(o) -> list[int]:
     if o is None or o.values.numel() == 0:
-        return [0, 0, 0, 0, 0]
-    return [_ptr(o.values), _ptr(o.positions), o.positions.element_size(), _ptr(o.counts), o.counts.element_size()]
+        return [0, 0, 0, 0, 0, 0]
+    return [_ptr(o.values), _ptr(o.positions), o.positions.element_size(), _ptr(o.counts), o.counts.element_size(),
+            o.mode]
 
 
 def _fp16_segment(t: torch.Tensor) -> list[int] | None:
@@ -251,3 +254,68 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
     if code != 0:
         raise RuntimeError(f"kvpack_layer rejected its arguments (code {code})")
     return out
+
+
+def nuq_encode(codec, x: torch.Tensor):
+    """`codec.encode(x)` (a NuqCodec, x [B, H, T, D] on the CPU) by the C++ encoder, identical bytes; None if not covered.
+
+    Appending one token costs one C call plus the sparse layout, instead of ~30 small torch ops.
+    """
+    from ..codecs import Encoded, sparse
+    from ..codecs.nuq import NuqCodec, outliers_per_side
+
+    if not isinstance(codec, NuqCodec) or x.dim() != 4 or x.device.type != "cpu" or load() is None:
+        return None
+    batch, heads, tokens, dim = x.shape
+    if heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
+        return None
+    if codec.levels.shape[0] not in (1, heads) or getattr(codec, "channel_bits", None) is not None:
+        return None
+    from .layout import sparse_mode
+
+    mode = sparse_mode(codec, heads, dim)
+    if codec.outlier_frac > 0 and mode is None:
+        return None
+    mid = codec.__dict__.get("_kvpack_midpoints")
+    if mid is None:
+        mid = ((codec.levels[:, 1:] + codec.levels[:, :-1]) / 2).float().contiguous()
+        codec.__dict__["_kvpack_midpoints"] = mid
+    x = x.float().contiguous()
+    codes = torch.empty(batch, heads, tokens * dim * codec.bits // 8, dtype=torch.uint8)
+    outliers = codec.outlier_frac > 0
+    numel = x.numel()
+    if outliers:
+        mask = torch.empty(batch, heads, tokens, dim, dtype=torch.uint8)
+        o_values = torch.empty(numel, dtype=torch.float16)
+        o_positions = torch.empty(numel, dtype=torch.int32)
+        nnz = torch.zeros(1, dtype=torch.int64)
+    else:
+        mask = o_values = o_positions = nnz = None
+    tensors = {"codes": codes}
+    if codec.axis == "channel":
+        kz = codec.__dict__.get("_kvpack_kzs")
+        if kz is None:
+            kz = (codec.zero.reshape(heads, dim).float().contiguous(), codec.scale.reshape(heads, dim).float().contiguous())
+            codec.__dict__["_kvpack_kzs"] = kz
+        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 0, _ptr(mid), int(mid.shape[0] > 1), _ptr(kz[0]),
+                _ptr(kz[1]), 1, 0, _ptr(codes), 0, 0]
+    else:
+        span = heads if codec.span == "all" else 1
+        k = outliers_per_side(codec.outlier_frac, span * dim) if outliers else 0
+        zero = torch.empty(batch, heads // span, tokens, 1, dtype=torch.float16)
+        scale = torch.empty_like(zero)
+        tensors.update(zero=zero, scale=scale)
+        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 1, _ptr(mid), int(mid.shape[0] > 1), 0, 0, span, k,
+                _ptr(codes), _ptr(zero), _ptr(scale)]
+    rows, n = {0: (batch * heads * dim, tokens), 1: (batch * tokens, heads * dim),
+               2: (batch * heads * tokens, dim)}.get(mode, (0, 0))
+    counts = torch.empty(rows, dtype=torch.int32) if outliers else None
+    args = head + [_ptr(mask), mode or 0, _ptr(o_values), _ptr(o_positions), _ptr(counts), _ptr(nnz)]
+    if load().kvpack_nuq_encode((ctypes.c_int64 * len(args))(*args)) != 0:
+        return None
+    if outliers:
+        used = int(nnz)
+        tensors["outlier_values"] = o_values[:used].clone()
+        tensors["outlier_indices"] = o_positions[:used].to(sparse.index_dtype(max(n - 1, 0)))
+        tensors["outlier_counts"] = counts.to(sparse.index_dtype(n))
+    return Encoded(tensors, tuple(x.shape))

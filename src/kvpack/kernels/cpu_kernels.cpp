@@ -184,12 +184,25 @@ struct KeyOutliers {
 };
 
 void bucket_key_outliers(const uint16_t* values, const void* indices, int index_size, const void* counts,
-                         int count_size, int nblk, int B, int H, int T, int D, KeyOutliers* o) {
-  const i64 N = (i64)nblk * T, rows = (i64)nblk * B * H * D, slots = (i64)B * N * H;
+                         int count_size, int mode, int nblk, int B, int H, int T, int D, KeyOutliers* o) {
+  // mode 0: CSC rows (blk, b, h, c) over tokens; 1: rows (blk, b, t) over h * D + c; 2: rows (blk, b, h, t) over c
+  const i64 N = (i64)nblk * T, slots = (i64)B * N * H;
+  const i64 rows = mode == 0 ? (i64)nblk * B * H * D : mode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T;
   o->start.assign(slots + 1, 0);
-  auto slot_of = [&](i64 r, i64 t) {  // row (blk, b, h, c), token t of the block -> (b, n, h)
-    const i64 h = (r / D) % H, b = (r / ((i64)D * H)) % B, blk = r / ((i64)D * H * B);
-    return (b * N + blk * T + t) * H + h;
+  auto locate = [&](i64 r, i64 pos, i64* slot, int* channel) {
+    if (mode == 0) {
+      const i64 h = (r / D) % H, b = (r / ((i64)D * H)) % B, blk = r / ((i64)D * H * B);
+      *slot = (b * N + blk * T + pos) * H + h;
+      *channel = (int)(r % D);
+    } else if (mode == 1) {
+      const i64 t = r % T, b = (r / T) % B, blk = r / ((i64)T * B);
+      *slot = (b * N + blk * T + t) * H + pos / D;
+      *channel = (int)(pos % D);
+    } else {
+      const i64 t = r % T, h = (r / T) % H, b = (r / ((i64)T * H)) % B, blk = r / ((i64)T * H * B);
+      *slot = (b * N + blk * T + t) * H + h;
+      *channel = (int)pos;
+    }
   };
   for (int pass = 0; pass < 2; ++pass) {
     i64 ptr = 0;
@@ -201,12 +214,14 @@ void bucket_key_outliers(const uint16_t* values, const void* indices, int index_
       }
       const i64 cnt = count_at(counts, count_size, r);
       for (i64 j = ptr; j < ptr + cnt; ++j) {
-        const i64 slot = slot_of(r, count_at(indices, index_size, j));
+        i64 slot;
+        int channel;
+        locate(r, count_at(indices, index_size, j), &slot, &channel);
         if (pass == 0) {
           o->start[slot + 1] += 1;
         } else {
           const int32_t at = o->start[slot]++;
-          o->channel[at] = (int32_t)(r % D);
+          o->channel[at] = channel;
           o->value[at] = h2f(values[j]);
         }
       }
@@ -669,6 +684,93 @@ void softmax_rows(float* s, int B, int H, int G, int Q, i64 K, float softcap, Ma
   }
 }
 
+
+// ------------------------------------------------------------------------------------------------ encode
+// NuqCodec.encode for appends, bit for bit: x [B, H, T, D] fp32 contiguous ->
+//   codes uint8 [B, H, T * D * BITS / 8] (8 codes per BITS bytes, little-endian bit stream),
+//   keys (per channel, offline zero/scale [H, D]): outlier mask |u| > 1;
+//   values (per token over Hs = H heads (span all) or 1): the k smallest / largest are outliers, zero/scale
+//   (fp16 [B, H / Hs, T]) from the range of the rest; mask uint8 [B, H, T, D] (nullptr: no outliers).
+inline float fp16_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+inline void pack_row(const uint8_t* code, int D, int bits, uint8_t* out) {
+  for (int g = 0; g < D / 8; ++g) {
+    uint64_t w = 0;
+    for (int k = 0; k < 8; ++k) w |= (uint64_t)code[g * 8 + k] << (k * bits);
+    for (int j = 0; j < bits; ++j) out[g * bits + j] = (uint8_t)(w >> (8 * j));
+  }
+}
+
+inline uint8_t nearest(float u, const float* mid, int n) {  // count of midpoints below u (bucketize, right=False)
+  int c = 0;
+  for (int j = 0; j < n; ++j) c += mid[j] < u;
+  return (uint8_t)c;
+}
+
+int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_token, const float* mid,
+               int mid_per_head, const float* kzero, const float* kscale, int span_heads, int k_side,
+               uint8_t* codes, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
+  const int L1 = (1 << bits) - 1;
+  const i64 row_bytes = (i64)D * bits / 8;
+  std::vector<uint8_t> code(D);
+  if (!axis_token) {
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        const float* m = mid + (mid_per_head ? h * L1 : 0);
+        for (int t = 0; t < T; ++t) {
+          const i64 base = (((i64)b * H + h) * T + t) * D;
+          for (int c = 0; c < D; ++c) {
+            float u = (x[base + c] - kzero[h * D + c]) / kscale[h * D + c];
+            if (mask) mask[base + c] = std::fabs(u) > 1.0f;
+            u = std::min(std::max(u, -1.0f), 1.0f);
+            code[c] = nearest(u, m, L1);
+          }
+          pack_row(code.data(), D, bits, codes + (((i64)b * H + h) * T + t) * row_bytes);
+        }
+      }
+    return 0;
+  }
+  const int groups = H / span_heads, n = span_heads * D;
+  std::vector<float> vec(n), work(n);
+  for (int b = 0; b < B; ++b)
+    for (int grp = 0; grp < groups; ++grp)
+      for (int t = 0; t < T; ++t) {
+        for (int r = 0; r < span_heads; ++r)
+          std::memcpy(vec.data() + r * D, x + (((i64)b * H + grp * span_heads + r) * T + t) * D, sizeof(float) * D);
+        float lo, hi;
+        if (k_side > 0) {
+          work = vec;
+          std::nth_element(work.begin(), work.begin() + k_side, work.end());
+          lo = work[k_side];
+          std::nth_element(work.begin(), work.begin() + (n - 1 - k_side), work.end());
+          hi = work[n - 1 - k_side];
+        } else {
+          lo = *std::min_element(vec.begin(), vec.end());
+          hi = *std::max_element(vec.begin(), vec.end());
+        }
+        const float zero = fp16_round((hi + lo) / 2);
+        float scale = fp16_round((hi - lo) / 2);
+        if (!(scale > 0)) scale = 1.0f;
+        const i64 zs = ((i64)b * groups + grp) * T + t;
+        vzero[zs] = _cvtss_sh(zero, _MM_FROUND_TO_NEAREST_INT);
+        vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
+        for (int r = 0; r < span_heads; ++r) {
+          const int h = grp * span_heads + r;
+          const float* m = mid + (mid_per_head ? h * L1 : 0);
+          const i64 base = (((i64)b * H + h) * T + t) * D;
+          for (int c = 0; c < D; ++c) {
+            const float v = vec[r * D + c];
+            if (mask) mask[base + c] = k_side > 0 && (v < lo || v > hi);
+            float u = (v - zero) / scale;
+            u = std::min(std::max(u, -1.0f), 1.0f);
+            code[c] = nearest(u, m, L1);
+          }
+          pack_row(code.data(), D, bits, codes + (((i64)b * H + h) * T + t) * row_bytes);
+        }
+      }
+  return 0;
+}
+
 // ------------------------------------------------------------------------------------------------ segments
 // A layer's keys or values are segments in token order: fp16 (head / tail) or one run of encoded blocks.
 // Each segment's arguments follow its kind in the int64 array; `x`/`out` point at its first token.
@@ -712,12 +814,13 @@ int run_segment(Reader& r, const Common& c, bool keys) {
     const int ois = (int)r.next();
     const void* oc = r.ptr();
     const int ocs = (int)r.next();
+    const int omode = (int)r.next();
     if (keys) {
       const float* kscale = (const float*)r.ptr();
       const float* kzero = (const float*)r.ptr();
       KeyOutliers o;
       const KeyOutliers* op_ = nullptr;
-      if (ov) { bucket_key_outliers(ov, oi, ois, oc, ocs, nblk, B, H, T, D, &o); op_ = &o; }
+      if (ov) { bucket_key_outliers(ov, oi, ois, oc, ocs, omode, nblk, B, H, T, D, &o); op_ = &o; }
 #define CALL(N, GG) nuq_keys<N, GG>(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, levels, per_head, kscale, kzero, c.rope, op_, c.out, c.ob, c.oh, c.og, c.threads)
       NUQ_BITS_SWITCH(CALL)
 #undef CALL
@@ -725,7 +828,9 @@ int run_segment(Reader& r, const Common& c, bool keys) {
       const uint16_t* vs = (const uint16_t*)r.ptr();
       const uint16_t* vz = (const uint16_t*)r.ptr();
       const i64 s0 = r.next(), s1 = r.next(), s2 = r.next(), s3 = r.next();
-      const int span_all = (int)r.next();
+      (void)r.next();  // span (the outlier mode says how rows run)
+      const int span_all = omode == 1;
+      if (ov && omode == 0) return -5;
       const Half4 hs{vs, s0, s1, s2, s3}, hz{vz, s0, s1, s2, s3};
       ValueOutliers o{ov, oi, ois, span_all, {}};
       const ValueOutliers* op_ = nullptr;
@@ -760,7 +865,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 4; }
+int kvpack_abi_version() { return 6; }
 
 // Attention of one layer for a decode step. Array layout:
 //   query ptr (float32 [B, Hq, Q, D], any strides with a contiguous last dim), its strides b, head, token,
@@ -833,6 +938,79 @@ int kvpack_layer(const i64* a) {
         std::memcpy(dst, src, sizeof(float) * D);
       }
   return 0;
+}
+
+
+// NuqCodec.encode (see nuq_encode). Array: x ptr, B, H, T, D, bits, axis_token, mid ptr, mid_per_head, kzero ptr,
+// kscale ptr, span_heads, k_side, codes ptr, vzero ptr, vscale ptr, mask ptr (0: no outliers), sparse mode, outlier values,
+// positions, counts, nnz ptrs (the sparse layout, see sparse_rows).
+// The codec's sparse layout of the outliers (codecs/sparse.py encode_rows over NuqCodec._rows): keys CSC, rows
+// (b, h, c) over the T tokens; values CSR, rows (b, t) over H*D channels (span all) or (b, h, t) over D.
+// Fills values (fp16), positions and counts (int32) and returns the number of outliers.
+i64 sparse_rows(const float* x, const uint8_t* mask, int B, int H, int T, int D, int mode, uint16_t* values,
+                int32_t* positions, int32_t* counts) {
+  i64 nnz = 0, row = 0;
+  auto at = [&](i64 b, i64 h, i64 t, i64 c) { return (((b * H + h) * T + t) * D + c); };
+  auto put = [&](i64 idx, i64 pos) {
+    values[nnz] = _cvtss_sh(x[idx], _MM_FROUND_TO_NEAREST_INT);
+    positions[nnz++] = (int32_t)pos;
+  };
+  if (mode == 0) {
+    for (i64 b = 0; b < B; ++b)
+      for (i64 h = 0; h < H; ++h)
+        for (i64 c = 0; c < D; ++c, ++row) {
+          const i64 before = nnz;
+          for (i64 t = 0; t < T; ++t)
+            if (mask[at(b, h, t, c)]) put(at(b, h, t, c), t);
+          counts[row] = (int32_t)(nnz - before);
+        }
+  } else if (mode == 1) {
+    for (i64 b = 0; b < B; ++b)
+      for (i64 t = 0; t < T; ++t, ++row) {
+        const i64 before = nnz;
+        for (i64 h = 0; h < H; ++h)
+          for (i64 c = 0; c < D; ++c)
+            if (mask[at(b, h, t, c)]) put(at(b, h, t, c), h * D + c);
+        counts[row] = (int32_t)(nnz - before);
+      }
+  } else {
+    for (i64 b = 0; b < B; ++b)
+      for (i64 h = 0; h < H; ++h)
+        for (i64 t = 0; t < T; ++t, ++row) {
+          const i64 before = nnz;
+          for (i64 c = 0; c < D; ++c)
+            if (mask[at(b, h, t, c)]) put(at(b, h, t, c), c);
+          counts[row] = (int32_t)(nnz - before);
+        }
+  }
+  return nnz;
+}
+
+int kvpack_nuq_encode(const i64* a) {
+  Reader r{a};
+  const float* x = (const float*)r.ptr();
+  const int B = (int)r.next(), H = (int)r.next(), T = (int)r.next(), D = (int)r.next(), bits = (int)r.next();
+  const int axis_token = (int)r.next();
+  const float* mid = (const float*)r.ptr();
+  const int mid_per_head = (int)r.next();
+  const float* kzero = (const float*)r.ptr();
+  const float* kscale = (const float*)r.ptr();
+  const int span_heads = (int)r.next(), k_side = (int)r.next();
+  uint8_t* codes = (uint8_t*)r.ptr();
+  uint16_t* vzero = (uint16_t*)r.ptr();
+  uint16_t* vscale = (uint16_t*)r.ptr();
+  uint8_t* mask = (uint8_t*)r.ptr();
+  const int mode = (int)r.next();
+  uint16_t* out_values = (uint16_t*)r.ptr();
+  int32_t* out_positions = (int32_t*)r.ptr();
+  int32_t* out_counts = (int32_t*)r.ptr();
+  i64* out_nnz = (i64*)r.ptr();
+  if (D % 8 || bits < 1 || bits > 8 || span_heads < 1 || H % span_heads) return -1;
+  const int code = nuq_encode(x, B, H, T, D, bits, axis_token, mid, mid_per_head, kzero, kscale, span_heads, k_side,
+                              codes, vzero, vscale, mask);
+  if (code == 0 && mask)
+    *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
+  return code;
 }
 
 }  // extern "C"

@@ -21,11 +21,34 @@ from ..packing import packed_length
 
 @dataclass
 class Outliers:
-    """Sparse outliers of a run: fp16 values [nnz], positions [nnz], per-row counts [rows] (any int dtype)."""
+    """Sparse outliers of a run: fp16 values [nnz], positions [nnz], per-row counts [rows] (any int dtype).
+
+    mode (which rows, see `sparse_mode`): 0 = rows (blk, b, h, c) over the tokens of a block (CSC),
+    1 = rows (blk, b, t) over h * D + c (CSR across heads), 2 = rows (blk, b, h, t) over c.
+    """
 
     values: torch.Tensor
     positions: torch.Tensor
     counts: torch.Tensor
+    mode: int = 0
+
+
+SPARSE_MODES = {"channel": 0, "token_all": 1, "token_head": 2}
+
+
+def sparse_mode(codec, heads: int, dim: int) -> int | None:
+    """How `codec` lays out its sparse outliers, read from its own row function on a meta tensor."""
+    rows = getattr(codec, "_rows", None)
+    if rows is None:
+        return None
+    shape = tuple(rows(torch.empty(1, heads, 3, dim, device="meta")).shape)
+    if shape == (heads * dim, 3):
+        return 0
+    if shape == (3, heads * dim):
+        return 1
+    if shape == (heads * 3, dim):
+        return 2
+    return None
 
 
 @dataclass
@@ -74,9 +97,34 @@ class RvqView:
         return self.nblk * self.tokens
 
 
+def run_tensors(run) -> dict[str, torch.Tensor]:
+    """Every block's tensors (run.encoded().tensors), with the used lengths kept incrementally on the run:
+    a decode step appends one block to a run of thousands, and summing every block's length each step
+    would cost O(blocks)."""
+    key = (tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
+    memo = run.__dict__.get("_kvpack_used")
+    if memo is None or memo[0] != key or memo[1] > run.count:
+        memo = (key, 0, dict.fromkeys(run.buffers, 0))
+    _, seen, used = memo
+    if seen < run.count:
+        used = {n: used[n] + sum(run.lengths[n][seen:run.count]) for n in run.buffers}
+    run.__dict__["_kvpack_used"] = (key, run.count, used)
+    return {n: run.buffers[n][: used[n]] for n in run.buffers}
+
+
 def run_encoded(run) -> tuple[Encoded, tuple[int, int, int, int], int]:
-    """(every block as one Encoded, one block's x shape [B, H, T, D], block count)."""
-    return run.encoded(), tuple(run.block_shape), run.count
+    """(every block as one Encoded of x [count * B, H, T, D], one block's x shape [B, H, T, D], block count)."""
+    batch, *rest = run.block_shape
+    enc = Encoded(run_tensors(run), (run.count * batch, *rest), dict(run.meta))
+    return enc, tuple(run.block_shape), run.count
+
+
+def _codec_constants(codec, name: str, build):
+    """Per-codec tensors the kernels read (levels, ranges), built once."""
+    store = codec.__dict__.setdefault("_kvpack_kernel_constants", {})
+    if name not in store:
+        store[name] = build()
+    return store[name]
 
 
 def block_chunks(run, max_tokens: int):
@@ -93,11 +141,11 @@ def block_chunks(run, max_tokens: int):
         yield i * tokens, Encoded(tensors, ((j - i) * batch, heads, tokens, dim), dict(enc.meta))
 
 
-def _outliers(t: dict, prefix: str, names=("values", "indices", "counts")) -> Outliers | None:
+def _outliers(t: dict, prefix: str, names=("values", "indices", "counts"), mode: int = 0) -> Outliers | None:
     keys = [prefix + n for n in names]
     if not all(k in t for k in keys):
         return None
-    return Outliers(*(t[k].contiguous() for k in keys))
+    return Outliers(*(t[k].contiguous() for k in keys), mode=mode)
 
 
 def _cached(run, codec: Codec, kind: str, build):
@@ -137,15 +185,21 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         return None
     if codec.decode_levels.shape[0] not in (1, heads):  # one codebook per layer or per head only
         return None
+    if getattr(codec, "channel_bits", None) is not None:  # mixed per-channel widths: not in the kernels
+        return None
+    mode = sparse_mode(codec, heads, dim)
+    if "outlier_values" in t and (mode is None or (codec.axis == "token" and mode == 0)):
+        return None
     view = NuqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
-        tokens=tokens, dim=dim, bits=bits, levels=codec.decode_levels.float().contiguous(), axis=codec.axis,
+        tokens=tokens, dim=dim, bits=bits, axis=codec.axis,
+        levels=_codec_constants(codec, "levels", lambda: codec.decode_levels.float().contiguous()),
         kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
-        outliers=_outliers(t, "outlier_"),
+        outliers=_outliers(t, "outlier_", mode=mode or 0),
     )
     if codec.axis == "channel":
-        view.kscale = codec.scale.reshape(heads, dim).float().contiguous()
-        view.kzero = codec.zero.reshape(heads, dim).float().contiguous()
+        view.kscale = _codec_constants(codec, "kscale", lambda: codec.scale.reshape(heads, dim).float().contiguous())
+        view.kzero = _codec_constants(codec, "kzero", lambda: codec.zero.reshape(heads, dim).float().contiguous())
     else:
         scale, zero = t.get("scale"), t.get("zero")
         if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
@@ -166,11 +220,13 @@ def _rvq_view(run, codec: RVQCodec) -> RvqView | None:
     if scale.dtype != torch.float16 or tuple(scale.shape) != (nblk * batch, heads, tokens, 1):
         return None
     perm = codec.perm
-    inv = None if torch.equal(perm, torch.arange(dim)) else torch.argsort(perm).to(torch.int32).to(codes.device)
+    inv = _codec_constants(codec, f"inv_perm_{codes.device}", lambda: None if torch.equal(perm.cpu(), torch.arange(dim))
+                           else torch.argsort(perm.cpu()).to(torch.int32).to(codes.device))
     out = _outliers(t, "outlier_", ("value", "channel", "count"))
     return RvqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, scale=scale.contiguous().view(nblk, batch, heads, tokens),
-        books=codec.codebooks.to(codes.device).float().contiguous(), code_bits=codec.code_bits, inv_perm=inv,
+        books=_codec_constants(codec, f"books_{codes.device}", lambda: codec.codebooks.to(codes.device).float().contiguous()),
+        code_bits=codec.code_bits, inv_perm=inv,
         outliers=out,
     )

@@ -289,38 +289,21 @@ def _rope_args(rope, device):
     return cos, sin, cos.stride(0), cos.stride(1)
 
 
-def _key_entries(view: NuqView) -> tuple[torch.Tensor, ...]:
-    """Per outlier (b, h, channel, run token) of a key run (CSC rows (blk, b, h, c)), cached on the view."""
+def _entries(view: NuqView) -> tuple[torch.Tensor, ...]:
+    """Per outlier (b, h, channel, run token) of a run, from its sparse rows (see layout.Outliers.mode), cached."""
     memo = view.__dict__.get("_triton_entries")
     if memo is None:
         o = view.outliers
         rows = torch.arange(o.counts.numel(), device=o.counts.device)
         row = torch.repeat_interleave(rows, o.counts.long())
-        D, H, B = view.dim, view.heads, view.batch
-        c, h, b, blk = row % D, (row // D) % H, (row // (D * H)) % B, row // (D * H * B)
-        n = blk * view.tokens + o.positions.long()
-        memo = tuple(x.to(torch.int32).contiguous() for x in (b, h, c, n))
-        view.__dict__["_triton_entries"] = memo
-    return memo
-
-
-def _value_entries(view: NuqView) -> tuple[torch.Tensor, ...]:
-    """Per outlier (b, h, channel, run token) of a value run (CSR rows (blk, b, [h,] t)), cached on the view."""
-    memo = view.__dict__.get("_triton_entries")
-    if memo is None:
-        o = view.outliers
-        rows = torch.arange(o.counts.numel(), device=o.counts.device)
-        row = torch.repeat_interleave(rows, o.counts.long())
-        col = o.positions.long()
-        T, H, B, D = view.tokens, view.heads, view.batch, view.dim
-        t = row % T
-        if view.span_all:
-            rest = row // T
-            h, c = col // D, col % D
-        else:
-            h, rest = (row // T) % H, row // (T * H)
-            c = col
-        b, blk = rest % B, rest // B
+        pos = o.positions.long()
+        D, H, B, T = view.dim, view.heads, view.batch, view.tokens
+        if o.mode == 0:  # rows (blk, b, h, c) over tokens
+            c, h, b, blk, t = row % D, (row // D) % H, (row // (D * H)) % B, row // (D * H * B), pos
+        elif o.mode == 1:  # rows (blk, b, t) over h * D + c
+            t, b, blk, h, c = row % T, (row // T) % B, row // (T * B), pos // D, pos % D
+        else:  # rows (blk, b, h, t) over c
+            t, h, b, blk, c = row % T, (row // T) % H, (row // (T * H)) % B, row // (T * H * B), pos
         memo = tuple(x.to(torch.int32).contiguous() for x in (b, h, c, blk * T + t))
         view.__dict__["_triton_entries"] = memo
     return memo
@@ -355,7 +338,7 @@ def key_scores(run, codec, q: torch.Tensor, rope, out: torch.Tensor) -> bool:
         if o is not None and o.values.numel():
             nnz = o.values.numel()
             _nuq_key_outliers_kernel[(triton.cdiv(nnz, BLOCK_N),)](
-                *common, *_key_entries(view), o.values, nnz, view.tokens, D=D, G=G, GP=_pow2(G), BITS=view.bits,
+                *common, *_entries(view), o.values, nnz, view.tokens, D=D, G=G, GP=_pow2(G), BITS=view.bits,
                 ROPE=rope is not None, BLOCK=BLOCK_N)
         return True
     view = rvq_view(run, codec)
@@ -395,7 +378,7 @@ def value_accum(run, codec, p: torch.Tensor, out: torch.Tensor) -> bool:
         if o is not None and o.values.numel():
             nnz = o.values.numel()
             _nuq_value_outliers_kernel[(triton.cdiv(nnz, BLOCK_N),)](
-                *common, out, *out.stride()[:3], *_value_entries(view), o.values, nnz, view.tokens, D=D, G=G,
+                *common, out, *out.stride()[:3], *_entries(view), o.values, nnz, view.tokens, D=D, G=G,
                 GP=_pow2(G), BITS=view.bits, BLOCK=BLOCK_N)
         return True
     view = rvq_view(run, codec)

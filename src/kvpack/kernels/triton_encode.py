@@ -137,7 +137,7 @@ def nuq_encode(codec: NuqCodec, x: torch.Tensor) -> Encoded | None:
     B, H, T, D = x.shape
     if H != codec.heads or D != codec.head_dim or D % 8 or D & (D - 1) or codec.outlier_scope != "vector":
         return None
-    if codec.levels.shape[0] not in (1, H):  # one codebook per layer or per head only
+    if codec.levels.shape[0] not in (1, H) or getattr(codec, "channel_bits", None) is not None:
         return None
     x = x.float().contiguous()
     bits = codec.bits

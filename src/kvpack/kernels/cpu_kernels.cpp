@@ -175,65 +175,95 @@ inline __m256 hsum8x8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// Key outliers arrive as CSC (row (blk, b, h, c) lists the sorted tokens of block blk whose channel c is an
-// outlier); the kernel wants them per token: bucketed once per call by a counting sort over (b, n, h).
+// Key outliers per token. Rows of the codec's sparse layout: mode 1 = (blk, b, t) over h * D + c, mode 2 =
+// (blk, b, h, t) over c: read in place through row pointers. Mode 0 = CSC (blk, b, h, c) over the tokens of a
+// block: bucketed once per call into per-(b, n, h) lists by a counting sort (nested loops, no divisions).
 struct KeyOutliers {
-  std::vector<int32_t> start;  // [B * N * H + 1]: entries of token n of (b, h) are start[i]..start[i+1]-1
-  std::vector<int32_t> channel;
-  std::vector<float> value;
+  int mode;
+  const uint16_t* values;
+  const void* indices;
+  int index_size;
+  std::vector<i64> ptr;        // modes 1, 2: row pointers; mode 0: start of each (b, n, h) slot
+  std::vector<int32_t> channel;  // mode 0
+  std::vector<float> value;      // mode 0
 };
 
-void bucket_key_outliers(const uint16_t* values, const void* indices, int index_size, const void* counts,
-                         int count_size, int mode, int nblk, int B, int H, int T, int D, KeyOutliers* o) {
-  // mode 0: CSC rows (blk, b, h, c) over tokens; 1: rows (blk, b, t) over h * D + c; 2: rows (blk, b, h, t) over c
+void prepare_key_outliers(const uint16_t* values, const void* indices, int index_size, const void* counts,
+                          int count_size, int mode, int nblk, int B, int H, int T, int D, KeyOutliers* o) {
+  o->mode = mode;
+  o->values = values;
+  o->indices = indices;
+  o->index_size = index_size;
+  if (mode != 0) {
+    o->ptr = row_pointers(counts, count_size, mode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T);
+    return;
+  }
   const i64 N = (i64)nblk * T, slots = (i64)B * N * H;
-  const i64 rows = mode == 0 ? (i64)nblk * B * H * D : mode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T;
-  o->start.assign(slots + 1, 0);
-  auto locate = [&](i64 r, i64 pos, i64* slot, int* channel) {
-    if (mode == 0) {
-      const i64 h = (r / D) % H, b = (r / ((i64)D * H)) % B, blk = r / ((i64)D * H * B);
-      *slot = (b * N + blk * T + pos) * H + h;
-      *channel = (int)(r % D);
-    } else if (mode == 1) {
-      const i64 t = r % T, b = (r / T) % B, blk = r / ((i64)T * B);
-      *slot = (b * N + blk * T + t) * H + pos / D;
-      *channel = (int)(pos % D);
-    } else {
-      const i64 t = r % T, h = (r / T) % H, b = (r / ((i64)T * H)) % B, blk = r / ((i64)T * H * B);
-      *slot = (b * N + blk * T + t) * H + h;
-      *channel = (int)pos;
-    }
-  };
+  std::vector<i64> rowptr = row_pointers(counts, count_size, (i64)nblk * B * H * D);
+  o->ptr.assign(slots + 1, 0);
   for (int pass = 0; pass < 2; ++pass) {
-    i64 ptr = 0;
-    for (i64 r = 0; r < rows; ++r) {
-      if (count_size == 1 && (r & 7) == 0 && r + 8 <= rows) {  // skip 8 empty rows at once
-        uint64_t w;
-        std::memcpy(&w, (const uint8_t*)counts + r, 8);
-        if (w == 0) { r += 7; continue; }
-      }
-      const i64 cnt = count_at(counts, count_size, r);
-      for (i64 j = ptr; j < ptr + cnt; ++j) {
-        i64 slot;
-        int channel;
-        locate(r, count_at(indices, index_size, j), &slot, &channel);
-        if (pass == 0) {
-          o->start[slot + 1] += 1;
-        } else {
-          const int32_t at = o->start[slot]++;
-          o->channel[at] = channel;
-          o->value[at] = h2f(values[j]);
-        }
-      }
-      ptr += cnt;
-    }
+    i64 r = 0;
+    for (i64 blk = 0; blk < nblk; ++blk)
+      for (i64 b = 0; b < B; ++b)
+        for (i64 h = 0; h < H; ++h)
+          for (int c = 0; c < D; ++c, ++r)
+            for (i64 j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+              const i64 slot = (b * N + blk * T + count_at(indices, index_size, j)) * H + h;
+              if (pass == 0) {
+                o->ptr[slot + 1] += 1;
+              } else {
+                const i64 at = o->ptr[slot]++;
+                o->channel[at] = c;
+                o->value[at] = h2f(values[j]);
+              }
+            }
     if (pass == 0) {
-      for (i64 i = 0; i < slots; ++i) o->start[i + 1] += o->start[i];
-      o->channel.resize(ptr);
-      o->value.resize(ptr);
-    } else {  // start[i] was advanced to the end of slot i: shift back
-      for (i64 i = slots; i > 0; --i) o->start[i] = o->start[i - 1];
-      o->start[0] = 0;
+      for (i64 i = 0; i < slots; ++i) o->ptr[i + 1] += o->ptr[i];
+      o->channel.resize(o->ptr[slots]);
+      o->value.resize(o->ptr[slots]);
+    } else {
+      for (i64 i = slots; i > 0; --i) o->ptr[i] = o->ptr[i - 1];
+      o->ptr[0] = 0;
+    }
+  }
+}
+
+// (R^T q)_c: what a unit change of pre-RoPE key channel c adds to q . R k.
+inline float rotated_q(const float* q, int c, int rot, const float* cs, const float* sn) {
+  if (cs == nullptr || c >= rot) return q[c];
+  const int half = rot / 2;
+  if (c < half) return q[c] * cs[c] + q[c + half] * sn[c];
+  return q[c] * cs[c - half] - q[c - half] * sn[c - half];
+}
+
+// Add (outlier - dequantized) * (R^T q_g)_c for every outlier of token n (all heads) to its scores.
+template <int BITS>
+inline void key_corrections(const KeyOutliers& o, i64 b, i64 blk, i64 t, i64 n, i64 N, int B, int H, int T, int D,
+                            const Codes& codes, const float* levels, int levels_per_head, const float* kscale,
+                            const float* kzero, const float* qb_, i64 qh, i64 qg, int G, int rot, const float* cs,
+                            const float* sn, float* dst, i64 oh, i64 og) {
+  auto fix = [&](int h, int c, float v) {
+    const float* lev = levels + (levels_per_head ? h << BITS : 0);
+    const float deq = std::fma(lev[code_at(codes.row(blk, b, h, t), c, BITS)], kscale[h * D + c], kzero[h * D + c]);
+    const float delta = v - deq;
+    const float* qq = qb_ + h * qh;
+    for (int g = 0; g < G; ++g) dst[h * oh + g * og] += rotated_q(qq + g * qg, c, rot, cs, sn) * delta;
+  };
+  if (o.mode == 0) {
+    for (int h = 0; h < H; ++h) {
+      const i64 slot = (b * N + n) * H + h;
+      for (i64 e = o.ptr[slot]; e < o.ptr[slot + 1]; ++e) fix(h, o.channel[e], o.value[e]);
+    }
+  } else if (o.mode == 1) {
+    const i64 r = (blk * B + b) * T + t;
+    for (i64 j = o.ptr[r]; j < o.ptr[r + 1]; ++j) {
+      const int col = (int)count_at(o.indices, o.index_size, j);
+      fix(col / D, col % D, h2f(o.values[j]));
+    }
+  } else {
+    for (int h = 0; h < H; ++h) {
+      const i64 r = ((blk * B + b) * H + h) * T + t;
+      for (i64 j = o.ptr[r]; j < o.ptr[r + 1]; ++j) fix(h, (int)count_at(o.indices, o.index_size, j), h2f(o.values[j]));
     }
   }
 }
@@ -248,7 +278,6 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
   const int half = rope.cos ? rope.rot / 2 : 0, rot = rope.cos ? rope.rot : 0;
 #pragma omp parallel num_threads(threads)
   {
-    alignas(32) float k[1024];
     alignas(32) float part[MAXG * 8 * 8];  // [g][token of 8][lane]
     i64 begin, end;
     share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
@@ -271,34 +300,12 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
             const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
             __m256 acc[GT > 0 ? GT : MAXG];
             for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-            const i64 slot = (b * N + n) * H + h;
-            const int nout = outl ? outl->start[slot + 1] - outl->start[slot] : 0;
-            if (nout) {  // slow path: dequantize, replace the outliers, then rotate
-              for (int i = 0; i < D; i += 8) {
-                const __m256 lv = lut.get(codes8<BITS>(row + (i / 8) * BITS));
-                _mm256_store_ps(k + i, _mm256_fmadd_ps(lv, _mm256_loadu_ps(sc + i), _mm256_loadu_ps(zr + i)));
-              }
-              for (int32_t e = outl->start[slot]; e < outl->start[slot + 1]; ++e) k[outl->channel[e]] = outl->value[e];
-              for (int i = 0; i < half; i += 8) {
-                const __m256 lo = _mm256_load_ps(k + i), hi = _mm256_load_ps(k + i + half);
-                const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
-                const __m256 rlo = _mm256_fmsub_ps(lo, c, _mm256_mul_ps(hi, s));
-                const __m256 rhi = _mm256_fmadd_ps(hi, c, _mm256_mul_ps(lo, s));
-                for (int g = 0; g < G; ++g) {
-                  acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), rlo, acc[g]);
-                  acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i + half), rhi, acc[g]);
-                }
-              }
-              for (int i = rot; i < D; i += 8) {
-                const __m256 kk = _mm256_load_ps(k + i);
-                for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), kk, acc[g]);
-              }
-            } else {  // fused: dequantize a channel chunk and its RoPE partner, rotate, dot
-              // Each chunk's products are summed apart (mul + fma) and added to one of two accumulator sets, so
-              // the dependency chain through the accumulators stays short.
+            {  // fused: dequantize a channel chunk and its RoPE partner, rotate, dot
+              // Each chunk's products are summed apart (mul + fma) and added to one of two accumulator sets
+              // (even / odd chunks), so the dependency chain through the accumulators stays short.
               __m256 acc2[GT > 0 ? GT : MAXG];
               for (int g = 0; g < G; ++g) acc2[g] = _mm256_setzero_ps();
-              for (int i = 0; i < half; i += 8) {
+              auto pair = [&](int i, __m256* a) __attribute__((always_inline)) {
                 const __m256 lo = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + (i / 8) * BITS)), _mm256_loadu_ps(sc + i),
                                                   _mm256_loadu_ps(zr + i));
                 const __m256 hi = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + ((i + half) / 8) * BITS)),
@@ -306,19 +313,28 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
                 const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
                 const __m256 rlo = _mm256_fmsub_ps(lo, c, _mm256_mul_ps(hi, s));
                 const __m256 rhi = _mm256_fmadd_ps(hi, c, _mm256_mul_ps(lo, s));
-                __m256* dst = (i / 8) & 1 ? acc2 : acc;
                 for (int g = 0; g < G; ++g) {
                   const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i + half), rhi,
                                                    _mm256_mul_ps(_mm256_loadu_ps(qq + g * qg + i), rlo));
-                  dst[g] = _mm256_add_ps(dst[g], t);
+                  a[g] = _mm256_add_ps(a[g], t);
                 }
-              }
-              for (int i = rot; i < D; i += 8) {
+              };
+              auto plain = [&](int i, __m256* a) __attribute__((always_inline)) {
                 const __m256 kk = _mm256_fmadd_ps(lut.get(codes8<BITS>(row + (i / 8) * BITS)), _mm256_loadu_ps(sc + i),
                                                   _mm256_loadu_ps(zr + i));
-                __m256* dst = (i / 8) & 1 ? acc2 : acc;
-                for (int g = 0; g < G; ++g) dst[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), kk, dst[g]);
+                for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + g * qg + i), kk, a[g]);
+              };
+              int i = 0;
+              for (; i + 16 <= half; i += 16) {
+                pair(i, acc);
+                pair(i + 8, acc2);
               }
+              if (i < half) pair(i, acc);
+              for (i = rot; i + 16 <= D; i += 16) {
+                plain(i, acc);
+                plain(i + 8, acc2);
+              }
+              if (i < D) plain(i, acc);
               for (int g = 0; g < G; ++g) acc[g] = _mm256_add_ps(acc[g], acc2[g]);
             }
             for (int g = 0; g < G; ++g) _mm256_store_ps(part + (g * 8 + j) * 8, acc[g]);
@@ -333,6 +349,16 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
               for (int j = 0; j < m; ++j) dst[j] = hsum8(_mm256_load_ps(part + (g * 8 + j) * 8));
             }
           }
+
+        }
+      }
+      if (outl) {  // outliers of the chunk's tokens: add (value - dequantized) * (R^T q_g)_c to their scores
+        for (int t = t0; t < t1; ++t) {
+          const i64 n = blk * T + t;
+          const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
+          const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
+          key_corrections<BITS>(*outl, b, blk, t, n, N, B, H, T, D, codes, levels, levels_per_head, kscale, kzero,
+                                q + b * qb, qh, qg, G, rot, cs, sn, out + b * ob + n, oh, og);
         }
       }
     }
@@ -384,16 +410,6 @@ void nuq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, i
           w[g * chunk + (n - n0)] = pv * s;
           zs[g] += pv * z;
         }
-        if (outl) {  // replaced elements: add p * (outlier - dequantized)
-          const i64 row = outl->span_all ? (blk * B + b) * T + t : ((blk * B + b) * H + h) * T + t;
-          for (i64 j = outl->ptr[row]; j < outl->ptr[row + 1]; ++j) {
-            const i64 col = count_at(outl->indices, outl->index_size, j);
-            if (outl->span_all && col / D != h) continue;
-            const int c = (int)(outl->span_all ? col % D : col);
-            const float delta = h2f(outl->values[j]) - (s * lvh[code_at(codes.row(blk, b, h, t), c, BITS)] + z);
-            for (int g = 0; g < G; ++g) acc_out[g * D + c] += pp[g * pg + n] * delta;
-          }
-        }
       }
       int i = 0;
       for (; i + 8 * PAIR <= D; i += 8 * PAIR) {  // PAIR channel chunks per pass over the tokens
@@ -426,6 +442,42 @@ void nuq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, i
         for (int g = 0; g < G; ++g) {
           float* dst = acc_out + g * D + i;
           _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_add_ps(acc[g], _mm256_set1_ps(zs[g]))));
+        }
+      }
+    }
+  }
+  if (outl) {  // replaced elements: add p * (outlier - dequantized), each token's outliers once for all heads
+    const i64 citems = (i64)B * chunks;
+#pragma omp parallel num_threads(threads)
+    {
+      float* mine = partial.data() + omp_get_thread_num() * part;
+      i64 begin, end;
+      share(citems, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
+      for (i64 it = begin; it < end; ++it) {
+        const i64 b = it / chunks, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+        for (i64 n = n0; n < n1; ++n) {
+          const i64 blk = n / T, t = n % T;
+          auto fix = [&](int h, int c, float v) {
+            const float s = vscale.at(blk, b, h, t), z = vzero.at(blk, b, h, t);
+            const float* lvh = levels + (levels_per_head ? h << BITS : 0);
+            const float delta = v - (s * lvh[code_at(codes.row(blk, b, h, t), c, BITS)] + z);
+            float* acc_out = mine + (b * H + h) * (i64)G * D;
+            const float* pp = p + b * pb + h * ph;
+            for (int g = 0; g < G; ++g) acc_out[g * D + c] += pp[g * pg + n] * delta;
+          };
+          if (outl->span_all) {
+            const i64 row = (blk * B + b) * T + t;
+            for (i64 j = outl->ptr[row]; j < outl->ptr[row + 1]; ++j) {
+              const int col = (int)count_at(outl->indices, outl->index_size, j);
+              fix(col / D, col % D, h2f(outl->values[j]));
+            }
+          } else {
+            for (int h = 0; h < H; ++h) {
+              const i64 row = ((blk * B + b) * H + h) * T + t;
+              for (i64 j = outl->ptr[row]; j < outl->ptr[row + 1]; ++j)
+                fix(h, (int)count_at(outl->indices, outl->index_size, j), h2f(outl->values[j]));
+            }
+          }
         }
       }
     }
@@ -820,7 +872,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
       const float* kzero = (const float*)r.ptr();
       KeyOutliers o;
       const KeyOutliers* op_ = nullptr;
-      if (ov) { bucket_key_outliers(ov, oi, ois, oc, ocs, omode, nblk, B, H, T, D, &o); op_ = &o; }
+      if (ov) { prepare_key_outliers(ov, oi, ois, oc, ocs, omode, nblk, B, H, T, D, &o); op_ = &o; }
 #define CALL(N, GG) nuq_keys<N, GG>(c.x, c.xb, c.xh, c.xg, codes, nblk, B, H, T, D, G, levels, per_head, kscale, kzero, c.rope, op_, c.out, c.ob, c.oh, c.og, c.threads)
       NUQ_BITS_SWITCH(CALL)
 #undef CALL

@@ -121,10 +121,34 @@ def eval_command(
     cache: str = typer.Option("simulated", help="simulated | real (stream windows through CompressedCache) | both."),
     chunk: int = typer.Option(1, help="With --cache real: tokens fed per forward (1 = the exact decode path)."),
     resume: bool = typer.Option(False, help="Keep rows already in --json for the same model/data/seqlen/windows; run only the rest."),
+    task: str = typer.Option("perplexity", help="perplexity | passkey (a 5-digit key in filler text, through the real cache)."),
+    lengths: str = typer.Option("1024,2048,4096,8000", help="--task passkey: prompt lengths in tokens."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="--task passkey: where the key sits (0 = start, 1 = end)."),
+    trials: int = typer.Option(2, help="--task passkey: keys per length and depth."),
+    plot: Optional[Path] = typer.Option(None, help="--task passkey: heat map PNG."),
 ) -> None:
-    """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run."""
+    """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run;
+    or passkey retrieval accuracy (--task passkey)."""
     from .evaluate.results import PPL_COLUMNS, text_table
 
+    if task == "passkey":
+        from .evaluate import passkey
+        from .evaluate.results import write_rows
+
+        try:
+            rows = passkey.run_passkey_eval(model, _split_methods(methods), [int(x) for x in lengths.split(",")],
+                                            [float(x) for x in depths.split(",")], trials, calib_data, calib_windows,
+                                            seqlen, recipe, progress, log=lambda s: typer.echo(s, err=True))
+        except KVPackError as exc:
+            _fail(exc)
+        typer.echo(passkey.table(rows))
+        if json_out:
+            write_rows(json_out, rows)
+        if plot:
+            typer.echo(f"wrote {passkey.heatmap(rows, plot)}", err=True)
+        return
+    if task != "perplexity":
+        _fail(KVPackError(f"unknown --task '{task}' (perplexity | passkey)"))
     try:
         rows = run_eval(model, data, _split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
                         calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk,

@@ -37,7 +37,14 @@ SPARSE_MODES = {"channel": 0, "token_all": 1, "token_head": 2}
 
 
 def sparse_mode(codec, heads: int, dim: int) -> int | None:
-    """How `codec` lays out its sparse outliers, read from its own row function on a meta tensor."""
+    """How `codec` lays out its sparse outliers, read from its own row function on a meta tensor (once per codec)."""
+    memo = codec.__dict__.setdefault("_kvpack_sparse_mode", {})
+    if (heads, dim) not in memo:
+        memo[(heads, dim)] = _probe_sparse_mode(codec, heads, dim)
+    return memo[(heads, dim)]
+
+
+def _probe_sparse_mode(codec, heads: int, dim: int) -> int | None:
     rows = getattr(codec, "_rows", None)
     if rows is None:
         return None

@@ -283,3 +283,18 @@ def test_cpu_fused_encode_matches_codec(bits, frac, span, per_head, csc):
         assert got is not None and set(got.tensors) == set(want.tensors) and got.shape == want.shape
         for name, t in want.tensors.items():
             assert got.tensors[name].dtype == t.dtype and torch.equal(got.tensors[name], t), name
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_rvq_values_by_code_histograms(outliers):
+    """Long RVQ runs take the histogram path for p . v (and outlier corrections): same result as the reference."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model = make_tiny_model("llama")
+    cache = _filled_cache(model, rvq_recipe(model, outliers=outliers), batch=1, tokens=300, chunk=300)
+    layer = cache.layers[0]
+    assert layer.v.body.runs[0].tokens >= 256
+    query = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(2))
+    ref = attention.layer_attention(layer, query, None, backend="torch", rope=cache.packed.rope)
+    fast = attention.layer_attention(layer, query, None, backend="auto", rope=cache.packed.rope)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ from .layout import NuqView, RvqView
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -158,7 +158,7 @@ def rvq_segment(view: RvqView) -> list[int]:
     depth, size, group = view.books.shape
     o = view.outliers
     has = o is not None and o.values.numel() > 0
-    return [n, SEG_RVQ, *codes, _ptr(view.scale), *view.scale.stride(), _ptr(view.books), depth, size, group,
+    return [n, SEG_RVQ, *codes, _ptr(view.scale), *view.scale.stride(), _ptr(view.books16), depth, size, group,
             view.code_bits, _ptr(view.inv_perm), _ptr(o.values) if has else 0, _ptr(o.positions) if has else 0,
             _ptr(o.counts) if has else 0, o.counts.element_size() if has else 0]
 

@@ -495,7 +495,7 @@ void nuq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, i
 
 // ------------------------------------------------------------------------------------------------ rvq
 struct Rvq {
-  const float* books;     // [depth, C, gs]
+  const uint16_t* books;  // fp16 [depth, C, gs] (the codec's codebooks are fp16 values: exact, half the cache)
   int depth, C, gs, cbits;
   const int32_t* inv_perm;  // [D] or nullptr (contiguous groups)
   // outliers per token row (blk, b, h, t): counts, channel (uint8), fp16 value; nullptr if none
@@ -506,15 +506,22 @@ struct Rvq {
 };
 
 // Decode one token vector into k[D] (natural channel order), scaled; kp is scratch [D].
+inline void add_codeword(float* dst, const uint16_t* cw, int gs, bool first) {
+  int e = 0;
+  for (; e + 8 <= gs; e += 8) {
+    const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cw + e)));
+    _mm256_storeu_ps(dst + e, first ? w : _mm256_add_ps(_mm256_loadu_ps(dst + e), w));
+  }
+  for (; e < gs; ++e) dst[e] = first ? h2f(cw[e]) : dst[e] + h2f(cw[e]);
+}
+
 inline void rvq_decode(const uint8_t* row, const Rvq& r, int D, float scale, float* kp, float* k) {
   const int n = D / r.gs;
   for (int j = 0; j < n; ++j) {
     float* dst = kp + j * r.gs;
-    const float* first = r.books + (i64)code_at(row, (i64)j * r.depth, r.cbits) * r.gs;
-    for (int e = 0; e < r.gs; ++e) dst[e] = first[e];
-    for (int s = 1; s < r.depth; ++s) {
-      const float* cw = r.books + ((i64)s * r.C + code_at(row, (i64)j * r.depth + s, r.cbits)) * r.gs;
-      for (int e = 0; e < r.gs; ++e) dst[e] += cw[e];
+    for (int s = 0; s < r.depth; ++s) {
+      const uint16_t* cw = r.books + ((i64)s * r.C + code_at(row, (i64)j * r.depth + s, r.cbits)) * r.gs;
+      add_codeword(dst, cw, r.gs, s == 0);
     }
   }
   if (r.inv_perm) {
@@ -557,9 +564,82 @@ void rvq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
   }
 }
 
+// p . v by code histograms: sum_n w_n * sum_s cw[s, code(n, j, s)] = sum_s sum_c (sum_{n: code = c} w_n) cw[s, c].
+// Per (b, h): scatter w = p * scale into hist[g][s][j][c] (n_groups * depth adds per token and query row), then
+// one pass over the nonzero bins adds w * codeword. Outliers: p * (value - decoded) per replaced element.
+void rvq_values_hist(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, int B, int H, int T, int D,
+                     int G, Half4 scale, Rvq r, float* out, i64 ob, i64 oh, i64 og, int threads) {
+  const i64 N = (i64)nblk * T;
+  const int n = D / r.gs, depth = r.depth, C = r.C, gs = r.gs;
+  const std::vector<i64> ptr = row_pointers(r.counts, r.count_size, (i64)nblk * B * H * T);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> hist((size_t)G * depth * n * C);
+    std::vector<int32_t> code((size_t)n * depth);
+    alignas(32) float v[1024], kp[1024], acc[1024];
+    i64 begin, end;
+    share((i64)B * H, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
+    for (i64 bh = begin; bh < end; ++bh) {
+      const i64 b = bh / H, h = bh % H;
+      std::fill(hist.begin(), hist.end(), 0.0f);
+      std::vector<float> direct((size_t)G * D, 0.0f);
+      const float* pp = p + b * pb + h * ph;
+      for (i64 t_all = 0; t_all < N; ++t_all) {
+        const i64 blk = t_all / T, t = t_all % T;
+        const uint8_t* row = codes.row(blk, b, h, t);
+        const float sc = scale.at(blk, b, h, t);
+        for (int k = 0; k < n * depth; ++k) code[k] = code_at(row, k, r.cbits);
+        for (int g = 0; g < G; ++g) {
+          const float w = pp[g * pg + t_all] * sc;
+          float* hg = hist.data() + (size_t)g * depth * n * C;
+          for (int j = 0; j < n; ++j)
+            for (int s = 0; s < depth; ++s) hg[((size_t)s * n + j) * C + code[j * depth + s]] += w;
+        }
+        if (r.counts) {
+          const i64 rr = ((blk * B + b) * H + h) * T + t;
+          if (ptr[rr + 1] > ptr[rr]) {
+            rvq_decode(row, r, D, sc, kp, v);
+            for (i64 e = ptr[rr]; e < ptr[rr + 1]; ++e) {
+              const int ch = r.channels[e];
+              const float delta = h2f(r.values[e]) - v[ch];
+              for (int g = 0; g < G; ++g) direct[(size_t)g * D + ch] += pp[g * pg + t_all] * delta;
+            }
+          }
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const float* hg = hist.data() + (size_t)g * depth * n * C;
+        for (int i = 0; i < D; ++i) acc[i] = 0.0f;  // group order
+        for (int s = 0; s < depth; ++s)
+          for (int j = 0; j < n; ++j) {
+            const float* bins = hg + ((size_t)s * n + j) * C;
+            float* a = acc + j * gs;
+            for (int c = 0; c < C; ++c) {
+              const float w = bins[c];
+              if (w == 0.0f) continue;
+              const uint16_t* cw = r.books + ((i64)s * C + c) * gs;
+              int e = 0;
+              const __m256 wv = _mm256_set1_ps(w);
+              for (; e + 8 <= gs; e += 8)
+                _mm256_storeu_ps(a + e, _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(cw + e))),
+                                                        _mm256_loadu_ps(a + e)));
+              for (; e < gs; ++e) a[e] += w * h2f(cw[e]);
+            }
+          }
+        float* dst = out + b * ob + h * oh + g * og;
+        for (int ch = 0; ch < D; ++ch) dst[ch] += (r.inv_perm ? acc[r.inv_perm[ch]] : acc[ch]) + direct[(size_t)g * D + ch];
+      }
+    }
+  }
+}
+
 void rvq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, int B, int H, int T, int D, int G,
                 Half4 scale, Rvq r, float* out, i64 ob, i64 oh, i64 og, int threads) {
   const i64 N = (i64)nblk * T, chunk = 256, chunks = (N + chunk - 1) / chunk, items = (i64)B * H * chunks;
+  if (N >= 256 && (i64)B * H >= threads) {  // enough tokens to amortize the bins, enough heads to share them
+    rvq_values_hist(p, pb, ph, pg, codes, nblk, B, H, T, D, G, scale, r, out, ob, oh, og, threads);
+    return;
+  }
   const i64 part = (i64)B * H * G * D;
   const std::vector<i64> ptr = row_pointers(r.counts, r.count_size, (i64)nblk * B * H * T);
   std::vector<float> partial((size_t)threads * part, 0.0f);
@@ -897,7 +977,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
     const uint16_t* sc = (const uint16_t*)r.ptr();
     const Half4 scale{sc, r.next(), r.next(), r.next(), r.next()};
     Rvq q{};
-    q.books = (const float*)r.ptr();
+    q.books = (const uint16_t*)r.ptr();
     q.depth = (int)r.next(); q.C = (int)r.next(); q.gs = (int)r.next(); q.cbits = (int)r.next();
     q.inv_perm = (const int32_t*)r.ptr();
     q.values = (const uint16_t*)r.ptr();
@@ -917,7 +997,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 6; }
+int kvpack_abi_version() { return 7; }
 
 // Attention of one layer for a decode step. Array layout:
 //   query ptr (float32 [B, Hq, Q, D], any strides with a contiguous last dim), its strides b, head, token,
@@ -956,7 +1036,9 @@ int kvpack_layer(const i64* a) {
         float* dst = q.data() + (((i64)b * H + h) * G + g) * D;
         for (int d = 0; d < D; ++d) dst[d] = src[d] * scaling;
       }
-  std::vector<float> scores((size_t)B * H * G * K);
+  // scratch reused across calls (a fresh multi-MB buffer per call costs page faults at long contexts)
+  static thread_local std::vector<float> scores;
+  if (scores.size() < (size_t)B * H * G * K) scores.resize((size_t)B * H * G * K);
   const int nk = (int)r.next();
   i64 off = 0;
   for (int s = 0; s < nk; ++s) {
@@ -969,7 +1051,8 @@ int kvpack_layer(const i64* a) {
   }
   if (off != K) return -4;
   softmax_rows(scores.data(), B, H, G, Q, K, softcap, m, threads);
-  std::vector<float> out((size_t)B * H * G * D, 0.0f);
+  static thread_local std::vector<float> out;
+  out.assign((size_t)B * H * G * D, 0.0f);
   const int nv = (int)r.next();
   off = 0;
   for (int s = 0; s < nv; ++s) {

@@ -95,6 +95,7 @@ class RvqView:
     dim: int
     scale: torch.Tensor  # fp16 [nblk, B, H, T]
     books: torch.Tensor  # fp32 [depth, C, group]
+    books16: torch.Tensor  # the same values in fp16 (the codec's codebooks are fp16-rounded)
     code_bits: int
     inv_perm: torch.Tensor | None  # int32 [D]: channel c = group-order element inv_perm[c]; None if identity
     outliers: Outliers | None  # per token row (blk, b, h, t): counts; positions = channel (uint8)
@@ -234,6 +235,8 @@ def _rvq_view(run, codec: RVQCodec) -> RvqView | None:
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, scale=scale.contiguous().view(nblk, batch, heads, tokens),
         books=_codec_constants(codec, f"books_{codes.device}", lambda: codec.codebooks.to(codes.device).float().contiguous()),
+        books16=_codec_constants(codec, f"books16_{codes.device}",
+                                 lambda: codec.codebooks.to(codes.device).to(torch.float16).contiguous()),
         code_bits=codec.code_bits, inv_perm=inv,
         outliers=out,
     )

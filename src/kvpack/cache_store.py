@@ -55,7 +55,16 @@ class Run:
         return self.count * self.block_tokens
 
     def used(self, name: str) -> int:
-        return sum(self.lengths[name])
+        """Rows of buffer `name` in use: the blocks' lengths summed incrementally (a decode step appends one block
+        to a run of thousands; re-summing them every step made appends O(blocks))."""
+        lengths = self.lengths[name]
+        memo = self.__dict__.setdefault("_used", {})
+        ref, seen, total = memo.get(name, (None, 0, 0))
+        if ref is not lengths or seen > len(lengths):
+            seen, total = 0, 0
+        total += sum(lengths[seen:])
+        memo[name] = (lengths, len(lengths), total)
+        return total
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.buffers[name][: self.used(name)]

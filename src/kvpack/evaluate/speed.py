@@ -13,8 +13,10 @@ repeated along the sequence to `context` tokens and encoded straight into the ca
 chunks (keys rotated at their positions for the fp16 DynamicCache and post-RoPE recipes). The
 first tokens go through the cache's own append path and are timed: the compression throughput
 (tokens per second into the cache, all layers, the model forward excluded); see fill_compressed
-for how the rest is filled fast with exactly the bytes encoding would store. Memory: bytes the cache holds (from its tensors) and peak bytes of one
-step (weights + cache + the step's transient; RSS high-water mark on CPU, allocator peak on CUDA).
+for how the rest is filled fast with exactly the bytes encoding would store. Memory: bytes the cache holds
+(from its tensors) and peak bytes of a decode step = weights + cache + what the step allocates on top (the
+RSS high-water mark's rise during one step on CPU, the allocator's peak on CUDA). The "fp16" row is a
+transformers DynamicCache in the model's dtype: float32 on CPU, where SDPA has no fast float16 path.
 """
 from __future__ import annotations
 
@@ -278,7 +280,6 @@ def bench_context(model, tokenizer, methods: list[str], recipes: dict, kv: list[
     token = torch.full((batch, 1), 3, dtype=torch.long, device=device)
     for method in methods:
         gc.collect()
-        base = _reset_peak(device)
         recipe = recipes.get(method)
         if recipe is None:
             cache, fill_s = fill_fp16(model, kv, context, batch)
@@ -286,8 +287,12 @@ def bench_context(model, tokenizer, methods: list[str], recipes: dict, kv: list[
         else:
             cache, fill_s, fill_tokens = fill_compressed(model, recipe, kv, context, batch)
         model(token, past_key_values=cache, use_cache=True)  # warm-up step (builds RoPE tables, kernels)
-        peak = _peak(device) - base + weights
-        entries.append(Entry(method, cache, recipe, fill_s, fill_tokens, _cache_bytes(cache), peak))
+        gc.collect()
+        base = _reset_peak(device)
+        model(token, past_key_values=cache, use_cache=True)
+        transient = max(0, _peak(device) - base)  # what one decode step allocates on top of what is held
+        held = _cache_bytes(cache)
+        entries.append(Entry(method, cache, recipe, fill_s, fill_tokens, held, weights + held + transient))
     layers = text_config(model.config).num_hidden_layers
     probes = sorted({0, layers // 2, layers - 1})
     calls = {}
@@ -390,6 +395,8 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts: l
         log(f"context {context}: filling {len(methods)} caches ({source}) ...")
         entries = bench_context(model, tokenizer, methods, recipes, kv, context, batch, rounds, dev)
         new = _rows(entries, context, batch, dev, model_spec, source, threads, calibration)
+        for row in new:  # the "fp16" row stores K/V in the model's dtype
+            row["fp16_row_kv_dtype"] = str(model.dtype).replace("torch.", "")
         for row in new:
             log(f"  {row['method']:<24} attention {row['attention_ms']:8.3f} ms  step {row['step_ms']:8.2f} ms  "
                 f"cache {row['cache_bytes'] / 2**20:8.1f} MiB  ratio {row.get('attention_ratio', float('nan')):.2f}")

@@ -127,12 +127,14 @@ def run_encoded(run) -> tuple[Encoded, tuple[int, int, int, int], int]:
     return enc, tuple(run.block_shape), run.count
 
 
-def _codec_constants(codec, name: str, build):
-    """Per-codec tensors the kernels read (levels, ranges), built once."""
+def _codec_constants(codec, name: str, build, source: torch.Tensor | None = None):
+    """Per-codec tensors the kernels read (levels, ranges, codebooks), built once per device and per source
+    tensor (a codec whose codebooks are replaced, as fine-tuning does, gets new ones)."""
     store = codec.__dict__.setdefault("_kvpack_kernel_constants", {})
-    if name not in store:
-        store[name] = build()
-    return store[name]
+    key = (name, None if source is None else (id(source), source._version))
+    if key not in store:
+        store[key] = build()
+    return store[key]
 
 
 def block_chunks(run, max_tokens: int):
@@ -201,13 +203,17 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
     view = NuqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, bits=bits, axis=codec.axis,
-        levels=_codec_constants(codec, "levels", lambda: codec.decode_levels.float().contiguous()),
+        levels=_codec_constants(codec, f"levels_{codes.device}",
+                                lambda: codec.decode_levels.to(codes.device).float().contiguous(), codec.decode_levels),
         kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
         outliers=_outliers(t, "outlier_", mode=mode or 0),
     )
     if codec.axis == "channel":
-        view.kscale = _codec_constants(codec, "kscale", lambda: codec.scale.reshape(heads, dim).float().contiguous())
-        view.kzero = _codec_constants(codec, "kzero", lambda: codec.zero.reshape(heads, dim).float().contiguous())
+        dev = codes.device
+        view.kscale = _codec_constants(codec, f"kscale_{dev}", lambda: codec.scale.reshape(heads, dim).to(dev).float().contiguous(),
+                                       codec.scale)
+        view.kzero = _codec_constants(codec, f"kzero_{dev}", lambda: codec.zero.reshape(heads, dim).to(dev).float().contiguous(),
+                                      codec.zero)
     else:
         scale, zero = t.get("scale"), t.get("zero")
         if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
@@ -234,9 +240,10 @@ def _rvq_view(run, codec: RVQCodec) -> RvqView | None:
     return RvqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, scale=scale.contiguous().view(nblk, batch, heads, tokens),
-        books=_codec_constants(codec, f"books_{codes.device}", lambda: codec.codebooks.to(codes.device).float().contiguous()),
+        books=_codec_constants(codec, f"books_{codes.device}", lambda: codec.codebooks.to(codes.device).float().contiguous(),
+                               codec.codebooks),
         books16=_codec_constants(codec, f"books16_{codes.device}",
-                                 lambda: codec.codebooks.to(codes.device).to(torch.float16).contiguous()),
+                                 lambda: codec.codebooks.to(codes.device).to(torch.float16).contiguous(), codec.codebooks),
         code_bits=codec.code_bits, inv_perm=inv,
         outliers=out,
     )

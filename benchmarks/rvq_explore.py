@@ -5,16 +5,19 @@ activations (collected once, cached), then simulated perplexity on the first win
         --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:key-contiguous --calib-windows 8 --eval-windows 4 \
         --json results/rvq-explore.json
 
-Calibration: the first --calib-windows windows of --calib-data (default c4[:500]); recipes are
-saved under --recipes/<method> and reused when present (delete them to refit). Rows of the result
+Calibration: the first --calib-windows windows of --calib-data (default c4[:500]); fitted key and
+value codecs are cached under --work per everything their fit depends on, so an option that changes
+only keys refits only keys (delete the folder to refit). Rows of the result
 JSON: method, ppl, delta vs fp16, bits per element (codes + scale + outliers, and with the
 codebooks amortized over the evaluated context as the simulator counts them), fit time.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +29,9 @@ from kvpack.methods import parse_method
 from kvpack.models import load_model
 from kvpack.recipe import Recipe
 from kvpack.recipe_io import model_identity
-from kvpack.rvq_train import RVQTrainConfig, fit_rvq_recipe
+from kvpack.codecs import Fp16Codec, codec_from_state
+from kvpack.codecs.rvq import RVQCodec, intra_op_threads
+from kvpack.rvq_train import RVQTrainConfig, _layer_mean, fit_codec
 
 
 def activations(model, tokenizer, data: str, windows: int, seqlen: int, cache: Path) -> list[LayerActivations]:
@@ -42,18 +47,59 @@ def activations(model, tokenizer, data: str, windows: int, seqlen: int, cache: P
     return acts
 
 
-def recipe_for(model, acts, method: str, folder: Path, config: RVQTrainConfig) -> tuple[Recipe, float | None]:
-    """Load the saved recipe of `method` or fit and save it; returns (recipe, fit seconds or None)."""
+def fit_kind(acts, kind: str, settings, config: RVQTrainConfig, folder: Path) -> tuple[list[RVQCodec], list[dict], float]:
+    """Per-layer codecs for keys or values, cached in `folder` by everything the fit of `kind` depends on
+    (so e.g. :key-contiguous refits only keys and :sink1 refits nothing)."""
+    extra = settings.extra
+    group = settings.key_group if kind == "keys" else settings.value_group
+    grouping = extra["key_grouping"] if kind == "keys" else extra["value_grouping"]
+    tag = (f"{kind}-d{extra['depth']}-c{extra['codes']}-g{group}-{grouping}-{extra['codebook_training']}"
+           f"-out{extra['outliers']}-{hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]}")
+    path = folder / f"{tag}.pt"
+    if path.is_file():
+        saved = torch.load(path)
+        return [codec_from_state("RVQCodec", c, t) for c, t in saved["codecs"]], saved["info"], saved["seconds"]
+    generator = torch.Generator().manual_seed(config.seed)
+    codecs, infos, start = [], [], time.perf_counter()
+    with intra_op_threads(config.threads):
+        for layer in acts:
+            rows = layer.keys if kind == "keys" else layer.values
+            codec, info = fit_codec(rows, layer.heads, depth=extra["depth"], size=extra["codes"], group=group,
+                                    grouping=grouping, outliers=extra["outliers"], ema=extra["codebook_training"] == "ema",
+                                    config=config, generator=generator)
+            codecs.append(codec)
+            infos.append(info)
+    seconds = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"codecs": [c.state() for c in codecs], "info": infos, "seconds": seconds}, path)
+    return codecs, infos, seconds
+
+
+def recipe_for(model, acts, method: str, folder: Path, config: RVQTrainConfig) -> tuple[Recipe, float | None, dict]:
+    """The recipe of `method` (RVQ codecs fitted or loaded per K/V); returns (recipe, fit seconds, mean stats).
+
+    A suffix `@keys` / `@values` (diagnostic) quantizes only keys / only values, the other in fp16.
+    """
+    method, _, only = method.partition("@")
+    if only:
+        recipe, fit_s, mean = recipe_for(model, acts, method, folder, config)
+        fp16 = [Fp16Codec()] * recipe.num_layers
+        if only == "keys":
+            recipe.value_codecs = fp16
+        elif only == "values":
+            recipe.key_codecs = fp16
+        else:
+            raise SystemExit(f"unknown diagnostic suffix @{only}: use @keys or @values")
+        return recipe, fit_s, mean
     settings = parse_method(method)
     if settings.family != "rvq":
-        return Recipe.baseline(settings, len(acts)), None
-    if (folder / "recipe.json").is_file():
-        recipe = Recipe.load(folder, model)
-        return recipe, recipe.calibration.get("timing_s", {}).get("rvq_fit")
-    keys, values, info = fit_rvq_recipe(model, acts, settings, config, progress=False)
-    recipe = Recipe(settings, keys, values, model_identity(model), info)
-    recipe.save(folder)
-    return recipe, info["timing_s"]["rvq_fit"]
+        return Recipe.baseline(settings, len(acts)), None, {}
+    keys, k_info, k_s = fit_kind(acts, "keys", settings, config, folder)
+    values, v_info, v_s = fit_kind(acts, "values", settings, config, folder)
+    layers = [{"keys": k, "values": v} for k, v in zip(k_info, v_info)]
+    mean = {f"{kind}_heldout_rel_error": _layer_mean(layers, kind, "heldout", "rel_error") for kind in ("keys", "values")}
+    mean |= {f"{kind}_heldout_usage": _layer_mean(layers, kind, "heldout", "usage_perplexity") for kind in ("keys", "values")}
+    return Recipe(settings, keys, values, model_identity(model), {}), k_s + v_s, mean
 
 
 def main() -> None:
@@ -67,6 +113,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/rvq_dev"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 row")
+    parser.add_argument("--finetuned", type=Path, help="merge this `kvpack finetune` adapter into the model and add "
+                        "its recipe (tuned codebooks) as a method; fp16 is then the model with the adapter")
     parser.add_argument("--fit-only", action="store_true",
                         help="fit and save the recipes, evaluate nothing (fitting does not run the model: no lock needed)")
     args = parser.parse_args()
@@ -74,14 +122,23 @@ def main() -> None:
     model, tokenizer = load_model()
     cache = args.work / f"acts-{args.calib_data.replace('[', '_').replace(':', '-').replace(']', '')}-{args.calib_windows}x{args.seqlen}.pt"
     acts = activations(model, tokenizer, args.calib_data, args.calib_windows, args.seqlen, cache)
+    tuned = None
+    if args.finetuned:  # after collecting: calibration activations come from the base model
+        from kvpack.finetune import apply_finetuned
+
+        tuned = apply_finetuned(model, args.finetuned)
     windows = load_windows(tokenizer, args.eval_data, args.seqlen, args.eval_windows)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.no_fp16 and not args.fit_only and "fp16" not in methods:
         methods.insert(0, "fp16")
+    if tuned is not None:
+        methods.append(tuned.method + ":ft")
     rows, base = [], None
     for method in methods:
-        safe = method.replace(":", "__")
-        recipe, fit_s = recipe_for(model, acts, method, args.work / "recipes" / f"{safe}-{args.calib_windows}w", RVQTrainConfig())
+        if tuned is not None and method == tuned.method + ":ft":
+            recipe, fit_s, mean = tuned, None, {}
+        else:
+            recipe, fit_s, mean = recipe_for(model, acts, method, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
         if args.fit_only:
             print(f"{method}: fitted in {fit_s:.0f} s" if fit_s else f"{method}: nothing to fit", flush=True)
             continue
@@ -89,14 +146,16 @@ def main() -> None:
         codes_bits = None
         if recipe.settings.family == "rvq":
             x = acts[0].keys[: 3 * 64].view(1, 3, 64, -1)
-            codes_bits = recipe.key_codecs[0].encode(x).bits_per_element()
+            codec = next(c for c in (*recipe.key_codecs, *recipe.value_codecs) if isinstance(c, RVQCodec))
+            codes_bits = codec.encode(x).bits_per_element()
         base = result.ppl if method == "fp16" else base
-        row = {"method": method, "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
+        row = {"method": method + (" (adapter)" if tuned is not None and method == "fp16" else ""), "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
                "bits_per_element_simulated": result.bits_per_element, "bits_codes_scale": codes_bits,
                "fit_s": fit_s, "eval_s": result.seconds, "eval": f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]",
                "calib": f"{args.calib_data} {args.calib_windows}x{args.seqlen}",
-               "heldout_rel_error_keys": recipe.calibration.get("mean", {}).get("keys_heldout_rel_error", [None])[-1],
-               "heldout_rel_error_values": recipe.calibration.get("mean", {}).get("values_heldout_rel_error", [None])[-1]}
+               "heldout_rel_error_keys": mean.get("keys_heldout_rel_error"),
+               "heldout_rel_error_values": mean.get("values_heldout_rel_error"),
+               "heldout_usage_keys": mean.get("keys_heldout_usage"), "heldout_usage_values": mean.get("values_heldout_usage")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

@@ -102,6 +102,29 @@ def recipe_for(model, acts, method: str, folder: Path, config: RVQTrainConfig) -
     return Recipe(settings, keys, values, model_identity(model), {}), k_s + v_s, mean
 
 
+def truncated(recipe: Recipe, depth: int) -> Recipe:
+    """The first `depth` stages of every RVQ codec of `recipe` (greedy residual coding: stage s only
+    depends on stages < s, so this is the depth-`depth` quantizer trained the same way, up to the
+    joint EMA pass)."""
+    def cut(codec):
+        if not isinstance(codec, RVQCodec):
+            return codec
+        return RVQCodec(codec.codebooks[:depth], codec.head_dim, codec.grouping, codec.lower, codec.upper)
+
+    base, _, options = recipe.settings.name.partition(":")
+    extra = recipe.settings.extra
+    name = f"rvq-d{depth}-c{extra['codes']}-g{recipe.settings.key_group}" + (f":{options}" if options else "")
+    settings = parse_method(name)
+    return Recipe(settings, [cut(c) for c in recipe.key_codecs], [cut(c) for c in recipe.value_codecs],
+                  recipe.model, recipe.calibration)
+
+
+def truncated_name(method: str, depth: int) -> str:
+    base, sep, options = method.partition(":")
+    settings = parse_method(base)
+    return f"rvq-d{depth}-c{settings.extra['codes']}-g{settings.key_group}{sep}{options}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", required=True)
@@ -117,6 +140,8 @@ def main() -> None:
                         "its recipe (tuned codebooks) as a method; fp16 is then the model with the adapter")
     parser.add_argument("--fit-only", action="store_true",
                         help="fit and save the recipes, evaluate nothing (fitting does not run the model: no lock needed)")
+    parser.add_argument("--depths", default="",
+                        help="also evaluate the first d stages of each fitted RVQ method, for each d here (e.g. 1,2,3,4,5,6,7)")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
@@ -133,12 +158,26 @@ def main() -> None:
         methods.insert(0, "fp16")
     if tuned is not None:
         methods.append(tuned.method + ":ft")
-    rows, base = [], None
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    plan = []
     for method in methods:
         if tuned is not None and method == tuned.method + ":ft":
-            recipe, fit_s, mean = tuned, None, {}
-        else:
-            recipe, fit_s, mean = recipe_for(model, acts, method, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
+            plan.append((method, lambda: (tuned, None, {})))
+            continue
+        plan.append((method, lambda m=method: recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())))
+        settings = parse_method(method.partition("@")[0])
+        if settings.family == "rvq" and not args.fit_only:
+            for d in depths:
+                if d < settings.extra["depth"]:
+                    def prefix(m=method, d=d):
+                        recipe, _, _ = recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
+                        return truncated(recipe, d), None, {}
+                    label = f"{truncated_name(method, d)} (stages 1-{d} of {method.split(':')[0]})"
+                    plan.append((label, prefix))
+    old = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
+    rows, base = [], None
+    for method, make in plan:
+        recipe, fit_s, mean = make()
         if args.fit_only:
             print(f"{method}: fitted in {fit_s:.0f} s" if fit_s else f"{method}: nothing to fit", flush=True)
             continue
@@ -158,10 +197,9 @@ def main() -> None:
                "heldout_usage_keys": mean.get("keys_heldout_usage"), "heldout_usage_values": mean.get("values_heldout_usage")}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        old = json.loads(args.json.read_text()) if args.json.is_file() else []
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(old + rows, indent=1) + "\n")
+        if args.json:  # after every row, so an interrupted sweep keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(old + rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

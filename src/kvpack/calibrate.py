@@ -1,6 +1,6 @@
 """Calibration: text -> per-layer activations (+ Fisher) -> a fitted recipe, cached on disk.
 
-`calibrate(model, tokenizer, "kvquant-3bit-1pct", data="c4", windows=16, seqlen=2048)` runs the
+`calibrate(model, tokenizer, "kvquant-3bit-1pct", data="c4[:500]", windows=16, seqlen=2048)` runs the
 model over the calibration windows (`collect.collect_activations`: pre-RoPE K/V rows and, for
 Fisher-weighted methods, squared gradients), then hands the rows to the method family's fitter.
 `recipe.calibration["timing_s"]` says where the time went (forward, backward, thresholds, k-means).
@@ -68,18 +68,47 @@ def _log(progress: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+# The last collection, reused while the same model calibrates several methods on the same windows
+# (e.g. `kvpack eval --methods kvquant-4bit,kvquant-3bit-1pct,...`): one forward/backward pass over
+# the data instead of one per method. One entry only, so memory stays bounded.
+_LAST_COLLECTION: dict = {}
+
+
+def _collect(model, ids: torch.Tensor, fisher: bool, sink_tokens: int, pre_rope: bool, progress: bool):
+    """collect_activations with a one-entry memo; a Fisher collection also serves Fisher-free methods."""
+    from .collect import CollectionTiming, LayerActivations, collect_activations
+
+    tokens = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    key = (id(model), tokens, tuple(ids.shape), sink_tokens, pre_rope)
+    cached = _LAST_COLLECTION.get("entry")
+    if cached is not None and cached[0] == key and (cached[1] or not fisher):
+        _log(progress, "reusing the activations collected for the previous method")
+        layers = cached[2] if fisher else [
+            LayerActivations(keys=a.keys, values=a.values, heads=a.heads) for a in cached[2]
+        ]
+        return layers, CollectionTiming()
+    _LAST_COLLECTION.clear()
+    kwargs = dict(fisher=fisher, sink_tokens=sink_tokens, progress=progress)
+    if not pre_rope:
+        kwargs["pre_rope"] = False
+    activations, timing = collect_activations(model, ids, **kwargs)
+    _LAST_COLLECTION["entry"] = (key, fisher, activations)
+    return activations, timing
+
+
+def forget_collection() -> None:
+    """Drop the memoized activations (frees their memory)."""
+    _LAST_COLLECTION.clear()
+
+
 def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: str, progress: bool = True) -> Recipe:
     """Calibrate `settings` on token windows ids [n, seqlen] (described as `data`)."""
-    from .collect import collect_activations
     from .recipe_io import model_identity
 
     fit = _fitter(settings)
     start = time.perf_counter()
     fisher = needs_fisher(settings)
-    collect_kwargs = dict(fisher=fisher, sink_tokens=settings.sink_tokens, progress=progress)
-    if not settings.pre_rope:
-        collect_kwargs["pre_rope"] = False
-    activations, timing = collect_activations(model, ids, **collect_kwargs)
+    activations, timing = _collect(model, ids, fisher, settings.sink_tokens, settings.pre_rope, progress)
     keys, values, info = fit(model, activations, settings, progress=progress)
     del activations
     total = time.perf_counter() - start
@@ -98,7 +127,7 @@ def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: 
 
 
 def calibrate(
-    model, tokenizer, method: str | MethodSettings, data: str = "c4", windows: int = 16, seqlen: int = 2048,
+    model, tokenizer, method: str | MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
     progress: bool = True,
 ) -> Recipe:
     """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data`; returns the Recipe."""
@@ -123,7 +152,7 @@ def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
 
 
 def cached_calibration(
-    model, tokenizer, settings: MethodSettings, data: str = "c4", windows: int = 16, seqlen: int = 2048,
+    model, tokenizer, settings: MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
     recipe_dir: str | Path | None = None, progress: bool = True,
 ) -> Recipe:
     """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache, or calibrated and cached."""

@@ -35,7 +35,7 @@ def _split_methods(methods: str) -> list[str]:
 
 def run_eval(
     model_spec: str, data: str, methods: list[str], seqlen: int, max_windows: Optional[int],
-    pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4",
+    pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4[:500]",
     calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
     cache: str = "simulated", chunk: int = 1, json_out: Optional[Path] = None, resume: bool = False,
 ) -> list[dict]:
@@ -114,7 +114,7 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows to this JSON file."),
     pre_rope: Optional[bool] = typer.Option(None, "--pre-rope/--post-rope", help="Quantize keys before / after RoPE for every method."),
     key_axis: Optional[str] = typer.Option(None, help="'channel' or 'token': the axis keys share statistics along, for every method."),
-    calib_data: str = typer.Option("c4", help="Calibration data for methods that need it."),
+    calib_data: str = typer.Option("c4[:500]", help="Calibration data for methods that need it (default: the first 500 C4 documents; evaluate C4 on c4[500:] to stay held out)."),
     calib_windows: int = typer.Option(16, help="Calibration windows (of --seqlen tokens)."),
     recipe: Optional[Path] = typer.Option(None, help="Use this saved recipe instead of calibrating."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -165,7 +165,7 @@ def eval_command(
 def calibrate_command(
     model: str = typer.Option("smollm2-135m", help="Short name, local directory, hub id, or .gguf file."),
     method: str = typer.Option("kvquant-3bit-1pct", help="Calibrated method, options after ':' (kvquant-3bit-1pct:sink4)."),
-    data: str = typer.Option("c4", help="Calibration text: c4 | wikitext2 | PATH; c4[:500] slices documents."),
+    data: str = typer.Option("c4[:500]", help="Calibration text: c4 | wikitext2 | PATH; c4[:500] (default) slices documents, leaving c4[500:] held out."),
     windows: int = typer.Option(16, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     out: Path = typer.Option(..., help="Folder to write the recipe to (recipe.json + codecs.safetensors)."),
@@ -264,7 +264,7 @@ def bench(
     rounds: int = typer.Option(7, help="Interleaved timing rounds (medians reported)."),
     source_tokens: int = typer.Option(512, help="Tokens of real text whose K/V are repeated to fill the caches."),
     data: str = typer.Option("wikitext2", help="Text the K/V come from."),
-    calib_data: str = typer.Option("c4", help="Calibration data for calibrated methods."),
+    calib_data: str = typer.Option("c4[:500]", help="Calibration data for calibrated methods."),
     calib_windows: int = typer.Option(2, help="Calibration windows (a small calibration is enough for speed)."),
     calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
     recipe: Optional[Path] = typer.Option(None, help="Use this saved recipe instead of calibrating."),

@@ -19,7 +19,7 @@ def resolve_recipe(
     tokenizer,
     method: str | MethodSettings,
     *,
-    calib_data: str = "c4",
+    calib_data: str = "c4[:500]",
     calib_windows: int = 16,
     calib_seqlen: int = 2048,
     recipe_dir: str | Path | None = None,

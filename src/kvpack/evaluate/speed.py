@@ -357,7 +357,7 @@ def _device_name(device: torch.device) -> str:
 
 def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts: list[int] = (1024, 8192, 32768),
               batch: int = 1, methods: list[str] = ("fp16", "kvquant-4bit-1pct"), rounds: int = 7,
-              source_tokens: int = 512, data: str = "wikitext2", calib_data: str = "c4", calib_windows: int = 2,
+              source_tokens: int = 512, data: str = "wikitext2", calib_data: str = "c4[:500]", calib_windows: int = 2,
               calib_seqlen: int = 512, recipe_dir: str | None = None, model=None, tokenizer=None,
               progress: bool = True, log=print) -> list[dict]:
     """Measure every method at every context; returns result rows (see module docstring)."""

@@ -177,3 +177,11 @@ def test_mixed_width_codec_roundtrip_and_bytes():
     # more bits where Fisher is large: those channels are reproduced better
     err = (codec.decode(enc) - x).pow(2).mean((0, 2))
     assert float(err[0, :4].mean()) < float(err[1:, :4].mean())
+
+
+def test_constant_token_decodes_to_itself_when_zero_is_not_a_level():
+    # levels without 0: a constant vector has range 0; it must come back as its (fp16) value, not value + level
+    codec = NuqCodec(torch.tensor([-1.0, -0.3, 0.4, 1.0]), "token", heads=2, head_dim=8, span="all")
+    x = torch.full((1, 2, 5, 8), 0.75)
+    out = codec.decode(codec.encode(x))
+    assert torch.allclose(out, x, atol=1e-6)

@@ -42,9 +42,11 @@ PAD = 4.0  # codebook padding beyond the normalized range [-1, 1]: midpoints nex
 
 
 def range_to_zero_scale(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(zero, scale) of ranges [lo, hi], rounded to fp16 as stored; a zero scale becomes 1."""
+    """(zero, scale) of ranges [lo, hi], rounded to fp16 as stored. A constant range gets the tiniest
+    fp16 scale (2**-24), so it decodes to its stored zero whatever the levels are (a scale of 1 would
+    add the nearest level's magnitude when 0 is not a level)."""
     zero, scale = _fp16((hi + lo) / 2), _fp16((hi - lo) / 2)
-    return zero, torch.where(scale > 0, scale, torch.ones_like(scale))
+    return zero, torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
 
 
 def outliers_per_side(frac: float, n: int) -> int:

@@ -882,7 +882,7 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
         }
         const float zero = fp16_round((hi + lo) / 2);
         float scale = fp16_round((hi - lo) / 2);
-        if (!(scale > 0)) scale = 1.0f;
+        if (!(scale > 0)) scale = 5.9604645e-08f;  // constant group: tiniest fp16 scale decodes to the zero
         const i64 zs = ((i64)b * groups + grp) * T + t;
         vzero[zs] = _cvtss_sh(zero, _MM_FROUND_TO_NEAREST_INT);
         vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);

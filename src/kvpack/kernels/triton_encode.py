@@ -99,7 +99,7 @@ if HAVE_TRITON:
             tl.store(mask_ptr + ((b * H + heads[:, None]) * T + t) * D + d[None, :], outlier.to(tl.int8), mask=valid)
         zero = ((hi + lo) / 2).to(tl.float16).to(tl.float32)
         scale = ((hi - lo) / 2).to(tl.float16).to(tl.float32)
-        scale = tl.where(scale > 0, scale, 1.0)
+        scale = tl.where(scale > 0, scale, 5.9604645e-08)  # constant group: tiniest fp16 scale
         hs_store = heads if HS == 1 else tl.zeros([HP], dtype=tl.int32)
         first = r == 0
         tl.store(zero_ptr + (b * (H // HS) + hs_store * (HS == 1)) * T + t, tl.zeros([HP], tl.float32).to(tl.float16) + zero.to(tl.float16), mask=first)

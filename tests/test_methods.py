@@ -330,3 +330,18 @@ def test_simulator_short_sequence_is_all_fp16():
 def test_settings_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         parse_method("int4").bits = 3
+
+
+def test_channel_group_must_divide_head_dim():
+    from conftest import make_tiny_model
+    from kvpack.errors import MethodError
+    from kvpack.pipeline import check_settings_fit_model, resolve_recipe
+    from kvpack.recipe_io import head_dim_of
+    from kvpack.models import text_config
+
+    model = make_tiny_model("llama")
+    dim = head_dim_of(text_config(model.config))
+    bad = dim // 2 + 1 if dim > 2 else 3
+    with pytest.raises(MethodError, match=f"head_dim {dim}"):
+        resolve_recipe(model, None, f"int4:g{bad}")
+    check_settings_fit_model(parse_method(f"int4:g{dim // 2}"), model)  # a divisor is fine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import MethodError
 from .methods import MethodSettings, parse_method
 from .models import text_config
 from .recipe import Recipe
@@ -12,6 +13,20 @@ from .registry import needs_calibration
 
 def num_layers(model) -> int:
     return text_config(model.config).num_hidden_layers
+
+
+def check_settings_fit_model(settings: MethodSettings, model) -> None:
+    """Channel groups must tile the model's head_dim; say so before any forward pass."""
+    from .recipe_io import head_dim_of
+
+    dim = head_dim_of(text_config(model.config))
+    for part, axis, group in (("key", settings.key_axis, settings.key_group), ("value", settings.value_axis, settings.value_group)):
+        if axis == "token" and group and dim % group:
+            divisors = [g for g in (8, 16, 32, 64, 128) if dim % g == 0 and g <= dim]
+            raise MethodError(
+                f"'{settings.name}': {part} channel groups of {group} do not divide this model's head_dim {dim}. "
+                f"Use a group size that divides {dim} (e.g. {', '.join(map(str, divisors)) or dim})."
+            )
 
 
 def resolve_recipe(
@@ -27,6 +42,7 @@ def resolve_recipe(
 ) -> Recipe:
     """The recipe for `method` on `model`: uncalibrated, loaded from `recipe_dir`, or calibrated."""
     settings = parse_method(method) if isinstance(method, str) else method
+    check_settings_fit_model(settings, model)
     if not needs_calibration(settings):
         return Recipe.baseline(settings, num_layers(model))
     from .calibrate import cached_calibration  # calibrated families only

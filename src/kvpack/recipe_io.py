@@ -35,7 +35,7 @@ _IDENTITY_FIELDS = (
 )
 
 
-def _head_dim(cfg) -> int:
+def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
@@ -51,7 +51,7 @@ def model_identity(model) -> dict:
         "num_layers": cfg.num_hidden_layers,
         "num_heads": cfg.num_attention_heads,
         "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        "head_dim": _head_dim(cfg),
+        "head_dim": head_dim_of(cfg),
         "config_sha256": digest,
         "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
     }

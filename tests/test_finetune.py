@@ -107,3 +107,29 @@ def test_sink_tokens_pass_unquantized():
     with intercept_kv(model, quantizer), torch.no_grad():
         seen["logits"] = model(train_ids()).logits
     assert torch.isfinite(seen["logits"]).all()
+
+
+def test_run_eval_with_finetuned_folder(tmp_path):
+    """`kvpack eval --finetuned DIR`: the adapter is merged for every row (fp16 differs from the base
+    model's), the tuned method uses the saved codebooks, rows name the tuned model."""
+    from conftest import make_tiny_tokenizer
+    from kvpack.cli import run_eval
+
+    model_dir = tmp_path / "tiny"
+    base = make_tiny_model("llama")
+    base.save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    model = make_tiny_model("llama")
+    recipe = tiny_recipe(model)
+    config = FinetuneConfig(steps=5, batch_size=2, lr=3e-2, rank=2, alpha=4)
+    wrapped, log = finetune_lora(model, train_ids(), recipe, config, progress=False)
+    save_finetuned(wrapped, FinetuneResult(recipe=recipe, log=log), config, tmp_path / "ft")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 120}" for i in range(200)))
+    plain = run_eval(str(model_dir), str(text), ["fp16"], seqlen=32, max_windows=2, progress=False)
+    tuned = run_eval(str(model_dir), str(text), ["fp16"], seqlen=32, max_windows=2, progress=False,
+                     finetuned=tmp_path / "ft")
+    assert [r["method"] for r in tuned] == ["fp16", recipe.settings.name]
+    assert tuned[0]["model"] == f"{model_dir}+ft"
+    assert tuned[0]["ppl"] != plain[0]["ppl"]  # the adapter is in the model
+    assert tuned[1]["bits_per_element"] < 16

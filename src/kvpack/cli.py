@@ -38,13 +38,17 @@ def run_eval(
     pre_rope: Optional[bool] = None, key_axis: Optional[str] = None, calib_data: str = "c4[:500]",
     calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
     cache: str = "simulated", chunk: int = 1, json_out: Optional[Path] = None, resume: bool = False,
+    finetuned: Optional[Path] = None,
 ) -> list[dict]:
     """Evaluate `methods` (fp16 always included, first) and return result rows.
 
     cache: "simulated" (quantize-dequantize inside one forward), "real" (stream each window through
     CompressedCache, prefilling `chunk` tokens at a time) or "both" (one row per mode).
     With `json_out` the rows are written after every method, so a long run keeps what it finished;
-    `resume` keeps the rows already in `json_out` for the same model, data, seqlen and windows."""
+    `resume` keeps the rows already in `json_out` for the same model, data, seqlen and windows.
+    `finetuned` (a `kvpack finetune` output) merges its LoRA adapter into the model for every row
+    (the fp16 row is then the tuned model's) and gives its method the tuned codebooks; rows say
+    `model = "<model>+<folder name>"`."""
     from .data import load_windows
     from .evaluate.perplexity import simulated_perplexity
     from .evaluate.results import add_deltas, read_rows, write_rows
@@ -56,6 +60,14 @@ def run_eval(
     if not any(s.name == "fp16" for s in settings):
         settings.insert(0, parse_method("fp16"))
     model, tokenizer = load_model(model_spec)
+    tuned = None
+    if finetuned is not None:
+        from .finetune import apply_finetuned
+
+        tuned = apply_finetuned(model, finetuned)
+        model_spec = f"{model_spec}+{Path(finetuned).name}"
+        if not any(s.name == tuned.settings.name for s in settings):
+            settings.append(tuned.settings)
     windows = load_windows(tokenizer, data, seqlen, max_windows)
     rows = []
     if resume and json_out is not None and Path(json_out).is_file():
@@ -65,8 +77,11 @@ def run_eval(
         todo = [m for m in _cache_modes(cache) if not any(r["method"] == s.name and r["mode"] == m for r in rows)]
         if not todo:
             continue
-        recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
-                                calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress)
+        if tuned is not None and s.name == tuned.settings.name:
+            recipe = tuned
+        else:
+            recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
+                                    calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress)
         for mode in todo:
             if mode == "real":
                 from .evaluate.streaming import streaming_perplexity
@@ -126,6 +141,7 @@ def eval_command(
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="--task passkey: where the key sits (0 = start, 1 = end)."),
     trials: int = typer.Option(2, help="--task passkey: keys per length and depth."),
     plot: Optional[Path] = typer.Option(None, help="--task passkey: heat map PNG."),
+    finetuned: Optional[Path] = typer.Option(None, help="A `kvpack finetune` output: merge its adapter into the model for every row; its method uses the tuned codebooks."),
 ) -> None:
     """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run;
     or passkey retrieval accuracy (--task passkey)."""
@@ -152,7 +168,7 @@ def eval_command(
     try:
         rows = run_eval(model, data, _split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
                         calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk,
-                        json_out=json_out, resume=resume)
+                        json_out=json_out, resume=resume, finetuned=finetuned)
     except KVPackError as exc:
         _fail(exc)
     columns = PPL_COLUMNS if cache == "simulated" else [PPL_COLUMNS[0], ("mode", "cache"), *PPL_COLUMNS[1:]]

@@ -5,8 +5,9 @@ DynamicCache at several lengths, greedy-generation agreement with fp16. Writes J
         --methods fp16,int4:pre-rope:sink1,kivi-2,kvquant-4bit-1pct --seqlen 512 --windows 1 --chunk 1 \
         --memory-lengths 2048,8192 --gen-tokens 128
 
-Calibrated methods are calibrated here on `--calib-windows` windows of `--calib-seqlen` tokens of C4
-(small, to fit a CPU run; the rows say so), or loaded with --recipe-dir.
+Calibrated methods use the recipe `kvpack eval` would use (`resolve_recipe`: calibrated on
+`--calib-windows` windows of `--calib-seqlen` tokens of `--calib-data`, cached on disk), so with
+`--calib-windows 16 --calib-seqlen 2048` the recipes are those of the perplexity tables.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from kvpack import load_model, load_windows
 from kvpack.cache import CompressedCache
-from kvpack.calibrate import calibrate
+from kvpack.pipeline import resolve_recipe
 from kvpack.data import load_corpus, tokenize
 from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.evaluate.results import environment, write_rows
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--memory-lengths", default="2048,8192")
     p.add_argument("--gen-prompt", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--calib-data", default="c4[:500]")
     p.add_argument("--calib-windows", type=int, default=4)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--skip", default="", help="comma list of parts to skip: ppl,memory,generation")
@@ -88,10 +90,10 @@ def main() -> None:
                                do_sample=False)[0, prompt.shape[1]:] if "generation" not in skip else None
     for method in args.methods.split(","):
         t0 = time.perf_counter()
-        recipe = calibrate(model, tok, method, data="c4", windows=args.calib_windows, seqlen=args.calib_seqlen,
-                           progress=False)
+        recipe = resolve_recipe(model, tok, method, calib_data=args.calib_data, calib_windows=args.calib_windows,
+                                calib_seqlen=args.calib_seqlen, progress=False)
         calib = None if not recipe.calibration else {"windows": args.calib_windows, "seqlen": args.calib_seqlen,
-                                                     "data": "c4", "seconds": time.perf_counter() - t0}
+                                                     "data": args.calib_data, "seconds": time.perf_counter() - t0}
         if "ppl" not in skip:
             sim = simulated_perplexity(model, windows, recipe, progress=False)
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)

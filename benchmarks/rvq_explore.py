@@ -140,6 +140,8 @@ def main() -> None:
                         "its recipe (tuned codebooks) as a method; fp16 is then the model with the adapter")
     parser.add_argument("--fit-only", action="store_true",
                         help="fit and save the recipes, evaluate nothing (fitting does not run the model: no lock needed)")
+    parser.add_argument("--save-recipes", type=Path,
+                        help="save each fitted rvq method's recipe to this folder (one subfolder per method), e.g. for `kvpack finetune --recipe`")
     parser.add_argument("--depths", default="",
                         help="also evaluate the first d stages of each fitted RVQ method, for each d here (e.g. 1,2,3,4,5,6,7)")
     args = parser.parse_args()
@@ -178,6 +180,11 @@ def main() -> None:
     rows, base = [], None
     for method, make in plan:
         recipe, fit_s, mean = make()
+        if args.save_recipes and recipe.settings.family == "rvq" and "(" not in method and "@" not in method:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+            recipe.calibration = {"data": args.calib_data, "windows": args.calib_windows, "seqlen": args.seqlen,
+                                  "fitted_by": "benchmarks/rvq_explore.py"}
+            recipe.save(args.save_recipes / safe)
         if args.fit_only:
             print(f"{method}: fitted in {fit_s:.0f} s" if fit_s else f"{method}: nothing to fit", flush=True)
             continue

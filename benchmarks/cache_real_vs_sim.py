@@ -21,6 +21,7 @@ import torch
 from kvpack import load_model, load_windows
 from kvpack.cache import CompressedCache
 from kvpack.pipeline import resolve_recipe
+from kvpack.recipe import Recipe
 from kvpack.data import load_corpus, tokenize
 from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.evaluate.results import environment, write_rows
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--gen-prompt", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--calib-data", default="c4[:500]")
+    p.add_argument("--recipes", type=Path, help="folder of saved recipes, one subfolder per method name; used when present")
     p.add_argument("--calib-windows", type=int, default=4)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--skip", default="", help="comma list of parts to skip: ppl,memory,generation")
@@ -90,10 +92,15 @@ def main() -> None:
                                do_sample=False)[0, prompt.shape[1]:] if "generation" not in skip else None
     for method in args.methods.split(","):
         t0 = time.perf_counter()
-        recipe = resolve_recipe(model, tok, method, calib_data=args.calib_data, calib_windows=args.calib_windows,
-                                calib_seqlen=args.calib_seqlen, progress=False)
-        calib = None if not recipe.calibration else {"windows": args.calib_windows, "seqlen": args.calib_seqlen,
-                                                     "data": args.calib_data, "seconds": time.perf_counter() - t0}
+        saved = None if args.recipes is None else args.recipes / "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+        if saved is not None and saved.is_dir():
+            recipe = Recipe.load(saved, model)  # e.g. fitted by benchmarks/rvq_explore.py --save-recipes
+        else:
+            recipe = resolve_recipe(model, tok, method, calib_data=args.calib_data, calib_windows=args.calib_windows,
+                                    calib_seqlen=args.calib_seqlen, progress=False)
+        calib = None if not recipe.calibration else {
+            "windows": recipe.calibration.get("windows"), "seqlen": recipe.calibration.get("seqlen"),
+            "data": recipe.calibration.get("data"), "seconds": time.perf_counter() - t0}
         if "ppl" not in skip:
             sim = simulated_perplexity(model, windows, recipe, progress=False)
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)

@@ -48,3 +48,12 @@ def test_run_table_and_heatmap(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 and len(r["answers"]) == 1 for r in rows)
     assert "depth (columns)" in passkey.table(rows)
     assert passkey.heatmap(rows, tmp_path / "pk.png").stat().st_size > 1000
+
+
+def test_by_length_weights_trials():
+    rows = [{"method": "m", "length": 10, "depth": 0.0, "accuracy": 1.0, "trials": 1},
+            {"method": "m", "length": 10, "depth": 1.0, "accuracy": 0.0, "trials": 3},
+            {"method": "m", "length": 20, "depth": 0.0, "accuracy": 0.5, "trials": 2}]
+    out = passkey.by_length(rows)
+    assert [(r["length"], r["trials"]) for r in out] == [(10, 4), (20, 2)]
+    assert out[0]["accuracy"] == 0.25 and out[1]["accuracy"] == 0.5

@@ -160,6 +160,9 @@ def eval_command(
         typer.echo(passkey.table(rows))
         if json_out:
             write_rows(json_out, rows)
+            summary = Path(json_out).with_name(Path(json_out).stem + "-by-length.json")
+            write_rows(summary, passkey.by_length(rows))
+            typer.echo(f"wrote {json_out} and {summary}", err=True)
         if plot:
             typer.echo(f"wrote {passkey.heatmap(rows, plot)}", err=True)
         return

@@ -152,3 +152,15 @@ def run_passkey_eval(model_spec: str, methods: list[str], lengths: list[int], de
     for row in rows:
         row.update(model=model_spec, env=env)
     return rows
+
+
+def by_length(rows: list[dict]) -> list[dict]:
+    """One row per method and length: accuracy averaged over depths and trials (the README table)."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for length in sorted({r["length"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["length"] == length]
+            trials = sum(r["trials"] for r in mine)
+            out.append({"method": method, "length": length, "depths": [r["depth"] for r in mine], "trials": trials,
+                        "accuracy": sum(r["accuracy"] * r["trials"] for r in mine) / trials})
+    return out

@@ -341,7 +341,9 @@ def _configs(model: nn.Module) -> list:
 
 
 def _pre_forward(model, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    from .cache_hooks import passed_cache
+
+    cache = passed_cache(kwargs)
     state = getattr(cache, "packed", None)
     frame = None
     if isinstance(state, PackedAttention):

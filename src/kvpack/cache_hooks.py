@@ -2,7 +2,7 @@
 cos/sin and position ids (needed to store keys pre-RoPE), and the batch's left padding (needed
 to keep each row's first tokens, the attention sink, in full precision).
 
-The hooks are installed once per model and act only when the `past_key_values` passed to the
+The hooks are installed once per model and act only when the cache passed to the
 forward is a cache that has `_kvpack_receive_rope` / `_kvpack_receive_mask`; with any other cache
 (or none) they do nothing.
 """
@@ -13,8 +13,30 @@ from torch import nn
 _INSTALLED = "_kvpack_cache_hooks"
 
 
+def _cache_argument() -> str:
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
+def cache_kwargs(cache) -> dict:
+    """{name: cache} for model(...) / model.generate(...) in the installed transformers."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def passed_cache(kwargs: dict):
+    """The cache a forward call received: transformers >= 5.24 names it `cache`, earlier 5.x
+    `past_key_values` (still accepted, deprecated, until 5.40)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _attention_pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = passed_cache(kwargs)
     receive = getattr(cache, "_kvpack_receive_rope", None)
     if receive is None:
         return
@@ -25,7 +47,7 @@ def _attention_pre_hook(module, args, kwargs):
 
 
 def _model_pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = passed_cache(kwargs)
     receive = getattr(cache, "_kvpack_receive_mask", None)
     if receive is not None:
         receive(kwargs.get("attention_mask"))

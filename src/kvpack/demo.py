@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .cache_hooks import cache_kwargs
+
 _ARTICLE = re.compile(r"^ = (?!=)(.+?) = $", re.M)
 
 
@@ -55,7 +57,7 @@ def run_demo(model_spec: str = "smollm2-135m", method: str = "kivi-4", data: str
     fp16_s = time.perf_counter() - start
     cache = CompressedCache(model, recipe)
     start = time.perf_counter()
-    got = model.generate(prompt, past_key_values=cache, **gen)[0, prompt.shape[1]:]
+    got = model.generate(prompt, **cache_kwargs(cache), **gen)[0, prompt.shape[1]:]
     packed_s = time.perf_counter() - start
     report = cache.memory_report()
     same = got == ref

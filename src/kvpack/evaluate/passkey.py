@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..cache_hooks import cache_kwargs
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -56,7 +58,7 @@ def answer(model, tokenizer, ids: torch.Tensor, recipe, new_tokens: int = 8) -> 
     """Greedy continuation of `ids` through the method's cache."""
     cache = _cache(model, recipe)
     ids = ids.to(model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new_tokens,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 

@@ -6,7 +6,7 @@ machine load drifts hit all methods alike):
   attention_ms  one layer's decode-step attention (1 query token): for fp16 the model's own SDPA
                 call (transformers' sdpa_attention_forward on a DynamicCache's K/V), for compressed
                 caches kvpack's packed attention (kvpack.attention.layer_attention);
-  step_ms       one whole-model decode step, model(next token, past_key_values=cache).
+  step_ms       one whole-model decode step, model(next token, **cache_kwargs(cache)).
 Filling: long contexts are not prefilled through the model. Real K/V are captured once from
 `source_tokens` tokens of text (pre-RoPE keys and values of every layer, through an fp16 cache),
 repeated along the sequence to `context` tokens and encoded straight into the cache's storage in
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..cache_hooks import cache_kwargs
 
 from ..intercept import attention_layers
 from ..models import text_config
@@ -116,7 +118,7 @@ def capture_kv(model, tokenizer, data: str, tokens: int) -> tuple[list[KV], str]
         ids, source = None, f"synthetic Gaussian K/V ({type(exc).__name__}: {exc})"
     if ids is not None and ids.shape[1] == tokens:
         cache = CompressedCache(model, Recipe.baseline("fp16:pre-rope", layers), packed_attention=False)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         return [KV(layer.k.read(torch.float32), layer.v.read(torch.float32)) for layer in cache.layers], source
     cfg = text_config(model.config)
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -286,10 +288,10 @@ def bench_context(model, tokenizer, methods: list[str], recipes: dict, kv: list[
             fill_tokens = context * batch
         else:
             cache, fill_s, fill_tokens = fill_compressed(model, recipe, kv, context, batch)
-        model(token, past_key_values=cache, use_cache=True)  # warm-up step (builds RoPE tables, kernels)
+        model(token, **cache_kwargs(cache), use_cache=True)  # warm-up step (builds RoPE tables, kernels)
         gc.collect()
         base = _reset_peak(device)
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **cache_kwargs(cache), use_cache=True)
         transient = max(0, _peak(device) - base)  # what one decode step allocates on top of what is held
         held = _cache_bytes(cache)
         entries.append(Entry(method, cache, recipe, fill_s, fill_tokens, held, weights + held + transient))
@@ -305,7 +307,7 @@ def bench_context(model, tokenizer, methods: list[str], recipes: dict, kv: list[
             times = [_timed(f, device) for f in calls[entry.method]]
             entry.attention_ms.append(statistics.mean(t[0] for t in times))
             entry.attention_cpu_ms.append(statistics.mean(t[1] for t in times))
-            wall, cpu = _timed(lambda: model(token, past_key_values=entry.cache, use_cache=True), device)
+            wall, cpu = _timed(lambda: model(token, **cache_kwargs(entry.cache), use_cache=True), device)
             entry.step_ms.append(wall)
             entry.step_cpu_ms.append(cpu)
     return entries

@@ -22,6 +22,8 @@ import math
 import time
 
 import torch
+
+from ..cache_hooks import cache_kwargs
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -41,7 +43,7 @@ def window_stream_nll(model, ids: torch.Tensor, recipe: Recipe, chunk: int = 1,
     total = 0.0
     for start in range(0, seqlen - 1, chunk):
         stop = min(start + chunk, seqlen - 1)
-        logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits.float()
+        logits = model(ids[:, start:stop], **cache_kwargs(cache), use_cache=True).logits.float()
         targets = ids[:, start + 1: stop + 1]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
     return total, seqlen - 1, cache

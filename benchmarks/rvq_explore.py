@@ -116,7 +116,7 @@ def truncated(recipe: Recipe, depth: int) -> Recipe:
     name = f"rvq-d{depth}-c{extra['codes']}-g{recipe.settings.key_group}" + (f":{options}" if options else "")
     settings = parse_method(name)
     return Recipe(settings, [cut(c) for c in recipe.key_codecs], [cut(c) for c in recipe.value_codecs],
-                  recipe.model, recipe.calibration)
+                  recipe.model_identity, recipe.calibration)
 
 
 def truncated_name(method: str, depth: int) -> str:
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--save-recipes", type=Path,
                         help="save each fitted rvq method's recipe to this folder (one subfolder per method), e.g. for `kvpack finetune --recipe`")
     parser.add_argument("--depths", default="",
-                        help="also evaluate the first d stages of each fitted RVQ method, for each d here (e.g. 1,2,3,4,5,6,7)")
+                        help="also evaluate the first d stages of the first RVQ method, for each d here (e.g. 1,2,3,4,5,6,7)")
     args = parser.parse_args()
 
     model, tokenizer = load_model()
@@ -161,14 +161,15 @@ def main() -> None:
     if tuned is not None:
         methods.append(tuned.method + ":ft")
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    plan = []
+    plan, swept = [], False
     for method in methods:
         if tuned is not None and method == tuned.method + ":ft":
             plan.append((method, lambda: (tuned, None, {})))
             continue
         plan.append((method, lambda m=method: recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())))
         settings = parse_method(method.partition("@")[0])
-        if settings.family == "rvq" and not args.fit_only:
+        if settings.family == "rvq" and not swept and not args.fit_only:
+            swept = True
             for d in depths:
                 if d < settings.extra["depth"]:
                     def prefix(m=method, d=d):

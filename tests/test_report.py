@@ -27,9 +27,9 @@ def test_select_rows_keeps_pattern_order_and_each_row_once():
 def test_marker_with_methods_and_columns(tmp_path):
     _write(tmp_path, ROWS)
     readme = tmp_path / "README.md"
-    readme.write_text("a\n<!-- results:t methods=int3,fp16 columns=method:name,ppl -->\nold\n<!-- /results -->\nb\n")
+    readme.write_text("a\n<!-- results:t methods=int3,fp16 columns=method:the name,ppl -->\nold\n<!-- /results -->\nb\n")
     text = render_readme(readme, tmp_path / "res")
-    assert "| name | ppl |" in text
+    assert "| the name | ppl |" in text
     assert text.index("| int3 |") < text.index("| fp16 |")
     assert "kvquant" not in text and "old" not in text
     assert text.endswith("<!-- /results -->\nb\n")

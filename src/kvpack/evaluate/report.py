@@ -28,7 +28,7 @@ def describe(rows: list[dict]) -> str:
 
 def parse_options(text: str) -> dict[str, str]:
     """'methods=a,b columns=x:y' -> {'methods': 'a,b', 'columns': 'x:y'}; unknown keys are an error."""
-    options = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    options = {m[1]: m[2].strip() for m in re.finditer(r"(\w+)=(.*?)(?=\s+\w+=|$)", text.strip())}
     unknown = set(options) - {"methods", "columns"}
     if unknown:
         raise ValueError(f"unknown results-marker option(s) {sorted(unknown)}; use methods= and columns=")

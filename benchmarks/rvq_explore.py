@@ -203,6 +203,9 @@ def main() -> None:
                "heldout_rel_error_keys": mean.get("keys_heldout_rel_error"),
                "heldout_rel_error_values": mean.get("values_heldout_rel_error"),
                "heldout_usage_keys": mean.get("keys_heldout_usage"), "heldout_usage_values": mean.get("values_heldout_usage")}
+        for kind in ("keys", "values"):  # relative squared error left after the last stage (held-out rows)
+            errors = row[f"heldout_rel_error_{kind}"]
+            row[f"final_rel_error_{kind}"] = errors[-1] if isinstance(errors, list) and errors else errors
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:  # after every row, so an interrupted sweep keeps what it measured

@@ -173,8 +173,9 @@ def main() -> None:
             for d in depths:
                 if d < settings.extra["depth"]:
                     def prefix(m=method, d=d):
-                        recipe, _, _ = recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
-                        return truncated(recipe, d), None, {}
+                        recipe, _, mean = recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
+                        per_stage = {k: v[:d] for k, v in mean.items() if isinstance(v, list)}  # stages 1..d
+                        return truncated(recipe, d), None, per_stage
                     label = f"{truncated_name(method, d)} (stages 1-{d} of {method.split(':')[0]})"
                     plan.append((label, prefix))
     old = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []

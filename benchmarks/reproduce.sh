@@ -31,6 +31,7 @@ python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --finetuned /tmp
   --methods fp16 --json results/rvq-wikitext2.json
 python benchmarks/rvq_explore.py $W --eval-data 'c4[500:]' --eval-windows 8 \
   --methods rvq-d8-c2048-g32,rvq-d8-c1024-g64,rvq-d6-c1024-g32 --json results/rvq-c4-heldout.json
+python benchmarks/rvq_explore.py $W --eval-windows 8 --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:1pct --json results/rvq-outliers-wikitext2.json
 python benchmarks/rvq_speed.py --threads 1 2
 
 # The real cache: streamed vs simulated perplexity, bytes, greedy agreement; HF QuantizedCache.

@@ -193,9 +193,20 @@ def main() -> None:
         result = simulated_perplexity(model, windows, recipe, progress=False)
         codes_bits = None
         if recipe.settings.family == "rvq":
-            x = acts[0].keys[: 3 * 64].view(1, 3, 64, -1)
-            codec = next(c for c in (*recipe.key_codecs, *recipe.value_codecs) if isinstance(c, RVQCodec))
-            codes_bits = codec.encode(x).bits_per_element()
+            # Per-token storage without the shared codebooks: every layer's keys and values of the first
+            # calibration window, laid out [1, heads, tokens, head_dim] as the cache holds them (outlier
+            # thresholds are per head, so the heads must not be mixed).
+            from kvpack.kvquant_fit import blocks
+
+            stored = elements = 0
+            for layer, k_codec, v_codec in zip(acts, recipe.key_codecs, recipe.value_codecs):
+                heads = int(layer.heads.max()) + 1
+                for rows, codec in ((layer.keys, k_codec), (layer.values, v_codec)):
+                    x = blocks(rows, layer.heads, heads)[:1]
+                    enc = codec.encode(x)
+                    stored += enc.bits_per_element() * x.numel()
+                    elements += x.numel()
+            codes_bits = stored / elements
         base = result.ppl if method == "fp16" else base
         row = {"method": method + (" (adapter)" if tuned is not None and method == "fp16" else ""), "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
                "bits_per_element_simulated": result.bits_per_element, "bits_codes_scale": codes_bits,

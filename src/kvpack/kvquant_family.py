@@ -4,6 +4,11 @@ Presets: kvquant-4bit, kvquant-4bit-1pct, kvquant-3bit, kvquant-3bit-1pct, kvqua
 kvquant-2bit-1pct; any N in 2..8 and P in [0, 50) work. Defaults: keys pre-RoPE, per-channel with
 ranges and outlier thresholds fixed at calibration; values per-token with online ranges; one fp16
 sink token; Fisher-weighted k-means codebooks, one per layer and K/V.
+Weighting default: `F` (the reference code's). Measured on SmolLM2 at 3 bits with 1% outliers
+(results/wikitext2-kvquant-ablation.json, 8 WikiText-2 windows): `F` +8.05%, `F * s^2` (`fisher-s2`,
+the paper's Eq. 7) +7.15%, unweighted +9.70%, uniform grid +9.61% vs fp16. `fisher-s2` is better
+there and is the recommended option; the default stays `F` so that recipes and the published
+tables keep one meaning (changing it is a recipe-format-visible change, CALIBRATION_VERSION).
 Options (after ':'), beside the generic post-rope, key-token, sink<N>:
   fisher | fisher-s2 | plain | uniform   k-means weights: F, F * scale^2, none; uniform = int grid
   out<P>                                 outlier percentage (overrides the preset's -Ppct), e.g. out0.5

@@ -201,8 +201,8 @@ def main() -> None:
             stored = elements = 0
             for layer, k_codec, v_codec in zip(acts, recipe.key_codecs, recipe.value_codecs):
                 heads = int(layer.heads.max()) + 1
-                for rows, codec in ((layer.keys, k_codec), (layer.values, v_codec)):
-                    x = blocks(rows, layer.heads, heads)[:1]
+                for kind_rows, codec in ((layer.keys, k_codec), (layer.values, v_codec)):
+                    x = blocks(kind_rows, layer.heads, heads)[:1]
                     enc = codec.encode(x)
                     stored += enc.bits_per_element() * x.numel()
                     elements += x.numel()

@@ -30,7 +30,9 @@ def write_rows(path: str | Path, rows: list[dict]) -> None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    return json.loads(Path(path).read_text())
+    """Rows of a result file: a JSON list, or an object whose `rows` holds the list."""
+    data = json.loads(Path(path).read_text())
+    return data["rows"] if isinstance(data, dict) and "rows" in data else data
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -20,7 +20,9 @@ def describe(rows: list[dict]) -> str:
     first = rows[0]
     labels = [("model", "model `{}`"), ("data", "data `{}`"), ("seqlen", "seqlen {}"), ("windows", "{} windows"),
               ("mode", "mode {}"), ("device", "device {}")]
-    parts = [fmt.format(first[key]) for key, fmt in labels if first.get(key) is not None]
+    # only what every row shares (a column shows what differs)
+    parts = [fmt.format(first[key]) for key, fmt in labels
+             if first.get(key) is not None and all(r.get(key) == first[key] for r in rows)]
     if "ppl" in first and "mode" not in first:
         parts.append("mode simulated")
     return ("Measured on " + ", ".join(parts) + ".") if parts else ""
@@ -55,7 +57,7 @@ def render_file(path: Path, options: dict[str, str] | None = None) -> str:
         columns = [(key, header) for key, header in columns]
     else:
         columns = PPL_COLUMNS if "ppl" in rows[0] else [(k, k) for k in rows[0]]
-    return f"{markdown_table(rows, columns)}\n\n{describe(rows)} Source: `{path}`.\n"
+    return f"{markdown_table(rows, columns)}\n\n{(describe(rows) + ' ').lstrip()}Source: `{path}`.\n"
 
 
 def render_readme(readme: Path, results_dir: Path) -> str:

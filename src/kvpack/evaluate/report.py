@@ -23,8 +23,6 @@ def describe(rows: list[dict]) -> str:
     # only what every row shares (a column shows what differs)
     parts = [fmt.format(first[key]) for key, fmt in labels
              if first.get(key) is not None and all(r.get(key) == first[key] for r in rows)]
-    if "ppl" in first and "mode" not in first:
-        parts.append("mode simulated")
     return ("Measured on " + ", ".join(parts) + ".") if parts else ""
 
 

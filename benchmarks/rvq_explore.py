@@ -111,10 +111,7 @@ def truncated(recipe: Recipe, depth: int) -> Recipe:
             return codec
         return RVQCodec(codec.codebooks[:depth], codec.head_dim, codec.grouping, codec.lower, codec.upper)
 
-    base, _, options = recipe.settings.name.partition(":")
-    extra = recipe.settings.extra
-    name = f"rvq-d{depth}-c{extra['codes']}-g{recipe.settings.key_group}" + (f":{options}" if options else "")
-    settings = parse_method(name)
+    settings = parse_method(truncated_name(recipe.settings.name, depth))
     return Recipe(settings, [cut(c) for c in recipe.key_codecs], [cut(c) for c in recipe.value_codecs],
                   recipe.model_identity, recipe.calibration)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from kvpack.cache import CompressedCache
 from kvpack.pipeline import resolve_recipe
 from kvpack.recipe import Recipe
 from kvpack.data import load_corpus, tokenize
-from kvpack.evaluate.perplexity import simulated_perplexity
+from kvpack.evaluate.perplexity import simulated_perplexity, window_nll
+from kvpack.intercept import intercept_kv
+from kvpack.simulate import Simulator
 from kvpack.evaluate.results import environment, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
 
@@ -33,6 +36,38 @@ def _append(path: Path, row: dict) -> None:
     rows = [r for r in rows if not (r["method"] == row["method"] and r.get("kind") == row.get("kind")
                                     and r.get("tokens") == row.get("tokens"))]
     write_rows(path, rows + [row])
+
+
+class Perturbed:
+    """Simulation whose keys/values are first multiplied by (1 + rel * N(0, 1)) noise: the size of the float
+    noise by which a one-token forward differs from a whole-window one (k_proj/v_proj ~1e-6 relative)."""
+
+    def __init__(self, recipe, rel: float, seed: int):
+        self.inner = Simulator(recipe)
+        self.pre_rope = self.inner.pre_rope
+        self.rel = rel
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.rel * torch.randn(x.shape, generator=self.gen, dtype=x.dtype))
+
+    def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        return self.inner(layer_idx, self._noisy(key), self._noisy(value))
+
+
+@torch.no_grad()
+def perturbed_ppls(model, windows: torch.Tensor, recipe, seeds: int, rel: float) -> list[float]:
+    """Simulated perplexity of `windows` under `seeds` independent perturbations of relative size `rel`:
+    how far float noise alone moves the number, through the quantizer's rounding decisions."""
+    out = []
+    for seed in range(seeds):
+        nll = tokens = 0
+        with intercept_kv(model, Perturbed(recipe, rel, seed)):
+            for w in windows:
+                a, b = window_nll(model, w.unsqueeze(0).to(model.device))
+                nll, tokens = nll + a, tokens + b
+        out.append(math.exp(nll / tokens))
+    return out
 
 
 @torch.no_grad()
@@ -77,6 +112,9 @@ def main() -> None:
     p.add_argument("--recipes", type=Path, help="folder of saved recipes, one subfolder per method name; used when present")
     p.add_argument("--calib-windows", type=int, default=4)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--noise-seeds", type=int, default=8,
+                   help="simulations under 1e-6 relative K/V noise, to show how far float noise alone moves the number")
+    p.add_argument("--noise", type=float, default=1e-6)
     p.add_argument("--skip", default="", help="comma list of parts to skip: ppl,memory,generation")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--threads", type=int, default=1)
@@ -103,14 +141,18 @@ def main() -> None:
             "data": recipe.calibration.get("data"), "seconds": time.perf_counter() - t0}
         if "ppl" not in skip:
             sim = simulated_perplexity(model, windows, recipe, progress=False)
+            noisy = perturbed_ppls(model, windows, recipe, args.noise_seeds, args.noise) if args.noise_seeds else []
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)
             row = {"kind": "ppl", "method": recipe.method, "data": "wikitext2", "seqlen": args.seqlen,
                    "windows": args.windows, "tokens": real.tokens, "chunk": args.chunk,
                    "sim_ppl": sim.ppl, "real_ppl": real.ppl, "rel_diff": real.ppl / sim.ppl - 1,
                    "sim_bits": sim.bits_per_element, "real_bits": real.bits_per_element,
+                   "noise": {"rel": args.noise, "ppls": noisy,
+                             "min_rel_diff": min(noisy) / sim.ppl - 1 if noisy else None,
+                             "max_rel_diff": max(noisy) / sim.ppl - 1 if noisy else None},
                    "sim_seconds": sim.seconds, "real_seconds": real.seconds, "calibration": calib, "env": environment()}
             _append(args.out / "cache-real-vs-sim.json", row)
-            print(json.dumps({k: row[k] for k in ("method", "sim_ppl", "real_ppl", "rel_diff", "sim_bits", "real_bits")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("method", "sim_ppl", "real_ppl", "rel_diff", "noise", "real_bits")}), flush=True)
         if "memory" not in skip:
             for row in memory_rows(model, recipe, text_ids, lengths):
                 row["calibration"] = calib

@@ -41,3 +41,11 @@ def test_marker_unknown_option_is_an_error(tmp_path):
     readme.write_text("<!-- results:t rowz=fp16 -->\n<!-- /results -->\n")
     with pytest.raises(ValueError, match="rowz"):
         render_readme(readme, tmp_path / "res")
+
+
+def test_dotted_column_reads_nested_values():
+    from kvpack.evaluate.results import markdown_table
+
+    rows = [{"method": "a", "noise": {"min": -0.0125}}, {"method": "b"}]
+    text = markdown_table(rows, [("method", "method"), ("noise.min", "band low")])
+    assert "| a | -0.013 |" in text and "| b | - |" in text

@@ -43,11 +43,23 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def lookup(row: dict, key: str):
+    """row[key], or a nested value for a dotted key ('noise.min_rel_diff'); None when absent."""
+    if key in row:
+        return row[key]
+    value = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """Markdown table of `rows` with (key, header) columns."""
+    """Markdown table of `rows` with (key, header) columns; keys may be dotted paths into nested values."""
     head = "| " + " | ".join(h for _, h in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_fmt(lookup(r, k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

@@ -25,18 +25,20 @@ python benchmarks/rvq_explore.py $W --fit-only --methods rvq-d8-c2048-g32,rvq-d8
 python benchmarks/rvq_explore.py $W --eval-windows 16 --save-recipes /tmp/kvpack-recipes \
   --methods rvq-d8-c2048-g32,rvq-d8-c1024-g64,rvq-d6-c1024-g32 --json results/rvq-wikitext2.json
 kvpack finetune --recipe /tmp/kvpack-recipes/rvq-d8-c2048-g32 --steps 200 --out /tmp/kvpack-ft/rvq-d8-c2048-g32-ft
-python benchmarks/rvq_explore.py $W --eval-windows 8 --depths 1,2,3,4,5,6,7 --json results/rvq-sweep-wikitext2.json \
-  --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:key-contiguous,rvq-d8-c2048-g32:value-strided,rvq-d8-c2048-g32:kmeans-only,rvq-d8-c2048-g32:1pct,rvq-d8-c2048-g32:sink1
+python benchmarks/rvq_explore.py $W --eval-windows 16 --depths 1,2,3,4,5,6,7 --json results/rvq-sweep-wikitext2-16w.json \
+  --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:key-contiguous,rvq-d8-c2048-g32:value-strided,rvq-d8-c2048-g32:kmeans-only,rvq-d8-c2048-g32:sink1
+python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --methods rvq-d8-c2048-g32:1pct --json results/rvq-sweep-wikitext2-16w.json
 python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --finetuned /tmp/kvpack-ft/rvq-d8-c2048-g32-ft \
   --methods fp16 --json results/rvq-wikitext2.json
 python benchmarks/rvq_explore.py $W --eval-data 'c4[500:]' --eval-windows 8 \
-  --methods rvq-d8-c2048-g32,rvq-d8-c1024-g64,rvq-d6-c1024-g32 --json results/rvq-c4-heldout.json
-python benchmarks/rvq_explore.py $W --eval-windows 8 --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:1pct --json results/rvq-outliers-wikitext2.json
+  --methods rvq-d8-c2048-g32,rvq-d4-c2048-g32,rvq-d8-c1024-g64,rvq-d6-c1024-g32 --json results/rvq-c4-heldout.json
+python benchmarks/rvq_explore.py $W --eval-data 'c4[500:]' --eval-windows 8 --methods '' \
+  --finetuned /tmp/kvpack-ft/rvq-d8-c2048-g32-ft --json results/rvq-c4-heldout.json
 python benchmarks/rvq_speed.py --threads 1 2
 
 # The real cache: streamed vs simulated perplexity, bytes, greedy agreement; HF QuantizedCache.
 python benchmarks/cache_real_vs_sim.py --methods fp16,kivi-2,kvquant-4bit-1pct,kvquant-3bit-1pct,rvq-d8-c2048-g32 \
-  --seqlen 2048 --windows 2 --chunk 1 --calib-windows 16 --calib-seqlen 2048 --recipes /tmp/kvpack-recipes
+  --seqlen 2048 --windows 2 --chunk 1 --calib-windows 16 --calib-seqlen 2048 --recipes /tmp/kvpack-recipes --noise-seeds 6
 python benchmarks/cache_memory_shapes.py
 pip install -q hqq optimum-quanto
 python benchmarks/hf_quantized_cache.py --seqlen 512 --windows 1

@@ -141,7 +141,12 @@ def main() -> None:
                         help="save each fitted rvq method's recipe to this folder (one subfolder per method), e.g. for `kvpack finetune --recipe`")
     parser.add_argument("--depths", default="",
                         help="also evaluate the first d stages of the first RVQ method, for each d here (e.g. 1,2,3,4,5,6,7)")
+    parser.add_argument("--train-vectors", type=int, help="group vectors per layer and K/V in the EMA pass (default: RVQTrainConfig's)")
+    parser.add_argument("--ema-passes", type=int, help="EMA passes over those vectors (default: RVQTrainConfig's)")
     args = parser.parse_args()
+    overrides = {k: v for k, v in (("train_vectors", args.train_vectors), ("ema_passes", args.ema_passes)) if v is not None}
+    train_config = RVQTrainConfig(**overrides)
+    tag = "".join(f" [{k.replace('_', ' ')} {v}]" for k, v in overrides.items())  # rows say how they were trained
 
     model, tokenizer = load_model()
     cache = args.work / f"acts-{args.calib_data.replace('[', '_').replace(':', '-').replace(']', '')}-{args.calib_windows}x{args.seqlen}.pt"
@@ -163,14 +168,14 @@ def main() -> None:
         if tuned is not None and method == tuned.method + ":ft":
             plan.append((method, lambda: (tuned, None, {})))
             continue
-        plan.append((method, lambda m=method: recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())))
+        plan.append((method, lambda m=method: recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", train_config)))
         settings = parse_method(method.partition("@")[0])
         if settings.family == "rvq" and not swept and not args.fit_only:
             swept = True
             for d in depths:
                 if d < settings.extra["depth"]:
                     def prefix(m=method, d=d):
-                        recipe, _, mean = recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", RVQTrainConfig())
+                        recipe, _, mean = recipe_for(model, acts, m, args.work / f"codecs-{cache.stem}", train_config)
                         per_stage = {k: v[:d] for k, v in mean.items() if isinstance(v, list)}  # stages 1..d
                         return truncated(recipe, d), None, per_stage
                     label = f"{truncated_name(method, d)} (stages 1-{d} of {method.split(':')[0]})"
@@ -205,7 +210,7 @@ def main() -> None:
                     elements += x.numel()
             codes_bits = stored / elements
         base = result.ppl if method == "fp16" else base
-        row = {"method": method + (" (adapter)" if tuned is not None and method == "fp16" else ""), "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
+        row = {"method": method + (" (adapter)" if tuned is not None and method == "fp16" else "") + (tag if method != "fp16" else ""), "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
                "bits_per_element_simulated": result.bits_per_element, "bits_codes_scale": codes_bits,
                "fit_s": fit_s, "eval_s": result.seconds, "eval": f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]",
                "calib": f"{args.calib_data} {args.calib_windows}x{args.seqlen}",

@@ -28,6 +28,8 @@ kvpack finetune --recipe /tmp/kvpack-recipes/rvq-d8-c2048-g32 --steps 200 --out 
 python benchmarks/rvq_explore.py $W --eval-windows 16 --depths 1,2,3,4,5,6,7 --json results/rvq-sweep-wikitext2-16w.json \
   --methods rvq-d8-c2048-g32,rvq-d8-c2048-g32:key-contiguous,rvq-d8-c2048-g32:value-strided,rvq-d8-c2048-g32:kmeans-only,rvq-d8-c2048-g32:sink1
 python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --methods rvq-d8-c2048-g32:1pct --json results/rvq-sweep-wikitext2-16w.json
+python benchmarks/rvq_explore.py $W --eval-windows 16 --methods rvq-d8-c2048-g32 --train-vectors 196608 --json results/rvq-train-data-16w.json
+python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --methods rvq-d4-c2048-g32 --json results/rvq-wikitext2.json
 python benchmarks/rvq_explore.py $W --eval-windows 16 --no-fp16 --finetuned /tmp/kvpack-ft/rvq-d8-c2048-g32-ft \
   --methods fp16 --json results/rvq-wikitext2.json
 python benchmarks/rvq_explore.py $W --eval-data 'c4[500:]' --eval-windows 8 \

@@ -181,7 +181,10 @@ def main() -> None:
                     label = f"{truncated_name(method, d)} (stages 1-{d} of {method.split(':')[0]})"
                     plan.append((label, prefix))
     old = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
-    rows, base = [], None
+    rows = []
+    # With --no-fp16, deltas are taken against the fp16 row of the same evaluation already in --json.
+    base = next((r["ppl"] for r in old if r.get("method") == "fp16" and r.get("eval") == f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]"
+                 and tuned is None), None)
     for method, make in plan:
         recipe, fit_s, mean = make()
         if args.save_recipes and recipe.settings.family == "rvq" and "(" not in method and "@" not in method:

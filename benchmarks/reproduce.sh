@@ -50,6 +50,6 @@ kvpack eval --task passkey --methods fp16,kvquant-4bit-1pct,kvquant-3bit-1pct --
   --depths 0,0.5,1 --trials 1 --calib-windows 16 --seqlen 2048 --json results/passkey.json --plot results/passkey.png
 kvpack plan --model llama-2-7b --memory 80GiB --method kvquant-2bit-1pct,kvquant-3bit-1pct,kvquant-4bit-1pct,kvquant-2bit,rvq-d8-c2048-g32
 kvpack bench --device cpu --contexts 2048,8192,32768 --methods fp16,kvquant-4bit-1pct,kvquant-3bit-1pct,rvq-d8-c2048-g32 \
-  --json results/bench-cpu.json --plot results/bench-cpu.png
+  --rounds 5 --json results/bench-cpu.json --plot results/bench-cpu.png
 
 kvpack report

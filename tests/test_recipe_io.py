@@ -122,3 +122,13 @@ def test_save_replaces_cleanly(recipe, saved):
     assert not list(saved.glob("*.tmp"))
     Recipe.load(saved)
     shutil.rmtree(saved)
+
+
+def test_every_codec_type_is_registered_by_importing_kvpack_alone():
+    """A recipe saved by one process must load in a fresh one that imported only kvpack (no family modules)."""
+    import subprocess
+    import sys
+
+    code = "import kvpack.codecs as c; print(' '.join(sorted(c.CODEC_TYPES)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {"NuqCodec", "RVQCodec", "UniformCodec", "CodebookCodec", "NormalFloatCodec", "Fp16Codec"} <= set(out)

@@ -41,6 +41,8 @@ python benchmarks/rvq_speed.py --threads 1 2
 # The real cache: streamed vs simulated perplexity, bytes, greedy agreement; HF QuantizedCache.
 python benchmarks/cache_real_vs_sim.py --methods fp16,kivi-2,kvquant-4bit-1pct,kvquant-3bit-1pct,rvq-d8-c2048-g32 \
   --seqlen 2048 --windows 2 --chunk 1 --calib-windows 16 --calib-seqlen 2048 --recipes /tmp/kvpack-recipes --noise-seeds 6
+python benchmarks/cache_real_vs_sim.py --methods kvquant-3bit-1pct,rvq-d8-c2048-g32 --seqlen 2048 --windows 16 --calib-windows 16 \
+  --calib-seqlen 2048 --recipes /tmp/kvpack-recipes --noise-seeds 4 --skip real,memory,generation
 python benchmarks/cache_memory_shapes.py
 pip install -q hqq optimum-quanto
 python benchmarks/hf_quantized_cache.py --seqlen 512 --windows 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from kvpack.cache import CompressedCache
 from kvpack.pipeline import resolve_recipe
 from kvpack.recipe import Recipe
 from kvpack.data import load_corpus, tokenize
-from kvpack.evaluate.perplexity import simulated_perplexity, window_nll
-from kvpack.intercept import intercept_kv
+from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.simulate import Simulator
 from kvpack.evaluate.results import environment, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
@@ -38,13 +36,12 @@ def _append(path: Path, row: dict) -> None:
     write_rows(path, rows + [row])
 
 
-class Perturbed:
+class Perturbed(Simulator):
     """Simulation whose keys/values are first multiplied by (1 + rel * N(0, 1)) noise: the size of the float
     noise by which a one-token forward differs from a whole-window one (k_proj/v_proj ~1e-6 relative)."""
 
     def __init__(self, recipe, rel: float, seed: int):
-        self.inner = Simulator(recipe)
-        self.pre_rope = self.inner.pre_rope
+        super().__init__(recipe)
         self.rel = rel
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -52,22 +49,20 @@ class Perturbed:
         return x * (1 + self.rel * torch.randn(x.shape, generator=self.gen, dtype=x.dtype))
 
     def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        return self.inner(layer_idx, self._noisy(key), self._noisy(value))
+        return super().__call__(layer_idx, self._noisy(key), self._noisy(value))
 
 
-@torch.no_grad()
 def perturbed_ppls(model, windows: torch.Tensor, recipe, seeds: int, rel: float) -> list[float]:
     """Simulated perplexity of `windows` under `seeds` independent perturbations of relative size `rel`:
     how far float noise alone moves the number, through the quantizer's rounding decisions."""
-    out = []
-    for seed in range(seeds):
-        nll = tokens = 0
-        with intercept_kv(model, Perturbed(recipe, rel, seed)):
-            for w in windows:
-                a, b = window_nll(model, w.unsqueeze(0).to(model.device))
-                nll, tokens = nll + a, tokens + b
-        out.append(math.exp(nll / tokens))
-    return out
+    return [simulated_perplexity(model, windows, recipe, progress=False, simulator=Perturbed(recipe, rel, seed)).ppl
+            for seed in range(seeds)]
+
+
+def noise_band(noisy: list[float], sim_ppl: float) -> dict:
+    """Lowest/highest perturbed perplexity relative to the unperturbed one (None without perturbed runs)."""
+    return {"min_rel_diff": min(noisy) / sim_ppl - 1 if noisy else None,
+            "max_rel_diff": max(noisy) / sim_ppl - 1 if noisy else None}
 
 
 @torch.no_grad()
@@ -139,27 +134,24 @@ def main() -> None:
         calib = None if not recipe.calibration else {
             "windows": recipe.calibration.get("windows"), "seqlen": recipe.calibration.get("seqlen"),
             "data": recipe.calibration.get("data"), "seconds": time.perf_counter() - t0}
-        if "ppl" not in skip and "real" in skip:  # the simulation and its float-noise band only, at any number of windows
+        if "ppl" not in skip:
             sim = simulated_perplexity(model, windows, recipe, progress=False)
             noisy = perturbed_ppls(model, windows, recipe, args.noise_seeds, args.noise)
+            band = noise_band(noisy, sim.ppl)
+        if "ppl" not in skip and "real" in skip:  # the simulation and its float-noise band only, at any number of windows
             row = {"kind": "noise-band", "method": recipe.method, "data": "wikitext2", "seqlen": args.seqlen,
-                   "windows": args.windows, "sim_ppl": sim.ppl, "noise_rel": args.noise, "noisy_ppls": noisy,
-                   "min_rel_diff": min(noisy) / sim.ppl - 1, "max_rel_diff": max(noisy) / sim.ppl - 1,
+                   "windows": args.windows, "sim_ppl": sim.ppl, "noise_rel": args.noise, "noisy_ppls": noisy, **band,
                    "spread_pct": 100 * (max(noisy + [sim.ppl]) - min(noisy + [sim.ppl])) / sim.ppl,
                    "calibration": calib, "env": environment()}
             _append(args.out / "noise-band.json", row)
             print(json.dumps({k: row[k] for k in ("method", "windows", "sim_ppl", "min_rel_diff", "max_rel_diff", "spread_pct")}), flush=True)
         if "ppl" not in skip and "real" not in skip:
-            sim = simulated_perplexity(model, windows, recipe, progress=False)
-            noisy = perturbed_ppls(model, windows, recipe, args.noise_seeds, args.noise) if args.noise_seeds else []
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)
             row = {"kind": "ppl", "method": recipe.method, "data": "wikitext2", "seqlen": args.seqlen,
                    "windows": args.windows, "tokens": real.tokens, "chunk": args.chunk,
                    "sim_ppl": sim.ppl, "real_ppl": real.ppl, "rel_diff": real.ppl / sim.ppl - 1,
                    "sim_bits": sim.bits_per_element, "real_bits": real.bits_per_element,
-                   "noise": {"rel": args.noise, "ppls": noisy,
-                             "min_rel_diff": min(noisy) / sim.ppl - 1 if noisy else None,
-                             "max_rel_diff": max(noisy) / sim.ppl - 1 if noisy else None},
+                   "noise": {"rel": args.noise, "ppls": noisy, **band},
                    "sim_seconds": sim.seconds, "real_seconds": real.seconds, "calibration": calib, "env": environment()}
             _append(args.out / "cache-real-vs-sim.json", row)
             print(json.dumps({k: row[k] for k in ("method", "sim_ppl", "real_ppl", "rel_diff", "noise", "real_bits")}), flush=True)

@@ -182,9 +182,11 @@ def main() -> None:
                     plan.append((label, prefix))
     old = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
     rows = []
-    # With --no-fp16, deltas are taken against the fp16 row of the same evaluation already in --json.
-    base = next((r["ppl"] for r in old if r.get("method") == "fp16" and r.get("eval") == f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]"
-                 and tuned is None), None)
+    eval_label = f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]"
+    # With --no-fp16, deltas are taken against the fp16 row of the same evaluation already in --json
+    # (not for a fine-tuned model: its fp16 row is the tuned model's, measured in this run).
+    base = None if tuned is not None else next(
+        (r["ppl"] for r in old if r.get("method") == "fp16" and r.get("eval") == eval_label), None)
     for method, make in plan:
         recipe, fit_s, mean = make()
         if args.save_recipes and recipe.settings.family == "rvq" and "(" not in method and "@" not in method:
@@ -213,9 +215,10 @@ def main() -> None:
                     elements += x.numel()
             codes_bits = stored / elements
         base = result.ppl if method == "fp16" else base
-        row = {"method": method + (" (adapter)" if tuned is not None and method == "fp16" else "") + (tag if method != "fp16" else ""), "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
+        label = method + ((" (adapter)" if tuned is not None else "") if method == "fp16" else tag)
+        row = {"method": label, "ppl": result.ppl, "delta_pct": None if base is None else 100 * (result.ppl / base - 1),
                "bits_per_element_simulated": result.bits_per_element, "bits_codes_scale": codes_bits,
-               "fit_s": fit_s, "eval_s": result.seconds, "eval": f"{args.eval_data}[:{args.eval_windows}x{args.seqlen}]",
+               "fit_s": fit_s, "eval_s": result.seconds, "eval": eval_label,
                "calib": f"{args.calib_data} {args.calib_windows}x{args.seqlen}",
                "heldout_rel_error_keys": mean.get("keys_heldout_rel_error"),
                "heldout_rel_error_values": mean.get("values_heldout_rel_error"),

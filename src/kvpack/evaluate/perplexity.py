@@ -34,9 +34,11 @@ def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress: bool = True) -> PerplexityResult:
-    """Perplexity of `windows` [n, seqlen] with keys/values quantize-dequantized by `recipe`."""
-    simulator = Simulator(recipe)
+def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress: bool = True,
+                         simulator: Simulator | None = None) -> PerplexityResult:
+    """Perplexity of `windows` [n, seqlen] with keys/values quantize-dequantized by `recipe`
+    (through `simulator`, a Simulator of `recipe` or a subclass, when given)."""
+    simulator = simulator or Simulator(recipe)
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(windows, desc=recipe.method, unit="window", disable=not progress, leave=False)

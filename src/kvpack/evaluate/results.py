@@ -45,8 +45,6 @@ def _fmt(value, digits: int = 3) -> str:
 
 def lookup(row: dict, key: str):
     """row[key], or a nested value for a dotted key ('noise.min_rel_diff'); None when absent."""
-    if key in row:
-        return row[key]
     value = row
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:

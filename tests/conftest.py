@@ -19,6 +19,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+@pytest.fixture(scope="session")
+def shared_corpora() -> Path:
+    """$KVPACK_DATA holding the shared WikiText-2 and C4 files; tests that read them skip, saying why, elsewhere."""
+    root = Path(os.environ["KVPACK_DATA"])
+    missing = [f for f in ("wikitext-2-raw/wiki.test.raw", "c4/c4-validation-sample.jsonl") if not (root / f).is_file()]
+    if missing:
+        pytest.skip(f"shared corpora not found under KVPACK_DATA={root} ({', '.join(missing)}); set KVPACK_DATA")
+    return root
+
+
 VOCAB = 128
 COMMON = dict(
     hidden_size=64,

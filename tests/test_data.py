@@ -218,14 +218,14 @@ def test_named_set_missing_when_kvpack_data_unset(monkeypatch):
 
 # --- the shared corpora and the real tokenizer --------------------------------------------------
 
-def test_shared_wikitext_is_read_whole():
+def test_shared_wikitext_is_read_whole(shared_corpora):
     corpus = load_corpus("wikitext2")
     assert corpus.source.endswith("wikitext-2-raw/wiki.test.raw")
     assert corpus.text.startswith(" \n = Robert Boulter = \n")
     assert len(corpus.text.encode("utf-8")) == 1_290_590  # the file as is (see ../shared/data/README.md)
 
 
-def test_shared_c4_has_1000_documents():
+def test_shared_c4_has_1000_documents(shared_corpora):
     corpus = load_corpus("c4")
     assert corpus.documents == 1000
     assert load_corpus("c4[500:]").documents == 500

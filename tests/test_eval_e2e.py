@@ -13,7 +13,7 @@ from kvpack.cli import app
 from kvpack.data import load_windows
 from kvpack.evaluate.perplexity import window_nll
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "shared_corpora")
 
 REQUIRED = {"method", "bits_per_element", "ppl", "model", "data", "seqlen", "windows"}
 SEQLEN, WINDOWS = 128, 2

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from kvpack import load_model
-from kvpack.cache import CompressedCache
+from kvpack.cache.cache import CompressedCache
 from kvpack.evaluate.results import write_rows
-from kvpack.recipe import Recipe
+from kvpack.recipes.recipe import Recipe
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from kvpack import load_model, load_windows
-from kvpack.cache import CompressedCache
-from kvpack.pipeline import resolve_recipe
-from kvpack.recipe import Recipe
+from kvpack.cache.cache import CompressedCache
+from kvpack.recipes.resolve import resolve_recipe
+from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_corpus, tokenize
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.simulate import Simulator
+from kvpack.recipes.simulate import Simulator
 from kvpack.evaluate.results import environment, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
 

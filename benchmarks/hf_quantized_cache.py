@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache, QuantizedCache
 
 from kvpack import load_model, load_windows
-from kvpack.cache import CompressedCache
-from kvpack.cache_memory import fp16_cache_nbytes
+from kvpack.cache.cache import CompressedCache
+from kvpack.cache.memory import fp16_cache_nbytes
 from kvpack.evaluate.results import environment, write_rows
-from kvpack.recipe import Recipe
+from kvpack.recipes.recipe import Recipe
 
 
 def tensor_bytes(obj, seen: set | None = None) -> int:

@@ -7,7 +7,7 @@ variant, evaluate simulated perplexity next to fp16 on the same windows. Appends
 
 Activations are cached under /tmp (keyed by model, data, windows, RoPE side, sink tokens), so
 later runs only pay for fitting and evaluation. Screening only: the final tables come from
-`kvpack eval`, which calibrates through `kvpack.calibrate` exactly.
+`kvpack eval`, which calibrates through `kvpack.recipes.calibrate` exactly.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from kvpack.calibrate import calibration_windows, needs_fisher
-from kvpack.collect import collect_activations
+from kvpack.recipes.calibrate import calibration_windows, needs_fisher
+from kvpack.recipes.collect import collect_activations
 from kvpack.data import load_windows
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.kvquant_fit import fit_kvquant_recipe
-from kvpack.methods import parse_method
-from kvpack.models import load_model
-from kvpack.recipe import Recipe
-from kvpack.recipe_io import model_identity
+from kvpack.methods.kvquant.fit import fit_kvquant_recipe
+from kvpack.methods.names import parse_method
+from kvpack.hf.models import load_model
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.io import model_identity
 
 
 def activations(model, ids, pre_rope: bool, sink: int, cache_dir: Path):
@@ -44,7 +44,7 @@ def activations(model, ids, pre_rope: bool, sink: int, cache_dir: Path):
 
 def fisher_proxy(recipe: Recipe, acts, heads: int) -> tuple[float, float, list[float]]:
     """Sum of F * (x - decode(encode(x)))^2 over held-out rows, keys and values: ~2x the loss increase."""
-    from kvpack.kvquant_fit import blocks
+    from kvpack.methods.kvquant.fit import blocks
 
     total_k = total_v = 0.0
     per_layer = []

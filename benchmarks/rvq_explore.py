@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from kvpack.collect import LayerActivations, collect_activations
+from kvpack.recipes.collect import LayerActivations, collect_activations
 from kvpack.data import load_windows
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.methods import parse_method
-from kvpack.models import load_model
-from kvpack.recipe import Recipe
-from kvpack.recipe_io import model_identity
+from kvpack.methods.names import parse_method
+from kvpack.hf.models import load_model
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.io import model_identity
 from kvpack.codecs import Fp16Codec, codec_from_state
 from kvpack.codecs.rvq import RVQCodec, intra_op_threads
-from kvpack.rvq_train import RVQTrainConfig, _layer_mean, fit_codec
+from kvpack.methods.rvq.train import RVQTrainConfig, _layer_mean, fit_codec
 
 
 def activations(model, tokenizer, data: str, windows: int, seqlen: int, cache: Path) -> list[LayerActivations]:
@@ -153,7 +153,7 @@ def main() -> None:
     acts = activations(model, tokenizer, args.calib_data, args.calib_windows, args.seqlen, cache)
     tuned = None
     if args.finetuned:  # after collecting: calibration activations come from the base model
-        from kvpack.finetune import apply_finetuned
+        from kvpack.finetune.train import apply_finetuned
 
         tuned = apply_finetuned(model, args.finetuned)
     windows = load_windows(tokenizer, args.eval_data, args.seqlen, args.eval_windows)
@@ -203,7 +203,7 @@ def main() -> None:
             # Per-token storage without the shared codebooks: every layer's keys and values of the first
             # calibration window, laid out [1, heads, tokens, head_dim] as the cache holds them (outlier
             # thresholds are per head, so the heads must not be mixed).
-            from kvpack.kvquant_fit import blocks
+            from kvpack.methods.kvquant.fit import blocks
 
             stored = elements = 0
             for layer, k_codec, v_codec in zip(acts, recipe.key_codecs, recipe.value_codecs):

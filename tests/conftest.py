@@ -164,7 +164,7 @@ def fake_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded default model; converted once into the kvpack cache."""
-    from kvpack.models import load_model
+    from kvpack.hf.models import load_model
 
     with single_thread():
         return load_model("smollm2-135m")

@@ -1,4 +1,4 @@
-"""Packed attention (kvpack.attention): the same numbers as decode-then-attend, on tiny random models.
+"""Packed attention (kvpack.kernels.dispatch): the same numbers as decode-then-attend, on tiny random models.
 
 Recipes are built from codecs with synthetic parameters (no calibration: equality of the two attention
 paths does not depend on how good the codebooks are), with many outliers so that every sparse path runs.
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS, make_tiny_model
-from kvpack import attention
-from kvpack.cache import CompressedCache
+from kvpack.kernels import dispatch as attention
+from kvpack.cache.cache import CompressedCache
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.codecs.rvq import RVQCodec
 from kvpack.kernels import cpu, reference
-from kvpack.methods import parse_method
-from kvpack.models import text_config
-from kvpack.recipe import Recipe
+from kvpack.methods.names import parse_method
+from kvpack.hf.models import text_config
+from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +134,7 @@ def _decoded_attention(layer, cache, query, mask, softcap=None):
     k = layer.k.read(torch.float32)
     if cache.pre_rope:
         cos, sin = cache.rope_for(layer.layer_idx, layer.first_slot, layer.first_slot + k.shape[-2])
-        from kvpack.rope import apply_rope
+        from kvpack.hf.rope import apply_rope
 
         k = apply_rope(k, cos.float(), sin.float())
     v = layer.v.read(torch.float32)

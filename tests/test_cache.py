@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from kvpack.cache import CompressedCache
+from kvpack.cache.cache import CompressedCache
 from kvpack.codecs import Fp16Codec
 from kvpack.errors import MethodError, UnsupportedArchitectureError
-from kvpack.intercept import intercept_kv
-from kvpack.recipe import Recipe
-from kvpack.simulate import Simulator
+from kvpack.hf.intercept import intercept_kv
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.simulate import Simulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from kvpack.cache import CompressedCache
+from kvpack.cache.cache import CompressedCache
 from kvpack.errors import CacheFileError, KVPackError
-from kvpack.recipe import Recipe
+from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

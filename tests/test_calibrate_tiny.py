@@ -8,9 +8,9 @@ import kvpack
 from conftest import make_tiny_model, make_tiny_tokenizer
 from kvpack.errors import MethodError
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.methods import parse_method
-from kvpack.pipeline import resolve_recipe
-from kvpack.recipe import Recipe
+from kvpack.methods.names import parse_method
+from kvpack.recipes.resolve import resolve_recipe
+from kvpack.recipes.recipe import Recipe
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_cache_hit_second_time(text_file, cache, monkeypatch):
     settings = parse_method("kvquant-3bit:plain:sink4")
     first = resolve_recipe(model, tok, settings, calib_data=str(text_file), calib_windows=2, calib_seqlen=64, progress=False)
     assert len(list((cache / "recipes").iterdir())) == 1
-    cal = sys.modules["kvpack.calibrate"]
+    cal = sys.modules["kvpack.recipes.calibrate"]
 
     def boom(*args, **kwargs):
         raise AssertionError("recalibrated although cached")
@@ -98,11 +98,11 @@ def test_method_names_and_options():
 def test_cli_calibrate(text_file, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import kvpack.models
-    from kvpack.cli import app
+    import kvpack.hf.models
+    from kvpack.cli.app import app
 
     model = make_tiny_model("llama")
-    monkeypatch.setattr(kvpack.models, "load_model", lambda spec: (model, make_tiny_tokenizer()))
+    monkeypatch.setattr(kvpack.hf.models, "load_model", lambda spec: (model, make_tiny_tokenizer()))
     out = tmp_path / "r"
     result = CliRunner().invoke(app, ["calibrate", "--model", "tiny", "--method", "kvquant-2bit-1pct", "--data", str(text_file),
                                       "--windows", "2", "--seqlen", "64", "--out", str(out), "--no-progress"])

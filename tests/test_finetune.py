@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_tiny_model
-from kvpack.calibrate import calibrate_windows
+from kvpack.recipes.calibrate import calibrate_windows
 from kvpack.errors import MethodError, RecipeError
-from kvpack.finetune import FinetuneConfig, STEQuantizer, apply_finetuned, finetune_lora, quantized_nll, save_finetuned, FinetuneResult
-from kvpack.intercept import intercept_kv
-from kvpack.lora import LoRALinear, add_lora, remove_lora
-from kvpack.methods import parse_method
-from kvpack.recipe import Recipe
+from kvpack.finetune.train import FinetuneConfig, STEQuantizer, apply_finetuned, finetune_lora, quantized_nll, save_finetuned, FinetuneResult
+from kvpack.hf.intercept import intercept_kv
+from kvpack.finetune.lora import LoRALinear, add_lora, remove_lora
+from kvpack.methods.names import parse_method
+from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(model, method: str = "rvq-d2-c16-g8") -> Recipe:
-    """Calibrate `method` on random token windows through kvpack.calibrate (the rvq fitter dispatch)."""
+    """Calibrate `method` on random token windows through kvpack.recipes.calibrate (the rvq fitter dispatch)."""
     g = torch.Generator().manual_seed(7)
     calib = torch.randint(3, VOCAB, (4, 64), generator=g)
     return calibrate_windows(model, calib, parse_method(method), "random tokens", progress=False)
@@ -76,7 +76,7 @@ def test_adapter_saves_merges_and_reloads(tmp_path):
         assert torch.allclose(fresh(ids).logits, wrapped_logits, atol=1e-4)
     assert torch.equal(loaded.key_codecs[0].codebooks, recipe.key_codecs[0].codebooks)
     assert loaded.calibration["finetune"]["config"]["rank"] == 2
-    assert loaded.calibration["timing_s"]["rvq_fit"] > 0  # calibrated through kvpack.calibrate
+    assert loaded.calibration["timing_s"]["rvq_fit"] > 0  # calibrated through kvpack.recipes.calibrate
     with pytest.raises(RecipeError, match="no fine-tuned adapter"):
         apply_finetuned(fresh, tmp_path / "missing")
 
@@ -113,7 +113,7 @@ def test_run_eval_with_finetuned_folder(tmp_path):
     """`kvpack eval --finetuned DIR`: the adapter is merged for every row (fp16 differs from the base
     model's), the tuned method uses the saved codebooks, rows name the tuned model."""
     from conftest import make_tiny_tokenizer
-    from kvpack.cli import run_eval
+    from kvpack.cli.app import run_eval
 
     model_dir = tmp_path / "tiny"
     base = make_tiny_model("llama")

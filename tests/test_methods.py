@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack import registry
+from kvpack.methods import registry
 from kvpack.codecs import Fp16Codec, NormalFloatCodec, UniformCodec
 from kvpack.errors import KVPackError, MethodError
-from kvpack.methods import BASELINE_PRESETS, MethodSettings, base_settings, parse_method
-from kvpack.recipe import Recipe
-from kvpack.simulate import BitCount, Simulator, fp16_split
+from kvpack.methods.names import BASELINE_PRESETS, MethodSettings, base_settings, parse_method
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.simulate import BitCount, Simulator, fp16_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -335,9 +335,9 @@ def test_settings_are_frozen():
 def test_channel_group_must_divide_head_dim():
     from conftest import make_tiny_model
     from kvpack.errors import MethodError
-    from kvpack.pipeline import check_settings_fit_model, resolve_recipe
-    from kvpack.recipe_io import head_dim_of
-    from kvpack.models import text_config
+    from kvpack.recipes.resolve import check_settings_fit_model, resolve_recipe
+    from kvpack.recipes.io import head_dim_of
+    from kvpack.hf.models import text_config
 
     model = make_tiny_model("llama")
     dim = head_dim_of(text_config(model.config))

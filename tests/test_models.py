@@ -9,7 +9,7 @@ import torch
 
 from conftest import VOCAB, make_tiny_model, make_tiny_tokenizer
 from kvpack.errors import KVPackError, ModelLoadError, UnsupportedArchitectureError
-from kvpack.models import DEFAULT_MODEL, EMBEDDED_MODELS, cache_root, has_rotary_embedding, load_model, text_config
+from kvpack.hf.models import DEFAULT_MODEL, EMBEDDED_MODELS, cache_root, has_rotary_embedding, load_model, text_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ import torch
 from kvpack.codecs import codec_from_state
 from kvpack.codecs.kmeans import weighted_kmeans_1d
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side, range_to_zero_scale
-from kvpack.kvquant_fit import blocks, fit_nuq, quantile
-from kvpack.methods import parse_method
+from kvpack.methods.kvquant.fit import blocks, fit_nuq, quantile
+from kvpack.methods.names import parse_method
 
 
 def _x(seed=0, shape=(1, 3, 64, 16)):
@@ -143,7 +143,7 @@ def test_per_channel_codebooks():
 
 
 def test_allocate_bits_prefers_sensitive_channels():
-    from kvpack.kvquant_fit import allocate_bits
+    from kvpack.methods.kvquant.fit import allocate_bits
 
     widths = [1, 2, 3, 4]
     base = torch.tensor([100.0, 1.0, 1.0, 0.01]).double()
@@ -156,7 +156,7 @@ def test_allocate_bits_prefers_sensitive_channels():
 
 
 def test_mixed_width_codec_roundtrip_and_bytes():
-    from kvpack.kvquant_fit import _from_ladder, allocate_bits, ladder
+    from kvpack.methods.kvquant.fit import _from_ladder, allocate_bits, ladder
 
     x = _x(11, (2, 3, 128, 16))
     fisher = torch.rand_like(x)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.packing import pack, packed_length, unpack
+from kvpack.codecs.packing import pack, packed_length, unpack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack import packing
+from kvpack.codecs import packing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

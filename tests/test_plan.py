@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from kvpack import plan as kplan
-from kvpack.cli import app
+from kvpack.evaluate import plan as kplan
+from kvpack.cli.app import app
 
 
 def test_parse_memory():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from kvpack.calibrate import calibrate_windows, cached_calibration
+from kvpack.recipes.calibrate import calibrate_windows, cached_calibration
 from kvpack.errors import RecipeError
-from kvpack.methods import parse_method
-from kvpack.recipe import Recipe
-from kvpack.recipe_io import FORMAT_VERSION, JSON_NAME, TENSORS_NAME
+from kvpack.methods.names import parse_method
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.io import FORMAT_VERSION, JSON_NAME, TENSORS_NAME
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from conftest import VOCAB, make_tiny_model
 from kvpack.errors import NonFiniteError, UnsupportedArchitectureError
 from kvpack.evaluate.perplexity import simulated_perplexity, window_nll
-from kvpack.intercept import attention_layers, intercept_kv
-from kvpack.models import check_architecture
-from kvpack.recipe import Recipe
-from kvpack.rope import apply_rope, invert_rope, rotate_half
-from kvpack.simulate import Simulator
+from kvpack.hf.intercept import attention_layers, intercept_kv
+from kvpack.hf.models import check_architecture
+from kvpack.recipes.recipe import Recipe
+from kvpack.hf.rope import apply_rope, invert_rope, rotate_half
+from kvpack.recipes.simulate import Simulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import torch
 from kvpack.codecs import RVQCodec, codec_from_state
 from kvpack.codecs.rvq import from_groups, group_permutation, residual_decode, residual_encode, to_groups
 from kvpack.errors import MethodError
-from kvpack.methods import parse_method
-from kvpack.registry import needs_calibration
-from kvpack.rvq_train import kmeans
+from kvpack.methods.names import parse_method
+from kvpack.methods.registry import needs_calibration
+from kvpack.methods.rvq.train import kmeans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kvpack.codecs import RVQCodec
-from kvpack.collect import LayerActivations
+from kvpack.recipes.collect import LayerActivations
 from kvpack.errors import MethodError
-from kvpack.methods import parse_method
-from kvpack.rvq_train import EMACodebooks, RVQTrainConfig, fit_rvq_recipe, kmeans, outlier_thresholds, train_rvq
+from kvpack.methods.names import parse_method
+from kvpack.methods.rvq.train import EMACodebooks, RVQTrainConfig, fit_rvq_recipe, kmeans, outlier_thresholds, train_rvq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

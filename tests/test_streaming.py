@@ -10,7 +10,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 
 from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.evaluate.streaming import streaming_perplexity, window_stream_nll
-from kvpack.recipe import Recipe
+from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def test_chunked_prefill_and_counts(setup):
 
 
 def test_cli_run_eval_real_cache(tmp_path):
-    from kvpack.cli import run_eval
+    from kvpack.cli.app import run_eval
 
     model_dir = tmp_path / "tiny"
     make_tiny_model("llama").save_pretrained(model_dir)

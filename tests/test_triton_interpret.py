@@ -39,7 +39,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvpack.cache_stream import TokenStream  # noqa: E402
+from kvpack.cache.stream import TokenStream  # noqa: E402
 from kvpack.codecs.nuq import NuqCodec  # noqa: E402
 from kvpack.codecs.rvq import RVQCodec  # noqa: E402
 from kvpack.kernels import reference  # noqa: E402

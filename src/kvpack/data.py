@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from kvpack.errors import DataError
 
 NAMED_SETS = {
     "wikitext2": "wikitext-2-raw/wiki.test.raw",

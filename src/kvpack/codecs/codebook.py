@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import packing
-from .base import Codec, Encoded, check_bits, register_codec
-from .grouping import check_axis, grouped, grouped_shape
+from kvpack.codecs import packing
+from kvpack.codecs.base import Codec, Encoded, check_bits, register_codec
+from kvpack.codecs.grouping import check_axis, grouped, grouped_shape
 
 
 def normal_float_levels(bits: int) -> torch.Tensor:

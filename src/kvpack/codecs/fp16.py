@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, Encoded, register_codec
+from kvpack.codecs.base import Codec, Encoded, register_codec
 
 
 @register_codec

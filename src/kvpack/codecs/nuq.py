@@ -24,10 +24,10 @@ import math
 
 import torch
 
-from .. import packing
-from . import sparse
-from .base import Codec, Encoded, check_bits, register_codec
-from .kmeans import assign, assign_batched
+from kvpack.codecs import packing
+from kvpack.codecs import sparse
+from kvpack.codecs.base import Codec, Encoded, check_bits, register_codec
+from kvpack.codecs.kmeans import assign, assign_batched
 
 AXES = ("channel", "token")
 SPANS = ("head", "all")

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import packing
-from .base import Codec, Encoded, register_codec
+from kvpack.codecs import packing
+from kvpack.codecs.base import Codec, Encoded, register_codec
 
 GROUPINGS = ("strided", "contiguous")
 # Distance-matrix budget of one encode chunk (rows x C float32 entries): 512K entries = 2 MiB, so

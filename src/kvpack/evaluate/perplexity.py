@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..intercept import intercept_kv
-from ..recipe import Recipe
-from ..simulate import Simulator
+from kvpack.hf.intercept import intercept_kv
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.simulate import Simulator
 
 
 @dataclass

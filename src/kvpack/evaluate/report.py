@@ -11,7 +11,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from .results import PPL_COLUMNS, markdown_table, read_rows
+from kvpack.evaluate.results import PPL_COLUMNS, markdown_table, read_rows
 
 _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w./-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 

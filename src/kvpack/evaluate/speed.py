@@ -5,7 +5,7 @@ per layer, then times in interleaved rounds (every method once per round, median
 machine load drifts hit all methods alike):
   attention_ms  one layer's decode-step attention (1 query token): for fp16 the model's own SDPA
                 call (transformers' sdpa_attention_forward on a DynamicCache's K/V), for compressed
-                caches kvpack's packed attention (kvpack.attention.layer_attention);
+                caches kvpack's packed attention (kvpack.kernels.dispatch.layer_attention);
   step_ms       one whole-model decode step, model(next token, **cache_kwargs(cache)).
 Filling: long contexts are not prefilled through the model. Real K/V are captured once from
 `source_tokens` tokens of text (pre-RoPE keys and values of every layer, through an fp16 cache),
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from ..cache_hooks import cache_kwargs
+from kvpack.hf.hooks import cache_kwargs
 
-from ..intercept import attention_layers
-from ..models import text_config
+from kvpack.hf.intercept import attention_layers
+from kvpack.hf.models import text_config
 
 
 @dataclass
@@ -105,12 +105,12 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def capture_kv(model, tokenizer, data: str, tokens: int) -> tuple[list[KV], str]:
     """Pre-RoPE K/V of every layer for the first `tokens` tokens of `data` (synthetic if it cannot be read)."""
-    from ..cache import CompressedCache
-    from ..recipe import Recipe
+    from kvpack.cache.cache import CompressedCache
+    from kvpack.recipes.recipe import Recipe
 
     layers = text_config(model.config).num_hidden_layers
     try:
-        from ..data import load_windows
+        from kvpack.data import load_windows
 
         ids = load_windows(tokenizer, data, tokens, 1)[:1].to(model.device)
         source = f"{tokens} tokens of {data}, repeated"
@@ -148,7 +148,7 @@ def fill_fp16(model, kv: list[KV], context: int, batch: int, chunk: int = 4096):
     """A DynamicCache holding `context` tokens per layer (keys rotated at positions 0..context-1)."""
     from transformers import DynamicCache
 
-    from ..rope import apply_rope
+    from kvpack.hf.rope import apply_rope
 
     device, dtype = model.device, model.dtype
     cache = DynamicCache(config=model.config)
@@ -177,9 +177,9 @@ def fill_compressed(model, recipe, kv: list[KV], context: int, batch: int, encod
     copies of one encoded chunk (what encoding them would store, without spending minutes on it).
     Returns (cache, seconds spent encoding, tokens encoded).
     """
-    from ..cache import CompressedCache
-    from ..cache_stream import _encode_block
-    from ..rope import apply_rope
+    from kvpack.cache.cache import CompressedCache
+    from kvpack.cache.stream import _encode_block
+    from kvpack.hf.rope import apply_rope
 
     device = model.device
     cache = CompressedCache(model, recipe)
@@ -227,7 +227,7 @@ def fill_compressed(model, recipe, kv: list[KV], context: int, batch: int, encod
 
 
 def _cache_bytes(cache) -> int:
-    from ..cache import CompressedCache
+    from kvpack.cache.cache import CompressedCache
 
     if isinstance(cache, CompressedCache):
         return cache.memory_report().total
@@ -248,7 +248,7 @@ def _attention_call(model, entry: Entry, layer_idx: int, batch: int):
     """A function running one layer's decode-step attention for `entry`'s cache, and the kernel it uses."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .. import attention
+    from kvpack.kernels import dispatch as attention
 
     module = attention_layers(model)[layer_idx]
     cfg = text_config(model.config)
@@ -315,7 +315,7 @@ def bench_context(model, tokenizer, methods: list[str], recipes: dict, kv: list[
 
 def _rows(entries: list[Entry], context: int, batch: int, device: torch.device, model_spec: str, source: str,
           threads: int, calibration: str) -> list[dict]:
-    from .results import environment
+    from kvpack.evaluate.results import environment
 
     base = next((e for e in entries if e.recipe is None), None)
     rows = []
@@ -363,9 +363,9 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts: l
               calib_seqlen: int = 512, recipe_dir: str | None = None, model=None, tokenizer=None,
               progress: bool = True, log=print) -> list[dict]:
     """Measure every method at every context; returns result rows (see module docstring)."""
-    from ..methods import parse_method
-    from ..models import load_model
-    from ..pipeline import resolve_recipe
+    from kvpack.methods.names import parse_method
+    from kvpack.hf.models import load_model
+    from kvpack.recipes.resolve import resolve_recipe
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

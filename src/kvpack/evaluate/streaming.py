@@ -26,13 +26,13 @@ import time
 
 import torch
 
-from ..cache_hooks import cache_kwargs
+from kvpack.hf.hooks import cache_kwargs
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..cache import CompressedCache
-from ..recipe import Recipe
-from .perplexity import PerplexityResult
+from kvpack.cache.cache import CompressedCache
+from kvpack.recipes.recipe import Recipe
+from kvpack.evaluate.perplexity import PerplexityResult
 
 
 @torch.no_grad()

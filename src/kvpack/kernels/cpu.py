@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import NuqView, RvqView
+from kvpack.kernels.layout import NuqView, RvqView
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -53,7 +53,7 @@ def _cpu_id() -> str:
 
 
 def library_path() -> Path:
-    from ..models import cache_root
+    from kvpack.hf.models import cache_root
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"kvpack_cpu_{key}.so"
@@ -165,7 +165,7 @@ def rvq_segment(view: RvqView) -> list[int]:
 
 def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | None:
     """[count, segment args...] for a TokenStream, or None if a part has no kernel."""
-    from .layout import nuq_view, rvq_view
+    from kvpack.kernels.layout import nuq_view, rvq_view
 
     out, count = [], 0
     if stream.head is not None:
@@ -261,8 +261,8 @@ def nuq_encode(codec, x: torch.Tensor):
 
     Appending one token costs one C call plus the sparse layout, instead of ~30 small torch ops.
     """
-    from ..codecs import Encoded, sparse
-    from ..codecs.nuq import NuqCodec, outliers_per_side
+    from kvpack.codecs import Encoded, sparse
+    from kvpack.codecs.nuq import NuqCodec, outliers_per_side
 
     if not isinstance(codec, NuqCodec) or x.dim() != 4 or x.device.type != "cpu" or load() is None:
         return None
@@ -271,7 +271,7 @@ def nuq_encode(codec, x: torch.Tensor):
         return None
     if codec.levels.shape[0] not in (1, heads) or getattr(codec, "channel_bits", None) is not None:
         return None
-    from .layout import sparse_mode
+    from kvpack.kernels.layout import sparse_mode
 
     mode = sparse_mode(codec, heads, dim)
     if codec.outlier_frac > 0 and mode is None:

@@ -13,10 +13,10 @@ from itertools import accumulate
 
 import torch
 
-from ..codecs import Codec, Encoded
-from ..codecs.nuq import NuqCodec
-from ..codecs.rvq import RVQCodec
-from ..packing import packed_length
+from kvpack.codecs import Codec, Encoded
+from kvpack.codecs.nuq import NuqCodec
+from kvpack.codecs.rvq import RVQCodec
+from kvpack.codecs.packing import packed_length
 
 
 @dataclass

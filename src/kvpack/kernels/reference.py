@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs import Codec
-from ..rope import apply_rope
-from .layout import block_chunks
+from kvpack.codecs import Codec
+from kvpack.hf.rope import apply_rope
+from kvpack.kernels.layout import block_chunks
 
 CHUNK_TOKENS = 2048
 

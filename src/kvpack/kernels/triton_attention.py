@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .layout import NuqView, RvqView, nuq_view, rvq_view
+from kvpack.kernels.layout import NuqView, RvqView, nuq_view, rvq_view
 
 try:  # triton is optional (GPU extra)
     import triton

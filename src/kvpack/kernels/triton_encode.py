@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs import Encoded
-from ..codecs.nuq import NuqCodec, outliers_per_side
-from ..codecs import sparse
-from .triton_attention import HAVE_TRITON, available, _pow2
+from kvpack.codecs import Encoded
+from kvpack.codecs.nuq import NuqCodec, outliers_per_side
+from kvpack.codecs import sparse
+from kvpack.kernels.triton_attention import HAVE_TRITON, available, _pow2
 
 if HAVE_TRITON:
     import triton

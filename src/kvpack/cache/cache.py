@@ -1,0 +1,227 @@
+"""CompressedCache: a transformers Cache that keeps every layer's keys and values packed by a recipe.
+
+    cache = CompressedCache(model, recipe)
+    model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    cache.memory_report()
+
+Per layer (see cache_layer.py / cache_stream.py): the first `sink_tokens` tokens (plus any left
+padding) and the recent window (`residual_length`, default the recipe's `recent_tokens`) in fp16;
+everything else encoded by the layer's codecs in blocks that later appends never rewrite. With a
+pre-RoPE recipe keys are rotated back to pre-RoPE exactly on the way in and rotated forward at
+their stored positions on the way out; positions are logged once for all layers ([batch, tokens]
+int32), so left padding and custom position ids work. Attention reads decode the stored blocks
+(nothing full-precision is kept between steps); a packed-attention path can read `layer.k.body`
+directly later.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from kvpack.hf import hooks as cache_hooks
+from kvpack.cache.layer import CompressedLayer
+from kvpack.hf.rope_source import RopeSource
+from kvpack.codecs import CodebookCodec, NormalFloatCodec, UniformCodec
+from kvpack.errors import MethodError, RecipeError, UnsupportedArchitectureError
+from kvpack.hf.intercept import attention_layers
+from kvpack.hf.models import check_architecture, text_config
+from kvpack.recipes.recipe import Recipe
+
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def _check_streamable(codec, what: str) -> None:
+    """Per-channel statistics over *all* tokens (no token groups) cannot be computed while streaming."""
+    if type(codec) in (UniformCodec, CodebookCodec, NormalFloatCodec) and codec.axis == "channel" and not codec.group_size:
+        raise MethodError(
+            f"{what}: '{codec.name}' takes per-channel statistics over the whole sequence, which a cache that appends "
+            "tokens cannot compute. Give it token groups (e.g. ':g32', as KIVI does) or use per-token statistics."
+        )
+
+
+class CompressedCache(Cache):
+    """A transformers Cache storing keys/values compressed by `recipe` (see module docstring)."""
+
+    def __init__(self, model, recipe: Recipe, residual_length: int | None = None, block_tokens: int = 128,
+                 packed_attention: bool | None = None, attention_backend: str | None = None):
+        config = text_config(model.config)
+        check_architecture(config)
+        n_layers = config.num_hidden_layers
+        if recipe.num_layers != n_layers:
+            raise RecipeError(
+                f"Recipe '{recipe.method}' has codecs for {recipe.num_layers} layers but the model has {n_layers}; "
+                "build or calibrate the recipe for this model."
+            )
+        settings = recipe.settings
+        self.recipe = recipe
+        self.model_ref = model
+        self.pre_rope = bool(settings.pre_rope)
+        self.needs_positions = self.pre_rope
+        self.sink_tokens = int(settings.sink_tokens)
+        self.recent_tokens = int(settings.recent_tokens if residual_length is None else residual_length)
+        if self.recent_tokens < 0:
+            raise ValueError(f"residual_length must be >= 0, got {self.recent_tokens}")
+        self.left_pad = 0
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        groups = []
+        for i in range(n_layers):
+            _check_streamable(recipe.key_codecs[i], f"layer {i} keys")
+            _check_streamable(recipe.value_codecs[i], f"layer {i} values")
+            groups += [max(recipe.key_codecs[i].token_group(), 1), max(recipe.value_codecs[i].token_group(), 1)]
+        lcm = math.lcm(*groups)
+        self.block_tokens = max(lcm, math.ceil(block_tokens / lcm) * lcm)
+        layers = []
+        for i, kind in enumerate(layer_types):
+            if kind == "full_attention":
+                window = None
+            elif kind in _SLIDING_TYPES:
+                window = int(layer_kwargs[i]["sliding_window"])
+            else:
+                raise UnsupportedArchitectureError(
+                    f"Layer {i} is of type '{kind}'; CompressedCache supports full and sliding-window attention layers."
+                )
+            layers.append(CompressedLayer(self, i, recipe.key_codecs[i], recipe.value_codecs[i], window))
+        super().__init__(layers=layers)
+        attn = attention_layers(model)
+        self.rope = RopeSource(model, attn, layer_types) if self.pre_rope else None
+        cache_hooks.install(model, attn)
+        # Decode steps read the packed blocks directly (kvpack.kernels.dispatch); None = decode-then-attend.
+        from kvpack.kernels.dispatch import attach
+
+        self.packed = attach(self, model, packed_attention, attention_backend)
+        self._pending: dict[int, tuple] = {}
+        self._positions: torch.Tensor | None = None  # [batch, capacity] int32
+        self._positions_len = 0
+        self._positions_version = 0
+        self._rope_memo: dict = {}
+        self._rope_dtype = torch.float32
+
+    # -- what the hooks report ---------------------------------------------------------------------
+    @property
+    def head_tokens(self) -> int:
+        """fp16 tokens at the start of every row: the sink, after any left padding."""
+        return self.sink_tokens + self.left_pad if self.sink_tokens else 0
+
+    def _kvpack_receive_mask(self, mask) -> None:
+        if self.get_seq_length() == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
+            real = mask != 0
+            first = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
+            self.left_pad = int(first.max())
+
+    def _kvpack_receive_rope(self, layer_idx: int, rope, position_ids) -> None:
+        if self.needs_positions:
+            self._pending[layer_idx] = (rope, position_ids)
+
+    def take_rope(self, layer_idx: int, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's (cos, sin) [batch, q, rot] and positions [batch, q] for `layer_idx`."""
+        batch, _, q, _ = key_states.shape
+        got = self._pending.pop(layer_idx, None)
+        if got is None or got[0] is None:
+            raise UnsupportedArchitectureError(
+                f"Layer {layer_idx}: no rotary cos/sin reached the cache. A pre-RoPE CompressedCache must be used through "
+                "the model it was built for (its attention modules receive `position_embeddings`), e.g. "
+                "model(ids, past_key_values=cache) or model.generate(..., past_key_values=cache)."
+            )
+        (cos, sin), position_ids = got
+        if cos.shape[-2] != q:
+            raise UnsupportedArchitectureError(f"Layer {layer_idx}: cos/sin cover {cos.shape[-2]} tokens but {q} keys arrived.")
+        if position_ids is None:
+            start = self.layers[layer_idx].get_seq_length()
+            position_ids = torch.arange(start, start + q, device=key_states.device).unsqueeze(0)
+        if position_ids.dim() != 2:
+            raise UnsupportedArchitectureError(
+                f"Layer {layer_idx}: position ids of shape {tuple(position_ids.shape)} (multimodal RoPE) are not supported."
+            )
+        self._rope_dtype = cos.dtype
+        return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), position_ids.expand(batch, -1)
+
+    # -- positions ---------------------------------------------------------------------------------
+    def log_positions(self, slot: int, positions: torch.Tensor) -> None:
+        """Record positions [batch, q] of tokens slot..slot+q-1 (once for all layers)."""
+        q = positions.shape[-1]
+        if slot + q <= self._positions_len:
+            return
+        if slot != self._positions_len:
+            raise RuntimeError(f"position log has {self._positions_len} tokens; cannot append at {slot}")
+        pos = positions.to(torch.int32)
+        if self._positions is None:
+            self._positions = torch.empty(pos.shape[0], max(q, 64), dtype=torch.int32, device=pos.device)
+        if slot + q > self._positions.shape[1]:
+            grow = max(slot + q, self._positions.shape[1] + self._positions.shape[1] // 8 + 64)
+            bigger = torch.empty(self._positions.shape[0], grow, dtype=torch.int32, device=pos.device)
+            bigger[:, :slot] = self._positions[:, :slot]
+            self._positions = bigger
+        self._positions[:, slot:slot + q] = pos
+        self._positions_len = slot + q
+        self._positions_version += 1
+        self._rope_memo.clear()
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """Positions of every token seen, [batch, tokens] int32."""
+        return None if self._positions is None else self._positions[:, : self._positions_len]
+
+    def rope_for(self, layer_idx: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [batch, end-start, rot] at the logged positions of tokens start..end-1 (shared by layers)."""
+        key = (self.rope.key(layer_idx), start, end, self._positions_version)
+        if key not in self._rope_memo:
+            self._rope_memo[key] = self.rope.compute(layer_idx, self._positions[:, start:end], self._rope_dtype)
+        return self._rope_memo[key]
+
+    # -- Cache contract additions ------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        seen = max((layer.get_seq_length() for layer in self.layers), default=0)
+        self._positions_len = min(self._positions_len, seen)
+        self._positions_version += 1
+        self._rope_memo.clear()
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending.clear()
+        self._positions, self._positions_len = None, 0
+        self._positions_version += 1
+        self._rope_memo.clear()
+        self.left_pad = 0
+
+    def _map_positions(self, fn) -> None:
+        if self._positions is not None:
+            self._positions = fn(self._positions[:, : self._positions_len].contiguous())
+            self._positions_len = self._positions.shape[1]
+        self._positions_version += 1
+        self._rope_memo.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_positions(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_positions(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_positions(lambda t: t[indices])
+
+    # -- reporting and persistence ----------------------------------------------------------------
+    def memory_report(self):
+        """Bytes held, by part, per token per layer, next to an fp16 DynamicCache (see cache_memory)."""
+        from kvpack.cache.memory import memory_report
+
+        return memory_report(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this cache to `path` (safetensors, versioned, checksummed, atomic)."""
+        from kvpack.cache.io import save_cache
+
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model, recipe: Recipe) -> "CompressedCache":
+        """Rebuild a cache saved with `save` for the same model and recipe; CacheFileError otherwise."""
+        from kvpack.cache.io import load_cache
+
+        return load_cache(path, model, recipe)

@@ -1,0 +1,222 @@
+"""Encoded blocks of one layer's keys or values, appended and never re-encoded.
+
+A block is what a codec's `encode` returned for x [batch, heads, tokens, head_dim]. Blocks of the
+same layout (same x shape, tensor names, dtypes and trailing tensor dims, same meta) are kept
+in one *run*, per tensor one buffer that blocks are concatenated into along dim 0, with spare
+capacity (grown by ~1/8, so appends are amortized O(1)). A run decodes in one codec call: the
+codec sees the blocks as one batch of `blocks * batch` rows, [blocks * batch, heads, tokens,
+head_dim], block-major. That is what `encode` would have produced for the blocks stacked along
+the batch dim for every codec whose tensors are batch-major (leading batch dim, or flat
+row-major lists such as sparse outliers); the first time a codec's blocks are stacked the store
+checks it (decoding together == decoding apart), and keeps one run per block otherwise.
+
+The layout is paged: block i of a run is a contiguous slice of every buffer, so a packed
+attention kernel can walk runs block by block.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvpack.codecs import Codec, Encoded
+
+_VERDICT = "_kvpack_stacks_exactly"  # codec attribute caching the one-time stacking check
+
+
+def signature(enc: Encoded) -> tuple:
+    """Layout key: blocks with equal keys can share a run."""
+    parts = tuple((n, tuple(enc.tensors[n].shape[1:]), enc.tensors[n].dtype) for n in sorted(enc.tensors))
+    return parts, tuple(enc.shape), repr(sorted(enc.meta.items()))
+
+
+class Run:
+    """Blocks of one layout. buffers[name][:used[name]] holds every block's tensor, block after block."""
+
+    def __init__(self, block_shape: tuple[int, ...], meta: dict, sig: tuple, buffers: dict[str, torch.Tensor],
+                 lengths: dict[str, list[int]]):
+        self.block_shape = tuple(block_shape)  # one block's x: [batch, heads, tokens, head_dim]
+        self.meta = dict(meta)
+        self.signature = sig
+        self.buffers = buffers
+        self.lengths = lengths  # per tensor, the dim-0 length of each block
+        self.count = len(next(iter(lengths.values()))) if lengths else 0
+
+    @classmethod
+    def start(cls, enc: Encoded) -> "Run":
+        run = cls(enc.shape, enc.meta, signature(enc), {n: t.clone() for n, t in enc.tensors.items()},
+                  {n: [t.shape[0]] for n, t in enc.tensors.items()})
+        return run
+
+    @property
+    def block_tokens(self) -> int:
+        return self.block_shape[-2]
+
+    @property
+    def tokens(self) -> int:
+        return self.count * self.block_tokens
+
+    def used(self, name: str) -> int:
+        """Rows of buffer `name` in use: the blocks' lengths summed incrementally (a decode step appends one block
+        to a run of thousands; re-summing them every step made appends O(blocks))."""
+        lengths = self.lengths[name]
+        memo = self.__dict__.setdefault("_used", {})
+        ref, seen, total = memo.get(name, (None, 0, 0))
+        if ref is not lengths or seen > len(lengths):
+            seen, total = 0, 0
+        total += sum(lengths[seen:])
+        memo[name] = (lengths, len(lengths), total)
+        return total
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.buffers[name][: self.used(name)]
+
+    def encoded(self) -> Encoded:
+        """All blocks as one Encoded of x shape [count * batch, heads, block_tokens, head_dim]."""
+        batch, *rest = self.block_shape
+        return Encoded({n: self.tensor(n) for n in self.buffers}, (self.count * batch, *rest), dict(self.meta))
+
+    def decode(self, codec: Codec) -> torch.Tensor:
+        """-> float tensor [batch, heads, count * block_tokens, head_dim]."""
+        batch, heads, tokens, dim = self.block_shape
+        x = codec.decode(self.encoded())
+        if self.count == 1:
+            return x
+        return x.reshape(self.count, batch, heads, tokens, dim).permute(1, 2, 0, 3, 4).reshape(batch, heads, -1, dim)
+
+    def append(self, enc: Encoded) -> None:
+        for name, t in enc.tensors.items():
+            buf, used = self.buffers[name], self.used(name)
+            if used + t.shape[0] > buf.shape[0]:
+                grow = max(t.shape[0], buf.shape[0] // 8)
+                extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
+                buf = self.buffers[name] = torch.cat([buf[:used], extra])
+            buf[used:used + t.shape[0]].copy_(t)
+            self.lengths[name].append(t.shape[0])
+        self.count += 1
+
+    def nbytes(self, name: str, reserved: bool = False) -> int:
+        buf = self.buffers[name]
+        row = buf.element_size() * (buf[0].numel() if buf.shape[0] else 0)
+        rows = buf.shape[0] - self.used(name) if reserved else self.used(name)
+        return row * rows
+
+    def compact(self) -> None:
+        """Drop spare capacity (before saving)."""
+        self.buffers = {n: self.tensor(n).contiguous() for n in self.buffers}
+
+    def drop_first(self, blocks: int) -> None:
+        for name in self.buffers:
+            cut = sum(self.lengths[name][:blocks])
+            self.buffers[name] = self.tensor(name)[cut:].clone()
+            self.lengths[name] = self.lengths[name][blocks:]
+        self.count -= blocks
+
+    def drop_last(self, blocks: int) -> None:
+        for name in self.buffers:
+            self.lengths[name] = self.lengths[name][: self.count - blocks]
+        self.count -= blocks
+
+    def map_batch(self, fn) -> None:
+        """Apply fn (acting on dim 0 = batch) to every block; needs every tensor to lead with the batch dim."""
+        batch = self.block_shape[0]
+        for name, lengths in self.lengths.items():
+            if any(n != batch for n in lengths):
+                raise NotImplementedError(
+                    f"cannot reorder or select batch rows of encoded tensor '{name}': its length varies per block "
+                    "(variable-length outliers). Beam search and batch edits need a codec without per-block "
+                    "variable-length parts; use greedy or sampled decoding."
+                )
+        new_batch = batch
+        for name in self.buffers:
+            t = self.tensor(name)
+            v = t.reshape(self.count, batch, *t.shape[1:]).transpose(0, 1)
+            v = fn(v)
+            new_batch = v.shape[0]
+            self.buffers[name] = v.transpose(0, 1).reshape(self.count * new_batch, *t.shape[1:]).contiguous()
+            self.lengths[name] = [new_batch] * self.count
+        self.block_shape = (new_batch, *self.block_shape[1:])
+        self.signature = (self.signature[0], self.block_shape, self.signature[2])
+
+
+def _stacks_exactly(codec: Codec, first: Encoded, second: Encoded) -> bool:
+    """One-time check per codec that decoding two stacked blocks equals decoding them apart."""
+    verdict = codec.__dict__.get(_VERDICT)
+    if verdict is None:
+        try:
+            run = Run.start(first)
+            run.append(second)
+            together = run.decode(codec)
+            apart = torch.cat([codec.decode(first), codec.decode(second)], dim=-2)
+            verdict = together.shape == apart.shape and bool(torch.equal(together, apart))
+        except Exception:  # a codec that cannot decode stacked blocks keeps them apart
+            verdict = False
+        codec.__dict__[_VERDICT] = verdict
+    return verdict
+
+
+class BlockStore:
+    """The encoded middle of one layer's keys or values: runs of blocks, oldest first."""
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+        self._last: Encoded | None = None  # the newest block, for the one-time stacking check
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.runs)
+
+    def append(self, enc: Encoded, codec: Codec) -> None:
+        """Add one encoded block of x [batch, heads, tokens, head_dim] after the others."""
+        if any(t.dim() == 0 for t in enc.tensors.values()):
+            raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
+        last = self.runs[-1] if self.runs else None
+        if (last is not None and last.signature == signature(enc)
+                and self._last is not None and _stacks_exactly(codec, self._last, enc)):
+            last.append(enc)
+        else:
+            self.runs.append(Run.start(enc))
+        self._last = enc
+
+    def decode(self, codec: Codec) -> torch.Tensor | None:
+        """All blocks decoded, float [batch, heads, tokens, head_dim]; None when empty."""
+        parts = [r.decode(codec) for r in self.runs if r.count]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def drop_before(self, tokens: int) -> int:
+        """Drop whole blocks lying entirely in the first `tokens` tokens; returns tokens dropped."""
+        dropped = 0
+        while self.runs:
+            run = self.runs[0]
+            whole = min(run.count, (tokens - dropped) // run.block_tokens)
+            if whole <= 0:
+                break
+            dropped += whole * run.block_tokens
+            if whole < run.count:
+                run.drop_first(whole)
+                break
+            self.runs.pop(0)
+        if not self.runs:
+            self._last = None
+        return dropped
+
+    def drop_after(self, keep: int) -> None:
+        """Keep only the first `keep` tokens; raises if that cuts a block (it would need re-encoding)."""
+        while self.runs and self.tokens > keep:
+            run = self.runs[-1]
+            excess = self.tokens - keep
+            if excess >= run.tokens:
+                self.runs.pop()
+                continue
+            if excess % run.block_tokens:
+                raise ValueError(
+                    f"cannot remove {excess} tokens from inside an encoded block of {run.block_tokens} tokens without "
+                    "re-encoding; crop by whole blocks, or use a recent window (residual_length) covering the tokens to crop"
+                )
+            run.drop_last(excess // run.block_tokens)
+        self._last = None
+
+    def map_batch(self, fn) -> None:
+        for run in self.runs:
+            run.map_batch(fn)
+        self._last = None

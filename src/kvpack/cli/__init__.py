@@ -1,0 +1,4 @@
+"""The `kvpack` command line."""
+from kvpack.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,75 @@
+"""The main job of `make demo`: compress the cache of a real long prompt and generate next to fp16.
+
+Loads the default model, takes a WikiText-2 article as the prompt (its first `prompt_tokens`
+tokens), generates a greedy continuation with an ordinary fp16-precision DynamicCache and one
+with a CompressedCache built from `method`, and prints the memory the compressed cache held
+against an fp16 DynamicCache of the same length, and how many greedy tokens agree.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import torch
+
+from kvpack.hf.hooks import cache_kwargs
+
+_ARTICLE = re.compile(r"^ = (?!=)(.+?) = $", re.M)
+
+
+def wikitext_articles(text: str) -> list[tuple[str, str]]:
+    """(title, body) of each top-level article of raw WikiText (headings ' = Title = ')."""
+    heads = list(_ARTICLE.finditer(text))
+    return [(m.group(1).strip(), text[m.end(): heads[i + 1].start() if i + 1 < len(heads) else len(text)].strip())
+            for i, m in enumerate(heads)]
+
+
+def long_article(tokenizer, data: str, min_tokens: int) -> tuple[str, torch.Tensor]:
+    """The first article of `data` with at least `min_tokens` tokens: (title, ids [1, min_tokens])."""
+    from kvpack.data import load_corpus, tokenize
+    from kvpack.errors import DataError
+
+    for title, body in wikitext_articles(load_corpus(data).text):
+        ids = tokenize(tokenizer, body)
+        if ids.numel() >= min_tokens:
+            return title, ids[:min_tokens].unsqueeze(0)
+    raise DataError(f"No article in '{data}' has {min_tokens} tokens; ask for a shorter prompt.")
+
+
+@torch.no_grad()
+def run_demo(model_spec: str = "smollm2-135m", method: str = "kivi-4", data: str = "wikitext2",
+             prompt_tokens: int = 2048, new_tokens: int = 64, calib_windows: int = 16,
+             out: Callable[[str], None] = print) -> dict:
+    """Generate from a long WikiText-2 prompt with fp16 and with the compressed cache; returns the numbers."""
+    from kvpack.cache.cache import CompressedCache
+    from kvpack.hf.models import load_model
+    from kvpack.recipes.resolve import resolve_recipe
+
+    model, tokenizer = load_model(model_spec)
+    recipe = resolve_recipe(model, tokenizer, method, calib_windows=calib_windows, progress=True)
+    title, prompt = long_article(tokenizer, data, prompt_tokens)
+    out(f"prompt: WikiText-2 article '{title}', first {prompt.shape[1]} tokens; method {recipe.method}")
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    start = time.perf_counter()
+    ref = model.generate(prompt, **gen)[0, prompt.shape[1]:]
+    fp16_s = time.perf_counter() - start
+    cache = CompressedCache(model, recipe)
+    start = time.perf_counter()
+    got = model.generate(prompt, **cache_kwargs(cache), **gen)[0, prompt.shape[1]:]
+    packed_s = time.perf_counter() - start
+    report = cache.memory_report()
+    same = got == ref
+    agreement = float(same.float().mean())
+    first = int((~same).nonzero()[0]) if bool((~same).any()) else new_tokens
+    out(f"\n--- fp16 continuation ({fp16_s:.1f} s)\n{tokenizer.decode(ref)}")
+    out(f"\n--- {recipe.method} continuation ({packed_s:.1f} s)\n{tokenizer.decode(got)}")
+    out(f"\n{report}")
+    out(f"memory saved: {(report.fp16_total - report.total) / 2**20:.2f} MiB of {report.fp16_total / 2**20:.2f} MiB "
+        f"({100 * (1 - report.total / report.fp16_total):.1f}%)")
+    out(f"greedy-token agreement with fp16: {agreement:.1%} ({int(same.sum())}/{new_tokens}), first difference at token {first}")
+    return {"method": recipe.method, "article": title, "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens,
+            "agreement": agreement, "first_divergence": first, "bytes": report.total, "fp16_bytes": report.fp16_total,
+            "ratio": report.ratio, "bits_per_element": report.bits_per_element, "fp16_seconds": fp16_s,
+            "compressed_seconds": packed_s}

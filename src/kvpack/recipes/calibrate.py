@@ -1,0 +1,186 @@
+"""Calibration: text -> per-layer activations (+ Fisher) -> a fitted recipe, cached on disk.
+
+`calibrate(model, tokenizer, "kvquant-3bit-1pct", data="c4[:500]", windows=16, seqlen=2048)` runs the
+model over the calibration windows (`collect.collect_activations`: pre-RoPE K/V rows and, for
+Fisher-weighted methods, squared gradients), then hands the rows to the method family's fitter.
+`recipe.calibration["timing_s"]` says where the time went (forward, backward, thresholds, k-means).
+
+`cached_calibration` is what `kvpack eval` uses: a saved recipe folder if given, else a recipe
+cached under `cache_root()/recipes/` keyed by the model (identity + weights fingerprint), the
+full method settings, the exact calibration token ids, and `CALIBRATION_VERSION`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from kvpack.errors import DataError, MethodError, RecipeError
+from kvpack.methods.names import MethodSettings, parse_method
+from kvpack.recipes.recipe import Recipe
+from kvpack.methods.registry import needs_calibration
+
+# Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
+CALIBRATION_VERSION = 1
+
+# family -> (module, function) with signature fit(model, activations, settings, progress=...) -> (keys, values, info)
+FITTERS = {
+    "kvquant": ("kvpack.methods.kvquant.fit", "fit_kvquant_recipe"),
+    "rvq": ("kvpack.methods.rvq.train", "fit_rvq_recipe"),
+}
+
+
+def needs_fisher(settings: MethodSettings) -> bool:
+    return str(settings.extra.get("weighting", "")).startswith("fisher")
+
+
+def _fitter(settings: MethodSettings):
+    if settings.family not in FITTERS:
+        raise MethodError(f"No calibration is known for the '{settings.family}' family of '{settings.name}'.")
+    module, name = FITTERS[settings.family]
+    return getattr(importlib.import_module(module), name)
+
+
+def calibration_windows(tokenizer, data: str, windows: int, seqlen: int) -> torch.Tensor:
+    """The first `windows` windows [windows, seqlen] of `data`; error if the data is too short."""
+    from kvpack.data import load_windows
+
+    if windows < 1:
+        raise DataError(f"calibration needs at least one window, got {windows}.")
+    ids = load_windows(tokenizer, data, seqlen, windows)
+    if ids.shape[0] < windows:
+        raise DataError(
+            f"Calibration data '{data}' holds only {ids.shape[0]} windows of {seqlen} tokens, {windows} asked. "
+            "Use fewer --windows, a shorter --seqlen, or more data."
+        )
+    return ids
+
+
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+# The last collection, reused while the same model calibrates several methods on the same windows
+# (e.g. `kvpack eval --methods kvquant-4bit,kvquant-3bit-1pct,...`): one forward/backward pass over
+# the data instead of one per method. One entry only, so memory stays bounded.
+_LAST_COLLECTION: dict = {}
+
+
+def _collect(model, ids: torch.Tensor, fisher: bool, sink_tokens: int, pre_rope: bool, progress: bool):
+    """collect_activations with a one-entry memo; a Fisher collection also serves Fisher-free methods."""
+    from kvpack.recipes.collect import CollectionTiming, LayerActivations, collect_activations
+
+    tokens = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    key = (id(model), tokens, tuple(ids.shape), sink_tokens, pre_rope)
+    cached = _LAST_COLLECTION.get("entry")
+    if cached is not None and cached[0] == key and (cached[1] or not fisher):
+        _log(progress, "reusing the activations collected for the previous method")
+        layers = cached[2] if fisher else [
+            LayerActivations(keys=a.keys, values=a.values, heads=a.heads) for a in cached[2]
+        ]
+        return layers, CollectionTiming()
+    _LAST_COLLECTION.clear()
+    kwargs = dict(fisher=fisher, sink_tokens=sink_tokens, progress=progress)
+    if not pre_rope:
+        kwargs["pre_rope"] = False
+    activations, timing = collect_activations(model, ids, **kwargs)
+    _LAST_COLLECTION["entry"] = (key, fisher, activations)
+    return activations, timing
+
+
+def forget_collection() -> None:
+    """Drop the memoized activations (frees their memory)."""
+    _LAST_COLLECTION.clear()
+
+
+def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: str, progress: bool = True) -> Recipe:
+    """Calibrate `settings` on token windows ids [n, seqlen] (described as `data`)."""
+    from kvpack.recipes.io import model_identity
+
+    fit = _fitter(settings)
+    start = time.perf_counter()
+    fisher = needs_fisher(settings)
+    activations, timing = _collect(model, ids, fisher, settings.sink_tokens, settings.pre_rope, progress)
+    keys, values, info = fit(model, activations, settings, progress=progress)
+    del activations
+    total = time.perf_counter() - start
+    info = dict(info)
+    fit_timing = info.pop("timing_s", {})
+    timing_s = {"forward": timing.forward_s, "backward": timing.backward_s, **fit_timing, "total": total}
+    calibration = {
+        "data": data, "windows": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.numel()),
+        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "fisher": fisher, "sink_tokens": settings.sink_tokens, "timing_s": timing_s,
+        "calibration_version": CALIBRATION_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
+    }
+    _log(progress, f"calibrated {settings.name} on {ids.shape[0]} x {ids.shape[1]} tokens of {data} in {total:.1f} s: "
+         + ", ".join(f"{k} {v:.1f} s" for k, v in timing_s.items() if k != "total"))
+    return Recipe(settings, keys, values, model_identity(model), calibration)
+
+
+def calibrate(
+    model, tokenizer, method: str | MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
+    progress: bool = True,
+) -> Recipe:
+    """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data`; returns the Recipe."""
+    settings = parse_method(method) if isinstance(method, str) else method
+    if not needs_calibration(settings):
+        from kvpack.recipes.resolve import num_layers
+
+        return Recipe.baseline(settings, num_layers(model))
+    return calibrate_windows(model, calibration_windows(tokenizer, data, windows, seqlen), settings, data, progress)
+
+
+def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
+    """Hash of everything a calibrated recipe depends on."""
+    from kvpack.recipes.io import model_identity, weights_fingerprint
+
+    payload = {
+        "model": model_identity(model), "weights": weights_fingerprint(model), "settings": asdict(settings),
+        "tokens": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(ids.shape),
+        "version": CALIBRATION_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_calibration(
+    model, tokenizer, settings: MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
+    recipe_dir: str | Path | None = None, progress: bool = True,
+) -> Recipe:
+    """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache, or calibrated and cached."""
+    from kvpack.hf.models import cache_root
+    from kvpack.recipes.io import replace_directory
+
+    if recipe_dir is not None:
+        recipe = Recipe.load(recipe_dir, model)
+        if recipe.settings.name != settings.name:
+            raise RecipeError(
+                f"Recipe '{recipe_dir}' is for method '{recipe.settings.name}', not '{settings.name}'. "
+                f"Evaluate '{recipe.settings.name}' with it, or drop --recipe to calibrate '{settings.name}'."
+            )
+        return recipe
+    ids = calibration_windows(tokenizer, data, windows, seqlen)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.name)
+    folder = cache_root() / "recipes" / f"{safe}-{cache_key(model, settings, ids)[:16]}"
+    if folder.is_dir():
+        try:
+            recipe = Recipe.load(folder, model)
+            _log(progress, f"using the cached recipe {folder}")
+            return recipe
+        except RecipeError as exc:
+            _log(progress, f"cached recipe {folder} unusable ({exc}); recalibrating")
+    recipe = calibrate_windows(model, ids, settings, data, progress)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    recipe.save(tmp)
+    replace_directory(tmp, folder)
+    _log(progress, f"cached the recipe in {folder}")
+    return recipe

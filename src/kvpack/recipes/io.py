@@ -1,0 +1,189 @@
+"""Saving and loading recipes: one safetensors file for every codec tensor plus a JSON description.
+
+`<dir>/recipe.json` holds the format version, the method settings, each layer's key and value
+codec (type + config), the model identity (architecture, layer count, heads, KV heads, head_dim
+and a hash of the architecture-defining config fields), the calibration description, and the
+sha256 of `<dir>/codecs.safetensors`. Loading checks all of it and raises `RecipeError` with the
+problem and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from kvpack.codecs import CODEC_TYPES, codec_from_state
+from kvpack.errors import RecipeError
+from kvpack.methods.names import MethodSettings
+from kvpack.hf.models import text_config
+
+FORMAT_VERSION = 1
+JSON_NAME = "recipe.json"
+TENSORS_NAME = "codecs.safetensors"
+
+# Config fields that decide the shape and meaning of keys and values (the identity hash).
+_IDENTITY_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_parameters", "rope_scaling",
+    "partial_rotary_factor", "rms_norm_eps", "sliding_window", "layer_types", "hidden_act", "attention_bias",
+    "tie_word_embeddings",
+)
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def model_identity(model) -> dict:
+    """What a recipe must match: architecture, sizes, and a hash of the architecture-defining config."""
+    cfg = text_config(model.config)
+    picked = {f: getattr(cfg, f, None) for f in _IDENTITY_FIELDS}
+    digest = hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return {
+        "architecture": architectures[0],
+        "model_type": cfg.model_type,
+        "num_layers": cfg.num_hidden_layers,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "head_dim": head_dim_of(cfg),
+        "config_sha256": digest,
+        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+    }
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the first attention layer's k_proj weight (fp16 bytes): tells checkpoints apart."""
+    from kvpack.hf.intercept import attention_layers
+
+    weight = attention_layers(model)[0].k_proj.weight.detach().to("cpu", torch.float16).contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_recipe(recipe, directory: str | Path) -> Path:
+    """Write `recipe` to `directory` (created; files replaced atomically). Returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for i, (kc, vc) in enumerate(zip(recipe.key_codecs, recipe.value_codecs)):
+        entry = {}
+        for role, codec in (("key", kc), ("value", vc)):
+            config, state = codec.state()
+            kind = type(codec).__name__
+            if kind not in CODEC_TYPES:
+                raise RecipeError(f"codec {kind} of layer {i} is not registered with @register_codec; it cannot be saved.")
+            entry[role] = {"type": kind, "config": config}
+            for name, t in state.items():
+                tensors[f"layers.{i}.{role}.{name}"] = t.detach().to("cpu").contiguous()
+        layers.append(entry)
+    tmp_tensors = directory / (TENSORS_NAME + ".tmp")
+    save_file(tensors, str(tmp_tensors), metadata={"format": "kvpack-recipe", "format_version": str(FORMAT_VERSION)})
+    description = {
+        "format": "kvpack-recipe",
+        "format_version": FORMAT_VERSION,
+        "method": recipe.settings.name,
+        "settings": asdict(recipe.settings),
+        "model": recipe.model_identity,
+        "calibration": recipe.calibration,
+        "layers": layers,
+        "tensors_file": TENSORS_NAME,
+        "tensors_sha256": _sha256(tmp_tensors),
+    }
+    tmp_json = directory / (JSON_NAME + ".tmp")
+    tmp_json.write_text(json.dumps(description, indent=1, default=str) + "\n")
+    os.replace(tmp_tensors, directory / TENSORS_NAME)
+    os.replace(tmp_json, directory / JSON_NAME)
+    return directory
+
+
+def _read_description(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise RecipeError(f"Recipe directory '{directory}' does not exist. Pass the folder written by `kvpack calibrate --out DIR`.")
+    path = directory / JSON_NAME
+    if not path.is_file():
+        raise RecipeError(f"'{directory}' holds no {JSON_NAME}; it is not a kvpack recipe. Recalibrate with `kvpack calibrate --out {directory}`.")
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"'{path}' is damaged (not valid JSON: {exc}). Recalibrate with `kvpack calibrate --out {directory}`.") from exc
+    if not isinstance(description, dict) or description.get("format") != "kvpack-recipe":
+        raise RecipeError(f"'{path}' is not a kvpack recipe description. Recalibrate with `kvpack calibrate --out {directory}`.")
+    version = description.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RecipeError(
+            f"'{path}' has recipe format version {version}, newer than this kvpack reads ({FORMAT_VERSION}). "
+            "Upgrade kvpack (pip install -U kvpack) or recalibrate with this version."
+        )
+    return description
+
+
+def check_identity(saved: dict, model, directory: Path) -> None:
+    """Raise RecipeError if the recipe was calibrated for another model than `model`."""
+    current = model_identity(model)
+    for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_sha256"):
+        if saved.get(key) != current[key]:
+            raise RecipeError(
+                f"Recipe '{directory}' was calibrated for another model: {key} is {saved.get(key)!r} in the recipe but "
+                f"{current[key]!r} for this model ({current['architecture']}, {current['num_layers']} layers, "
+                f"{current['num_kv_heads']} KV heads, head_dim {current['head_dim']}). Calibrate a recipe for this model "
+                "with `kvpack calibrate --model ...` or kvpack.calibrate(model, tokenizer, method)."
+            )
+
+
+def load_recipe(directory: str | Path, model=None):
+    """Load a recipe saved by `save_recipe`, checking format, checksum and (if given) the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from kvpack.recipes.recipe import Recipe
+
+    directory = Path(directory)
+    description = _read_description(directory)
+    tensors_path = directory / str(description.get("tensors_file", TENSORS_NAME))
+    if not tensors_path.is_file():
+        raise RecipeError(f"Recipe file '{tensors_path}' is missing. Copy the whole recipe folder or recalibrate.")
+    if _sha256(tensors_path) != description.get("tensors_sha256"):
+        raise RecipeError(
+            f"Recipe file '{tensors_path}' is truncated or altered (sha256 differs from {JSON_NAME}). "
+            f"Copy it again from its source or recalibrate with `kvpack calibrate --out {directory}`."
+        )
+    if model is not None and description.get("model"):  # uncalibrated recipes carry no model identity
+        check_identity(description["model"], model, directory)
+    try:
+        tensors = load_file(str(tensors_path))
+        known = {f.name for f in fields(MethodSettings)}
+        settings = MethodSettings(**{k: v for k, v in description["settings"].items() if k in known})
+        key_codecs, value_codecs = [], []
+        for i, entry in enumerate(description["layers"]):
+            for role, out in (("key", key_codecs), ("value", value_codecs)):
+                prefix = f"layers.{i}.{role}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                out.append(codec_from_state(entry[role]["type"], entry[role]["config"], state))
+    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise RecipeError(f"Recipe '{directory}' could not be rebuilt ({type(exc).__name__}: {exc}). Recalibrate it with this kvpack version.") from exc
+    if model is not None and len(key_codecs) != model_identity(model)["num_layers"]:
+        raise RecipeError(f"Recipe '{directory}' has {len(key_codecs)} layers, the model {model_identity(model)['num_layers']}. Recalibrate for this model.")
+    return Recipe(settings, key_codecs, value_codecs, description.get("model", {}), description.get("calibration", {}))
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move a freshly written recipe folder `src` to `dst`, replacing an old one."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)

@@ -1,0 +1,53 @@
+"""Turn a method name into a ready recipe for a model: baselines directly, calibrated methods
+from a saved recipe or calibrated on the fly (and cached on disk)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvpack.errors import MethodError
+from kvpack.methods.names import MethodSettings, parse_method
+from kvpack.hf.models import text_config
+from kvpack.recipes.recipe import Recipe
+from kvpack.methods.registry import needs_calibration
+
+
+def num_layers(model) -> int:
+    return text_config(model.config).num_hidden_layers
+
+
+def check_settings_fit_model(settings: MethodSettings, model) -> None:
+    """Channel groups must tile the model's head_dim; say so before any forward pass."""
+    from kvpack.recipes.io import head_dim_of
+
+    dim = head_dim_of(text_config(model.config))
+    for part, axis, group in (("key", settings.key_axis, settings.key_group), ("value", settings.value_axis, settings.value_group)):
+        if axis == "token" and group and dim % group:
+            divisors = [g for g in (8, 16, 32, 64, 128) if dim % g == 0 and g <= dim]
+            raise MethodError(
+                f"'{settings.name}': {part} channel groups of {group} do not divide this model's head_dim {dim}. "
+                f"Use a group size that divides {dim} (e.g. {', '.join(map(str, divisors)) or dim})."
+            )
+
+
+def resolve_recipe(
+    model,
+    tokenizer,
+    method: str | MethodSettings,
+    *,
+    calib_data: str = "c4[:500]",
+    calib_windows: int = 16,
+    calib_seqlen: int = 2048,
+    recipe_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Recipe:
+    """The recipe for `method` on `model`: uncalibrated, loaded from `recipe_dir`, or calibrated."""
+    settings = parse_method(method) if isinstance(method, str) else method
+    check_settings_fit_model(settings, model)
+    if not needs_calibration(settings):
+        return Recipe.baseline(settings, num_layers(model))
+    from kvpack.recipes.calibrate import cached_calibration  # calibrated families only
+
+    return cached_calibration(
+        model, tokenizer, settings, data=calib_data, windows=calib_windows, seqlen=calib_seqlen,
+        recipe_dir=recipe_dir, progress=progress,
+    )

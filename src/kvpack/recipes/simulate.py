@@ -1,0 +1,77 @@
+"""Simulated quantization: quantize-dequantize keys and values inside one forward pass.
+
+Per layer, the first `sink_tokens` and the most recent tokens stay in fp16; the tokens between
+go through the layer's codec. Codecs that take statistics over groups of tokens (KIVI keys)
+quantize only whole groups, so the fp16 tail holds the recent window plus the unfinished
+group, exactly what a streaming cache holds at this length. Bits are counted from the packed
+tensors the codecs really produce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.errors import NonFiniteError
+from kvpack.recipes.recipe import Recipe
+
+
+@dataclass
+class BitCount:
+    """Stored bits and element count, accumulated over layers, K and V."""
+
+    bits: float = 0.0
+    elements: int = 0
+
+    def add(self, bits: float, elements: int) -> None:
+        self.bits += bits
+        self.elements += elements
+
+    @property
+    def per_element(self) -> float:
+        return self.bits / max(self.elements, 1)
+
+
+def fp16_split(tokens: int, sink: int, recent: int, token_group: int) -> tuple[int, int]:
+    """(start, stop) of the quantized token range for a sequence of `tokens` tokens."""
+    start = min(sink, tokens)
+    stop = max(start, tokens - recent)
+    stop -= (stop - start) % max(token_group, 1)
+    return start, stop
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(
+            f"{what} contains NaN or inf; quantizing it would silently corrupt the cache. Check the model's dtype "
+            "(float16 overflow: load with dtype=torch.float32 or bfloat16) and its input."
+        )
+
+
+class Simulator:
+    """A KVTransform that quantize-dequantizes with `recipe` and counts the bits stored."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.pre_rope = recipe.settings.pre_rope
+        self.count = BitCount()
+
+    def _process(self, x: torch.Tensor, codec, what: str) -> torch.Tensor:
+        check_finite(x, what)
+        s = self.recipe.settings
+        tokens = x.shape[-2]
+        start, stop = fp16_split(tokens, s.sink_tokens, s.recent_tokens, codec.token_group())
+        per_token = x[..., :1, :].numel()
+        fp16_tokens = tokens - (stop - start)
+        self.count.add(16.0 * fp16_tokens * per_token + 8.0 * codec.shared_nbytes(), x.numel())
+        if stop == start:
+            return x.to(torch.float16).to(x.dtype)
+        middle, nbytes = codec.roundtrip(x[..., start:stop, :])
+        self.count.add(8.0 * nbytes, 0)
+        parts = [x[..., :start, :].to(torch.float16).to(x.dtype), middle, x[..., stop:, :].to(torch.float16).to(x.dtype)]
+        return torch.cat(parts, dim=-2)
+
+    def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._process(key, self.recipe.key_codecs[layer_idx], f"layer {layer_idx} keys")
+        value = self._process(value, self.recipe.value_codecs[layer_idx], f"layer {layer_idx} values")
+        return key, value

@@ -6,6 +6,7 @@ every block of a layer (codebooks), amortized over the context by whoever report
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -28,6 +29,19 @@ class Encoded:
         for s in self.shape:
             numel *= s
         return 8.0 * self.nbytes() / max(numel, 1)
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """What a codec's Encoded blocks hold, declared by the codec for the cache, memory report and kernels.
+
+    parts: tensor name -> "codes" | "scales" | "outliers" (every tensor `encode` may produce).
+    outlier_rows: None, or the row kind of the sparse outliers (codecs.sparse: "token_all" | "token_head").
+    Blocks of equal shape always concatenate along dim 0 and decode as one (every codec guarantees it).
+    """
+
+    parts: dict[str, str]
+    outlier_rows: str | None = None
 
 
 CODEC_TYPES: dict[str, type["Codec"]] = {}
@@ -63,10 +77,6 @@ class Codec(ABC):
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Codec":
         return cls(**config)
 
-    def fit(self, samples: torch.Tensor, weights: torch.Tensor | None = None) -> "Codec":
-        """Learn parameters from calibration samples [..., tokens, head_dim]; baselines need none."""
-        return self
-
     @abstractmethod
     def encode(self, x: torch.Tensor) -> Encoded:
         """x [..., tokens, head_dim] -> packed storage."""
@@ -74,6 +84,41 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, enc: Encoded) -> torch.Tensor:
         """Packed storage -> float32 tensor of `enc.shape`."""
+
+    @abstractmethod
+    def layout(self) -> StorageLayout:
+        """The parts of every block this codec encodes (see StorageLayout)."""
+
+    def code_nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of one encoded block of x `shape` [..., heads, tokens, head_dim] without its outliers
+        (data-independent: the size of codes and scales); measured by encoding zeros."""
+        enc = self.encode(torch.zeros(shape, device=self.device))
+        parts = self.layout().parts
+        return sum(t.numel() * t.element_size() for n, t in enc.tensors.items() if parts.get(n) != "outliers")
+
+    @property
+    def device(self) -> torch.device:
+        """Where this codec's tensors live (and where it encodes)."""
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "Codec":
+        """This codec with every tensor it holds on `device` (a new object when anything moves). Parameters
+        stay float32 (fp16-rounded values), whatever the model's dtype: decode returns float32."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(moved, name, value.to(device))
+            elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+                setattr(moved, name, tuple(v.to(device) for v in value))
+            elif name.startswith("_kvpack_"):  # per-device constants the kernels derived
+                delattr(moved, name)
+        return moved
 
     def shared_nbytes(self) -> int:
         """Bytes of per-layer storage shared by all blocks (codebooks); 0 for baselines."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvpack.codecs import packing
-from kvpack.codecs.base import Codec, Encoded, check_bits, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, check_bits, register_codec
 from kvpack.codecs.grouping import check_axis, grouped, grouped_shape
 
 
@@ -73,6 +73,9 @@ class CodebookCodec(Codec):
         zero, scale = enc.tensors["zero"].float(), enc.tensors["scale"].float()
         view = codes.reshape(grouped_shape(shape, self.axis, self.group_size))
         return (self.levels[view] * scale + zero).reshape(shape)
+
+    def layout(self) -> StorageLayout:
+        return StorageLayout({"codes": "codes", "zero": "scales", "scale": "scales"})
 
     def shared_nbytes(self) -> int:
         return self.levels.numel() * 2  # stored as fp16

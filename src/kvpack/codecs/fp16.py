@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpack.codecs.base import Codec, Encoded, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec
 
 
 @register_codec
@@ -12,6 +12,9 @@ class Fp16Codec(Codec):
 
     def encode(self, x: torch.Tensor) -> Encoded:
         return Encoded({"values": x.to(torch.float16)}, tuple(x.shape))
+
+    def layout(self) -> StorageLayout:
+        return StorageLayout({"values": "codes"})
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         return enc.tensors["values"].float()

@@ -26,7 +26,7 @@ import torch
 
 from kvpack.codecs import packing
 from kvpack.codecs import sparse
-from kvpack.codecs.base import Codec, Encoded, check_bits, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, check_bits, register_codec
 from kvpack.codecs.kmeans import assign, assign_batched
 
 AXES = ("channel", "token")
@@ -255,19 +255,20 @@ class NuqCodec(Codec):
         group = group.view(self.heads, 1, 1) if self.codebooks == "head" else group.view(self.heads, 1, self.head_dim)
         return levels.flatten()[codes + group]
 
-    # ----- sparse layout -----
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H, T, D] -> rows of the sparse layout (CSR): one row per token, over all heads for keys
-        and `span="all"` values (a 1-token block costs one count), per head for `span="head"` values."""
-        if self.axis == "channel" or self.span == "all":
-            return x.movedim(-3, -2).reshape(-1, self.heads * self.head_dim)
-        return x.reshape(-1, x.shape[-1])
+    # ----- storage -----
+    @property
+    def outlier_rows(self) -> str:
+        """Rows of the sparse outliers (codecs.sparse): one per token over all heads for keys and `span="all"`
+        values (a 1-token block costs one count), one per token and head for `span="head"` values."""
+        return "token_all" if self.axis == "channel" or self.span == "all" else "token_head"
 
-    def _unrows(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        *lead, heads, tokens, dim = shape
-        if self.axis == "channel" or self.span == "all":
-            return rows.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
-        return rows.reshape(shape)
+    def layout(self) -> StorageLayout:
+        parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self._width_columns()])}
+        if self.axis == "token":
+            parts |= {"zero": "scales", "scale": "scales"}
+        if self.outlier_frac > 0:
+            parts |= dict.fromkeys(sparse.OUTLIER_NAMES, "outliers")
+        return StorageLayout(parts, self.outlier_rows if self.outlier_frac > 0 else None)
 
     # ----- code packing -----
     def _width_columns(self) -> dict[int, torch.Tensor]:
@@ -298,8 +299,7 @@ class NuqCodec(Codec):
         if self.axis == "token":
             tensors["zero"], tensors["scale"] = zero.half(), scale.half()
         if mask is not None:
-            for key, t in sparse.encode_rows(self._rows(x.float()), self._rows(mask)).items():
-                tensors[f"outlier_{key}"] = t
+            tensors |= sparse.encode_outliers(x.float(), mask, self.outlier_rows)
         return Encoded(tensors, tuple(x.shape))
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -308,12 +308,7 @@ class NuqCodec(Codec):
         codes = self._unpack(t, shape)
         zero, scale = (self.zero, self.scale) if self.axis == "channel" else (t["zero"].float(), t["scale"].float())
         x = self.dequantize_normalized(codes) * scale + zero
-        if "outlier_values" in t:
-            probe = self._rows(torch.empty(shape, device="meta"))
-            part = {k: t[f"outlier_{k}"] for k in ("values", "indices", "counts")}
-            values, mask = sparse.decode_rows(part, probe.shape[0], probe.shape[1])
-            x = torch.where(self._unrows(mask, shape), self._unrows(values, shape), x)
-        return x
+        return sparse.apply_outliers(x, t, self.outlier_rows)
 
     def outlier_rate(self, enc: Encoded) -> float:
         """Measured share of elements stored as sparse outliers in `enc`."""

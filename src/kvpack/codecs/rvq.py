@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from kvpack.codecs import packing
-from kvpack.codecs.base import Codec, Encoded, register_codec
+from kvpack.codecs import packing, sparse
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec
 
 GROUPINGS = ("strided", "contiguous")
 # Distance-matrix budget of one encode chunk (rows x C float32 entries): 512K entries = 2 MiB, so
@@ -224,11 +224,7 @@ class RVQCodec(Codec):
         codes = codes.view(*x.shape[:-1], -1)  # [..., tokens, n * D]
         tensors = {"codes": packing.pack(codes, self.code_bits), "scale": scale}
         if mask is not None:
-            tensors |= {
-                "outlier_count": mask.sum(-1).to(torch.uint8 if self.head_dim < 256 else torch.int16),  # per token row
-                "outlier_channel": mask.nonzero()[:, -1].to(torch.uint8),
-                "outlier_value": x[mask].to(torch.float16),
-            }
+            tensors |= sparse.encode_outliers(x, mask, "token_head")
         return Encoded(tensors, tuple(x.shape))
 
     def decode(self, enc: Encoded) -> torch.Tensor:
@@ -237,9 +233,10 @@ class RVQCodec(Codec):
         codes = packing.unpack(enc.tensors["codes"], self.code_bits, n * self.depth)  # [..., tokens, n * D]
         groups = residual_decode(codes.reshape(-1, self.depth), self.codebooks)
         x = self.denormalize(groups.view(*shape[:-1], n, self.group), enc.tensors["scale"])
-        if "outlier_count" in enc.tensors:
-            rows = x.view(-1, self.head_dim)
-            counts = enc.tensors["outlier_count"].reshape(-1).long()
-            row_index = torch.repeat_interleave(torch.arange(rows.shape[0]), counts)
-            rows[row_index, enc.tensors["outlier_channel"].long()] = enc.tensors["outlier_value"].float()
-        return x
+        return sparse.apply_outliers(x, enc.tensors, "token_head")
+
+    def layout(self) -> StorageLayout:
+        parts = {"codes": "codes", "scale": "scales"}
+        if self.lower is not None:
+            parts |= dict.fromkeys(sparse.OUTLIER_NAMES, "outliers")
+        return StorageLayout(parts, None if self.lower is None else "token_head")

@@ -12,6 +12,8 @@ Byte counts are those of these real tensors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -65,3 +67,48 @@ def decode_rows(sparse: dict[str, torch.Tensor], rows: int, n: int) -> tuple[tor
 
 def nbytes(sparse: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in sparse.values())
+
+
+# ---------------------------------------------------------------------------------------- block outliers
+# The one outlier format of every codec: an Encoded block of x [..., H, T, D] stores its outliers as
+# "outlier_values" / "outlier_indices" / "outlier_counts" (encode_rows above) over rows of one of two kinds,
+# declared by the codec's StorageLayout.outlier_rows:
+#   "token_all"   one row per token (all heads): rows [..., T] over H * D columns (h * D + c)
+#   "token_head"  one row per token and head:    rows [..., H, T] over D columns (c)
+# Rows run in x's order ([..., T] leading dims first), so the kernels index row (blk, b, t) or (blk, b, h, t).
+OUTLIER_ROWS = ("token_all", "token_head")
+OUTLIER_NAMES = ("outlier_values", "outlier_indices", "outlier_counts")
+
+
+def to_rows(x: torch.Tensor, rows: str) -> torch.Tensor:
+    """x [..., H, T, D] -> the outlier rows [R, n] of kind `rows`."""
+    if rows == "token_all":
+        return x.movedim(-3, -2).reshape(-1, x.shape[-3] * x.shape[-1])
+    if rows == "token_head":
+        return x.reshape(-1, x.shape[-1])
+    raise ValueError(f"outlier rows must be one of {OUTLIER_ROWS}, got {rows!r}")
+
+
+def from_rows(r: torch.Tensor, shape: tuple[int, ...], rows: str) -> torch.Tensor:
+    """Inverse of `to_rows` for x of `shape` [..., H, T, D]."""
+    *lead, heads, tokens, dim = shape
+    if rows == "token_all":
+        return r.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
+    return r.reshape(shape)
+
+
+def encode_outliers(x: torch.Tensor, mask: torch.Tensor, rows: str) -> dict[str, torch.Tensor]:
+    """The outliers of x [..., H, T, D] where `mask`, as the three named tensors of the one format."""
+    part = encode_rows(to_rows(x, rows), to_rows(mask, rows))
+    return {f"outlier_{k}": t for k, t in part.items()}
+
+
+def apply_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor], rows: str) -> torch.Tensor:
+    """x [..., H, T, D] with the stored outliers of `tensors` put back (x itself if there are none)."""
+    if "outlier_values" not in tensors:
+        return x
+    shape = tuple(x.shape)
+    n = shape[-3] * shape[-1] if rows == "token_all" else shape[-1]
+    part = {k: tensors[f"outlier_{k}"].to(x.device) for k in ("values", "indices", "counts")}
+    values, mask = decode_rows(part, math.prod(shape) // n, n)
+    return torch.where(from_rows(mask, shape, rows), from_rows(values, shape, rows).to(x.dtype), x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvpack.codecs import packing
-from kvpack.codecs.base import Codec, Encoded, check_bits, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, check_bits, register_codec
 from kvpack.codecs.grouping import check_axis, grouped, grouped_shape
 
 
@@ -36,6 +36,9 @@ class UniformCodec(Codec):
         codes = torch.round((view - lo.float()) / step.float()).clamp_(0, levels).to(torch.int32)
         packed = packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)
         return Encoded({"codes": packed, "min": lo, "step": step}, tuple(x.shape))
+
+    def layout(self) -> StorageLayout:
+        return StorageLayout({"codes": "codes", "min": "scales", "step": "scales"})
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         shape = enc.shape

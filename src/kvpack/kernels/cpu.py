@@ -30,7 +30,7 @@ from kvpack.kernels.layout import NuqView, RvqView
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -160,7 +160,7 @@ def rvq_segment(view: RvqView) -> list[int]:
     has = o is not None and o.values.numel() > 0
     return [n, SEG_RVQ, *codes, _ptr(view.scale), *view.scale.stride(), _ptr(view.books16), depth, size, group,
             view.code_bits, _ptr(view.inv_perm), _ptr(o.values) if has else 0, _ptr(o.positions) if has else 0,
-            _ptr(o.counts) if has else 0, o.counts.element_size() if has else 0]
+            o.positions.element_size() if has else 0, _ptr(o.counts) if has else 0, o.counts.element_size() if has else 0]
 
 
 def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | None:
@@ -273,7 +273,7 @@ def nuq_encode(codec, x: torch.Tensor):
         return None
     from kvpack.kernels.layout import sparse_mode
 
-    mode = sparse_mode(codec, heads, dim)
+    mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None
     mid = codec.__dict__.get("_kvpack_midpoints")

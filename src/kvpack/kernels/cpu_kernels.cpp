@@ -498,10 +498,12 @@ struct Rvq {
   const uint16_t* books;  // fp16 [depth, C, gs] (the codec's codebooks are fp16 values: exact, half the cache)
   int depth, C, gs, cbits;
   const int32_t* inv_perm;  // [D] or nullptr (contiguous groups)
-  // outliers per token row (blk, b, h, t): counts, channel (uint8), fp16 value; nullptr if none
+  // outliers in the one sparse format, rows (blk, b, h, t) over channels: counts, channel indices, fp16 values;
+  // nullptr if none
   const void* counts;
   int count_size;
-  const uint8_t* channels;
+  const void* channels;
+  int channel_size;
   const uint16_t* values;
 };
 
@@ -554,7 +556,7 @@ void rvq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
         rvq_decode(codes.row(blk, b, h, t), r, D, scale.at(blk, b, h, t), kp, k);
         if (r.counts) {
           const i64 row = ((blk * B + b) * H + h) * T + t;
-          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) k[r.channels[j]] = h2f(r.values[j]);
+          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) k[count_at(r.channels, r.channel_size, j)] = h2f(r.values[j]);
         }
         const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
         const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
@@ -600,7 +602,7 @@ void rvq_values_hist(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nb
           if (ptr[rr + 1] > ptr[rr]) {
             rvq_decode(row, r, D, sc, kp, v);
             for (i64 e = ptr[rr]; e < ptr[rr + 1]; ++e) {
-              const int ch = r.channels[e];
+              const int ch = (int)count_at(r.channels, r.channel_size, e);
               const float delta = h2f(r.values[e]) - v[ch];
               for (int g = 0; g < G; ++g) direct[(size_t)g * D + ch] += pp[g * pg + t_all] * delta;
             }
@@ -658,7 +660,7 @@ void rvq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes codes, int nblk, i
         rvq_decode(codes.row(blk, b, h, t), r, D, scale.at(blk, b, h, t), kp, v);
         if (r.counts) {
           const i64 row = ((blk * B + b) * H + h) * T + t;
-          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) v[r.channels[j]] = h2f(r.values[j]);
+          for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) v[count_at(r.channels, r.channel_size, j)] = h2f(r.values[j]);
         }
         for (int g = 0; g < G; ++g) {
           const __m256 w = _mm256_set1_ps(p[b * pb + h * ph + g * pg + n]);
@@ -981,7 +983,8 @@ int run_segment(Reader& r, const Common& c, bool keys) {
     q.depth = (int)r.next(); q.C = (int)r.next(); q.gs = (int)r.next(); q.cbits = (int)r.next();
     q.inv_perm = (const int32_t*)r.ptr();
     q.values = (const uint16_t*)r.ptr();
-    q.channels = (const uint8_t*)r.ptr();
+    q.channels = r.ptr();
+    q.channel_size = (int)r.next();
     q.counts = r.ptr();
     q.count_size = (int)r.next();
     if (!q.values) q.counts = nullptr;
@@ -997,7 +1000,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 7; }
+int kvpack_abi_version() { return 8; }
 
 // Attention of one layer for a decode step. Array layout:
 //   query ptr (float32 [B, Hq, Q, D], any strides with a contiguous last dim), its strides b, head, token,

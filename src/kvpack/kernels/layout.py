@@ -17,45 +17,30 @@ from kvpack.codecs import Codec, Encoded
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.codecs.rvq import RVQCodec
 from kvpack.codecs.packing import packed_length
+from kvpack.codecs.sparse import OUTLIER_NAMES
 
 
 @dataclass
 class Outliers:
-    """Sparse outliers of a run: fp16 values [nnz], positions [nnz], per-row counts [rows] (any int dtype).
+    """Sparse outliers of a run in the one format (codecs.sparse): fp16 values [nnz], positions [nnz] (column
+    within the row), per-row counts [rows] (any int dtype).
 
-    mode (which rows, see `sparse_mode`): 0 = rows (blk, b, h, c) over the tokens of a block (CSC),
-    1 = rows (blk, b, t) over h * D + c (CSR across heads), 2 = rows (blk, b, h, t) over c.
+    mode: 1 = rows (blk, b, t) over h * D + c ("token_all"), 2 = rows (blk, b, h, t) over c ("token_head").
     """
 
     values: torch.Tensor
     positions: torch.Tensor
     counts: torch.Tensor
-    mode: int = 0
+    mode: int = 1
 
 
-SPARSE_MODES = {"channel": 0, "token_all": 1, "token_head": 2}
+SPARSE_MODES = {"token_all": 1, "token_head": 2}
 
 
-def sparse_mode(codec, heads: int, dim: int) -> int | None:
-    """How `codec` lays out its sparse outliers, read from its own row function on a meta tensor (once per codec)."""
-    memo = codec.__dict__.setdefault("_kvpack_sparse_mode", {})
-    if (heads, dim) not in memo:
-        memo[(heads, dim)] = _probe_sparse_mode(codec, heads, dim)
-    return memo[(heads, dim)]
-
-
-def _probe_sparse_mode(codec, heads: int, dim: int) -> int | None:
-    rows = getattr(codec, "_rows", None)
-    if rows is None:
-        return None
-    shape = tuple(rows(torch.empty(1, heads, 3, dim, device="meta")).shape)
-    if shape == (heads * dim, 3):
-        return 0
-    if shape == (3, heads * dim):
-        return 1
-    if shape == (heads * 3, dim):
-        return 2
-    return None
+def sparse_mode(codec: Codec) -> int | None:
+    """The kernels' mode number of `codec`'s declared outlier rows (None: no outliers)."""
+    rows = codec.layout().outlier_rows
+    return None if rows is None else SPARSE_MODES[rows]
 
 
 @dataclass
@@ -98,7 +83,7 @@ class RvqView:
     books16: torch.Tensor  # the same values in fp16 (the codec's codebooks are fp16-rounded)
     code_bits: int
     inv_perm: torch.Tensor | None  # int32 [D]: channel c = group-order element inv_perm[c]; None if identity
-    outliers: Outliers | None  # per token row (blk, b, h, t): counts; positions = channel (uint8)
+    outliers: Outliers | None  # mode 2: rows (blk, b, h, t) over channels
 
     @property
     def run_tokens(self) -> int:
@@ -151,11 +136,10 @@ def block_chunks(run, max_tokens: int):
         yield i * tokens, Encoded(tensors, ((j - i) * batch, heads, tokens, dim), dict(enc.meta))
 
 
-def _outliers(t: dict, prefix: str, names=("values", "indices", "counts"), mode: int = 0) -> Outliers | None:
-    keys = [prefix + n for n in names]
-    if not all(k in t for k in keys):
+def _outliers(t: dict, mode: int | None) -> Outliers | None:
+    if mode is None or not all(k in t for k in OUTLIER_NAMES):
         return None
-    return Outliers(*(t[k].contiguous() for k in keys), mode=mode)
+    return Outliers(*(t[k].contiguous() for k in OUTLIER_NAMES), mode=mode)
 
 
 def _cached(run, codec: Codec, kind: str, build):
@@ -197,8 +181,8 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         return None
     if getattr(codec, "channel_bits", None) is not None:  # mixed per-channel widths: not in the kernels
         return None
-    mode = sparse_mode(codec, heads, dim)
-    if "outlier_values" in t and (mode is None or (codec.axis == "token" and mode == 0)):
+    mode = sparse_mode(codec)
+    if "outlier_values" in t and mode is None:
         return None
     view = NuqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
@@ -206,7 +190,7 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         levels=_codec_constants(codec, f"levels_{codes.device}",
                                 lambda: codec.decode_levels.to(codes.device).float().contiguous(), codec.decode_levels),
         kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
-        outliers=_outliers(t, "outlier_", mode=mode or 0),
+        outliers=_outliers(t, mode),
     )
     if codec.axis == "channel":
         dev = codes.device
@@ -236,7 +220,7 @@ def _rvq_view(run, codec: RVQCodec) -> RvqView | None:
     perm = codec.perm
     inv = _codec_constants(codec, f"inv_perm_{codes.device}", lambda: None if torch.equal(perm.cpu(), torch.arange(dim))
                            else torch.argsort(perm.cpu()).to(torch.int32).to(codes.device))
-    out = _outliers(t, "outlier_", ("value", "channel", "count"))
+    out = _outliers(t, sparse_mode(codec))
     return RvqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, scale=scale.contiguous().view(nblk, batch, heads, tokens),

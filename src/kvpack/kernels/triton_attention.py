@@ -298,9 +298,7 @@ def _entries(view: NuqView) -> tuple[torch.Tensor, ...]:
         row = torch.repeat_interleave(rows, o.counts.long())
         pos = o.positions.long()
         D, H, B, T = view.dim, view.heads, view.batch, view.tokens
-        if o.mode == 0:  # rows (blk, b, h, c) over tokens
-            c, h, b, blk, t = row % D, (row // D) % H, (row // (D * H)) % B, row // (D * H * B), pos
-        elif o.mode == 1:  # rows (blk, b, t) over h * D + c
+        if o.mode == 1:  # rows (blk, b, t) over h * D + c
             t, b, blk, h, c = row % T, (row // T) % B, row // (T * B), pos // D, pos % D
         else:  # rows (blk, b, h, t) over c
             t, h, b, blk, c = row % T, (row // T) % H, (row // (T * H)) % B, row // (T * H * B), pos

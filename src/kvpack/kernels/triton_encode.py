@@ -167,6 +167,6 @@ def nuq_encode(codec: NuqCodec, x: torch.Tensor) -> Encoded | None:
         tensors.update(codes=codes, zero=zero, scale=scale)
     if outliers:
         m = mask.bool()
-        for key, t in sparse.encode_rows(codec._rows(x), codec._rows(m)).items():
+        for key, t in sparse.encode_rows(sparse.to_rows(x, codec.outlier_rows), sparse.to_rows(m, codec.outlier_rows)).items():
             tensors[f"outlier_{key}"] = t
     return Encoded(tensors, tuple(x.shape))

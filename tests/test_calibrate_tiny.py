@@ -8,7 +8,8 @@ import kvpack
 from conftest import make_tiny_model, make_tiny_tokenizer
 from kvpack.errors import MethodError
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.methods.names import parse_method
+from kvpack.methods import parse_method
+from kvpack.methods.kvquant import KVQuantOptions
 from kvpack.recipes.resolve import resolve_recipe
 from kvpack.recipes.recipe import Recipe
 
@@ -83,12 +84,12 @@ def test_too_little_data(text_file):
 def test_method_names_and_options():
     s = parse_method("kvquant-3bit-1pct")
     assert (s.bits, s.key_axis, s.value_axis, s.pre_rope, s.sink_tokens) == (3, "channel", "token", True, 1)
-    assert s.extra["outlier_frac"] == 0.01 and s.extra["weighting"] == "fisher" and not s.extra["qnorm"]
-    assert parse_method("kvquant-2bit").extra["qnorm"] is True
+    assert s.options.outlier_frac == 0.01 and s.options.weighting == "fisher" and not s.options.qnorm
+    assert parse_method("kvquant-2bit").options.qnorm is True
     s = parse_method("kvquant-3bit-1pct:out0.5:out-matrix:fisher-s2:no-qnorm:cb-head:vspan-head:sink4:post-rope:key-token")
-    assert s.extra == {"outlier_frac": 0.005, "weighting": "fisher-s2", "outlier_scope": "matrix", "qnorm": False,
-                       "codebook": "head", "value_span": "head", "alloc": "none", "min_bits": 1}
-    assert parse_method("kvquant-3bit:alloc-global:minbits0").extra["alloc"] == "global"
+    assert s.options == KVQuantOptions(outlier_frac=0.005, weighting="fisher-s2", outlier_scope="matrix", qnorm=False,
+                                       codebook="head", value_span="head", alloc="none", min_bits=1)
+    assert parse_method("kvquant-3bit:alloc-global:minbits0").options.alloc == "global"
     assert (s.sink_tokens, s.pre_rope, s.key_axis) == (4, False, "token")
     for bad in ("kvquant-9bit", "kvquant-3bit-60pct", "kvquant-3bit:out70", "kvquant-3bit:bogus", "kvquant-3"):
         with pytest.raises(MethodError):

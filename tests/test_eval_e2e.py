@@ -122,7 +122,7 @@ def test_run_eval_adds_fp16_and_applies_flags(tmp_path):
     """run_eval on a tiny local model: fp16 is measured first even when not asked for, CLI flags
     reach every method and show in its name."""
     from conftest import make_tiny_model, make_tiny_tokenizer
-    from kvpack.cli.app import run_eval
+    from kvpack.evaluate.run import run_eval
 
     model_dir = tmp_path / "tiny"
     make_tiny_model("llama").save_pretrained(model_dir)

@@ -113,7 +113,7 @@ def test_run_eval_with_finetuned_folder(tmp_path):
     """`kvpack eval --finetuned DIR`: the adapter is merged for every row (fp16 differs from the base
     model's), the tuned method uses the saved codebooks, rows name the tuned model."""
     from conftest import make_tiny_tokenizer
-    from kvpack.cli.app import run_eval
+    from kvpack.evaluate.run import run_eval
 
     model_dir = tmp_path / "tiny"
     base = make_tiny_model("llama")

@@ -8,10 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.methods import registry
+from kvpack.methods import Family, baselines, needs_calibration, registry
 from kvpack.codecs import Fp16Codec, NormalFloatCodec, UniformCodec
 from kvpack.errors import KVPackError, MethodError
-from kvpack.methods.names import BASELINE_PRESETS, MethodSettings, base_settings, parse_method
+from kvpack.methods import MethodSettings, parse_method
+
+BASELINE_PRESETS = baselines.FAMILY.presets
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.simulate import BitCount, Simulator, fp16_split
 
@@ -124,7 +126,7 @@ def test_name_reparses_to_the_same_settings(preset, options, pre_rope, key_axis)
         ("fp32", "Unknown method 'fp32'"),
         ("int4bit", "Unknown method"),
         ("kivi2", "Unknown method"),
-        ("gptq", r"Unknown method 'gptq'.*Known: fp16, int8"),
+        ("gptq", r"Unknown method 'gptq'.*Known presets \(baseline: fp16, int8"),
         ("int4:bogus", "Unknown method option 'bogus'.*pre-rope"),
         ("int4:", "Unknown method option ''"),
         ("int4:g0", "group size must be >= 1"),
@@ -146,7 +148,7 @@ def test_bad_key_axis_flag():
 
 def test_fp16_takes_no_bits():
     with pytest.raises(MethodError, match="fp16 takes no bit width"):
-        base_settings("fp168")
+        parse_method("fp168")
 
 
 def test_group_that_does_not_divide_head_dim_is_reported():
@@ -193,19 +195,25 @@ def test_recipe_from_settings_object():
 
 
 def test_recipe_refuses_calibrated_family(monkeypatch):
-    fake = registry.Family(
-        name="fake", matches=lambda p: p.startswith("fakecal-"),
-        settings=lambda p: MethodSettings(name=p, family="fakecal", bits=3, pre_rope=True), calibrated=True,
-    )
-    monkeypatch.setattr(registry, "_FAMILIES", [fake, *registry._FAMILIES])
+    class Fake(Family):
+        name = "fakecal"
+        calibrated = True
+
+        def matches(self, preset):
+            return preset.startswith("fakecal-")
+
+        def settings(self, preset):
+            return MethodSettings(name=preset, family="fakecal", bits=3, pre_rope=True)
+
+    monkeypatch.setattr(registry, "_FAMILIES", [Fake(), *registry._FAMILIES])
     s = parse_method("fakecal-3")
     assert s.family == "fakecal" and s.pre_rope
-    assert registry.needs_calibration(s)
-    assert not registry.needs_calibration(parse_method("int4"))
+    assert needs_calibration(s)
+    assert not needs_calibration(parse_method("int4"))
     with pytest.raises(MethodError, match="needs calibration"):
         Recipe.baseline("fakecal-3", 2)
     with pytest.raises(MethodError, match="needs calibration"):
-        registry.baseline_codecs(s)
+        registry.family_named("fakecal").codecs(s)
 
 
 # --- the fp16 split --------------------------------------------------------------------------------

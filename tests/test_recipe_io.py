@@ -31,7 +31,7 @@ def saved(recipe, tmp_path):
 
 def test_roundtrip(recipe, saved, model):
     loaded = Recipe.load(saved, model)
-    assert loaded.settings == recipe.settings and loaded.settings.extra == recipe.settings.extra
+    assert loaded.settings == recipe.settings and loaded.settings.options == recipe.settings.options
     assert loaded.model_identity == recipe.model_identity
     assert loaded.calibration["data"] == "random ids" and "kmeans" in loaded.calibration["timing_s"]
     x = torch.randn(1, 2, 20, 16)

@@ -9,7 +9,7 @@ from kvpack.codecs import RVQCodec, codec_from_state
 from kvpack.codecs.rvq import from_groups, group_permutation, residual_decode, residual_encode, to_groups
 from kvpack.errors import MethodError
 from kvpack.methods.names import parse_method
-from kvpack.methods.registry import needs_calibration
+from kvpack.methods import needs_calibration
 from kvpack.methods.rvq.train import kmeans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,13 +165,13 @@ def test_zero_vectors_decode_finite():
 def test_rvq_presets_and_options():
     s = parse_method("rvq-d8-c2048-g32")
     assert s.family == "rvq" and s.pre_rope and needs_calibration(s)
-    assert (s.extra["depth"], s.extra["codes"], s.key_group, s.value_group) == (8, 2048, 32, 32)
-    assert (s.extra["key_grouping"], s.extra["value_grouping"], s.extra["codebook_training"]) == ("strided", "contiguous", "ema")
+    assert (s.options.depth, s.options.codes, s.key_group, s.value_group) == (8, 2048, 32, 32)
+    assert (s.options.key_grouping, s.options.value_grouping, s.options.codebook_training) == ("strided", "contiguous", "ema")
     s = parse_method("rvq-d6-c1024-g32:key-contiguous:value-strided:kmeans-only:1pct:sink1")
-    assert (s.extra["key_grouping"], s.extra["value_grouping"], s.extra["codebook_training"]) == ("contiguous", "strided", "kmeans")
-    assert s.extra["outliers"] == pytest.approx(0.01) and s.sink_tokens == 1
-    assert parse_method("rvq-d8-c1024-g64:0.5pct").extra["outliers"] == pytest.approx(0.005)
-    assert parse_method("rvq-d3-c256-g16").extra["depth"] == 3
+    assert (s.options.key_grouping, s.options.value_grouping, s.options.codebook_training) == ("contiguous", "strided", "kmeans")
+    assert s.options.outliers == pytest.approx(0.01) and s.sink_tokens == 1
+    assert parse_method("rvq-d8-c1024-g64:0.5pct").options.outliers == pytest.approx(0.005)
+    assert parse_method("rvq-d3-c256-g16").options.depth == 3
 
 
 @pytest.mark.parametrize("bad,match", [

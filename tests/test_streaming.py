@@ -47,7 +47,7 @@ def test_chunked_prefill_and_counts(setup):
 
 
 def test_cli_run_eval_real_cache(tmp_path):
-    from kvpack.cli.app import run_eval
+    from kvpack.evaluate.run import run_eval
 
     model_dir = tmp_path / "tiny"
     make_tiny_model("llama").save_pretrained(model_dir)

@@ -125,6 +125,16 @@ def load_corpus(spec: str) -> Corpus:
     return Corpus(spec=str(spec), source=source, text="\n\n".join(docs), documents=len(docs))
 
 
+def describe_data(spec: str) -> str:
+    """One line saying what `spec` is: where its text comes from and how many documents it holds."""
+    corpus = load_corpus(spec)
+    root = os.environ.get("KVPACK_DATA")
+    source = corpus.source
+    if root and source.startswith(str(Path(root))):
+        source = "$KVPACK_DATA/" + str(Path(source).relative_to(root))
+    return f"{spec}: {corpus.documents} document(s) from {source}, {len(corpus.text)} characters"
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids [n_tokens] of the whole text, with the tokenizer's default special tokens."""
     ids = tokenizer(text, return_tensors="pt", return_attention_mask=False)["input_ids"]

@@ -81,6 +81,11 @@ class Rotation:
         """R as a dense float32 [dim, dim] matrix: rotate(x) == x @ R.T."""
         return self.rotate(torch.eye(self.dim)).T
 
+    def to(self, device: torch.device | str) -> "Rotation":
+        """This rotation with its tensor on `device` (a new object)."""
+        return Rotation(self.dim, self.seed, signs=None if self.signs is None else self.signs.to(device),
+                        matrix=None if self.matrix is None else self.matrix.to(device))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a recipe stores to rebuild exactly this rotation."""
         if self.hadamard:

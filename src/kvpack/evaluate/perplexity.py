@@ -1,4 +1,11 @@
-"""Perplexity over windows (GPTQ/KVQuant protocol): mean next-token NLL over all windows, exp."""
+"""Perplexity over windows (GPTQ/KVQuant protocol): mean next-token NLL over all windows, exp.
+
+Besides perplexity, `kl` and `top1` compare the quantized model's next-token distribution with
+the unquantized model's on the same window, teacher-forced, averaged over every predicted token:
+kl = mean KL(p_ref || p_quant) in nats and top1 = share of positions whose argmax agrees. The
+reference log-probabilities [seqlen - 1, vocab] are computed per window (one extra forward
+without interception) and dropped when the window is done.
+"""
 from __future__ import annotations
 
 import math
@@ -13,6 +20,8 @@ from kvpack.hf.intercept import intercept_kv
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.simulate import Simulator
 
+_ROWS = 256  # positions compared at a time: bounds the [rows, vocab] temporaries
+
 
 @dataclass
 class PerplexityResult:
@@ -23,6 +32,8 @@ class PerplexityResult:
     windows: int
     bits_per_element: float
     seconds: float
+    kl: float | None = None  # mean KL(fp reference || quantized) per predicted token, nats
+    top1: float | None = None  # share of predicted tokens whose argmax matches the reference's
 
 
 def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
@@ -34,20 +45,67 @@ def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
+def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [seqlen - 1, vocab] (float32) of the model as it is, for ids [1, seqlen]."""
+    logits = model(ids, use_cache=False).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class Divergence:
+    """Summed KL (nats) and top-1 agreements over `tokens` predicted positions."""
+
+    kl: float = 0.0
+    agree: int = 0
+    tokens: int = 0
+
+    def add(self, ref_logprobs: torch.Tensor, logits: torch.Tensor) -> None:
+        """Compare ref_logprobs [n, vocab] with the logits [n, vocab] of the same n positions."""
+        if ref_logprobs.shape != logits.shape:
+            raise ValueError(f"reference {tuple(ref_logprobs.shape)} and logits {tuple(logits.shape)} differ in shape")
+        for start in range(0, logits.shape[0], _ROWS):
+            ref = ref_logprobs[start:start + _ROWS].float()
+            logq = torch.log_softmax(logits[start:start + _ROWS].float(), dim=-1)
+            self.kl += float((ref.exp() * (ref - logq)).sum())
+            self.agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
+        self.tokens += logits.shape[0]
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / max(self.tokens, 1)
+
+    @property
+    def top1(self) -> float:
+        return self.agree / max(self.tokens, 1)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed cross-entropy of logits [n, vocab] against targets [n]."""
+    return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+@torch.no_grad()
 def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress: bool = True,
-                         simulator: Simulator | None = None) -> PerplexityResult:
+                         simulator: Simulator | None = None, reference: bool = True) -> PerplexityResult:
     """Perplexity of `windows` [n, seqlen] with keys/values quantize-dequantized by `recipe`
-    (through `simulator`, a Simulator of `recipe` or a subclass, when given)."""
+    (through `simulator`, a Simulator of `recipe` or a subclass, when given); with `reference`,
+    also KL and top-1 agreement against the model without quantization (one more forward per window)."""
     simulator = simulator or Simulator(recipe)
     total_nll, total_tokens = 0.0, 0
+    div = Divergence()
     start = time.perf_counter()
     bar = tqdm(windows, desc=recipe.method, unit="window", disable=not progress, leave=False)
-    with intercept_kv(model, simulator):
-        for window in bar:
-            nll, n = window_nll(model, window.unsqueeze(0).to(model.device))
-            total_nll += nll
-            total_tokens += n
-            bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+    for window in bar:
+        ids = window.unsqueeze(0).to(model.device)
+        ref = reference_logprobs(model, ids) if reference else None
+        with intercept_kv(model, simulator):
+            logits = model(ids).logits[0, :-1]
+        total_nll += _nll(logits, ids[0, 1:])
+        total_tokens += ids.shape[1] - 1
+        if ref is not None:
+            div.add(ref, logits)
+        del ref, logits
+        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
     mean = total_nll / total_tokens
     return PerplexityResult(
         method=recipe.method,
@@ -57,4 +115,6 @@ def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress:
         windows=len(windows),
         bits_per_element=simulator.count.per_element,
         seconds=time.perf_counter() - start,
+        kl=div.mean_kl if reference else None,
+        top1=div.top1 if reference else None,
     )

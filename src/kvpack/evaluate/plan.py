@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
+from kvpack.cache.stream import TokenStream
 from kvpack.errors import KVPackError
+from kvpack.methods import family_named, parse_method
+from kvpack.methods.synthetic import synthetic_kv
 
 # Public configs (config.json on the Hugging Face hub), the fields the plan needs.
 KNOWN_SHAPES: dict[str, dict] = {
@@ -128,42 +131,12 @@ def _from_config(config: dict, name: str) -> Shape:
 
 
 # ---------------------------------------------------------------------------------------------- bytes per token
-def _synthetic(heads: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
-    """K/V-like data [1, heads, tokens, dim]: Gaussian with log-normal per-channel magnitudes (the same
-    magnitudes for every seed, so per-channel thresholds fitted on one draw hold for the next)."""
-    spread = torch.exp(0.7 * torch.randn(1, heads, 1, dim, generator=torch.Generator().manual_seed(12345)))
-    return torch.randn(1, heads, tokens, dim, generator=torch.Generator().manual_seed(seed)) * spread
-
-
 def method_codecs(method: str, heads: int, dim: int):
-    """(settings, key codec, value codec) of `method` for heads x dim vectors, with synthetic parameters."""
-    from dataclasses import replace
-
-    from kvpack.codecs.rvq import RVQCodec
-    from kvpack.methods.names import parse_method
-    from kvpack.methods.registry import baseline_codecs, needs_calibration
-
+    """(settings, key codec, value codec) of `method` for heads x dim vectors, with synthetic parameters
+    (asked of the method's family)."""
     settings = parse_method(method)
-    if not needs_calibration(settings):
-        key, value = baseline_codecs(settings)
-        return settings, key, value
-    if settings.family == "kvquant":
-        from kvpack.methods.kvquant.fit import fit_nuq
-
-        plain = replace(settings, extra={**settings.extra, "weighting": "plain"})
-        calib = _synthetic(heads, 512, dim, 1).reshape(1, heads, 512, dim)
-        return settings, fit_nuq(calib, None, "channel", plain), fit_nuq(_synthetic(heads, 512, dim, 2), None, "token", plain)
-    if settings.family == "rvq":
-        extra = settings.extra
-        books = torch.randn(extra["depth"], extra["codes"], settings.key_group, generator=torch.Generator().manual_seed(0))
-        bounds = {}
-        if extra.get("outliers", 0) > 0:
-            x = _synthetic(heads, 2048, dim, 3)[0]
-            q = extra["outliers"] / 2
-            bounds = dict(lower=torch.quantile(x, q, dim=1), upper=torch.quantile(x, 1 - q, dim=1))
-        return (settings, RVQCodec(books, dim, extra["key_grouping"], **bounds),
-                RVQCodec(books, dim, extra["value_grouping"], **bounds))
-    raise KVPackError(f"plan does not know how to build '{settings.family}' codecs for '{method}'")
+    key, value = family_named(settings.family).synthetic_codecs(settings, heads, dim)
+    return settings, key, value
 
 
 def _stream_bytes(stream) -> int:
@@ -192,7 +165,7 @@ class Storage:
 @torch.no_grad()
 def measure_storage(method: str, heads: int, dim: int, tokens: int = 1024, chunk: int = 256) -> Storage:
     """Append `tokens` synthetic tokens to one layer's cache streams and count what they hold."""
-    from kvpack.cache.stream import TokenStream
+
 
     settings, key, value = method_codecs(method, heads, dim)
     if settings.family == "fp16":
@@ -204,7 +177,7 @@ def measure_storage(method: str, heads: int, dim: int, tokens: int = 1024, chunk
                TokenStream(value, settings.sink_tokens, settings.recent_tokens)]
     total = fixed + tokens
     for i, stream in enumerate(streams):
-        x = _synthetic(heads, total, dim, 10 + i)
+        x = synthetic_kv(heads, total, dim, 10 + i)
         for s in range(0, total, chunk):
             stream.append(x[..., s:s + chunk, :])
     body = sum(_stream_bytes(s) for s in streams) - 2 * 2 * heads * dim * fixed

@@ -2,8 +2,10 @@
 
 The window is fed in chunks of `chunk` tokens (1 = the exact decode path: every token's logits
 come from attention over what the cache really stores); the next-token NLL of every position is
-summed as in `simulated_perplexity`. Bits per element are measured from the cache's tensors at
-the end of each window (`memory_report`), not from the codec's arithmetic.
+summed as in `simulated_perplexity`, and (with `reference`) compared with the model's own
+next-token distribution over the whole window without the cache (`kl`, `top1`). Bits per element
+are measured from the cache's tensors at the end of each window (`memory_report`), not from the
+codec's arithmetic.
 
 Why it can differ from the simulated number: simulation quantizes a whole window at once, so
 (a) with a recent fp16 window (KIVI) every query sees the window's *last* tokens in fp16, while
@@ -32,35 +34,41 @@ from tqdm.auto import tqdm
 
 from kvpack.cache.cache import CompressedCache
 from kvpack.recipes.recipe import Recipe
-from kvpack.evaluate.perplexity import PerplexityResult
+from kvpack.evaluate.perplexity import Divergence, PerplexityResult, reference_logprobs
 
 
 @torch.no_grad()
 def window_stream_nll(model, ids: torch.Tensor, recipe: Recipe, chunk: int = 1,
-                      residual_length: int | None = None) -> tuple[float, int, CompressedCache]:
-    """Summed next-token NLL and count for one window ids [1, seqlen] fed through a fresh cache."""
+                      residual_length: int | None = None,
+                      divergence: Divergence | None = None) -> tuple[float, int, CompressedCache]:
+    """Summed next-token NLL and count for one window ids [1, seqlen] fed through a fresh cache; with
+    `divergence`, the window's positions are compared (KL, top-1) with the model run without the cache."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    ref = reference_logprobs(model, ids) if divergence is not None else None
     cache = CompressedCache(model, recipe, residual_length=residual_length)
     seqlen = ids.shape[1]
     total = 0.0
     for start in range(0, seqlen - 1, chunk):
         stop = min(start + chunk, seqlen - 1)
-        logits = model(ids[:, start:stop], **cache_kwargs(cache), use_cache=True).logits.float()
-        targets = ids[:, start + 1: stop + 1]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        logits = model(ids[:, start:stop], **cache_kwargs(cache), use_cache=True).logits[0].float()
+        total += float(F.cross_entropy(logits, ids[0, start + 1: stop + 1], reduction="sum"))
+        if ref is not None:
+            divergence.add(ref[start:stop], logits)
     return total, seqlen - 1, cache
 
 
 @torch.no_grad()
 def streaming_perplexity(model, windows: torch.Tensor, recipe: Recipe, chunk: int = 1, progress: bool = True,
-                         residual_length: int | None = None) -> PerplexityResult:
-    """Perplexity of `windows` [n, seqlen] through the real compressed cache, prefilling `chunk` tokens at a time."""
+                         residual_length: int | None = None, reference: bool = True) -> PerplexityResult:
+    """Perplexity of `windows` [n, seqlen] through the real compressed cache, prefilling `chunk` tokens at a time;
+    with `reference`, also KL and top-1 agreement against the model without the cache (one more forward per window)."""
     total_nll, total_tokens, bits = 0.0, 0, []
+    div = Divergence() if reference else None
     start = time.perf_counter()
     bar = tqdm(windows, desc=f"{recipe.method} (real cache)", unit="window", disable=not progress, leave=False)
     for window in bar:
-        nll, n, cache = window_stream_nll(model, window.unsqueeze(0).to(model.device), recipe, chunk, residual_length)
+        nll, n, cache = window_stream_nll(model, window.unsqueeze(0).to(model.device), recipe, chunk, residual_length, div)
         total_nll += nll
         total_tokens += n
         bits.append(cache.memory_report().bits_per_element)
@@ -70,4 +78,5 @@ def streaming_perplexity(model, windows: torch.Tensor, recipe: Recipe, chunk: in
     return PerplexityResult(
         method=recipe.method, ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(windows),
         bits_per_element=sum(bits) / len(bits), seconds=time.perf_counter() - start,
+        kl=None if div is None else div.mean_kl, top1=None if div is None else div.top1,
     )

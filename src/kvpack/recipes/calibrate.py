@@ -21,39 +21,32 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from kvpack.errors import DataError, MethodError, RecipeError
-from kvpack.methods.names import MethodSettings, parse_method
+from kvpack.methods import MethodSettings, family_named, needs_calibration, parse_method
 from kvpack.recipes.recipe import Recipe
-from kvpack.methods.registry import needs_calibration
+from kvpack.data import load_windows
+from kvpack.recipes.self_data import SELF_SPEC, self_windows
 
 # Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
 CALIBRATION_VERSION = 1
 
-# family -> (module, function) with signature fit(model, activations, settings, progress=...) -> (keys, values, info)
-FITTERS = {
-    "kvquant": ("kvpack.methods.kvquant.fit", "fit_kvquant_recipe"),
-    "rvq": ("kvpack.methods.rvq.train", "fit_rvq_recipe"),
-}
-
 
 def needs_fisher(settings: MethodSettings) -> bool:
-    return str(settings.extra.get("weighting", "")).startswith("fisher")
+    """Whether calibrating `settings` needs Fisher information (asked of its family)."""
+    return family_named(settings.family).needs_fisher(settings)
 
 
-def _fitter(settings: MethodSettings):
-    if settings.family not in FITTERS:
-        raise MethodError(f"No calibration is known for the '{settings.family}' family of '{settings.name}'.")
-    module, name = FITTERS[settings.family]
-    return getattr(importlib.import_module(module), name)
-
-
-def calibration_windows(tokenizer, data: str, windows: int, seqlen: int) -> torch.Tensor:
-    """The first `windows` windows [windows, seqlen] of `data`; error if the data is too short."""
-    from kvpack.data import load_windows
-
+def calibration_windows(tokenizer, data: str, windows: int, seqlen: int, model=None, progress: bool = True) -> torch.Tensor:
+    """The first `windows` windows [windows, seqlen] of `data`; error if the data is too short.
+    `data="self"` (needs `model`): windows the model writes itself (see recipes.self_data)."""
     if windows < 1:
         raise DataError(f"calibration needs at least one window, got {windows}.")
+    if data == SELF_SPEC:
+        if model is None:
+            raise DataError("calibration data 'self' is written by the model: pass the model to calibration_windows.")
+        return self_windows(model, tokenizer, windows, seqlen, progress=progress)
     ids = load_windows(tokenizer, data, seqlen, windows)
     if ids.shape[0] < windows:
         raise DataError(
@@ -61,6 +54,35 @@ def calibration_windows(tokenizer, data: str, windows: int, seqlen: int) -> torc
             "Use fewer --windows, a shorter --seqlen, or more data."
         )
     return ids
+
+
+def estimate_seconds(model, ids: torch.Tensor, fisher: bool) -> float:
+    """Seconds one calibration window takes (forward, and backward for Fisher), timed on ids[0]."""
+    window = ids[:1].to(model.device)
+    start = time.perf_counter()
+    if fisher:
+        with torch.enable_grad():
+            emb = model.get_input_embeddings()(window).detach().requires_grad_(True)
+            logits = model(inputs_embeds=emb).logits[:, :-1].float()
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1)).backward()
+    else:
+        with torch.no_grad():
+            model(window)
+    return time.perf_counter() - start
+
+
+def _announce(model, ids: torch.Tensor, settings: MethodSettings, progress: bool) -> None:
+    """Say how long collecting the activations will take, from one timed window (skipped when memoized)."""
+    if not progress:
+        return
+    cached = _LAST_COLLECTION.get("entry")
+    tokens = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    if cached is not None and cached[0][0] == id(model) and cached[0][1] == tokens:
+        return
+    one = estimate_seconds(model, ids, needs_fisher(settings))
+    _log(progress, f"calibrating {settings.name} on {ids.shape[0]} windows of {ids.shape[1]} tokens: one window takes "
+         f"{one:.1f} s, so about {one * ids.shape[0]:.0f} s ({one * ids.shape[0] / 60:.1f} min) to collect the "
+         "activations, then the fit")
 
 
 def _log(progress: bool, text: str) -> None:
@@ -105,11 +127,13 @@ def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: 
     """Calibrate `settings` on token windows ids [n, seqlen] (described as `data`)."""
     from kvpack.recipes.io import model_identity
 
-    fit = _fitter(settings)
+    family = family_named(settings.family)
+    if not family.calibrated:
+        raise MethodError(f"'{settings.name}' needs no calibration; build it with Recipe.baseline.")
     start = time.perf_counter()
     fisher = needs_fisher(settings)
     activations, timing = _collect(model, ids, fisher, settings.sink_tokens, settings.pre_rope, progress)
-    keys, values, info = fit(model, activations, settings, progress=progress)
+    keys, values, info = family.fit(model, activations, settings, progress=progress)
     del activations
     total = time.perf_counter() - start
     info = dict(info)
@@ -130,13 +154,16 @@ def calibrate(
     model, tokenizer, method: str | MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
     progress: bool = True,
 ) -> Recipe:
-    """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data`; returns the Recipe."""
+    """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data` (a corpus spec,
+    a path, or "self": text the model writes itself); returns the Recipe."""
     settings = parse_method(method) if isinstance(method, str) else method
     if not needs_calibration(settings):
         from kvpack.recipes.resolve import num_layers
 
         return Recipe.baseline(settings, num_layers(model))
-    return calibrate_windows(model, calibration_windows(tokenizer, data, windows, seqlen), settings, data, progress)
+    ids = calibration_windows(tokenizer, data, windows, seqlen, model=model, progress=progress)
+    _announce(model, ids, settings, progress)
+    return calibrate_windows(model, ids, settings, data, progress)
 
 
 def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
@@ -153,9 +180,10 @@ def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
 
 def cached_calibration(
     model, tokenizer, settings: MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
-    recipe_dir: str | Path | None = None, progress: bool = True,
+    recipe_dir: str | Path | None = None, progress: bool = True, recalibrate: bool = False,
 ) -> Recipe:
-    """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache, or calibrated and cached."""
+    """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache (unless `recalibrate`),
+    or calibrated and cached."""
     from kvpack.hf.models import cache_root
     from kvpack.recipes.io import replace_directory
 
@@ -167,16 +195,17 @@ def cached_calibration(
                 f"Evaluate '{recipe.settings.name}' with it, or drop --recipe to calibrate '{settings.name}'."
             )
         return recipe
-    ids = calibration_windows(tokenizer, data, windows, seqlen)
+    ids = calibration_windows(tokenizer, data, windows, seqlen, model=model, progress=progress)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.name)
     folder = cache_root() / "recipes" / f"{safe}-{cache_key(model, settings, ids)[:16]}"
-    if folder.is_dir():
+    if folder.is_dir() and not recalibrate:
         try:
             recipe = Recipe.load(folder, model)
             _log(progress, f"using the cached recipe {folder}")
             return recipe
         except RecipeError as exc:
             _log(progress, f"cached recipe {folder} unusable ({exc}); recalibrating")
+    _announce(model, ids, settings, progress)
     recipe = calibrate_windows(model, ids, settings, data, progress)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,19 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvpack.hf.intercept import intercept_kv
+from kvpack.hf.intercept import attention_layers, intercept_kv
+from kvpack.methods import LayerActivations
 from kvpack.recipes.simulate import check_finite
-
-
-@dataclass
-class LayerActivations:
-    """Calibration rows of one layer: each row is one token of one KV head."""
-
-    keys: torch.Tensor  # [rows, head_dim] float32, pre-RoPE
-    values: torch.Tensor  # [rows, head_dim] float32
-    heads: torch.Tensor  # [rows] int64, the KV head of each row
-    key_fisher: torch.Tensor | None = None  # [rows, head_dim] float32, squared gradients
-    value_fisher: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,8 +67,6 @@ def collect_activations(
 ) -> tuple[list[LayerActivations], CollectionTiming]:
     """Run `windows` [n, seqlen] through the model and return per-layer calibration rows
     (keys before RoPE, or after it with pre_rope=False)."""
-    from kvpack.hf.intercept import attention_layers
-
     layers = attention_layers(model)
     heads = layers[0].config.num_key_value_heads if hasattr(layers[0], "config") else 1
     n, seqlen = windows.shape

@@ -12,17 +12,21 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from kvpack.codecs import CODEC_TYPES, codec_from_state
-from kvpack.errors import RecipeError
-from kvpack.methods.names import MethodSettings
+from kvpack.errors import MethodError, RecipeError
+from kvpack.hf.intercept import attention_layers
+from kvpack.methods import parse_method
 from kvpack.hf.models import text_config
 
-FORMAT_VERSION = 1
+# 2: settings hold the family's typed `options` (1: an `extra` dict); both are read by re-parsing `method`.
+FORMAT_VERSION = 2
 JSON_NAME = "recipe.json"
 TENSORS_NAME = "codecs.safetensors"
 
@@ -59,8 +63,6 @@ def model_identity(model) -> dict:
 
 def weights_fingerprint(model) -> str:
     """sha256 of the first attention layer's k_proj weight (fp16 bytes): tells checkpoints apart."""
-    from kvpack.hf.intercept import attention_layers
-
     weight = attention_layers(model)[0].k_proj.weight.detach().to("cpu", torch.float16).contiguous()
     return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
 
@@ -75,8 +77,6 @@ def _sha256(path: Path) -> str:
 
 def save_recipe(recipe, directory: str | Path) -> Path:
     """Write `recipe` to `directory` (created; files replaced atomically). Returns the directory."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -146,12 +146,9 @@ def check_identity(saved: dict, model, directory: Path) -> None:
             )
 
 
-def load_recipe(directory: str | Path, model=None):
-    """Load a recipe saved by `save_recipe`, checking format, checksum and (if given) the model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from kvpack.recipes.recipe import Recipe
+def load_recipe(directory: str | Path, model=None) -> tuple:
+    """(settings, key codecs, value codecs, model identity, calibration) of a recipe saved by `save_recipe`,
+    checking format, checksum and (if given) the model."""
 
     directory = Path(directory)
     description = _read_description(directory)
@@ -167,19 +164,18 @@ def load_recipe(directory: str | Path, model=None):
         check_identity(description["model"], model, directory)
     try:
         tensors = load_file(str(tensors_path))
-        known = {f.name for f in fields(MethodSettings)}
-        settings = MethodSettings(**{k: v for k, v in description["settings"].items() if k in known})
+        settings = parse_method(description["method"])  # canonical names re-parse to their settings
         key_codecs, value_codecs = [], []
         for i, entry in enumerate(description["layers"]):
             for role, out in (("key", key_codecs), ("value", value_codecs)):
                 prefix = f"layers.{i}.{role}."
                 state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 out.append(codec_from_state(entry[role]["type"], entry[role]["config"], state))
-    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+    except (KeyError, TypeError, ValueError, SafetensorError, MethodError) as exc:
         raise RecipeError(f"Recipe '{directory}' could not be rebuilt ({type(exc).__name__}: {exc}). Recalibrate it with this kvpack version.") from exc
     if model is not None and len(key_codecs) != model_identity(model)["num_layers"]:
         raise RecipeError(f"Recipe '{directory}' has {len(key_codecs)} layers, the model {model_identity(model)['num_layers']}. Recalibrate for this model.")
-    return Recipe(settings, key_codecs, value_codecs, description.get("model", {}), description.get("calibration", {}))
+    return settings, key_codecs, value_codecs, description.get("model", {}), description.get("calibration", {})
 
 
 def replace_directory(src: Path, dst: Path) -> None:

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvpack.codecs import Codec
-from kvpack.methods.names import MethodSettings, parse_method
-from kvpack.methods.registry import baseline_codecs, needs_calibration
+from kvpack.methods import MethodSettings, family_named, needs_calibration, parse_method
 from kvpack.errors import MethodError
+from kvpack.recipes.io import load_recipe, save_recipe
 
 
 @dataclass
@@ -34,18 +34,14 @@ class Recipe:
         settings = parse_method(method) if isinstance(method, str) else method
         if needs_calibration(settings):
             raise MethodError(f"Method '{settings.name}' needs calibration: use kvpack.calibrate(...) or `kvpack calibrate`.")
-        key, value = baseline_codecs(settings)
+        key, value = family_named(settings.family).codecs(settings)
         return cls(settings, [key] * num_layers, [value] * num_layers)
 
     def save(self, directory: str | Path) -> Path:
         """Write this recipe to `directory` (safetensors + JSON, see recipe_io)."""
-        from kvpack.recipes.io import save_recipe
-
         return save_recipe(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, model=None) -> "Recipe":
         """Load a saved recipe; with `model`, check it was calibrated for that model (RecipeError if not)."""
-        from kvpack.recipes.io import load_recipe
-
-        return load_recipe(directory, model)
+        return cls(*load_recipe(directory, model))

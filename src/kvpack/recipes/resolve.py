@@ -1,14 +1,15 @@
-"""Turn a method name into a ready recipe for a model: baselines directly, calibrated methods
-from a saved recipe or calibrated on the fly (and cached on disk)."""
+"""Turn a method name into a ready recipe for a model: baselines directly; calibrated methods from
+a saved recipe folder, a recipe shipped with kvpack (same model, method and calibration request),
+the disk cache, or calibrated on the fly (and cached on disk)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from kvpack.errors import MethodError
-from kvpack.methods.names import MethodSettings, parse_method
+from kvpack.methods import MethodSettings, needs_calibration, parse_method
 from kvpack.hf.models import text_config
 from kvpack.recipes.recipe import Recipe
-from kvpack.methods.registry import needs_calibration
 
 
 def num_layers(model) -> int:
@@ -39,15 +40,25 @@ def resolve_recipe(
     calib_seqlen: int = 2048,
     recipe_dir: str | Path | None = None,
     progress: bool = True,
+    recalibrate: bool = False,
 ) -> Recipe:
-    """The recipe for `method` on `model`: uncalibrated, loaded from `recipe_dir`, or calibrated."""
+    """The recipe for `method` on `model`: uncalibrated, loaded from `recipe_dir`, shipped with kvpack,
+    cached, or calibrated on `calib_data` ("self": text the model writes). `recalibrate` skips the
+    shipped and cached recipes and calibrates afresh."""
     settings = parse_method(method) if isinstance(method, str) else method
     check_settings_fit_model(settings, model)
     if not needs_calibration(settings):
         return Recipe.baseline(settings, num_layers(model))
     from kvpack.recipes.calibrate import cached_calibration  # calibrated families only
 
+    if recipe_dir is None and not recalibrate:
+        shipped = shipped_recipe(model, settings, calib_data, calib_windows, calib_seqlen)
+        if shipped is not None:
+            if progress:
+                print(f"using the {settings.name} recipe shipped with kvpack (calibrated on {calib_windows} x "
+                      f"{calib_seqlen} tokens of {calib_data}; --recalibrate to redo it)", file=sys.stderr, flush=True)
+            return shipped
     return cached_calibration(
         model, tokenizer, settings, data=calib_data, windows=calib_windows, seqlen=calib_seqlen,
-        recipe_dir=recipe_dir, progress=progress,
+        recipe_dir=recipe_dir, progress=progress, recalibrate=recalibrate,
     )

@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from kvpack.codecs.kmeans import SortedRows, assign_batched
 from kvpack.codecs.nuq import PAD, NuqCodec, range_to_zero_scale
-from kvpack.recipes.collect import LayerActivations
 from kvpack.errors import MethodError
-from kvpack.methods.names import MethodSettings
+from kvpack.hf.models import text_config
+from kvpack.methods.family import LayerActivations
+from kvpack.methods.settings import MethodSettings
 
 WEIGHTINGS = ("fisher", "fisher-s2", "plain", "uniform")
 
@@ -119,13 +120,13 @@ def prepare(
     max_points: int | None = None, timing: dict | None = None,
 ) -> Prepared:
     """Thresholds and normalization of calibration blocks x [W, H, P, D] (fisher: same shape, or None)."""
-    extra = settings.extra
-    frac, scope, weighting = extra["outlier_frac"], extra["outlier_scope"], extra["weighting"]
+    options = settings.options
+    frac, scope, weighting = options.outlier_frac, options.outlier_scope, options.weighting
     heads, dim = x.shape[1], x.shape[-1]
     timing = timing if timing is not None else {}
     start = time.perf_counter()
     state = _channel_ranges(x, frac, scope) if axis == "channel" else _token_thresholds(x, frac, scope)
-    common = dict(axis=axis, heads=heads, head_dim=dim, outlier_frac=frac, span=extra["value_span"], outlier_scope=scope, **state)
+    common = dict(axis=axis, heads=heads, head_dim=dim, outlier_frac=frac, span=options.value_span, outlier_scope=scope, **state)
     probe = NuqCodec(torch.linspace(-1, 1, 1 << settings.bits).expand(_groups(codebook, heads, dim), -1), **common)
     u, mask, _, scale = probe.normalize(x)
     keep = probe.to_groups(~mask if mask is not None else torch.ones_like(u, dtype=torch.bool)).float()
@@ -177,12 +178,12 @@ def fit_nuq(
 ) -> NuqCodec:
     """A fitted NuqCodec (one bit width) for calibration blocks x [W, H, P, D] (fisher: same shape, or None)."""
     timing = timing if timing is not None else {}
-    extra = settings.extra
-    prep = prepare(x, fisher, axis, settings, extra["codebook"], max_points, timing)
+    options = settings.options
+    prep = prepare(x, fisher, axis, settings, options.codebook, max_points, timing)
     start = time.perf_counter()
-    rows = None if extra["weighting"] == "uniform" else SortedRows(prep.u, prep.weights)
-    levels, _ = _fit_levels(prep, rows, settings.bits, extra["weighting"], need_error=False)
-    qnorm = _qnorm(prep.u, prep.keep, levels) if extra["qnorm"] else None
+    rows = None if options.weighting == "uniform" else SortedRows(prep.u, prep.weights)
+    levels, _ = _fit_levels(prep, rows, settings.bits, options.weighting, need_error=False)
+    qnorm = _qnorm(prep.u, prep.keep, levels) if options.qnorm else None
     timing["kmeans"] = timing.get("kmeans", 0.0) + time.perf_counter() - start
     return NuqCodec(levels, **prep.common, qnorm=qnorm)
 
@@ -208,13 +209,13 @@ def ladder(
         raise MethodError(f"'{settings.name}': bit allocation weighs errors by Fisher information; collect with fisher=True.")
     prep = prepare(x, fisher, axis, settings, "channel", max_points, timing)
     start = time.perf_counter()
-    weighting = settings.extra["weighting"]
+    weighting = settings.options.weighting
     rows = None if weighting == "uniform" else SortedRows(prep.u, prep.weights)
     levels, qnorm, errors = {}, {}, []
     for b in widths:
         levels[b], error = _fit_levels(prep, rows, b, weighting)
         errors.append(error)
-        if settings.extra["qnorm"] and b > 0:
+        if settings.options.qnorm and b > 0:
             qnorm[b] = _qnorm(prep.u, prep.keep, levels[b])
     timing["kmeans"] = timing.get("kmeans", 0.0) + time.perf_counter() - start
     return Ladder(prep.common, widths, levels, qnorm, torch.stack(errors, -1))
@@ -254,7 +255,7 @@ def _from_ladder(lad: Ladder, bits: torch.Tensor) -> NuqCodec:
 
 
 def candidate_widths(bits: int, settings: MethodSettings) -> list[int]:
-    low = int(settings.extra.get("min_bits", 1))
+    low = settings.options.min_bits
     return list(range(low, min(8, bits + 4) + 1))
 
 
@@ -264,17 +265,15 @@ def fit_kvquant_recipe(
 ) -> tuple[list[NuqCodec], list[NuqCodec], dict]:
     """Fit per-layer key and value NuqCodecs; returns (key_codecs, value_codecs, info with timings).
 
-    With `extra["alloc"]` = "tensor" or "global", channels get bit widths by Fisher-weighted error
+    With `options.alloc` = "tensor" or "global", channels get bit widths by Fisher-weighted error
     (mean `settings.bits` per layer's K or V, or over the whole model) instead of one width.
     """
     if settings.family != "kvquant":
         raise MethodError(f"fit_kvquant_recipe fits kvquant-* methods, not '{settings.name}'.")
-    from kvpack.hf.models import text_config
-
     cfg = text_config(model.config)
     num_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     timing: dict[str, float] = {}
-    alloc = settings.extra.get("alloc", "none")
+    alloc = settings.options.alloc
     widths = candidate_widths(settings.bits, settings)
     fitted = []
     for layer in tqdm(activations, desc=f"fitting {settings.name}", unit="layer", disable=not progress):

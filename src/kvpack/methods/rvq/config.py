@@ -1,4 +1,4 @@
-"""The `rvq-dD-cC-gG` method family: residual VQ with depth D, C codes per stage, groups of g channels.
+"""Names and options of the `rvq-dD-cC-gG` family: residual VQ with depth D, C codes per stage, groups of g channels.
 
 Presets: rvq-d8-c2048-g32 (the paper's headline: 2.875 bits at head_dim 128, 3.0 at head_dim 64),
 rvq-d4-c2048-g32, rvq-d8-c1024-g64, rvq-d6-c1024-g32; any D, power-of-two C and g work.
@@ -13,19 +13,38 @@ and the generic sink<N>, recent<N>, g<N>.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from kvpack.errors import MethodError
-from kvpack.methods.names import MethodSettings
-from kvpack.methods.registry import Family, register_family
+from kvpack.methods.settings import FamilyOptions, MethodSettings, percentage
 
-RVQ_PRESETS = ["rvq-d8-c2048-g32", "rvq-d4-c2048-g32", "rvq-d8-c1024-g64", "rvq-d6-c1024-g32"]
+PRESETS = ("rvq-d8-c2048-g32", "rvq-d4-c2048-g32", "rvq-d8-c1024-g64", "rvq-d6-c1024-g32")
+OPTIONS_HELP = "key-strided, key-contiguous, value-strided, value-contiguous, ema, kmeans-only, <P>pct"
 _NAME = re.compile(r"^rvq-d(?P<depth>\d+)-c(?P<codes>\d+)-g(?P<group>\d+)$")
 _PCT = re.compile(r"^(?P<pct>\d+(?:\.\d+)?)pct$")
 
 
+@dataclass(frozen=True)
+class RVQOptions(FamilyOptions):
+    """Residual VQ's own settings; the group size is the generic key_group / value_group."""
+
+    depth: int = 8
+    codes: int = 2048
+    key_grouping: str = "strided"  # strided | contiguous
+    value_grouping: str = "contiguous"
+    codebook_training: str = "ema"  # ema | kmeans
+    outliers: float = 0.0  # fraction of elements kept in fp16 before VQ
+
+
+_CHOICES = {
+    "key-strided": ("key_grouping", "strided"), "key-contiguous": ("key_grouping", "contiguous"),
+    "value-strided": ("value_grouping", "strided"), "value-contiguous": ("value_grouping", "contiguous"),
+    "ema": ("codebook_training", "ema"), "kmeans-only": ("codebook_training", "kmeans"),
+}
+
+
 def rvq_settings(preset: str) -> MethodSettings:
-    """Settings of an `rvq-dD-cC-gG` name: depth/codes in `extra`, g in key_group/value_group."""
+    """Settings of an `rvq-dD-cC-gG` name."""
     match = _NAME.match(preset)
     if not match:
         raise MethodError(f"'{preset}' is not an RVQ method name; use rvq-dD-cC-gG, e.g. rvq-d8-c2048-g32.")
@@ -36,39 +55,16 @@ def rvq_settings(preset: str) -> MethodSettings:
         raise MethodError(f"'{preset}': the codebook size must be a power of two in 2..65536 (codes are log2(C)-bit).")
     if group < 1:
         raise MethodError(f"'{preset}': the group size must be >= 1.")
-    return MethodSettings(
-        name=preset, family="rvq", bits=(codes.bit_length() - 1), key_axis="token", value_axis="token",
-        key_group=group, value_group=group, pre_rope=True,
-        extra={"depth": depth, "codes": codes, "key_grouping": "strided", "value_grouping": "contiguous",
-               "codebook_training": "ema", "outliers": 0.0},
-    )
+    return MethodSettings(name=preset, family="rvq", bits=codes.bit_length() - 1, key_group=group, value_group=group,
+                          pre_rope=True, options=RVQOptions(depth=depth, codes=codes))
 
 
 def rvq_option(settings: MethodSettings, option: str) -> MethodSettings | None:
     """Apply an RVQ-only `:option`; None when `option` is not one of them."""
-    extra = dict(settings.extra)
-    kinds = {
-        "key-strided": ("key_grouping", "strided"), "key-contiguous": ("key_grouping", "contiguous"),
-        "value-strided": ("value_grouping", "strided"), "value-contiguous": ("value_grouping", "contiguous"),
-        "ema": ("codebook_training", "ema"), "kmeans-only": ("codebook_training", "kmeans"),
-    }
-    if option in kinds:
-        key, value = kinds[option]
-        extra[key] = value
-        return replace(settings, extra=extra)
+    if option in _CHOICES:
+        field, value = _CHOICES[option]
+        return replace(settings, options=replace(settings.options, **{field: value}))
     match = _PCT.match(option)
     if match:
-        pct = float(match["pct"])
-        if not 0 <= pct < 50:
-            raise MethodError(f"outlier percentage must be in [0, 50), got '{option}'.")
-        extra["outliers"] = pct / 100
-        return replace(settings, extra=extra)
+        return replace(settings, options=replace(settings.options, outliers=percentage(match["pct"], option)))
     return None
-
-
-RVQ_OPTIONS = "key-strided, key-contiguous, value-strided, value-contiguous, ema, kmeans-only, <P>pct"
-
-register_family(Family(
-    name="rvq", matches=lambda preset: preset.startswith("rvq-"), settings=rvq_settings, calibrated=True,
-    option=rvq_option,
-))

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpack.codecs.rvq import RVQCodec, group_permutation, intra_op_threads, nearest_code, residual_encode, to_groups, token_scale
-from kvpack.recipes.collect import LayerActivations
 from kvpack.errors import MethodError
-from kvpack.methods.names import MethodSettings
+from kvpack.methods.family import LayerActivations
+from kvpack.methods.settings import MethodSettings
 
 
 @dataclass
@@ -258,10 +258,10 @@ def fit_rvq_recipe(
     if not settings.pre_rope:
         raise MethodError(f"'{settings.name}': RVQ codebooks are fitted on pre-RoPE keys; drop ':post-rope' / --post-rope.")
     config = config or RVQTrainConfig()
-    extra = settings.extra
+    options = settings.options
     generator = torch.Generator().manual_seed(config.seed)
-    common = dict(depth=extra["depth"], size=extra["codes"], outliers=extra["outliers"],
-                  ema=extra["codebook_training"] == "ema", config=config, generator=generator)
+    common = dict(depth=options.depth, size=options.codes, outliers=options.outliers,
+                  ema=options.codebook_training == "ema", config=config, generator=generator)
     try:
         for group in (settings.key_group, settings.value_group):
             group_permutation(activations[0].keys.shape[1], group, "contiguous")
@@ -271,8 +271,8 @@ def fit_rvq_recipe(
     keys, values, layers = [], [], []
     with intra_op_threads(config.threads):
         for layer in tqdm(activations, desc=f"fitting {settings.name}", unit="layer", disable=not progress):
-            k, k_info = fit_codec(layer.keys, layer.heads, group=settings.key_group, grouping=extra["key_grouping"], **common)
-            v, v_info = fit_codec(layer.values, layer.heads, group=settings.value_group, grouping=extra["value_grouping"], **common)
+            k, k_info = fit_codec(layer.keys, layer.heads, group=settings.key_group, grouping=options.key_grouping, **common)
+            v, v_info = fit_codec(layer.values, layer.heads, group=settings.value_group, grouping=options.value_grouping, **common)
             keys.append(k)
             values.append(v)
             layers.append({"keys": k_info, "values": v_info})

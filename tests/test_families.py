@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Names small enough for a 2-layer model with head_dim 16 and a few hundred calibration tokens.
 FAMILY_CASES = {
-    "baseline": ["int4:pre-rope:key-channel:g8", "kivi-2:recent8"],
+    "baseline": ["int4:pre-rope:key-channel:g8", "kivi-2:recent8:g8"],
     "kvquant": ["kvquant-3bit-1pct"],
     "rvq": ["rvq-d2-c16-g8:1pct"],
 }

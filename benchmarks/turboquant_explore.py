@@ -4,13 +4,27 @@
         --methods fp16,turboquant-2.5bit,turboquant-2.5bit:qjl,turboquant-3.5bit,turboquant-3.5bit:qjl \
         --windows 4 --json results/turboquant-wikitext2.json
 
-Methods are `turboquant-<bits>bit` with options `:qjl` (keys: bits - 1 MSE bits + a 1-bit QJL
-residual sketch, the paper's TurboQuant-prod), `:pre-rope` (keys quantized before RoPE; default
-after, as in the paper) and `:rescale` (decoded vectors keep their norm), or any other method
-name kvpack knows. TurboQuant recipes are built here from the codec (seed 0 for keys, 1 for
-values, one rotation for all layers), the layout the `turboquant` family uses. Rows: method,
-bits_per_element (everything stored, codebooks/rotations amortized over the window), ppl,
-delta_pct vs the first method, kl, top1, windows, mode.
+Rotation ablation (one switch per row, calibrated pieces fitted on --calib-data only):
+
+    KVPACK_THREADS=1 flock /tmp/kvpack-heavy.lock .venv/bin/python benchmarks/turboquant_explore.py \
+        --methods fp16,turboquant-3bit,turboquant-3bit:fitted,kvquant-3bit-1pct,kvquant-3bit-1pct+turboquant-3bit \
+        --windows 4 --calib-windows 4 --json results/rotation-ablation.json
+
+Methods are `turboquant-<bits>bit` with the family's options (`:qjl`: keys get bits - 1 MSE bits
++ a 1-bit QJL residual sketch, the paper's TurboQuant-prod; `:pre-rope`: keys quantized before
+RoPE, default after as in the paper; `:rescale`: decoded vectors keep their norm; generic
+`:sink<N>` ...), any other method name kvpack knows (calibrated ones on --calib-data, cached),
+and two constructions of this script:
+- `<turboquant name>:fitted`: per layer, the Lloyd-Max levels are replaced by Fisher-weighted 1-D
+  k-means levels fitted to the rotated unit vectors of calibration keys (taken where the method
+  quantizes them) and values; each vector weighs norm^2 * ||dL/dx||^2 (the rotation-invariant
+  part of its Fisher information), rotation and everything else unchanged.
+- `A+B`: keys stored as method A stores them (A's settings: where keys are taken, fp16 tokens),
+  values as method B stores them.
+TurboQuant codecs are built for the model's head_dim (seed 0 for keys, 1 for values, one rotation
+for all layers): what the `turboquant` family builds. Rows: method, bits_per_element (everything
+stored, codebooks/rotations amortized over the window), ppl, delta_pct vs the first method, kl,
+top1, windows, mode.
 """
 from __future__ import annotations
 
@@ -18,43 +32,80 @@ import argparse
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
 import torch
 
+from kvpack.codecs.kmeans import weighted_kmeans_1d
 from kvpack.codecs.turboquant import TurboQuantCodec
 from kvpack.data import load_windows
 from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.hf.models import load_model
-from kvpack.methods import MethodSettings
+from kvpack.methods import needs_calibration, parse_method
+from kvpack.recipes.calibrate import cached_calibration, calibration_windows
+from kvpack.recipes.collect import collect_activations
+from kvpack.recipes.io import head_dim_of
 from kvpack.recipes.recipe import Recipe
 
-_NAME = re.compile(r"^turboquant-(?P<bits>\d+(\.\d+)?)bit$")
+
+class Calibration:
+    """What calibrated rows need: the calibration windows and, once per key position, Fisher-weighted activations."""
+
+    def __init__(self, model, tokenizer, data: str, windows: int, seqlen: int):
+        self.model, self.tokenizer, self.data, self.windows, self.seqlen = model, tokenizer, data, windows, seqlen
+        self._acts: dict[bool, list] = {}
+
+    def activations(self, pre_rope: bool) -> list:
+        if pre_rope not in self._acts:
+            ids = calibration_windows(self.tokenizer, self.data, self.windows, self.seqlen)
+            self._acts[pre_rope], _ = collect_activations(self.model, ids, fisher=True, sink_tokens=0, pre_rope=pre_rope, max_rows=32768,
+                                                          progress=False)
+        return self._acts[pre_rope]
 
 
-def turboquant_recipe(method: str, layers: int, head_dim: int) -> Recipe:
-    """A recipe for `turboquant-<b>bit[:qjl][:pre-rope][:rescale]`: one key and one value codec for every layer."""
-    preset, *options = method.split(":")
-    match = _NAME.match(preset)
-    unknown = set(options) - {"qjl", "pre-rope", "post-rope", "rescale"}
-    if not match or unknown:
-        raise ValueError(f"not a turboquant method: {method!r}")
-    bits, rescale = float(match["bits"]), "rescale" in options
-    keys = TurboQuantCodec(bits, head_dim, seed=0, qjl="qjl" in options, rescale=rescale)
-    values = TurboQuantCodec(bits, head_dim, seed=1, rescale=rescale)
-    settings = MethodSettings(name=method, family="turboquant", pre_rope="pre-rope" in options)
-    return Recipe(settings, [keys] * layers, [values] * layers)
+def fitted_levels(codec: TurboQuantCodec, rows: torch.Tensor, fisher: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per code width, Fisher-weighted k-means levels of the rotated unit vectors of rows [n, head_dim]."""
+    norm = rows.norm(dim=-1, keepdim=True)
+    y = codec.rotation.rotate(rows / norm.clamp_min(1e-30))
+    weight = (norm**2 * fisher.sum(-1, keepdim=True)).expand_as(y)
+    levels = {}
+    for _, width, cols in codec._parts():
+        levels[width] = weighted_kmeans_1d(y[:, cols], 1 << width, weight[:, cols])
+    return levels
 
 
-def recipe_for(method: str, model) -> Recipe:
-    cfg = model.config
-    layers = cfg.num_hidden_layers
-    if method.startswith("turboquant-"):
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return turboquant_recipe(method, layers, head_dim)
-    return Recipe.baseline(method, layers)
+def fitted_recipe(recipe: Recipe, calib: Calibration) -> Recipe:
+    """`recipe` (TurboQuant) with per-layer levels fitted on calibration activations (see the module docstring)."""
+    acts = calib.activations(recipe.settings.pre_rope)
+    keys, values = [], []
+    for layer, a in enumerate(acts):
+        for codec, rows, fisher, out in ((recipe.key_codecs[layer], a.keys, a.key_fisher, keys),
+                                         (recipe.value_codecs[layer], a.values, a.value_fisher, values)):
+            if codec.qjl:
+                raise ValueError("fitted levels are not combined with the QJL sketch here")
+            out.append(TurboQuantCodec(codec.bits, codec.head_dim, codec.seed, rescale=codec.rescale,
+                                       levels=fitted_levels(codec, rows, fisher), name=codec.name + "-fitted"))
+    return Recipe(recipe.settings, keys, values)
+
+
+def recipe_for(method: str, model, calib: Calibration) -> Recipe:
+    """The recipe of a method name of this script (see the module docstring)."""
+    if "+" in method:
+        key_method, value_method = method.split("+")
+        keys, values = recipe_for(key_method, model, calib), recipe_for(value_method, model, calib)
+        return Recipe(keys.settings, keys.key_codecs, values.value_codecs)
+    fitted = method.endswith(":fitted")
+    settings = parse_method(method.removesuffix(":fitted"))
+    layers = model.config.num_hidden_layers
+    if needs_calibration(settings):
+        recipe = cached_calibration(model, calib.tokenizer, settings, calib.data, calib.windows, calib.seqlen, progress=False)
+    else:
+        recipe = Recipe.baseline(settings, layers)
+    if settings.family == "turboquant":  # built for the model's head_dim, as the family's codecs bind on first use
+        head_dim = head_dim_of(model.config)
+        recipe = Recipe(settings, [c.bind(head_dim) for c in recipe.key_codecs], [c.bind(head_dim) for c in recipe.value_codecs])
+    return fitted_recipe(recipe, calib) if fitted else recipe
 
 
 def main() -> None:
@@ -65,22 +116,28 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--json", type=Path, default=Path("results/turboquant-wikitext2.json"))
+    parser.add_argument("--calib-data", default="c4[:500]")
+    parser.add_argument("--calib-windows", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("KVPACK_THREADS", "1")))
     model, tokenizer = load_model(args.model)
     windows = load_windows(tokenizer, args.data, args.seqlen, args.windows)
+    calib = Calibration(model, tokenizer, args.calib_data, args.calib_windows, args.seqlen)
     rows: list[dict] = []
     for method in args.methods.split(","):
-        recipe = recipe_for(method, model)
         start = time.perf_counter()
+        recipe = recipe_for(method, model, calib)
         result = simulated_perplexity(model, windows, recipe, progress=False)
+        seconds = time.perf_counter() - start
         base = rows[0]["ppl"] if rows else result.ppl
         rows.append({
             "method": method, "bits_per_element": result.bits_per_element, "ppl": result.ppl, "nll": result.nll,
             "delta_pct": 100 * (result.ppl / base - 1), "kl": result.kl, "top1": result.top1,
             "model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": result.windows,
-            "tokens": result.tokens, "mode": "simulated", "seconds": time.perf_counter() - start,
+            "tokens": result.tokens, "mode": "simulated", "seconds": seconds,
             "key_codec": recipe.key_codecs[0].name, "value_codec": recipe.value_codecs[0].name,
+            "pre_rope": recipe.settings.pre_rope, "sink_tokens": recipe.settings.sink_tokens,
+            "calibration": f"{args.calib_data} {args.calib_windows}x{args.seqlen}" if "kvquant" in method or "fitted" in method else None,
             "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine()},
         })
         print(json.dumps({k: rows[-1][k] for k in ("method", "bits_per_element", "ppl", "delta_pct", "kl", "top1")}), flush=True)

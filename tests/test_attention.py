@@ -125,7 +125,7 @@ def _filled_cache(model, recipe, batch=2, tokens=70, chunk=None):
         step = chunk or tokens
         for start in range(0, tokens, step):
             model(ids[:, start:start + step], past_key_values=cache)
-    cache.packed = attention.attach(cache, model, True)
+    cache.packed = attention.attach(cache, True)
     return cache
 
 

@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from kvpack.cache.cache import CompressedCache
 from kvpack.codecs import Fp16Codec
 from kvpack.errors import MethodError, UnsupportedArchitectureError
-from kvpack.hf.intercept import intercept_kv
+from kvpack.hf.attention import intercept_kv
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.simulate import Simulator
 

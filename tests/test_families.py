@@ -15,7 +15,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 import kvpack
 from kvpack.cache import CompressedCache
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.hf.hooks import cache_kwargs
+from kvpack.hf.attention import cache_kwargs
 from kvpack.kernels import dispatch
 from kvpack.methods import families, needs_calibration, parse_method
 from kvpack.recipes import Recipe

@@ -8,7 +8,7 @@ from conftest import VOCAB, make_tiny_model
 from kvpack.recipes.calibrate import calibrate_windows
 from kvpack.errors import MethodError, RecipeError
 from kvpack.finetune.train import FinetuneConfig, STEQuantizer, apply_finetuned, finetune_lora, quantized_nll, save_finetuned, FinetuneResult
-from kvpack.hf.intercept import intercept_kv
+from kvpack.hf.attention import intercept_kv
 from kvpack.finetune.lora import LoRALinear, add_lora, remove_lora
 from kvpack.methods.names import parse_method
 from kvpack.recipes.recipe import Recipe

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from conftest import VOCAB, make_tiny_model
 from kvpack.errors import NonFiniteError, UnsupportedArchitectureError
 from kvpack.evaluate.perplexity import simulated_perplexity, window_nll
-from kvpack.hf.intercept import attention_layers, intercept_kv
+from kvpack.hf.attention import attention_layers, intercept_kv
 from kvpack.hf.models import check_architecture
 from kvpack.recipes.recipe import Recipe
 from kvpack.hf.rope import apply_rope, invert_rope, rotate_half
@@ -229,8 +229,12 @@ def test_pre_and_post_rope_quantization_differ():
 def test_attention_implementation_restored(attn, tiny_ids):
     model = make_tiny_model("llama", attn)
     assert model.config._attn_implementation == attn
-    with intercept_kv(model, Recorder(pre_rope=True)):
-        assert model.config._attn_implementation.startswith("kvpack")
+    rec = Recorder(pre_rope=True)
+    with intercept_kv(model, rec):
+        assert model.config._attn_implementation == attn  # switched only while a forward runs
+        logits(model, tiny_ids[:1, :8])
+        assert model.config._attn_implementation == attn
+    assert sorted(rec.seen) == [0, 1]  # the forward ran through kvpack's attention function
     assert model.config._attn_implementation == attn
     # also when the block raises
     with pytest.raises(RuntimeError, match="boom"):
@@ -238,8 +242,10 @@ def test_attention_implementation_restored(attn, tiny_ids):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == attn
     layers = attention_layers(model)
-    assert not any(hasattr(layer, a) for layer in layers for a in ("_kvpack_rope", "_kvpack_inner", "_kvpack_transform"))
-    assert all(not layer._forward_pre_hooks for layer in layers)  # hooks removed
+    assert not any(hasattr(layer, a) for layer in layers for a in ("_kvpack_rope", "_kvpack_transform"))
+    rec = Recorder(pre_rope=False)
+    logits(model, tiny_ids[:1, :8])  # the installed hooks do nothing outside a block
+    assert not rec.seen
 
 
 def test_multimodal_config_with_nested_text_config(tiny_ids):
@@ -258,7 +264,6 @@ def test_multimodal_config_with_nested_text_config(tiny_ids):
     ref = logits(model, ids)
     rec = Recorder(pre_rope=True)
     with intercept_kv(model, rec):
-        assert model.config.text_config._attn_implementation == "kvpack_sdpa"
         same = logits(model, ids)
     assert sorted(rec.seen) == [0, 1]
     assert (same - ref).abs().max() <= 1e-5

@@ -178,3 +178,54 @@ def test_bad_input_is_refused():
     bad[1, 3] = float("inf")
     with pytest.raises(NonFiniteError):
         codec.encode(bad)
+
+
+# --- the family -----------------------------------------------------------------------------------
+
+def test_family_names_and_options():
+    from kvpack.errors import MethodError
+    from kvpack.methods import parse_method
+
+    s = parse_method("turboquant-3.5bit:qjl:pre-rope")
+    assert s.family == "turboquant" and s.pre_rope and s.options.bits == 3.5 and s.options.qjl
+    assert parse_method(s.name) == s
+    assert not parse_method("turboquant-2.5bit").pre_rope  # keys post-RoPE by default, as in the paper
+    for bad in ("turboquant-9bit", "turboquant-0.5bit", "turboquant-3bits", "turboquant-1bit:qjl", "turboquant-3bit:foo"):
+        with pytest.raises(MethodError):
+            parse_method(bad)
+    from kvpack.recipes import Recipe
+
+    with pytest.raises(MethodError, match="key-channel"):
+        Recipe.baseline("turboquant-3bit:key-channel", 2)
+
+
+def test_unbound_codec_equals_the_bound_one():
+    """The family's codecs (built for the head_dim they meet) store exactly what an explicit codec stores."""
+    x = torch.randn(2, 3, 9, 64)
+    unbound, bound = TurboQuantCodec(2.5, seed=4, qjl=True), TurboQuantCodec(2.5, 64, seed=4, qjl=True)
+    assert unbound.shared_nbytes() == 0  # nothing built before the first block
+    enc, ref = unbound.encode(x), bound.encode(x)
+    assert all(torch.equal(enc.tensors[n], ref.tensors[n]) for n in ref.tensors)
+    assert torch.equal(unbound.decode(enc), bound.decode(ref))
+    assert unbound.shared_nbytes() == bound.shared_nbytes()
+    assert set(ref.tensors) <= set(unbound.layout().parts)
+    again = codec_from_state("TurboQuantCodec", *unbound.state())
+    assert torch.equal(again.decode(enc), bound.decode(ref))
+
+
+@torch.no_grad()
+def test_family_real_cache_matches_simulation():
+    from conftest import make_tiny_model
+
+    from kvpack.evaluate.perplexity import simulated_perplexity
+    from kvpack.evaluate.streaming import streaming_perplexity
+    from kvpack.recipes import Recipe
+
+    model = make_tiny_model("llama")
+    windows = torch.randint(3, 120, (1, 32), generator=torch.Generator().manual_seed(3))
+    recipe = Recipe.baseline("turboquant-3bit:qjl", model.config.num_hidden_layers)
+    sim = simulated_perplexity(model, windows, recipe, progress=False)
+    real = streaming_perplexity(model, windows, recipe, chunk=32, progress=False)  # one prefill = the simulation
+    assert real.ppl == pytest.approx(sim.ppl, rel=1e-6) and sim.kl > 0
+    fp16 = simulated_perplexity(model, windows, Recipe.baseline("fp16", 2), progress=False, reference=False)
+    assert sim.ppl != fp16.ppl

@@ -6,6 +6,7 @@ from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.calibrate import calibrate
 from kvpack.cache.cache import CompressedCache
 from kvpack.finetune.train import apply_finetuned
+from kvpack.generation import GenerationResult, generate
 
 __version__ = "0.1.0"
-__all__ = ["CompressedCache", "apply_finetuned", "calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL"]
+__all__ = ["CompressedCache", "apply_finetuned", "calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL", "generate", "GenerationResult"]

@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
-from kvpack.hf import hooks as cache_hooks
+from kvpack.cache.io import load_cache, save_cache
 from kvpack.cache.layer import CompressedLayer
-from kvpack.hf.rope_source import RopeSource
 from kvpack.codecs import CodebookCodec, NormalFloatCodec, UniformCodec
 from kvpack.errors import MethodError, RecipeError, UnsupportedArchitectureError
-from kvpack.hf.intercept import attention_layers
+from kvpack.hf.attention import attention_layers, install
+from kvpack.hf.rope import RopeSource
+from kvpack.kernels.dispatch import attach
 from kvpack.hf.models import check_architecture, text_config
 from kvpack.recipes.recipe import Recipe
+from kvpack.cache.memory import memory_report
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -87,11 +89,9 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         attn = attention_layers(model)
         self.rope = RopeSource(model, attn, layer_types) if self.pre_rope else None
-        cache_hooks.install(model, attn)
+        install(model)
         # Decode steps read the packed blocks directly (kvpack.kernels.dispatch); None = decode-then-attend.
-        from kvpack.kernels.dispatch import attach
-
-        self.packed = attach(self, model, packed_attention, attention_backend)
+        self.packed = attach(self, packed_attention, attention_backend)
         self._pending: dict[int, tuple] = {}
         self._positions: torch.Tensor | None = None  # [batch, capacity] int32
         self._positions_len = 0
@@ -209,19 +209,14 @@ class CompressedCache(Cache):
     # -- reporting and persistence ----------------------------------------------------------------
     def memory_report(self):
         """Bytes held, by part, per token per layer, next to an fp16 DynamicCache (see cache_memory)."""
-        from kvpack.cache.memory import memory_report
 
         return memory_report(self)
 
     def save(self, path: str | Path) -> Path:
         """Write this cache to `path` (safetensors, versioned, checksummed, atomic)."""
-        from kvpack.cache.io import save_cache
-
         return save_cache(self, path)
 
     @classmethod
     def load(cls, path: str | Path, model, recipe: Recipe) -> "CompressedCache":
         """Rebuild a cache saved with `save` for the same model and recipe; CacheFileError otherwise."""
-        from kvpack.cache.io import load_cache
-
-        return load_cache(path, model, recipe)
+        return load_cache(path, model, recipe, cls)

@@ -21,8 +21,10 @@ import torch
 from kvpack.cache.store import Run
 from kvpack.cache.stream import TokenStream
 from kvpack.errors import CacheFileError
-from kvpack.hf.intercept import attention_layers
+from kvpack.hf.attention import attention_layers
 from kvpack.hf.models import text_config
+from safetensors.torch import save_file
+from safetensors import safe_open
 
 FORMAT = "kvpack-cache"
 VERSION = 1
@@ -91,7 +93,6 @@ def _stream_state(prefix: str, s: TokenStream, tensors: dict) -> dict:
 
 def save_cache(cache, path: str | Path) -> Path:
     """Write `cache` to `path` atomically; returns the path."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -132,8 +133,6 @@ def save_cache(cache, path: str | Path) -> Path:
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise CacheFileError(f"No saved cache at '{path}'. Save one first with cache.save(path).")
     try:
@@ -187,15 +186,13 @@ def _load_stream(prefix: str, state: dict, stream: TokenStream, tensors: dict, d
         stream.body.runs.append(Run(tuple(r["block_shape"]), r["meta"], sig, buffers, {n: list(v) for n, v in r["lengths"].items()}))
 
 
-def load_cache(path: str | Path, model, recipe):
-    """Rebuild a CompressedCache saved with `save_cache` for `model` and `recipe`."""
-    from kvpack.cache.cache import CompressedCache
-
+def load_cache(path: str | Path, model, recipe, cache_type: type):
+    """Rebuild a cache of `cache_type` (CompressedCache) saved with `save_cache` for `model` and `recipe`."""
     path = Path(path)
     header, tensors = _read(path)
     _check(header, tensors, path, model, recipe)
     settings = header["cache"]
-    cache = CompressedCache(model, recipe, residual_length=settings["recent_tokens"], block_tokens=settings["block_tokens"])
+    cache = cache_type(model, recipe, residual_length=settings["recent_tokens"], block_tokens=settings["block_tokens"])
     if cache.block_tokens != settings["block_tokens"] or cache.sink_tokens != settings["sink_tokens"]:
         raise CacheFileError(f"'{path}': cache settings {settings} do not match this recipe's; pass the recipe it was saved with.")
     cache.left_pad = settings["left_pad"]

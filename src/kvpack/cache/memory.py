@@ -2,18 +2,25 @@
 
 Parts: `codes` (packed codes, or the fp16 values of the fp16 codec), `scales` (per-vector
 scale/zero/min/step), `outliers` (sparse values, indices, pointers), `other` (any tensor a codec
-names otherwise), `sink_window` (the fp16 head and tail), `codebooks` (codec state shared by all
-tokens of a layer, counted once per codec object), `positions` (the int32 position log, shared by
-layers). `reserved` is allocated-but-unused buffer capacity, reported apart and not in `total`.
+names otherwise), `sink_window` (the fp16 head and tail), `codebooks` (every tensor the recipe's
+codecs hold: codebooks, levels, ranges, and the copies kernels derive from them), `positions` (the
+int32 position log, shared by layers), `rope` (cos/sin derived from the positions: the packed
+attention's RoPE tables and the decode path's memo), `reserved` (allocated capacity not in use yet:
+run buffers and position log). `total` is everything held, reserved capacity included: the
+bytes `held_bytes(cache)` finds by walking every tensor reachable from the cache.
 A codec may name the part of each of its tensors with `Encoded.meta["parts"] = {name: part}`.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
 
 from kvpack.hf.models import text_config
 
-PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "positions")
+PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "positions", "rope", "reserved")
 _SCALE_NAMES = {"min", "step", "scale", "zero", "norm", "mean", "std", "lo", "hi"}
 _OUTLIER_HINTS = ("outlier", "sparse", "ptr", "col", "row", "nnz")
 
@@ -90,47 +97,123 @@ class MemoryReport:
                  f"{self.total / 2**20:.2f} MiB vs fp16 {self.fp16_total / 2**20:.2f} MiB "
                  f"({self.ratio:.2f}x smaller, {self.bits_per_element:.3f} bits/element)"]
         lines += [f"  {part:<12} {ptl[part]:10.2f} B/token/layer" for part in PARTS if self.parts.get(part)]
-        lines.append(f"  {'total':<12} {ptl['total']:10.2f} B/token/layer  (+{self.reserved / 2**10:.1f} KiB reserved capacity)")
+        lines.append(f"  {'total':<12} {ptl['total']:10.2f} B/token/layer  (everything held, reserved capacity included)")
         return "\n".join(lines)
 
 
-def _tensor_bytes(t) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+_OPAQUE = (str, bytes, int, float, bool, complex, type, nn.Module, torch.dtype, torch.device, types.FunctionType,
+           types.MethodType, types.BuiltinFunctionType, types.ModuleType)
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor lives in (views of one buffer share it)."""
+    storage = t.untyped_storage()
+    return storage.device.type, storage.device.index, storage.data_ptr()
+
+
+def held_storages(obj, seen: set[int] | None = None, stop: tuple = ()) -> dict[tuple, int]:
+    """{storage key: storage bytes} of every tensor reachable from `obj`.
+
+    Walks attributes, dicts, lists, tuples and sets recursively; does not enter nn.Modules (model
+    weights are not the cache's), classes, functions, or the objects in `stop`. `seen` (object ids)
+    may be shared between calls so that nothing is walked twice."""
+    seen = set() if seen is None else seen
+    stops = {id(o) for o in stop}
+    found: dict[tuple, int] = {}
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if o is None or id(o) in seen or id(o) in stops:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if o.is_meta or o.layout != torch.strided:
+                continue
+            nbytes = o.untyped_storage().nbytes()
+            if nbytes:
+                found[storage_key(o)] = nbytes
+            continue
+        if isinstance(o, _OPAQUE):
+            continue
+        if isinstance(o, dict):
+            todo += list(o.keys()) + list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            todo += list(o)
+        else:
+            if hasattr(o, "__dict__") and not isinstance(o, type):
+                todo += list(vars(o).values())
+            for slot in getattr(type(o), "__slots__", ()):
+                todo.append(getattr(o, slot, None))
+    return found
+
+
+def held_bytes(cache) -> int:
+    """Bytes of every tensor reachable from `cache`, each storage once (the model's own tensors excluded)."""
+    return sum(held_storages(cache, stop=(getattr(cache, "model_ref", None),)).values())
+
+
+def _storage_bytes(t: torch.Tensor | None, counted: set[tuple]) -> int:
+    """Bytes of t's whole storage, once per storage."""
+    if t is None:
+        return 0
+    key = storage_key(t)
+    if key in counted:
+        return 0
+    counted.add(key)
+    return t.untyped_storage().nbytes()
+
+
+def _rope_objects(cache) -> list:
+    """What holds cos/sin derived from positions: the packed-attention RoPE tables (kernels.rope.RopeTable)
+    and the decode path's per-forward memo (CompressedCache._rope_memo, kept until positions change)."""
+    packed = getattr(cache, "packed", None)
+    return [getattr(packed, "rope", None), getattr(cache, "_rope_memo", None)]
 
 
 def memory_report(cache) -> MemoryReport:
-    """Measure `cache` (a CompressedCache) tensor by tensor."""
+    """Measure `cache` (a CompressedCache) tensor by tensor: everything it holds, capacity included."""
     parts = dict.fromkeys(PARTS, 0)
-    reserved = 0
     per_layer = []
-    seen_codecs: set[int] = set()
+    counted: set[tuple] = set()  # storages counted so far: nothing is counted twice
     batch = 0
     for layer in cache.layers:
         before = sum(parts.values())
-        for codec in (layer.key_codec, layer.value_codec):
-            if id(codec) not in seen_codecs:
-                seen_codecs.add(id(codec))
-                parts["codebooks"] += int(codec.shared_nbytes())
         for stream in (layer.k, layer.v):
             if stream is None:
                 continue
-            parts["sink_window"] += _tensor_bytes(stream.head) + _tensor_bytes(stream.tail)
+            parts["sink_window"] += _storage_bytes(stream.head, counted) + _storage_bytes(stream.tail, counted)
             for run in stream.body.runs:
                 batch = run.block_shape[0]
-                for name in run.buffers:
-                    parts[classify(name, run.meta)] += run.nbytes(name)
-                    reserved += run.nbytes(name, reserved=True)
+                for name, buf in run.buffers.items():
+                    key = storage_key(buf)
+                    if key in counted:
+                        continue
+                    counted.add(key)
+                    used = run.nbytes(name)
+                    parts[classify(name, run.meta)] += used
+                    parts["reserved"] += buf.untyped_storage().nbytes() - used
             for t in (stream.head, stream.tail):
                 if t is not None:
                     batch = t.shape[0]
         per_layer.append(sum(parts.values()) - before)
-    if cache.positions is not None:
-        parts["positions"] = _tensor_bytes(cache.positions)
-        batch = cache.positions.shape[0]
+    positions = cache.positions
+    if positions is not None:
+        used = positions.numel() * positions.element_size()
+        parts["positions"] = used
+        parts["reserved"] += _storage_bytes(positions, counted) - used
+        batch = positions.shape[0]
+    stop = (cache, getattr(cache, "model_ref", None))
+    seen: set[int] = set()
+    for kind, objs in (("codebooks", [cache.recipe]), ("rope", _rope_objects(cache))):
+        for obj in objs:
+            for key, nbytes in held_storages(obj, seen, stop).items():
+                if key not in counted:
+                    counted.add(key)
+                    parts[kind] += nbytes
     tokens = cache.get_seq_length()
     total = sum(parts.values())
     return MemoryReport(
         method=cache.recipe.method, tokens=tokens, batch=batch, layers=len(cache.layers), parts=parts,
-        reserved=reserved, total=total, fp16_total=fp16_cache_nbytes(cache.model_ref.config, tokens, max(batch, 1)),
-        per_layer=per_layer,
+        reserved=parts["reserved"], total=total,
+        fp16_total=fp16_cache_nbytes(cache.model_ref.config, tokens, max(batch, 1)), per_layer=per_layer,
     )

@@ -12,6 +12,10 @@ checks it (decoding together == decoding apart), and keeps one run per block oth
 
 The layout is paged: block i of a run is a contiguous slice of every buffer, so a packed
 attention kernel can walk runs block by block.
+
+Memory: a block's tensors live in the run buffers only. A run starts from the encoded tensors
+themselves when they own exactly their storage (no copy), and the store remembers its newest block
+by position (run, index), not by a second reference to its tensors.
 """
 from __future__ import annotations
 
@@ -42,9 +46,9 @@ class Run:
 
     @classmethod
     def start(cls, enc: Encoded) -> "Run":
-        run = cls(enc.shape, enc.meta, signature(enc), {n: t.clone() for n, t in enc.tensors.items()},
-                  {n: [t.shape[0]] for n, t in enc.tensors.items()})
-        return run
+        """A run of one block; it takes over the block's tensors when they own exactly their storage."""
+        return cls(enc.shape, enc.meta, signature(enc), {n: _owned(t) for n, t in enc.tensors.items()},
+                   {n: [t.shape[0]] for n, t in enc.tensors.items()})
 
     @property
     def block_tokens(self) -> int:
@@ -68,6 +72,14 @@ class Run:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.buffers[name][: self.used(name)]
+
+    def block(self, index: int) -> Encoded:
+        """Block `index` as an Encoded of x [batch, heads, tokens, head_dim] (views of the buffers)."""
+        tensors = {}
+        for name, lengths in self.lengths.items():
+            first = sum(lengths[:index])
+            tensors[name] = self.buffers[name][first: first + lengths[index]]
+        return Encoded(tensors, self.block_shape, dict(self.meta))
 
     def encoded(self) -> Encoded:
         """All blocks as one Encoded of x shape [count * batch, heads, block_tokens, head_dim]."""
@@ -137,12 +149,22 @@ class Run:
         self.signature = (self.signature[0], self.block_shape, self.signature[2])
 
 
-def _stacks_exactly(codec: Codec, first: Encoded, second: Encoded) -> bool:
-    """One-time check per codec that decoding two stacked blocks equals decoding them apart."""
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if it is contiguous and its storage holds nothing else, else a compact copy."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _stacks_exactly(codec: Codec, newest, second: Encoded) -> bool:
+    """One-time check per codec that decoding two stacked blocks equals decoding them apart.
+
+    newest: a function returning the block before `second` (called only when the codec is not checked yet)."""
     verdict = codec.__dict__.get(_VERDICT)
     if verdict is None:
         try:
-            run = Run.start(first)
+            first = newest()
+            run = Run.start(Encoded({n: t.clone() for n, t in first.tensors.items()}, first.shape, dict(first.meta)))
             run.append(second)
             together = run.decode(codec)
             apart = torch.cat([codec.decode(first), codec.decode(second)], dim=-2)
@@ -158,7 +180,7 @@ class BlockStore:
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
-        self._last: Encoded | None = None  # the newest block, for the one-time stacking check
+        self._last: tuple[Run, int] | None = None  # where the newest block is, for the one-time stacking check
 
     @property
     def tokens(self) -> int:
@@ -169,12 +191,17 @@ class BlockStore:
         if any(t.dim() == 0 for t in enc.tensors.values()):
             raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
         last = self.runs[-1] if self.runs else None
-        if (last is not None and last.signature == signature(enc)
-                and self._last is not None and _stacks_exactly(codec, self._last, enc)):
+        if (last is not None and last.signature == signature(enc) and self._newest_in(last)
+                and _stacks_exactly(codec, lambda: last.block(last.count - 1), enc)):
             last.append(enc)
         else:
-            self.runs.append(Run.start(enc))
-        self._last = enc
+            last = Run.start(enc)
+            self.runs.append(last)
+        self._last = (last, last.count - 1)
+
+    def _newest_in(self, run: Run) -> bool:
+        """Whether the newest block appended is still the last block of `run` (nothing dropped since)."""
+        return self._last is not None and self._last[0] is run and self._last[1] == run.count - 1
 
     def decode(self, codec: Codec) -> torch.Tensor | None:
         """All blocks decoded, float [batch, heads, tokens, head_dim]; None when empty."""

@@ -14,18 +14,15 @@ from __future__ import annotations
 import torch
 
 from kvpack.cache.store import BlockStore
-from kvpack.codecs import Codec
+from kvpack.codecs import Codec, NuqCodec
+from kvpack.kernels import cpu, triton_encode
 
 
 def _encode_block(codec: Codec, x: torch.Tensor):
     """codec.encode(x), by a fused kernel when one covers the codec (identical bytes): Triton on CUDA
     (kernels/triton_encode.py), C++ on the CPU (kernels/cpu.py)."""
-    if type(codec).__name__ == "NuqCodec":
-        if x.is_cuda:
-            from kvpack.kernels.triton_encode import nuq_encode
-        else:
-            from kvpack.kernels.cpu import nuq_encode
-        fast = nuq_encode(codec, x)
+    if isinstance(codec, NuqCodec):
+        fast = (triton_encode if x.is_cuda else cpu).nuq_encode(codec, x)
         if fast is not None:
             return fast
     return codec.encode(x)

@@ -11,6 +11,7 @@ from kvpack.cli.calibrate import calibrate_command
 from kvpack.cli.demo import demo_command
 from kvpack.cli.eval import eval_command
 from kvpack.cli.finetune import finetune_command
+from kvpack.cli.generate import generate_command
 from kvpack.cli.plan import plan_command
 from kvpack.cli.report import report_command
 
@@ -27,6 +28,7 @@ def main(
 
 
 COMMANDS = {
+    "generate": generate_command,
     "eval": eval_command,
     "calibrate": calibrate_command,
     "finetune": finetune_command,

@@ -8,7 +8,7 @@ import typer
 from kvpack.cli.options import Model, Progress, fail, split_methods
 from kvpack.data import describe_data
 from kvpack.errors import KVPackError
-from kvpack.hf.models import load_model
+from kvpack.hf import models
 from kvpack.recipes.bundled import write_manifest
 from kvpack.recipes.calibrate import calibrate
 from kvpack.recipes.self_data import SELF_SPEC, describe_self_data
@@ -30,7 +30,7 @@ def calibrate_command(
     """Calibrate a method for a model and save the recipe; use it with `kvpack eval --recipe DIR`."""
     names = split_methods(method)
     try:
-        loaded, tokenizer = load_model(model)
+        loaded, tokenizer = models.load_model(model)
         recipes = []
         for name in names:
             folder = out / name if manifest or len(names) > 1 else out

@@ -19,6 +19,10 @@ Per head vector x [head_dim = d]:
 Stored per vector: the packed codes (b or b + 1 bits per coordinate), the fp16 norm and, with QJL,
 d sign bits and the fp16 residual norm. Shared per layer (`shared_nbytes`): the rotation (d sign
 bits, or the fp32 matrix), the fp32 codebooks and the fp16 sketch matrix S.
+
+`head_dim=None` makes an unbound codec (what the `turboquant` family builds, not knowing the
+model): it builds the parts above from its seed for each head_dim it meets (`bind`), always the
+same ones, and its saved state is the seed alone.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ class TurboQuantCodec(Codec):
     def __init__(
         self,
         bits: float,
-        head_dim: int,
+        head_dim: int | None = None,
         seed: int = 0,
         qjl: bool = False,
         rescale: bool = False,
@@ -69,20 +73,23 @@ class TurboQuantCodec(Codec):
     ):
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
             raise ValueError(f"TurboQuant bit width must be a finite number, got {bits!r}")
-        low_limit = 1.0
-        if not low_limit <= bits <= MAX_BITS:
-            raise ValueError(f"TurboQuant bit width must be in {low_limit:g}..{MAX_BITS} bits per coordinate, got {bits!r}")
-        if not isinstance(head_dim, int) or head_dim < 2:
+        if not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"TurboQuant bit width must be in 1..{MAX_BITS} bits per coordinate, got {bits!r}")
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2):
             raise ValueError(f"head_dim must be an integer >= 2, got {head_dim!r}")
         self.bits, self.head_dim, self.seed = float(bits), head_dim, int(seed)
         self.qjl, self.rescale = bool(qjl), bool(rescale)
         self.mse_bits = self.bits - (1.0 if self.qjl else 0.0)
+        self.name = name or f"turboquant{self.bits:g}" + ("-qjl" if self.qjl else "") + ("-rescale" if self.rescale else "")
+        self._bound: dict[int, TurboQuantCodec] = {}
+        if head_dim is None:  # unbound: parts are built from the seed for each head_dim met (see `bind`)
+            return
         self.high, self.high_count, self.low = split_widths(self.mse_bits, head_dim)
         self.rotation = Rotation(head_dim, seed, signs=signs, matrix=matrix)
         widths = {w for w, n in ((self.high, self.high_count), (self.low, head_dim - self.high_count)) if n > 0}
         given = levels or {}
         self.levels = {
-            w: torch.as_tensor(given[w]).float() if w in given else torch.tensor(lloyd_max_levels(w, head_dim), dtype=torch.float32)
+            w: torch.as_tensor(given[w]).float().flatten().sort().values if w in given else torch.tensor(lloyd_max_levels(w, head_dim), dtype=torch.float32)
             for w in sorted(widths)
         }
         for w, lv in self.levels.items():
@@ -94,7 +101,17 @@ class TurboQuantCodec(Codec):
                 gen = torch.Generator().manual_seed(self.seed + 0x9E3779B1)
                 sketch = torch.randn(head_dim, head_dim, generator=gen)
             self.sketch = torch.as_tensor(sketch).to(torch.float16).float().reshape(head_dim, head_dim)
-        self.name = name or f"turboquant{self.bits:g}" + ("-qjl" if self.qjl else "") + ("-rescale" if self.rescale else "")
+
+    def bind(self, head_dim: int) -> "TurboQuantCodec":
+        """The codec for vectors of `head_dim`: this one if built for it, else one built from the same seed
+        (the same rotation, codebooks and sketch every time: families that do not know the model use this)."""
+        if self.head_dim is not None:
+            if head_dim != self.head_dim:
+                raise ValueError(f"TurboQuant codec built for head_dim {self.head_dim} got vectors of {head_dim}")
+            return self
+        if head_dim not in self._bound:
+            self._bound[head_dim] = TurboQuantCodec(self.bits, head_dim, self.seed, self.qjl, self.rescale, name=self.name)
+        return self._bound[head_dim]
 
     # ----- state (recipes) -----
     def config(self) -> dict:
@@ -102,6 +119,9 @@ class TurboQuantCodec(Codec):
                 "rescale": self.rescale, "name": self.name}
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Config plus, for a codec built for one head_dim, its rotation, codebooks and sketch."""
+        if self.head_dim is None:
+            return self.config(), {}
         tensors = dict(self.rotation.tensors())
         tensors.update({f"levels{w}": lv for w, lv in self.levels.items()})
         if self.sketch is not None:
@@ -115,6 +135,9 @@ class TurboQuantCodec(Codec):
                    levels=levels, **config)
 
     def layout(self) -> StorageLayout:
+        if self.head_dim is None:  # every part a head_dim may produce
+            names = ["codes_hi", "codes_lo", "norm"] + (["sketch_bits", "residual_norm"] if self.qjl else [])
+            return StorageLayout({n: "scales" if "norm" in n else "codes" for n in names})
         parts = {name: "codes" for name, _, _ in self._parts()} | {"norm": "scales"}
         if self.qjl:
             parts |= {"sketch_bits": "codes", "residual_norm": "scales"}
@@ -122,6 +145,8 @@ class TurboQuantCodec(Codec):
 
     @property
     def device(self) -> torch.device:
+        if self.head_dim is None:
+            return next((c.device for c in self._bound.values()), torch.device("cpu"))
         return next(iter(self.rotation.tensors().values())).device
 
     def to(self, device: torch.device | str) -> "TurboQuantCodec":
@@ -130,13 +155,19 @@ class TurboQuantCodec(Codec):
         if self.device == device:
             return self
         moved = copy.copy(self)
+        if self.head_dim is None:
+            moved._bound = {d: c.to(device) for d, c in self._bound.items()}
+            return moved
         moved.rotation = self.rotation.to(device)
         moved.levels = {w: lv.to(device) for w, lv in self.levels.items()}
         moved.sketch = None if self.sketch is None else self.sketch.to(device)
         return moved
 
     def shared_nbytes(self) -> int:
-        """Rotation (1 bit per sign or the fp32 matrix), fp32 codebooks, fp16 sketch matrix."""
+        """Rotation (1 bit per sign or the fp32 matrix), fp32 codebooks, fp16 sketch matrix (of every head_dim
+        met so far when unbound)."""
+        if self.head_dim is None:
+            return sum(c.shared_nbytes() for c in self._bound.values())
         books = sum(lv.numel() * 4 for lv in self.levels.values())
         return self.rotation.nbytes() + books + (0 if self.sketch is None else self.sketch.numel() * 2)
 
@@ -161,6 +192,8 @@ class TurboQuantCodec(Codec):
 
     def encode(self, x: torch.Tensor) -> Encoded:
         """x [..., tokens, head_dim] -> codes [..., tokens, bytes] per width, norm fp16 [..., tokens, 1] (+ sketch)."""
+        if self.head_dim is None:
+            return self.bind(x.shape[-1]).encode(x)
         self._check(x)
         x = x.float()
         norm = x.norm(dim=-1, keepdim=True)
@@ -184,6 +217,8 @@ class TurboQuantCodec(Codec):
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         """Packed storage -> float32 [..., tokens, head_dim]."""
+        if self.head_dim is None:
+            return self.bind(enc.shape[-1]).decode(enc)
         t, shape = enc.tensors, enc.shape
         device = t["norm"].device
         codes = {name: packing.unpack_channels(t[name], width, cols.stop - cols.start) for name, width, cols in self._parts()}
@@ -197,6 +232,8 @@ class TurboQuantCodec(Codec):
     def bits_formula(self) -> float:
         """Stored bits per element of one block by arithmetic (what `Encoded.bits_per_element` measures
         when every vector's code groups fill whole bytes)."""
+        if self.head_dim is None:
+            raise ValueError("an unbound TurboQuant codec has no bit count yet: use bind(head_dim)")
         d = self.head_dim
         bits = self.high * self.high_count + self.low * (d - self.high_count) + 16
         if self.qjl:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kvpack.hf.hooks import cache_kwargs
+from kvpack.hf.attention import cache_kwargs
 
 _ARTICLE = re.compile(r"^ = (?!=)(.+?) = $", re.M)
 

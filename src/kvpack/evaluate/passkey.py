@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from kvpack.hf.hooks import cache_kwargs
+from kvpack.hf.attention import cache_kwargs
+from transformers import DynamicCache
+from kvpack.cache.cache import CompressedCache
+from kvpack.methods.names import parse_method
+from kvpack.hf.models import load_model
+from kvpack.recipes.resolve import resolve_recipe
+from kvpack.evaluate.results import environment
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")
@@ -45,11 +51,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> torch.Tensor
 
 def _cache(model, recipe):
     if recipe is None:
-        from transformers import DynamicCache
-
         return DynamicCache(config=model.config)
-    from kvpack.cache.cache import CompressedCache
-
     return CompressedCache(model, recipe)
 
 
@@ -137,10 +139,6 @@ def run_passkey_eval(model_spec: str, methods: list[str], lengths: list[int], de
                      calib_data: str, calib_windows: int, calib_seqlen: int, recipe_dir, progress: bool,
                      log=print) -> list[dict]:
     """Load the model, resolve every method's recipe (fp16 first), run the grid; rows with the environment."""
-    from kvpack.methods.names import parse_method
-    from kvpack.hf.models import load_model
-    from kvpack.recipes.resolve import resolve_recipe
-    from kvpack.evaluate.results import environment
 
     model, tokenizer = load_model(model_spec)
     names = list(dict.fromkeys(["fp16", *methods]))

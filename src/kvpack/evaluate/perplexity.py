@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvpack.hf.intercept import intercept_kv
+from kvpack.hf.attention import intercept_kv
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.simulate import Simulator
 

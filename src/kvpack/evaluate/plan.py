@@ -30,6 +30,7 @@ from kvpack.cache.stream import TokenStream
 from kvpack.errors import KVPackError
 from kvpack.methods import family_named, parse_method
 from kvpack.methods.synthetic import synthetic_kv
+from transformers import AutoConfig
 
 # Public configs (config.json on the Hugging Face hub), the fields the plan needs.
 KNOWN_SHAPES: dict[str, dict] = {
@@ -106,8 +107,6 @@ def load_shape(spec: str) -> Shape:
         config = json.loads(path.read_text())
         return _from_config(config, spec)
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(spec).to_dict()
     except Exception as exc:
         raise KVPackError(f"'{spec}' is not a bundled shape ({', '.join(KNOWN_SHAPES)}), a config.json, nor a "

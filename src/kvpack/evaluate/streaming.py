@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from kvpack.hf.hooks import cache_kwargs
+from kvpack.hf.attention import cache_kwargs
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from kvpack.errors import RecipeError
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 ADAPTER_TENSORS = "adapter.safetensors"
 ADAPTER_JSON = "adapter.json"
@@ -69,7 +71,6 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
 
 def save_adapter(wrapped: dict[str, LoRALinear], directory: str | Path, description: dict) -> Path:
     """Write the adapter's A/B matrices and `description` (rank, alpha, targets, training log) to `directory`."""
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,6 @@ def save_adapter(wrapped: dict[str, LoRALinear], directory: str | Path, descript
 
 def apply_adapter(model: nn.Module, directory: str | Path) -> dict:
     """Merge the LoRA adapter saved in `directory` into `model`'s weights in place; returns its description."""
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     path_json, path_tensors = directory / ADAPTER_JSON, directory / ADAPTER_TENSORS

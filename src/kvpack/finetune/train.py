@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 
 from kvpack.codecs.rvq import RVQCodec, residual_decode, residual_encode, to_groups
 from kvpack.errors import MethodError
-from kvpack.hf.intercept import intercept_kv
+from kvpack.hf.attention import intercept_kv
 from kvpack.finetune.lora import DEFAULT_TARGETS, add_lora, apply_adapter, remove_lora, save_adapter
 from kvpack.recipes.recipe import Recipe
 from kvpack.methods.rvq.train import EMACodebooks
-from kvpack.recipes.simulate import check_finite, fp16_split
+from kvpack.recipes.simulate import Simulator, check_finite, fp16_split
+from kvpack.data import load_windows
+from kvpack.hf.models import load_model
 
 
 @dataclass
@@ -125,11 +127,17 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
+@torch.no_grad()
 def quantized_nll(model, recipe: Recipe, windows: torch.Tensor) -> float:
     """Mean next-token NLL of windows [n, seqlen] with K/V through the recipe's codecs (simulated cache)."""
-    from kvpack.evaluate.perplexity import simulated_perplexity
-
-    return simulated_perplexity(model, windows, recipe, progress=False).nll
+    total, count = 0.0, 0
+    with intercept_kv(model, Simulator(recipe)):
+        for window in windows:
+            ids = window.unsqueeze(0).to(model.device)
+            logits = model(ids).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / max(count, 1)
 
 
 def finetune_lora(model, windows: torch.Tensor, recipe: Recipe, config: FinetuneConfig, progress: bool = True) -> tuple[dict, list[dict]]:
@@ -175,7 +183,6 @@ def finetune(model, tokenizer, recipe: Recipe, config: FinetuneConfig | None = N
     Reports the quantized NLL of `config.val_windows` held-out calibration windows before and after.
     Returns ({module path: LoRALinear}, FinetuneResult).
     """
-    from kvpack.data import load_windows
 
     config = config or FinetuneConfig()
     start = time.perf_counter()
@@ -218,7 +225,6 @@ def apply_finetuned(model, directory: str | Path) -> Recipe:
 
 def run_finetune(model_spec: str, recipe_dir: str | Path, out: str | Path, config: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     """The `kvpack finetune` command: load, fine-tune, save the recipe and adapter to `out`."""
-    from kvpack.hf.models import load_model
 
     model, tokenizer = load_model(model_spec)
     recipe = Recipe.load(recipe_dir, model)

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from kvpack.errors import ModelLoadError, UnsupportedArchitectureError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -44,8 +46,6 @@ def _embedded_gguf(name: str) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -67,8 +67,6 @@ def _converted_dir(path: Path) -> Path:
 
 
 def _load_pretrained(source: str | Path, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -93,6 +91,11 @@ def _load_pretrained(source: str | Path, dtype: torch.dtype):
 def text_config(config):
     """The decoder's config (multimodal configs nest it under `text_config`)."""
     return getattr(config, "text_config", None) or config
+
+
+def num_layers(model) -> int:
+    """Decoder layers of `model`."""
+    return text_config(model.config).num_hidden_layers
 
 
 def has_rotary_embedding(config) -> bool:

@@ -1,4 +1,5 @@
-"""Rotary position embedding in the Hugging Face "rotate_half" convention, forward and exact inverse.
+"""Rotary position embedding: the Hugging Face "rotate_half" convention forward and exactly inverted, the check
+that a model uses it, and cos/sin for any cached position from the model's own rotary module.
 
 `cos`/`sin` are what the model's rotary module returns ([batch, tokens, rot_dim], possibly
 multiplied by an attention scaling factor for YaRN-style variants); channel c is paired with
@@ -6,7 +7,13 @@ c + rot_dim/2. Models that rotate only the first `rot_dim` channels are handled.
 """
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
+from torch import nn
+
+from kvpack.errors import UnsupportedArchitectureError
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,3 +46,73 @@ def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     if rot == x.shape[-1]:
         return restored
     return torch.cat((restored, x[..., rot:]), dim=-1)
+
+
+def check_rope_convention(module: nn.Module) -> None:
+    """Raise UnsupportedArchitectureError unless `module`'s model rotates keys in the rotate_half
+    convention (channel c paired with c + d/2), the only one pre-RoPE keys are recovered in exactly.
+    Interleaved (Cohere, GLM, ...) or half-width cos/sin (GPT-OSS) variants would silently hand the
+    codec wrong "pre-RoPE" keys."""
+    rotate = getattr(sys.modules[type(module).__module__], "rotate_half", None)
+    probe = torch.arange(1.0, 9.0)
+    if rotate is None or not torch.equal(rotate(probe), rotate_half(probe)):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} does not use the rotate_half RoPE convention (channel c paired with c + d/2), so "
+            "its pre-RoPE keys cannot be recovered exactly; use a post-RoPE method (drop :pre-rope) with this model."
+        )
+
+
+def _rotary_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for name, m in model.named_modules() if name.split(".")[-1].startswith("rotary_emb")]
+
+
+class RopeSource:
+    """cos/sin [batch, tokens, rot_dim] for any positions, per attention layer of `model`: the model's rotary
+    module (`rotary_emb`) re-run on stored positions, with the layer's type for modules that take one
+    (Gemma3: local/global RoPE). `verify` compares, once per layer, the recomputed cos/sin with the ones the
+    layer really used, so a model whose RoPE cannot be reproduced this way fails loudly."""
+
+    def __init__(self, model: nn.Module, attention_layers: list[nn.Module], layer_types: list[str]):
+        modules = _rotary_modules(model)
+        if len(modules) != 1:
+            names = [n for n, _ in model.named_modules() if n.split(".")[-1].startswith("rotary_emb")]
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}: expected one rotary embedding module named 'rotary_emb', found {names or 'none'}; "
+                "a pre-RoPE compressed cache cannot re-apply RoPE here. Use a post-RoPE method (drop ':pre-rope')."
+            )
+        self.module = modules[0]
+        params = inspect.signature(self.module.forward).parameters
+        self.takes_layer_type = "layer_type" in params
+        self.layer_keys: list[str | None] = []
+        for idx, attn in enumerate(attention_layers):
+            kind = getattr(attn, "layer_type", None) or (layer_types[idx] if idx < len(layer_types) else None)
+            self.layer_keys.append(kind if self.takes_layer_type else None)
+        self.verified: set[int] = set()
+
+    def key(self, layer_idx: int) -> str | None:
+        """Layers with equal keys share cos/sin."""
+        return self.layer_keys[layer_idx]
+
+    @torch.no_grad()
+    def compute(self, layer_idx: int, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [batch, tokens] (int) -> (cos, sin) [batch, tokens, rot_dim] in `dtype`."""
+        probe = torch.empty(1, dtype=dtype, device=positions.device)
+        pos = positions.long()
+        if self.takes_layer_type:
+            return self.module(probe, pos, self.layer_keys[layer_idx])
+        return self.module(probe, pos)
+
+    def verify(self, layer_idx: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Check once per layer that `compute` reproduces the cos/sin the layer received."""
+        if layer_idx in self.verified:
+            return
+        mine_cos, mine_sin = self.compute(layer_idx, positions, cos.dtype)
+        mine_cos, mine_sin = mine_cos.expand_as(cos), mine_sin.expand_as(sin)
+        tol = 1e-5 if cos.dtype == torch.float32 else 1e-2
+        if not (torch.allclose(mine_cos, cos, atol=tol, rtol=0) and torch.allclose(mine_sin, sin, atol=tol, rtol=0)):
+            raise UnsupportedArchitectureError(
+                f"Layer {layer_idx}: the model's rotary module does not reproduce the cos/sin its attention used "
+                f"(max difference {float((mine_cos - cos).abs().max()):.3g}); pre-RoPE caching is not possible for this "
+                "model. Use a post-RoPE method (drop ':pre-rope')."
+            )
+        self.verified.add(layer_idx)

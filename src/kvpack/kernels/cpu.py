@@ -27,6 +27,11 @@ from pathlib import Path
 import torch
 
 from kvpack.kernels.layout import NuqView, RvqView
+from kvpack.hf.models import cache_root
+from kvpack.kernels.layout import nuq_view, rvq_view
+from kvpack.codecs import Encoded, sparse
+from kvpack.codecs.nuq import NuqCodec, outliers_per_side
+from kvpack.kernels.layout import sparse_mode
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -53,8 +58,6 @@ def _cpu_id() -> str:
 
 
 def library_path() -> Path:
-    from kvpack.hf.models import cache_root
-
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"kvpack_cpu_{key}.so"
 
@@ -165,7 +168,6 @@ def rvq_segment(view: RvqView) -> list[int]:
 
 def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | None:
     """[count, segment args...] for a TokenStream, or None if a part has no kernel."""
-    from kvpack.kernels.layout import nuq_view, rvq_view
 
     out, count = [], 0
     if stream.head is not None:
@@ -261,8 +263,6 @@ def nuq_encode(codec, x: torch.Tensor):
 
     Appending one token costs one C call plus the sparse layout, instead of ~30 small torch ops.
     """
-    from kvpack.codecs import Encoded, sparse
-    from kvpack.codecs.nuq import NuqCodec, outliers_per_side
 
     if not isinstance(codec, NuqCodec) or x.dim() != 4 or x.device.type != "cpu" or load() is None:
         return None
@@ -271,8 +271,6 @@ def nuq_encode(codec, x: torch.Tensor):
         return None
     if codec.levels.shape[0] not in (1, heads) or getattr(codec, "channel_bits", None) is not None:
         return None
-    from kvpack.kernels.layout import sparse_mode
-
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None

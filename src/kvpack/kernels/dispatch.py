@@ -28,31 +28,21 @@ Memory: besides the packed storage, one call holds scores/probabilities [B, Hq, 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 
 import torch
-from torch import nn
 
-from kvpack.kernels import reference
+from kvpack.hf.rope import apply_rope
+from kvpack.kernels import cpu, reference, triton_attention
 from kvpack.kernels.layout import nuq_view, rvq_view
 from kvpack.kernels.rope import RopeSlice, RopeTable
-from kvpack.hf.models import text_config
-from kvpack.hf.rope import apply_rope
-
-PACKED_NAMES = {"sdpa": "kvpack_packed_sdpa", "eager": "kvpack_packed_eager"}
 BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_MAX_QUERIES = 16
-_INSTALLED = "_kvpack_packed_hooks"
-_local = threading.local()
 
 
 # ------------------------------------------------------------------------------------------ one layer
 def _use_cpu(backend: str, device: torch.device) -> bool:
     if backend not in ("auto", "cpu") or device.type != "cpu":
         return False
-    from kvpack.kernels import cpu
-
     if cpu.available():
         return True
     if backend == "cpu":
@@ -63,8 +53,6 @@ def _use_cpu(backend: str, device: torch.device) -> bool:
 def _use_triton(backend: str, device: torch.device) -> bool:
     if backend not in ("auto", "triton") or device.type != "cuda":
         return False
-    from kvpack.kernels import triton_attention
-
     if triton_attention.available():
         return True
     if backend == "triton":
@@ -84,8 +72,6 @@ def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: tor
     if rope is not None and not rope.half:
         backend = "torch"
     if _use_cpu(backend, q.device):
-        from kvpack.kernels import cpu
-
         view = nuq_view(run, codec)
         if view is not None and view.axis == "channel" and _cpu_fits(view, q.shape[2], rot):
             cpu.nuq_key_scores(view, q, rope, out)
@@ -95,8 +81,6 @@ def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: tor
             cpu.rvq_key_scores(view, q, rope, out)
             return "cpu-rvq"
     if _use_triton(backend, q.device):
-        from kvpack.kernels import triton_attention
-
         if triton_attention.key_scores(run, codec, q, rope, out):
             return "triton"
     reference.key_scores(run, codec, q, rope, out)
@@ -106,8 +90,6 @@ def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: tor
 def value_run_accum(run, codec, p, out, backend: str = "auto") -> str:
     """out [B, H, G, D] += p [B, H, G, run tokens] . one run's values; returns the path used."""
     if _use_cpu(backend, p.device):
-        from kvpack.kernels import cpu
-
         view = nuq_view(run, codec)
         if view is not None and view.axis == "token" and _cpu_fits(view, p.shape[2], 0):
             cpu.nuq_value_accum(view, p, out)
@@ -117,8 +99,6 @@ def value_run_accum(run, codec, p, out, backend: str = "auto") -> str:
             cpu.rvq_value_accum(view, p, out)
             return "cpu-rvq"
     if _use_triton(backend, p.device):
-        from kvpack.kernels import triton_attention
-
         if triton_attention.value_accum(run, codec, p, out):
             return "triton"
     reference.value_accum(run, codec, p, out)
@@ -171,8 +151,6 @@ def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
         first = layer.first_slot
         rs = rope.get(layer.layer_idx, first, first + total)
     if _use_cpu(backend, query.device):
-        from kvpack.kernels import cpu
-
         out = cpu.layer_attention(layer, query, attention_mask, scale, softcap, rs)
         if out is not None:
             if paths is not None:
@@ -278,8 +256,8 @@ class PackedAttention:
         return out
 
 
-def attach(cache, model: nn.Module, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
-    """Give `cache` packed attention on `model` (installs the hooks once); None when disabled.
+def attach(cache, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
+    """Packed attention for `cache` (kvpack.hf.attention routes the model's attention to it); None when disabled.
 
     enabled=None reads KVPACK_PACKED_ATTENTION (default on); backend=None reads KVPACK_ATTENTION_BACKEND
     (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise).
@@ -288,114 +266,4 @@ def attach(cache, model: nn.Module, enabled: bool | None = None, backend: str | 
         enabled = os.environ.get("KVPACK_PACKED_ATTENTION", "1") != "0"
     if not enabled:
         return None
-    install(model)
     return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"))
-
-
-# ------------------------------------------------------------------------------------------ transformers glue
-def _stack() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
-def _inner(module: nn.Module, kind: str):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if kind == "eager":
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-    return ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-
-def _make_attention(kind: str):
-    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        stack = _stack()
-        state = stack[-1][0] if stack else None
-        if state is not None and module.layer_idx in state.pending:
-            state.pending.discard(module.layer_idx)
-            if dropout and module.training:
-                raise RuntimeError("packed attention does not implement attention dropout")
-            scaling = getattr(module, "scaling", None) if scaling is None else scaling
-            return state.attend(module, query, attention_mask, scaling, kwargs.get("softcap")), None
-        return _inner(module, kind)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    attention.__name__ = f"kvpack_packed_{kind}"
-    return attention
-
-
-def _register() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    for kind, mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
-        name = PACKED_NAMES[kind]
-        if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-            ALL_ATTENTION_FUNCTIONS.register(name, _make_attention(kind))
-            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
-
-
-def _configs(model: nn.Module) -> list:
-    config = model.config
-    sub = text_config(config)
-    return [config] if sub is config else [config, sub]
-
-
-def _pre_forward(model, args, kwargs):
-    from kvpack.hf.hooks import passed_cache
-
-    cache = passed_cache(kwargs)
-    state = getattr(cache, "packed", None)
-    frame = None
-    if isinstance(state, PackedAttention):
-        configs = _configs(model)
-        current = configs[-1]._attn_implementation or "sdpa"
-        switched = []
-        if current in PACKED_NAMES:
-            for cfg in configs:
-                switched.append((cfg, cfg._attn_implementation))
-                cfg._attn_implementation = PACKED_NAMES[current]
-        if switched or current in PACKED_NAMES.values():
-            state.active += 1
-            frame = (state, switched)
-    _stack().append(frame)
-
-
-def _post_forward(model, args, kwargs, output):
-    frame = _stack().pop() if _stack() else None
-    if frame is None:
-        return
-    state, switched = frame
-    for cfg, name in switched:
-        cfg._attn_implementation = name
-    state.active -= 1
-    if not state.active and state.pending:
-        left = sorted(state.pending)
-        state.pending.clear()
-        raise RuntimeError(
-            f"layers {left} handed attention to kvpack's packed path but their attention never ran through the "
-            "transformers attention registry; build the cache with CompressedCache(..., packed_attention=False)."
-        )
-
-
-def install(model: nn.Module) -> None:
-    """Register the packed attention functions and hook `model` (and its decoder) so forwards with a
-    CompressedCache route attention to them (idempotent)."""
-    _register()
-    if getattr(model, _INSTALLED, None):
-        return
-    targets = [model]
-    decoder = getattr(model, "model", None)
-    if isinstance(decoder, nn.Module):
-        targets.append(decoder)
-    handles = []
-    for target in targets:
-        handles.append(target.register_forward_pre_hook(_pre_forward, with_kwargs=True))
-        handles.append(target.register_forward_hook(_post_forward, with_kwargs=True, always_call=True))
-    object.__setattr__(model, _INSTALLED, handles)
-
-
-def uninstall(model: nn.Module) -> None:
-    for handle in getattr(model, _INSTALLED, None) or []:
-        handle.remove()
-    if hasattr(model, _INSTALLED):
-        object.__delattr__(model, _INSTALLED)

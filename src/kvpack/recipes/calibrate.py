@@ -28,6 +28,12 @@ from kvpack.methods import MethodSettings, family_named, needs_calibration, pars
 from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_windows
 from kvpack.recipes.self_data import SELF_SPEC, self_windows
+from kvpack.recipes.collect import CollectionTiming, LayerActivations, collect_activations
+from kvpack.recipes.io import model_identity
+from kvpack.hf.models import num_layers
+from kvpack.recipes.io import model_identity, weights_fingerprint
+from kvpack.hf.models import cache_root
+from kvpack.recipes.io import replace_directory
 
 # Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
 CALIBRATION_VERSION = 1
@@ -98,7 +104,6 @@ _LAST_COLLECTION: dict = {}
 
 def _collect(model, ids: torch.Tensor, fisher: bool, sink_tokens: int, pre_rope: bool, progress: bool):
     """collect_activations with a one-entry memo; a Fisher collection also serves Fisher-free methods."""
-    from kvpack.recipes.collect import CollectionTiming, LayerActivations, collect_activations
 
     tokens = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
     key = (id(model), tokens, tuple(ids.shape), sink_tokens, pre_rope)
@@ -125,7 +130,6 @@ def forget_collection() -> None:
 
 def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: str, progress: bool = True) -> Recipe:
     """Calibrate `settings` on token windows ids [n, seqlen] (described as `data`)."""
-    from kvpack.recipes.io import model_identity
 
     family = family_named(settings.family)
     if not family.calibrated:
@@ -158,8 +162,6 @@ def calibrate(
     a path, or "self": text the model writes itself); returns the Recipe."""
     settings = parse_method(method) if isinstance(method, str) else method
     if not needs_calibration(settings):
-        from kvpack.recipes.resolve import num_layers
-
         return Recipe.baseline(settings, num_layers(model))
     ids = calibration_windows(tokenizer, data, windows, seqlen, model=model, progress=progress)
     _announce(model, ids, settings, progress)
@@ -168,7 +170,6 @@ def calibrate(
 
 def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
     """Hash of everything a calibrated recipe depends on."""
-    from kvpack.recipes.io import model_identity, weights_fingerprint
 
     payload = {
         "model": model_identity(model), "weights": weights_fingerprint(model), "settings": asdict(settings),
@@ -184,9 +185,6 @@ def cached_calibration(
 ) -> Recipe:
     """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache (unless `recalibrate`),
     or calibrated and cached."""
-    from kvpack.hf.models import cache_root
-    from kvpack.recipes.io import replace_directory
-
     if recipe_dir is not None:
         recipe = Recipe.load(recipe_dir, model)
         if recipe.settings.name != settings.name:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvpack.hf.intercept import attention_layers, intercept_kv
+from kvpack.hf.attention import attention_layers, intercept_kv
 from kvpack.methods import LayerActivations
 from kvpack.recipes.simulate import check_finite
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from kvpack.codecs import CODEC_TYPES, codec_from_state
 from kvpack.errors import MethodError, RecipeError
-from kvpack.hf.intercept import attention_layers
+from kvpack.hf.attention import attention_layers
 from kvpack.methods import parse_method
 from kvpack.hf.models import text_config
 

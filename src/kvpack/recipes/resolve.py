@@ -8,17 +8,15 @@ from pathlib import Path
 
 from kvpack.errors import MethodError
 from kvpack.methods import MethodSettings, needs_calibration, parse_method
-from kvpack.hf.models import text_config
+from kvpack.hf.models import num_layers, text_config
+from kvpack.recipes.bundled import shipped_recipe
 from kvpack.recipes.recipe import Recipe
-
-
-def num_layers(model) -> int:
-    return text_config(model.config).num_hidden_layers
+from kvpack.recipes.io import head_dim_of
+from kvpack.recipes.calibrate import cached_calibration
 
 
 def check_settings_fit_model(settings: MethodSettings, model) -> None:
     """Channel groups must tile the model's head_dim; say so before any forward pass."""
-    from kvpack.recipes.io import head_dim_of
 
     dim = head_dim_of(text_config(model.config))
     for part, axis, group in (("key", settings.key_axis, settings.key_group), ("value", settings.value_axis, settings.value_group)):
@@ -49,8 +47,6 @@ def resolve_recipe(
     check_settings_fit_model(settings, model)
     if not needs_calibration(settings):
         return Recipe.baseline(settings, num_layers(model))
-    from kvpack.recipes.calibrate import cached_calibration  # calibrated families only
-
     if recipe_dir is None and not recalibrate:
         shipped = shipped_recipe(model, settings, calib_data, calib_windows, calib_seqlen)
         if shipped is not None:

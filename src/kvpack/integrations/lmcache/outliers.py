@@ -51,10 +51,13 @@ def _mask(tensors: dict[str, torch.Tensor], rows: int, n: int, nnz: int) -> torc
     return mask
 
 
-def fit(codec, enc: Encoded, x: torch.Tensor, capacity: int, forced_tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def fit(
+    codec, enc: Encoded, x: torch.Tensor, capacity: int, forced_tokens: torch.Tensor | None, stats: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """Tensors of `enc` with outliers fitted to `capacity` (values/indices padded to exactly that length).
 
     x [heads, tokens, head_dim] is the block `enc` encodes; `forced_tokens` (token indices) must be exact.
+    `stats` (optional) accumulates blocks, candidates, kept and dropped outliers.
     """
     tensors = dict(enc.tensors)
     if not has_outliers(tensors):
@@ -76,7 +79,8 @@ def fit(codec, enc: Encoded, x: torch.Tensor, capacity: int, forced_tokens: torc
                 token_rows = (torch.arange(x.shape[0])[:, None] * tokens + token_rows[None, :]).flatten()
             force_rows[token_rows] = True
             mask |= force_rows[:, None]
-        if int(mask.sum()) > capacity:
+        candidates = int(mask.sum())
+        if candidates > capacity:
             dense = codec.decode(Encoded({k: v for k, v in tensors.items() if k not in NAMES}, enc.shape, enc.meta))
             cost = (xr - _to_rows(dense.float(), kind)).abs()
             cost = cost.masked_fill(force_rows[:, None], float("inf")).masked_fill(~mask, -1.0)
@@ -89,6 +93,12 @@ def fit(codec, enc: Encoded, x: torch.Tensor, capacity: int, forced_tokens: torc
         tensors[INDICES] = cols.to(tensors[INDICES].dtype)
         tensors[COUNTS] = mask.sum(1).to(counts.dtype).view(tensors[COUNTS].shape)
         nnz = int(mask.sum())
+    else:
+        candidates = nnz
+    if stats is not None:
+        for name, value in (("blocks", 1), ("candidates", candidates), ("kept", nnz), ("dropped", candidates - nnz),
+                            ("capacity", capacity), ("full_blocks", int(candidates > capacity))):
+            stats[name] = stats.get(name, 0) + value
     for name in (VALUES, INDICES):
         t = tensors[name].flatten()
         tensors[name] = torch.cat([t, t.new_zeros(capacity - nnz)])

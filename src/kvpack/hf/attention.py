@@ -1,0 +1,257 @@
+"""Every way kvpack reaches into a transformers forward, in one place.
+
+One mechanism, installed once per model (`install`, idempotent):
+- two attention functions in transformers' attention registry, `kvpack_sdpa` and `kvpack_eager`, wrapping
+  the model's own sdpa / eager attention. Per call, in this order:
+  1. a KVTransform installed by `intercept_kv` (simulation, calibration) replaces the layer's keys and
+     values [batch, kv_heads, tokens, head_dim] before GQA repetition; pre-RoPE transforms see keys
+     rotated back exactly with the layer's own cos/sin, and rotated forward again afterwards;
+  2. a cache whose packed-attention state claimed this layer (a CompressedCache's decode steps) computes
+     attention from its stored blocks (`PackedState.attend`);
+  3. otherwise the wrapped function runs unchanged;
+- a forward pre-hook on every attention layer: hands its cos/sin and position ids to the cache passed to
+  the forward (`_kvpack_receive_rope`) and keeps them for a transform;
+- forward pre/post hooks on the model and its decoder: hand the 2-D attention mask to the cache
+  (`_kvpack_receive_mask`, for left padding) and, while a transform or a packed cache is in use, switch
+  `config._attn_implementation` to kvpack's twin of the model's implementation, restored afterwards.
+The hooks do nothing for forwards without a transform and without a kvpack cache.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvpack.errors import UnsupportedArchitectureError
+from kvpack.hf.models import check_architecture, text_config
+from kvpack.hf.rope import apply_rope, check_rope_convention, invert_rope
+
+NAMES = {"sdpa": "kvpack_sdpa", "eager": "kvpack_eager"}
+_INSTALLED = "_kvpack_hooks"
+_ROPE = "_kvpack_rope"
+_TRANSFORM = "_kvpack_transform"
+_local = threading.local()
+
+# transformers >= 5.24 names the forward's cache argument `cache`; earlier 5.x `past_key_values`.
+CACHE_ARGUMENT = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+class KVTransform(Protocol):
+    """Maps one layer's (keys, values) [batch, kv_heads, tokens, head_dim] to new ones of the same shape."""
+
+    pre_rope: bool
+
+    def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class PackedState(Protocol):
+    """What a cache with packed attention exposes (kernels.dispatch.PackedAttention)."""
+
+    active: int  # forwards in flight that route attention to it
+    pending: set[int]  # layers whose attention it computes in this forward
+
+    def attend(self, module: nn.Module, query: torch.Tensor, attention_mask, scaling: float | None,
+               softcap: float | None) -> torch.Tensor: ...
+
+
+def cache_kwargs(cache) -> dict:
+    """{name: cache} for model(...) / model.generate(...) in the installed transformers."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def passed_cache(kwargs: dict):
+    """The cache a forward call received (`cache`, or the deprecated `past_key_values`)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's self-attention modules in layer order (modules with `layer_idx` and `k_proj`)."""
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    if not layers:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no attention modules with 'k_proj' and 'layer_idx'; kvpack supports "
+            "transformers decoder models such as Llama, Mistral, Qwen2/3 and Gemma2/3."
+        )
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+# ------------------------------------------------------------------------------------ attention functions
+def _wrapped(module: nn.Module, kind: str):
+    if kind == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise UnsupportedArchitectureError(f"{type(module).__name__} has no eager attention function to wrap.")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _frames() -> list:
+    if not hasattr(_local, "frames"):
+        _local.frames = []
+    return _local.frames
+
+
+def _make_attention(kind: str):
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        transform = getattr(module, _TRANSFORM, None)
+        if transform is not None:
+            key, value = _transformed(module, transform, key, value)
+        frames = _frames()
+        state = frames[-1][0] if frames and frames[-1] else None
+        if state is not None and module.layer_idx in state.pending:
+            state.pending.discard(module.layer_idx)
+            if dropout and module.training:
+                raise RuntimeError("packed attention does not implement attention dropout")
+            scaling = getattr(module, "scaling", None) if scaling is None else scaling
+            return state.attend(module, query, attention_mask, scaling, kwargs.get("softcap")), None
+        return _wrapped(module, kind)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    attention.__name__ = NAMES[kind]
+    return attention
+
+
+def _transformed(module, transform: KVTransform, key: torch.Tensor, value: torch.Tensor):
+    if not transform.pre_rope:
+        return transform(module.layer_idx, key, value)
+    cos, sin = getattr(module, _ROPE)
+    if cos.shape[-2] != key.shape[-2]:  # only this step's tokens carry this step's cos/sin
+        raise RuntimeError("pre-RoPE interception needs keys of exactly this step's positions (no cache).")
+    key_pre, value = transform(module.layer_idx, invert_rope(key, cos, sin), value)
+    return apply_rope(key_pre, cos, sin), value
+
+
+def _register() -> None:
+    for kind, mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        if NAMES[kind] not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+            ALL_ATTENTION_FUNCTIONS.register(NAMES[kind], _make_attention(kind))
+            ALL_MASK_ATTENTION_FUNCTIONS.register(NAMES[kind], mask)
+
+
+# ------------------------------------------------------------------------------------ hooks
+def _configs(model: nn.Module) -> list:
+    config = model.config
+    sub = text_config(config)
+    return [config] if sub is config else [config, sub]
+
+
+def _kind(model: nn.Module) -> str:
+    """'sdpa' or 'eager': the model's own attention implementation (whichever twin is active now)."""
+    current = _configs(model)[-1]._attn_implementation or "sdpa"
+    for kind, name in NAMES.items():
+        if current in (kind, name):
+            return kind
+    raise UnsupportedArchitectureError(
+        f"Attention implementation '{current}' is not supported by kvpack; load the model with "
+        "attn_implementation='sdpa' or 'eager'."
+    )
+
+
+def _layer_pre_hook(module, args, kwargs):
+    rope = kwargs.get("position_embeddings")
+    if rope is None and len(args) > 1:
+        rope = args[1]
+    if getattr(module, _TRANSFORM, None) is not None:
+        if rope is None:
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} received no position_embeddings (cos, sin); it is not a RoPE attention.")
+        setattr(module, _ROPE, rope)
+    receive = getattr(passed_cache(kwargs), "_kvpack_receive_rope", None)
+    if receive is not None:
+        receive(module.layer_idx, rope, kwargs.get("position_ids"))
+
+
+def _model_pre_hook(model, args, kwargs):
+    cache = passed_cache(kwargs)
+    receive = getattr(cache, "_kvpack_receive_mask", None)
+    if receive is not None:
+        receive(kwargs.get("attention_mask"))
+    state = getattr(cache, "packed", None)
+    intercepting = getattr(model, "_kvpack_intercepting", 0) > 0
+    frame = None
+    if state is not None or intercepting:
+        switched = []
+        name = NAMES[_kind(model)]
+        for cfg in _configs(model):
+            if cfg._attn_implementation != name:
+                switched.append((cfg, cfg._attn_implementation))
+                cfg._attn_implementation = name
+        if state is not None:
+            state.active += 1
+        frame = (state, switched)
+    _frames().append(frame)
+
+
+def _model_post_hook(model, args, kwargs, output):
+    frames = _frames()
+    frame = frames.pop() if frames else None
+    if frame is None:
+        return
+    state, switched = frame
+    for cfg, name in switched:
+        cfg._attn_implementation = name
+    if state is None:
+        return
+    state.active -= 1
+    if not state.active and state.pending:
+        left = sorted(state.pending)
+        state.pending.clear()
+        raise RuntimeError(
+            f"layers {left} handed attention to kvpack's packed path but their attention never ran through the "
+            "transformers attention registry; build the cache with CompressedCache(..., packed_attention=False)."
+        )
+
+
+def install(model: nn.Module) -> None:
+    """Register kvpack's attention functions and hook `model` (idempotent); see the module docstring."""
+    check_architecture(model.config)
+    _register()
+    if getattr(model, _INSTALLED, None):
+        return
+    _kind(model)
+    handles = [layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True) for layer in attention_layers(model)]
+    targets = [model]
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, nn.Module):
+        targets.append(decoder)
+    for target in targets:
+        handles.append(target.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+        handles.append(target.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True))
+    object.__setattr__(model, _INSTALLED, handles)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove the hooks `install` added."""
+    for handle in getattr(model, _INSTALLED, None) or []:
+        handle.remove()
+    if hasattr(model, _INSTALLED):
+        object.__delattr__(model, _INSTALLED)
+
+
+@contextmanager
+def intercept_kv(model: nn.Module, transform: KVTransform) -> Iterator[None]:
+    """Route every attention layer's keys/values through `transform` inside the block."""
+    install(model)
+    layers = attention_layers(model)
+    if transform.pre_rope:
+        for layer in layers:
+            check_rope_convention(layer)
+    try:
+        for layer in layers:
+            setattr(layer, _TRANSFORM, transform)
+        object.__setattr__(model, "_kvpack_intercepting", getattr(model, "_kvpack_intercepting", 0) + 1)
+        yield
+    finally:
+        object.__setattr__(model, "_kvpack_intercepting", getattr(model, "_kvpack_intercepting", 1) - 1)
+        for layer in layers:
+            for attr in (_TRANSFORM, _ROPE):
+                if hasattr(layer, attr):
+                    delattr(layer, attr)

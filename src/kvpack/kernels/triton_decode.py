@@ -1,0 +1,636 @@
+"""Split-K flash-decoding over one layer's packed KV cache (GPU; tested on CPU with TRITON_INTERPRET=1).
+
+One call per layer and step reads every stored token once and never materializes scores or the
+decoded history:
+
+    out = layer_attention(layer, query, mask, scaling, softcap, positions, inv_freq, rope_scaling)
+    # query [B, Hq, Q, D] -> out [B, Q, Hq, D] in query's dtype (transformers' layout), or None
+
+The layer's tokens are segments: the fp16 sink (head), runs of KVQuant (nuq) blocks, the fp16
+recent window (tail). Per segment one launch of grid (B * Hkv, splits); a program takes `per_split`
+tokens of one (batch, KV head) in blocks of BLOCK tokens and keeps an online softmax over them:
+
+- keys: int32 code words loaded per token row (a row of D codes is D * bits / 32 words), codes
+  unpacked by shifts, levels looked up with `tl.gather` from a 2**bits-entry table held on chip,
+  per-channel scale/zero, sparse outliers put in place (per-row CSR pointers built once per block
+  appended, a binary search finds the head's entries in "token_all" rows), RoPE from int32
+  positions and inv_freq (rotate_half, attention scaling; no per-token cos/sin table);
+- q . k and p . v with `tl.dot`, the GQA query group (query heads per KV head x query tokens)
+  padded to 16 rows; channel halves [0, D/2) and [D/2, D) are separate tiles (RoPE pairs them);
+- values: per-token fp16 scale/zero, outliers, p . v into the accumulator.
+
+Partials (max, sum, acc) per split go to a buffer; one reduction kernel combines them and writes the
+output. Host side: no .item(), no torch.equal, no device-to-host copy; launch grids depend only on
+shapes, so a step can be captured in a CUDA graph. Offsets that can pass 2**31 are int64.
+
+`DOT16` (default on a GPU): tl.dot operands in fp16 with fp32 accumulation (tensor cores). Off:
+fp32 operands with input_precision="ieee" (exact to fp32 rounding; used by tests for tight checks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.kernels.layout import NuqView, nuq_view
+from kvpack.kernels.triton_attention import HAVE_TRITON, available, interpreting
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+BLOCK_N = 32  # tokens per inner block
+NUM_WARPS = 4
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if HAVE_TRITON:
+
+    # ------------------------------------------------------------------------------------ device helpers
+    @triton.jit
+    def _unpack(w_ptr, row, nmask, HALF_IDX: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
+                BN: tl.constexpr):
+        """Codes [HALF, BN] int32 (channel-major) of channels HALF_IDX * HALF + [0, HALF) of token rows `row` [BN]
+        (int64 offsets in int32 words); the bitstream is little-endian, code c at bits [c * BITS, (c + 1) * BITS)."""
+        if 32 % BITS == 0:  # whole codes per word
+            PER: tl.constexpr = 32 // BITS
+            NW: tl.constexpr = HALF // PER
+            w = HALF_IDX * NW + tl.arange(0, NW)
+            words = tl.load(w_ptr + row[None, :] + w[:, None], mask=nmask[None, :], other=0)  # [NW, BN]
+            sh = tl.arange(0, PER) * BITS
+            codes = (words[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
+        else:  # 3 bits: 32 codes fill 3 words; a code starting in word j lies in (word j, word j + 1)
+            tl.static_assert(BITS == 3)
+            NCH: tl.constexpr = HALF // 32
+            base = w_ptr + row[None, :] + ((HALF_IDX * NCH + tl.arange(0, NCH)) * 3)[:, None]
+            w0 = tl.load(base, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+            w1 = tl.load(base + 1, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+            w2 = tl.load(base + 2, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+            pair01 = w0 | (w1 << 32)
+            pair12 = w1 | (w2 << 32)
+            bit = tl.arange(0, 32) * 3
+            second = bit >= 32
+            sh = tl.where(second, bit - 32, bit).to(tl.uint64)
+            sel = tl.where(second[None, :, None], pair12[:, None, :], pair01[:, None, :])
+            codes = ((sel >> sh[None, :, None]) & 7).to(tl.int32)
+        return tl.reshape(codes, [HALF, BN])
+
+    @triton.jit
+    def _search(pos_ptr, lo, hi, key, LOG: tl.constexpr):
+        """Per lane, the first index in [lo, hi) whose stored position is >= key (hi if none); LOG >= log2(hi - lo + 1)."""
+        for _ in tl.static_range(LOG):
+            active = lo < hi
+            mid = lo + (hi - lo) // 2
+            pm = tl.load(pos_ptr + mid, mask=active, other=0).to(tl.int32)
+            go = active & (pm < key)
+            lo = tl.where(go, mid + 1, lo)
+            hi = tl.where(active & (pm >= key), mid, hi)
+        return lo
+
+    @triton.jit
+    def _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE: tl.constexpr, LOG: tl.constexpr, D: tl.constexpr):
+        """Entries [first, last) [BN] of this head's outliers in rows `orow` [BN], and the most in one row.
+
+        MODE 1: a row holds every head's outliers at h * D + c (sorted), this head's are [base_c, base_c + D);
+        MODE 2: a row holds this head's only (base_c = 0)."""
+        first = tl.load(ptr_ptr + orow, mask=nmask, other=0)
+        last = tl.load(ptr_ptr + orow + 1, mask=nmask, other=0)
+        if MODE == 1:
+            first = _search(pos_ptr, first, last, base_c, LOG)
+            last = _search(pos_ptr, first, last, base_c + D, LOG)
+        return first, last, tl.max(tl.where(nmask, last - first, 0), 0)
+
+    @triton.jit
+    def _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c):
+        """The j-th outlier of each row: (ok [BN], channel [BN], value [BN] fp32)."""
+        idx = first + j
+        ok = nmask & (idx < last)
+        c = tl.load(pos_ptr + idx, mask=ok, other=0).to(tl.int32) - base_c
+        val = tl.load(val_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        return ok, c, val
+
+    @triton.jit
+    def _key_outliers(k_lo, k_hi, ptr_ptr, pos_ptr, val_ptr, orow, nmask, base_c, MODE: tl.constexpr,
+                      LOG: tl.constexpr, HALF: tl.constexpr):
+        """Keys k [HALF, BN] x 2 (channel-major) with the stored outliers of rows `orow` [BN] put in place."""
+        first, last, count = _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE, LOG, 2 * HALF)
+        cols = tl.arange(0, HALF)[:, None]
+        for j in range(0, count):
+            ok, c, val = _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c)
+            k_lo = tl.where(ok[None, :] & (cols == c[None, :]), val[None, :], k_lo)
+            k_hi = tl.where(ok[None, :] & (cols + HALF == c[None, :]), val[None, :], k_hi)
+        return k_lo, k_hi
+
+    @triton.jit
+    def _value_outliers(l_lo, l_hi, vs, vz, ptr_ptr, pos_ptr, val_ptr, orow, nmask, base_c, MODE: tl.constexpr,
+                        LOG: tl.constexpr, HALF: tl.constexpr):
+        """Corrections [BN, HALF] x 2: stored outlier minus its dequantized value (levels l * vs + vz), 0 elsewhere."""
+        first, last, count = _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE, LOG, 2 * HALF)
+        cols = tl.arange(0, HALF)[None, :]
+        d_lo = tl.zeros(l_lo.shape, dtype=tl.float32)
+        d_hi = tl.zeros(l_hi.shape, dtype=tl.float32)
+        for j in range(0, count):
+            ok, c, val = _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c)
+            d_lo = tl.where(ok[:, None] & (cols == c[:, None]), val[:, None] - (l_lo * vs[:, None] + vz[:, None]), d_lo)
+            d_hi = tl.where(ok[:, None] & (cols + HALF == c[:, None]), val[:, None] - (l_hi * vs[:, None] + vz[:, None]),
+                            d_hi)
+        return d_lo, d_hi, count
+
+    @triton.jit
+    def _rope(k_lo, k_hi, pos_row, slot, nmask, freq, rope_scale):
+        """Rotate keys k [HALF, BN] x 2 by the angles pos * inv_freq (rotate_half pairs c, c + HALF); pos [BN]."""
+        p = tl.load(pos_row + slot, mask=nmask, other=0).to(tl.float32)
+        ang = freq[:, None] * p[None, :]
+        turns = tl.floor(ang * 0.15915494309189535 + 0.5)  # reduce to [-pi, pi]: 2 pi = 6.28125 + 1.93530718e-3
+        r = ang - turns * 6.28125
+        r = r - turns * 1.9353071795864769e-03
+        c = tl.cos(r) * rope_scale
+        s = tl.sin(r) * rope_scale
+        return k_lo * c - k_hi * s, k_hi * c + k_lo * s
+
+    @triton.jit
+    def _dot(a, b, acc, DOT16: tl.constexpr):
+        """acc + a @ b (fp16 operands on tensor cores, or exact fp32)."""
+        if DOT16:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        return acc
+
+    @triton.jit
+    def _load_q(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr,
+                G0: tl.constexpr, HALF: tl.constexpr, DOT16: tl.constexpr):
+        """The (scaled) query rows of KV head h: [GP, HALF] x 2; row g = query head h * G0 + g // Q, token g % Q."""
+        g = tl.arange(0, GP)
+        hq = h * G0 + g // Q
+        row = q_ptr + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + (g % Q) * sq_q
+        dh = tl.arange(0, HALF)
+        m = (g < G)[:, None]
+        q_lo = tl.load(row[:, None] + dh[None, :], mask=m, other=0.0).to(tl.float32) * scaling
+        q_hi = tl.load(row[:, None] + HALF + dh[None, :], mask=m, other=0.0).to(tl.float32) * scaling
+        if DOT16:
+            q_lo = q_lo.to(tl.float16)
+            q_hi = q_hi.to(tl.float16)
+        return q_lo, q_hi
+
+    @triton.jit
+    def _scores(q_lo, q_hi, k_lo, k_hi, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP: tl.constexpr,
+                Q: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                DOT16: tl.constexpr):
+        """Masked scores [GP, BN] of the query rows against keys k [HALF, BN] x 2 (-inf where not attended)."""
+        s = _dot(q_lo, k_lo, tl.zeros([GP, k_lo.shape[1]], dtype=tl.float32), DOT16)
+        s = _dot(q_hi, k_hi, s, DOT16)
+        if SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        qi = tl.arange(0, GP) % Q
+        ok = nmask[None, :] & (qi >= 0)[:, None]
+        if CAUSAL:  # query token qi of Q (the last Q stored) sees slots <= total - Q + qi
+            ok = ok & (slot[None, :] <= (total - Q + qi)[:, None])
+        if MASK != 0:
+            mp = mask_ptr + b.to(tl.int64) * sm_b + qi[:, None].to(tl.int64) * sm_q + slot[None, :].to(tl.int64) * sm_k
+            if MASK == 1:
+                ok = ok & (tl.load(mp, mask=ok, other=0) != 0)
+            else:
+                s = s + tl.load(mp, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _softmax_step(s, m, l, acc_lo, acc_hi):
+        """Online softmax: (probabilities p [GP, BN] against the new max, new m, l, rescaled acc x 2)."""
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, None])
+        return p, m_new, l * alpha + tl.sum(p, 1), acc_lo * alpha[:, None], acc_hi * alpha[:, None]
+
+    @triton.jit
+    def _store_partial(acc_ptr, ml_ptr, split, pid, BH, m, l, acc_lo, acc_hi, GP: tl.constexpr, HALF: tl.constexpr):
+        """Partials of program (split, pid): acc [S, BH, GP, D] fp32, ml [S, BH, 2, GP] fp32 (max, sum)."""
+        g = tl.arange(0, GP)
+        dh = tl.arange(0, HALF)
+        cell = split.to(tl.int64) * BH + pid
+        arow = acc_ptr + (cell * GP + g)[:, None] * (2 * HALF) + dh[None, :]
+        tl.store(arow, acc_lo)
+        tl.store(arow + HALF, acc_hi)
+        tl.store(ml_ptr + cell * 2 * GP + g, m)
+        tl.store(ml_ptr + cell * 2 * GP + GP + g, l)
+
+    @triton.jit
+    def _key_table(levels, ks_ptr, kz_ptr, h, HALF_IDX: tl.constexpr, HALF: tl.constexpr):
+        """Dequantized key values per (channel, code): levels [L] * scale_c + zero_c -> [HALF, L] fp32."""
+        c = h * 2 * HALF + HALF_IDX * HALF + tl.arange(0, HALF)
+        return levels[None, :] * tl.load(ks_ptr + c)[:, None] + tl.load(kz_ptr + c)[:, None]
+
+    # ------------------------------------------------------------------------------------ kernels
+    @triton.jit
+    def _nuq_split_kernel(
+            q_ptr, sq_b, sq_h, sq_q, scaling,
+            kw_ptr, sk_blk, sk_b, sk_h, sk_t, TK, klev_ptr, klev_h, ks_ptr, kz_ptr, ko_ptr, ko_pos, ko_val,
+            vw_ptr, sv_blk, sv_b, sv_h, sv_t, TV, vlev_ptr, vlev_h, vs_ptr, vz_ptr, ss_blk, ss_b, ss_h, ss_t,
+            vo_ptr, vo_pos, vo_val,
+            pos_ptr, sp_b, sp_t, freq_ptr, rope_scale,
+            mask_ptr, sm_b, sm_q, sm_k,
+            acc_ptr, ml_ptr,
+            N, B, H, start, total, split0, per_split, softcap,
+            D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr, G0: tl.constexpr,
+            BITS_K: tl.constexpr, BITS_V: tl.constexpr, KO: tl.constexpr, VO: tl.constexpr, LOG_K: tl.constexpr,
+            LOG_V: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+            SOFTCAP: tl.constexpr, DOT16: tl.constexpr, BLOCK: tl.constexpr):
+        """Partials of one (batch, KV head) x one split of a run of nuq blocks (keys per channel, values per token).
+
+        Keys: code -> table[channel, code] (levels * scale + zero, [HALF, L] on chip, tl.gather), channel-major
+        tiles [HALF, BLOCK] that feed tl.dot directly. Values: p . v = (p * scale) . levels[code] + (p . zero)."""
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_lo, q_hi = _load_q(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, G, GP, Q, G0, HALF, DOT16)
+        klev = tl.load(klev_ptr + h * klev_h + tl.arange(0, 1 << BITS_K))
+        ktab_lo = _key_table(klev, ks_ptr, kz_ptr, h, 0, HALF)
+        ktab_hi = _key_table(klev, ks_ptr, kz_ptr, h, 1, HALF)
+        vlev = tl.load(vlev_ptr + h * vlev_h + tl.arange(0, 1 << BITS_V))
+        vtab = tl.broadcast_to(vlev[None, :], [HALF, 1 << BITS_V])
+        freq = tl.load(freq_ptr + tl.arange(0, HALF)) if ROPE else tl.arange(0, HALF).to(tl.float32)
+        pos_row = pos_ptr + b64 * sp_b
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GP], dtype=tl.float32)
+        acc_lo = tl.zeros([GP, HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([GP, HALF], dtype=tl.float32)
+        n_begin = sp * per_split
+        n_end = tl.minimum(n_begin + per_split, N)
+        for n0 in range(n_begin, n_end, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            nmask = n < n_end
+            slot = start + n
+            # keys [HALF, BLOCK] x 2: table lookups, outliers, RoPE; scores
+            kb = (n // TK).to(tl.int64)
+            kt = n % TK
+            row = kb * sk_blk + b64 * sk_b + h64 * sk_h + kt * sk_t
+            k_lo = tl.gather(ktab_lo, _unpack(kw_ptr, row, nmask, 0, HALF, BITS_K, BLOCK), 1)
+            k_hi = tl.gather(ktab_hi, _unpack(kw_ptr, row, nmask, 1, HALF, BITS_K, BLOCK), 1)
+            if KO == 1:
+                k_lo, k_hi = _key_outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, (kb * B + b64) * TK + kt, nmask, h * D,
+                                           1, LOG_K, HALF)
+            if KO == 2:
+                k_lo, k_hi = _key_outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, ((kb * B + b64) * H + h64) * TK + kt,
+                                           nmask, 0, 2, LOG_K, HALF)
+            if ROPE:
+                k_lo, k_hi = _rope(k_lo, k_hi, pos_row, slot.to(tl.int64) * sp_t, nmask, freq, rope_scale)
+            s = _scores(q_lo, q_hi, k_lo, k_hi, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP, Q,
+                        MASK, CAUSAL, SOFTCAP, DOT16)
+            p, m, l, acc_lo, acc_hi = _softmax_step(s, m, l, acc_lo, acc_hi)
+            # values: levels [BLOCK, HALF] x 2, per-token scale folded into p, zero added as p . zero
+            vb = (n // TV).to(tl.int64)
+            vt = n % TV
+            row = vb * sv_blk + b64 * sv_b + h64 * sv_h + vt * sv_t
+            srow = vb * ss_blk + b64 * ss_b + h64 * ss_h + vt * ss_t
+            vs = tl.load(vs_ptr + srow, mask=nmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + srow, mask=nmask, other=0.0).to(tl.float32)
+            l_lo = tl.trans(tl.gather(vtab, _unpack(vw_ptr, row, nmask, 0, HALF, BITS_V, BLOCK), 1))
+            l_hi = tl.trans(tl.gather(vtab, _unpack(vw_ptr, row, nmask, 1, HALF, BITS_V, BLOCK), 1))
+            ps = p * vs[None, :]
+            pz = tl.sum(p * vz[None, :], 1)[:, None]
+            acc_lo = _dot(ps, l_lo, acc_lo + pz, DOT16)
+            acc_hi = _dot(ps, l_hi, acc_hi + pz, DOT16)
+            if VO != 0:
+                if VO == 1:
+                    d_lo, d_hi, count = _value_outliers(l_lo, l_hi, vs, vz, vo_ptr, vo_pos, vo_val,
+                                                        (vb * B + b64) * TV + vt, nmask, h * D, 1, LOG_V, HALF)
+                else:
+                    d_lo, d_hi, count = _value_outliers(l_lo, l_hi, vs, vz, vo_ptr, vo_pos, vo_val,
+                                                        ((vb * B + b64) * H + h64) * TV + vt, nmask, 0, 2, LOG_V, HALF)
+                if count > 0:
+                    acc_lo = _dot(p, d_lo, acc_lo, DOT16)
+                    acc_hi = _dot(p, d_hi, acc_hi, DOT16)
+        _store_partial(acc_ptr, ml_ptr, split0 + sp, pid, B * H, m, l, acc_lo, acc_hi, GP, HALF)
+
+    @triton.jit
+    def _dense_split_kernel(
+            q_ptr, sq_b, sq_h, sq_q, scaling,
+            k_ptr, sk_b, sk_h, sk_t, v_ptr, sv_b, sv_h, sv_t,
+            pos_ptr, sp_b, sp_t, freq_ptr, rope_scale,
+            mask_ptr, sm_b, sm_q, sm_k,
+            acc_ptr, ml_ptr,
+            N, B, H, start, total, split0, per_split, softcap,
+            D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr, G0: tl.constexpr,
+            ROPE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+            DOT16: tl.constexpr, BLOCK: tl.constexpr):
+        """Partials of one (batch, KV head) x one split of unquantized tokens k, v [B, H, N, D] (the sink, the window)."""
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        q_lo, q_hi = _load_q(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, G, GP, Q, G0, HALF, DOT16)
+        dh = tl.arange(0, HALF)
+        freq = tl.load(freq_ptr + dh) if ROPE else dh.to(tl.float32)
+        pos_row = pos_ptr + b.to(tl.int64) * sp_b
+        kbase = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+        vbase = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GP], dtype=tl.float32)
+        acc_lo = tl.zeros([GP, HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([GP, HALF], dtype=tl.float32)
+        n_begin = sp * per_split
+        n_end = tl.minimum(n_begin + per_split, N)
+        for n0 in range(n_begin, n_end, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            nmask = n < n_end
+            slot = start + n
+            kp = kbase + n.to(tl.int64)[None, :] * sk_t + dh[:, None]
+            k_lo = tl.load(kp, mask=nmask[None, :], other=0.0).to(tl.float32)
+            k_hi = tl.load(kp + HALF, mask=nmask[None, :], other=0.0).to(tl.float32)
+            if ROPE:
+                k_lo, k_hi = _rope(k_lo, k_hi, pos_row, slot.to(tl.int64) * sp_t, nmask, freq, rope_scale)
+            s = _scores(q_lo, q_hi, k_lo, k_hi, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP, Q,
+                        MASK, CAUSAL, SOFTCAP, DOT16)
+            p, m, l, acc_lo, acc_hi = _softmax_step(s, m, l, acc_lo, acc_hi)
+            vp = vbase + n.to(tl.int64)[:, None] * sv_t + dh[None, :]
+            acc_lo = _dot(p, tl.load(vp, mask=nmask[:, None], other=0.0).to(tl.float32), acc_lo, DOT16)
+            acc_hi = _dot(p, tl.load(vp + HALF, mask=nmask[:, None], other=0.0).to(tl.float32), acc_hi, DOT16)
+        _store_partial(acc_ptr, ml_ptr, split0 + sp, pid, B * H, m, l, acc_lo, acc_hi, GP, HALF)
+
+    @triton.jit
+    def _reduce_kernel(acc_ptr, ml_ptr, out_ptr, so_b, so_h, so_q, S, BH, H,
+                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr, G0: tl.constexpr):
+        """Combine the S partials of one (batch, KV head) into out[b, h * G0 + g // Q, g % Q, :] (strided)."""
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        big = tl.full([GP], float("-inf"), dtype=tl.float32)
+        for s in range(0, S):
+            big = tl.maximum(big, tl.load(ml_ptr + (s * BH + pid).to(tl.int64) * 2 * GP + g))
+        big = tl.where(big == float("-inf"), 0.0, big)
+        total = tl.zeros([GP], dtype=tl.float32)
+        out = tl.zeros([GP, D], dtype=tl.float32)
+        for s in range(0, S):
+            cell = (s * BH + pid).to(tl.int64)
+            w = tl.exp(tl.load(ml_ptr + cell * 2 * GP + g) - big)
+            total += w * tl.load(ml_ptr + cell * 2 * GP + GP + g)
+            out += w[:, None] * tl.load(acc_ptr + (cell * GP + g)[:, None] * D + d[None, :])
+        out = out / tl.where(total > 0, total, 1.0)[:, None]
+        hq = h * G0 + g // Q
+        optr = out_ptr + b.to(tl.int64) * so_b + hq.to(tl.int64) * so_h + (g % Q).to(tl.int64) * so_q
+        tl.store(optr[:, None] + d[None, :], out, mask=(g < G)[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- host side
+@dataclass
+class Problem:
+    """Shapes and per-call arguments shared by every segment launch of one layer call."""
+
+    batch: int
+    heads: int
+    groups: int  # G = query heads per KV head x query tokens
+    gp: int  # G padded to a power of two >= 16
+    queries: int
+    per_head: int  # query heads per KV head
+    dim: int
+    total: int  # stored tokens of the layer
+    q: torch.Tensor  # [B, Hq, Q, D]
+    scaling: float
+    softcap: float
+    positions: torch.Tensor | None  # int32 [B, >= total]
+    inv_freq: torch.Tensor | None  # fp32 [D / 2]
+    rope_scaling: float
+    mask: tuple  # (tensor, sm_b, sm_q, sm_k, kind 0/1/2)
+    causal: bool
+    dot16: bool
+
+
+def _row_pointers(run, counts: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Exclusive prefix sums [rows + 1] (int32, int64 past 2**31 entries) of a run's outlier counts; kept on the run
+    and extended by the appended rows only (a decode step adds one block, not a rebuild)."""
+    rows = counts.numel()
+    dtype = torch.int32 if nnz < 2**31 else torch.int64
+    memo = run.__dict__.get("_kvpack_triton_rowptr")
+    lengths = run.lengths.get("outlier_counts")
+    fresh = (memo is None or memo["lengths"] is not lengths or memo["src"] != counts.data_ptr()
+             or memo["rows"] > rows or memo["ptr"].dtype != dtype)
+    if fresh:
+        ptr = torch.zeros(rows + rows // 8 + 64, dtype=dtype, device=counts.device)
+        memo = {"lengths": lengths, "src": counts.data_ptr(), "rows": 0, "ptr": ptr}
+    done = memo["rows"]
+    if done < rows:
+        ptr = memo["ptr"]
+        if ptr.numel() < rows + 1:
+            grown = torch.zeros(rows + rows // 8 + 64, dtype=dtype, device=counts.device)
+            grown[: done + 1] = ptr[: done + 1]
+            ptr = memo["ptr"] = grown
+        ptr[done + 1: rows + 1] = torch.cumsum(counts[done:rows], 0, dtype=dtype) + ptr[done]
+        memo["rows"] = rows
+    run.__dict__["_kvpack_triton_rowptr"] = memo
+    return memo["ptr"]
+
+
+def _outlier_args(run, view: NuqView) -> tuple[list, int, int]:
+    """([row pointers, positions, values], mode 0/1/2, binary-search steps) of a run's outliers."""
+    o = view.outliers
+    if o is None or o.values.numel() == 0:
+        dummy = view.codes.new_zeros(1, dtype=torch.int32)
+        return [dummy, dummy, dummy], 0, 0
+    row_len = view.heads * view.dim if o.mode == 1 else view.dim
+    return [_row_pointers(run, o.counts, o.values.numel()), o.positions, o.values], o.mode, row_len.bit_length()
+
+
+def _words(view: NuqView) -> tuple[torch.Tensor, list[int]] | None:
+    """Codes as int32 words [nblk, B, H, T, W] and their strides (in words), or None if rows are not whole words."""
+    codes = view.codes
+    if codes.shape[-1] % 4 or codes.data_ptr() % 4 or codes.stride(-1) != 1 or any(s % 4 for s in codes.stride()[:4]):
+        return None
+    words = codes.view(torch.int32)
+    return words, [words.stride(i) for i in range(4)]
+
+
+def _levels(view: NuqView) -> tuple[torch.Tensor, int]:
+    return view.levels, view.levels.shape[1] if view.levels.shape[0] > 1 else 0
+
+
+def _nuq_pair_args(k_run, v_run, key_codec, value_codec, pb: Problem) -> tuple[list, dict] | None:
+    """Launch arguments of a (keys run, values run) pair covering the same tokens, or None if no kernel fits."""
+    kv, vv = nuq_view(k_run, key_codec), nuq_view(v_run, value_codec)
+    if kv is None or vv is None or kv.axis != "channel" or vv.axis != "token":
+        return None
+    for view in (kv, vv):
+        if (view.heads, view.dim, view.batch) != (pb.heads, pb.dim, pb.batch) or view.bits not in SUPPORTED_BITS:
+            return None
+        if view.bits == 3 and view.dim < 64:
+            return None
+    kw, vw = _words(kv), _words(vv)
+    if kw is None or vw is None:
+        return None
+    klev, klev_h = _levels(kv)
+    vlev, vlev_h = _levels(vv)
+    ko, ko_mode, ko_log = _outlier_args(k_run, kv)
+    vo, vo_mode, vo_log = _outlier_args(v_run, vv)
+    ss = list(vv.vscale.stride())
+    if vv.vscale.shape[2] == 1:
+        ss[2] = 0
+    args = [kw[0], *kw[1], kv.tokens, klev, klev_h, kv.kscale, kv.kzero, *ko,
+            vw[0], *vw[1], vv.tokens, vlev, vlev_h, vv.vscale, vv.vzero, *ss, *vo]
+    consts = dict(BITS_K=kv.bits, BITS_V=vv.bits, KO=ko_mode, VO=vo_mode, LOG_K=ko_log, LOG_V=vo_log)
+    return args, consts
+
+
+def _segments(k_stream, v_stream, key_codec, value_codec, pb: Problem) -> list[tuple] | None:
+    """[(kind, tokens, args, constexprs)] covering the layer's tokens in order, or None if a part has no kernel."""
+    segs = []
+    if k_stream.head_len != v_stream.head_len or k_stream.tail_len != v_stream.tail_len:
+        return None
+    if k_stream.head is not None:
+        segs.append(("dense", k_stream.head_len, [k_stream.head, *k_stream.head.stride()[:3], v_stream.head,
+                                                  *v_stream.head.stride()[:3]], {}))
+    k_runs = [r for r in k_stream.body.runs if r.count]
+    v_runs = [r for r in v_stream.body.runs if r.count]
+    if len(k_runs) != len(v_runs):
+        return None
+    for k_run, v_run in zip(k_runs, v_runs):
+        if k_run.tokens != v_run.tokens:
+            return None
+        pair = _nuq_pair_args(k_run, v_run, key_codec, value_codec, pb)
+        if pair is None:
+            return None
+        segs.append(("nuq", k_run.tokens, *pair))
+    if k_stream.tail is not None:
+        segs.append(("dense", k_stream.tail_len, [k_stream.tail, *k_stream.tail.stride()[:3], v_stream.tail,
+                                                  *v_stream.tail.stride()[:3]], {}))
+    for kind, _, args, _ in segs:
+        if kind == "dense" and (args[0].shape[1] != pb.heads or args[0].shape[-1] != pb.dim or args[0].stride(-1) != 1
+                                or args[4].stride(-1) != 1):
+            return None
+    return segs
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _split_tokens(pb: Problem, device: torch.device, split_tokens: int | None) -> int:
+    """Tokens per split (a multiple of BLOCK_N): enough programs to fill the device, from shapes only."""
+    if split_tokens is not None:
+        return max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
+    splits = max(1, -(-_target_programs(device) // (pb.batch * pb.heads)))
+    per = -(-pb.total // splits)
+    return max(BLOCK_N, -(-per // BLOCK_N) * BLOCK_N)
+
+
+def _mask_args(mask: torch.Tensor | None, queries: int, total: int, device) -> tuple | None:
+    """(tensor, stride b, stride q, stride k, kind) of a [B | 1, 1, Q | 1, >= total] mask: kind 1 bool, 2 additive."""
+    if mask is None:
+        return (torch.zeros(1, dtype=torch.float32, device=device), 0, 0, 0, 0)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] < total or mask.shape[2] not in (1, queries):
+        return None
+    m = mask[..., mask.shape[-1] - total:]
+    if m.dtype == torch.bool:
+        m, kind = m.view(torch.uint8), 1
+    elif m.dtype.is_floating_point:
+        kind = 2
+    else:
+        return None
+    return (m, m.stride(0) if m.shape[0] > 1 else 0, m.stride(2) if m.shape[2] > 1 else 0, m.stride(3), kind)
+
+
+def stream_attention(k_stream, v_stream, key_codec, value_codec, query: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float, softcap: float | None = None, positions: torch.Tensor | None = None,
+                     inv_freq: torch.Tensor | None = None, rope_scaling: float = 1.0, dot16: bool | None = None,
+                     split_tokens: int | None = None) -> torch.Tensor | None:
+    """Attention of query [B, Hq, Q, D] over the tokens of two TokenStreams (keys, values): [B, Q, Hq, D] in query's
+    dtype, or None when a part has no kernel (the caller then takes another path).
+
+    positions int32 [B, >= stored] (the stored tokens' positions, slot order) and inv_freq fp32 [D / 2] for keys
+    stored before RoPE (None: keys are stored post-RoPE); rope_scaling multiplies cos and sin (attention scaling).
+    mask: None (causal when Q > 1) or [B | 1, 1, Q | 1, >= stored], bool (True = attend) or additive float.
+    """
+    if not available():
+        return None
+    batch, hq, queries, dim = query.shape
+    total = k_stream.stored
+    heads = _kv_heads(k_stream)
+    if heads is None or hq % heads or total == 0 or v_stream.stored != total:
+        return None
+    per_head = hq // heads
+    groups = per_head * queries
+    if dim < 32 or dim & (dim - 1) or dim > 256 or groups > 64:
+        return None
+    rope = positions is not None
+    if rope and (inv_freq is None or inv_freq.numel() * 2 != dim or positions.shape[-1] < total):
+        return None
+    margs = _mask_args(mask, queries, total, query.device)
+    if margs is None:
+        return None
+    pb = Problem(batch, heads, groups, max(16, _pow2(groups)), queries, per_head, dim, total, query, float(scaling),
+                 float(softcap or 0.0), positions, inv_freq, float(rope_scaling), margs,
+                 mask is None and queries > 1, query.is_cuda if dot16 is None else dot16)
+    segs = _segments(k_stream, v_stream, key_codec, value_codec, pb)
+    if segs is None:
+        return None
+    return _launch(pb, segs, _split_tokens(pb, query.device, split_tokens))
+
+
+def _kv_heads(stream) -> int | None:
+    for t in (stream.head, stream.tail):
+        if t is not None:
+            return t.shape[1]
+    for run in stream.body.runs:
+        return run.block_shape[1]
+    return None
+
+
+def _launch(pb: Problem, segs: list, per: int) -> torch.Tensor:
+    """Run every segment's split kernel, then the reduction; returns [B, Q, Hq, D]."""
+    dev = pb.q.device
+    bh = pb.batch * pb.heads
+    counts = [-(-tokens // per) for _, tokens, _, _ in segs]
+    total_splits = sum(counts)
+    acc = torch.empty(total_splits, bh, pb.gp, pb.dim, dtype=torch.float32, device=dev)
+    ml = torch.empty(total_splits, bh, 2, pb.gp, dtype=torch.float32, device=dev)
+    q = pb.q
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    if pb.positions is not None:
+        pos, sp_b, sp_t = pb.positions, pb.positions.stride(0), pb.positions.stride(1)
+        freq = pb.inv_freq.to(device=dev, dtype=torch.float32).contiguous()
+    else:
+        pos, sp_b, sp_t, freq = dummy.to(torch.int32), 0, 0, dummy
+    mask_t, sm_b, sm_q, sm_k, mask_kind = pb.mask
+    head = [q, q.stride(0), q.stride(1), q.stride(2), pb.scaling]
+    tail = [pos, sp_b, sp_t, freq, pb.rope_scaling, mask_t, sm_b, sm_q, sm_k, acc, ml]
+    common = dict(D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, ROPE=pb.positions is not None,
+                  MASK=mask_kind, CAUSAL=pb.causal, SOFTCAP=pb.softcap > 0, DOT16=pb.dot16, BLOCK=BLOCK_N,
+                  num_warps=NUM_WARPS)
+    start = split0 = 0
+    for (kind, tokens, args, consts), splits in zip(segs, counts):
+        sizes = [tokens, pb.batch, pb.heads, start, pb.total, split0, per, pb.softcap]
+        kernel = _nuq_split_kernel if kind == "nuq" else _dense_split_kernel
+        kernel[(bh, splits)](*head, *args, *tail, *sizes, **consts, **common)
+        start += tokens
+        split0 += splits
+    out = torch.empty(pb.batch, pb.queries, pb.heads * pb.per_head, pb.dim, dtype=q.dtype, device=dev)
+    _reduce_kernel[(bh,)](acc, ml, out, out.stride(0), out.stride(2), out.stride(1), total_splits, bh, pb.heads,
+                          D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, num_warps=NUM_WARPS)
+    return out
+
+
+def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                    softcap: float | None = None, positions: torch.Tensor | None = None,
+                    inv_freq: torch.Tensor | None = None, rope_scaling: float = 1.0) -> torch.Tensor | None:
+    """One CompressedLayer's decode-step attention: query [B, Hq, Q, D] -> [B, Q, Hq, D] (query's dtype), or None.
+
+    positions: int32 [B, >= stored] positions of the layer's stored tokens (for a pre-RoPE cache:
+    `cache.positions[:, layer.first_slot:]`), inv_freq/rope_scaling: the rotary module's `inv_freq` and
+    `attention_scaling`. See `stream_attention`.
+    """
+    if layer.cache.pre_rope and positions is None:
+        return None
+    return stream_attention(layer.k, layer.v, layer.key_codec, layer.value_codec, query, mask, scaling, softcap,
+                            positions if layer.cache.pre_rope else None, inv_freq, rope_scaling)

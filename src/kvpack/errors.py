@@ -29,5 +29,9 @@ class NonFiniteError(KVPackError):
     """NaN or inf met where finite keys/values are required."""
 
 
+class ActivationRangeError(NonFiniteError):
+    """Keys or values beyond what kvpack's 16-bit storage holds."""
+
+
 class CacheFileError(KVPackError):
     """A saved compressed cache is missing, damaged, or made for another model or recipe."""

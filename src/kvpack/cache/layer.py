@@ -17,7 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvpack.cache.stream import TokenStream
 from kvpack.codecs import Codec
 from kvpack.hf.rope import apply_rope, invert_rope
-from kvpack.recipes.simulate import check_finite
+from kvpack.codecs.checks import check_storable
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -39,6 +39,7 @@ class CompressedLayer(CacheLayerMixin):
     # -- contract: sizes ------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_codec, self.value_codec = self.key_codec.to(self.device), self.value_codec.to(self.device)
         head = self.cache.head_tokens
         block = self.cache.block_tokens if self.is_sliding else None
         self.k = TokenStream(self.key_codec, head, self.cache.recent_tokens, block)
@@ -67,8 +68,8 @@ class CompressedLayer(CacheLayerMixin):
         slot = self.k.seen
         q = key_states.shape[-2]
         keys = key_states.float()
-        check_finite(keys, f"layer {self.layer_idx} keys")
-        check_finite(value_states, f"layer {self.layer_idx} values")
+        check_storable(keys, f"layer {self.layer_idx} keys")
+        check_storable(value_states, f"layer {self.layer_idx} values")
         pre_rope = self.cache.pre_rope
         if pre_rope or self.cache.needs_positions:
             cos, sin, positions = self.cache.take_rope(self.layer_idx, key_states)

@@ -286,7 +286,7 @@ class NuqCodec(Codec):
         *lead, heads, tokens, dim = shape
         if self.channel_bits is None:
             return packing.unpack(t["codes"], self.bits, tokens * dim).reshape(shape)
-        flat = torch.zeros(*lead, tokens, heads * dim, dtype=torch.int64)
+        flat = torch.zeros(*lead, tokens, heads * dim, dtype=torch.int64, device=self.levels.device)
         for b, cols in self._width_columns().items():
             flat[..., cols] = packing.unpack(t[f"codes{b}"], b, tokens * cols.numel()).reshape(*lead, tokens, -1)
         return flat.reshape(*lead, tokens, heads, dim).movedim(-2, -3)

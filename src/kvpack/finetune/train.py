@@ -31,7 +31,8 @@ from kvpack.hf.attention import intercept_kv
 from kvpack.finetune.lora import DEFAULT_TARGETS, add_lora, apply_adapter, remove_lora, save_adapter
 from kvpack.recipes.recipe import Recipe
 from kvpack.methods.rvq.train import EMACodebooks
-from kvpack.recipes.simulate import Simulator, check_finite, fp16_split
+from kvpack.codecs.checks import check_finite
+from kvpack.recipes.simulate import Simulator, fp16_split
 from kvpack.data import load_windows
 from kvpack.hf.models import load_model
 

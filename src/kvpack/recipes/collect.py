@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from kvpack.hf.attention import attention_layers, intercept_kv
 from kvpack.methods import LayerActivations
-from kvpack.recipes.simulate import check_finite
+from kvpack.codecs.checks import check_finite
 
 
 @dataclass

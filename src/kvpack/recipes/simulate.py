@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpack.errors import NonFiniteError
+from kvpack.codecs.checks import check_finite, check_storable
 from kvpack.recipes.recipe import Recipe
 
 
@@ -40,14 +40,6 @@ def fp16_split(tokens: int, sink: int, recent: int, token_group: int) -> tuple[i
     return start, stop
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(
-            f"{what} contains NaN or inf; quantizing it would silently corrupt the cache. Check the model's dtype "
-            "(float16 overflow: load with dtype=torch.float32 or bfloat16) and its input."
-        )
-
-
 class Simulator:
     """A KVTransform that quantize-dequantizes with `recipe` and counts the bits stored."""
 
@@ -55,9 +47,18 @@ class Simulator:
         self.recipe = recipe
         self.pre_rope = recipe.settings.pre_rope
         self.count = BitCount()
+        self._moved: dict = {}
+
+    def _codec(self, codec, device: torch.device):
+        """`codec` on `device`, moved once per codec and device."""
+        key = (id(codec), device)
+        if key not in self._moved:
+            self._moved[key] = codec.to(device)
+        return self._moved[key]
 
     def _process(self, x: torch.Tensor, codec, what: str) -> torch.Tensor:
-        check_finite(x, what)
+        check_storable(x, what)
+        codec = self._codec(codec, x.device)
         s = self.recipe.settings
         tokens = x.shape[-2]
         start, stop = fp16_split(tokens, s.sink_tokens, s.recent_tokens, codec.token_group())

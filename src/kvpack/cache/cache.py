@@ -26,7 +26,7 @@ from kvpack.cache.layer import CompressedLayer
 from kvpack.codecs import CodebookCodec, NormalFloatCodec, UniformCodec
 from kvpack.errors import MethodError, RecipeError, UnsupportedArchitectureError
 from kvpack.hf.attention import attention_layers, install
-from kvpack.hf.rope import RopeSource
+from kvpack.hf.rope import RopeSource, check_pre_rope_supported
 from kvpack.kernels.dispatch import attach
 from kvpack.hf.models import check_architecture, text_config
 from kvpack.recipes.recipe import Recipe
@@ -88,6 +88,8 @@ class CompressedCache(Cache):
             layers.append(CompressedLayer(self, i, recipe.key_codecs[i], recipe.value_codecs[i], window))
         super().__init__(layers=layers)
         attn = attention_layers(model)
+        if self.pre_rope:
+            check_pre_rope_supported(model, attn, config)
         self.rope = RopeSource(model, attn, layer_types) if self.pre_rope else None
         install(model)
         # Decode steps read the packed blocks directly (kvpack.kernels.dispatch); None = decode-then-attend.

@@ -75,21 +75,26 @@ class CompressedLayer(CacheLayerMixin):
             cos, sin, positions = self.cache.take_rope(self.layer_idx, key_states)
             self.cache.log_positions(slot, positions)
             if pre_rope:
-                self.cache.rope.verify(self.layer_idx, positions, cos, sin)
+                self.cache.rope.verify(self.layer_idx, positions, cos, sin, key_states)
                 keys = invert_rope(keys, cos.float(), sin.float())
         self.k.append(keys)
         self.v.append(value_states.float())
         packed = getattr(self.cache, "packed", None)
         if packed is not None and packed.claim(self.layer_idx, q):
             return packed.placeholders(self, key_states)  # attention reads the packed storage (kvpack.kernels.dispatch)
-        out_k = self.k.read(torch.float32)
-        if pre_rope:
-            cos, sin = self.cache.rope_for(self.layer_idx, self.first_slot, slot + q)
-            out_k = apply_rope(out_k, cos.float(), sin.float())
-        out_v = self.v.read(self.dtype)
+        out = self.read_all()
         if self.is_sliding:
             self._free_outside_window()
-        return out_k.to(self.dtype), out_v
+        return out
+
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token dequantized, keys rotated at their positions: ([B, H, stored, D], same) in the
+        model's dtype."""
+        out_k = self.k.read(torch.float32)
+        if self.cache.pre_rope:
+            cos, sin = self.cache.rope_for(self.layer_idx, self.first_slot, self.k.seen)
+            out_k = apply_rope(out_k, cos.float(), sin.float())
+        return out_k.to(self.dtype), self.v.read(self.dtype)
 
     def _free_outside_window(self) -> None:
         """Free tokens the next query cannot see (older than the last window - 1), on the block grid."""

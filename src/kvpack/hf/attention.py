@@ -35,6 +35,10 @@ from kvpack.hf.models import check_architecture, text_config
 from kvpack.hf.rope import apply_rope, check_rope_convention, invert_rope
 
 NAMES = {"sdpa": "kvpack_sdpa", "eager": "kvpack_eager"}
+# Attention keyword arguments packed attention implements (or that do not change the result); any other one
+# sends the call to the model's own attention over the decoded keys and values.
+PACKED_KWARGS = {"softcap", "sliding_window", "position_ids", "cache_position", "use_cache", "output_attentions",
+                 "cache", "past_key_values", "position_embeddings"}
 _INSTALLED = "_kvpack_hooks"
 _ROPE = "_kvpack_rope"
 _TRANSFORM = "_kvpack_transform"
@@ -60,6 +64,8 @@ class PackedState(Protocol):
 
     def attend(self, module: nn.Module, query: torch.Tensor, attention_mask, scaling: float | None,
                softcap: float | None) -> torch.Tensor: ...
+
+    def decoded(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def cache_kwargs(cache) -> dict:
@@ -109,10 +115,12 @@ def _make_attention(kind: str):
         state = frames[-1][0] if frames and frames[-1] else None
         if state is not None and module.layer_idx in state.pending:
             state.pending.discard(module.layer_idx)
-            if dropout and module.training:
-                raise RuntimeError("packed attention does not implement attention dropout")
-            scaling = getattr(module, "scaling", None) if scaling is None else scaling
-            return state.attend(module, query, attention_mask, scaling, kwargs.get("softcap")), None
+            unknown = [k for k, v in kwargs.items() if v is not None and v is not False and k not in PACKED_KWARGS]
+            if unknown or (dropout and module.training):  # e.g. GPT-OSS's s_aux sinks: the exact path
+                key, value = state.decoded(module)
+            else:
+                scaling = getattr(module, "scaling", None) if scaling is None else scaling
+                return state.attend(module, query, attention_mask, scaling, kwargs.get("softcap")), None
         return _wrapped(module, kind)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     attention.__name__ = NAMES[kind]

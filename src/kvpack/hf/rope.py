@@ -62,6 +62,34 @@ def check_rope_convention(module: nn.Module) -> None:
         )
 
 
+# RoPE variants whose frequencies depend on the current sequence length: transformers rotates each new key
+# with the frequencies of its step, while a pre-RoPE cache would rotate the whole history with today's.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_type(config) -> str:
+    """The rotary variant of a (text) config: "default", "linear", "dynamic", "yarn", "longrope", "llama3", ..."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        kinds = {v.get("rope_type", v.get("type", "default")) for v in params.values()}  # per layer type (Gemma3)
+        return next((k for k in kinds if k in LENGTH_DEPENDENT_ROPE), sorted(kinds)[0])
+    return (params.get("rope_type") or params.get("type") or "default") if isinstance(params, dict) else "default"
+
+
+def check_pre_rope_supported(model: nn.Module, attention_layers: list[nn.Module], config) -> None:
+    """UnsupportedArchitectureError unless keys can be stored pre-RoPE exactly: the rotate_half convention
+    in every layer and frequencies that do not change with the sequence length."""
+    kind = rope_type(config)
+    if kind in LENGTH_DEPENDENT_ROPE:
+        raise UnsupportedArchitectureError(
+            f"This model uses '{kind}' RoPE scaling, whose frequencies change with the sequence length: transformers "
+            "keeps each cached key rotated with the frequencies of its own step, which a pre-RoPE cache cannot "
+            "reproduce. Use a post-RoPE method (drop ':pre-rope', or add ':post-rope')."
+        )
+    for layer in attention_layers:
+        check_rope_convention(layer)
+
+
 def _rotary_modules(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name.split(".")[-1].startswith("rotary_emb")]
 
@@ -102,10 +130,21 @@ class RopeSource:
             return self.module(probe, pos, self.layer_keys[layer_idx])
         return self.module(probe, pos)
 
-    def verify(self, layer_idx: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Check once per layer that `compute` reproduces the cos/sin the layer received."""
+    def verify(self, layer_idx: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor | None = None) -> None:
+        """Check once per layer that `compute` reproduces the cos/sin the layer received and that rotating the
+        recovered pre-RoPE keys forward gives back the keys [B, H, q, D] the layer handed over."""
         if layer_idx in self.verified:
             return
+        if keys is not None:
+            again = apply_rope(invert_rope(keys.float(), cos.float(), sin.float()), cos.float(), sin.float())
+            err = float((again - keys.float()).abs().max()) / max(float(keys.float().abs().max()), 1e-6)
+            if err > 1e-3:
+                raise UnsupportedArchitectureError(
+                    f"Layer {layer_idx}: rotating the recovered pre-RoPE keys forward does not give back the model's keys "
+                    f"(relative error {err:.3g}); this model's RoPE is not the rotate_half variant kvpack inverts. Use a "
+                    "post-RoPE method (drop ':pre-rope')."
+                )
         mine_cos, mine_sin = self.compute(layer_idx, positions, cos.dtype)
         mine_cos, mine_sin = mine_cos.expand_as(cos), mine_sin.expand_as(sin)
         tol = 1e-5 if cos.dtype == torch.float32 else 1e-2

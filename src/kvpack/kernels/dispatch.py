@@ -246,6 +246,15 @@ class PackedAttention:
         shape = (batch, heads, layer.k.stored, dim)
         return nan.expand(shape), nan.expand(shape)
 
+    def decoded(self, module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole stored keys and values, dequantized (the exact path, for calls this one does not
+        cover): ([B, H, stored, D], same) in the model's dtype."""
+        layer = self.cache.layers[module.layer_idx]
+        out = layer.read_all()
+        if layer.is_sliding:
+            layer._free_outside_window()
+        return out
+
     def attend(self, module, query, attention_mask, scaling, softcap) -> torch.Tensor:
         layer = self.cache.layers[module.layer_idx]
         out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,

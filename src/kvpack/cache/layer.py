@@ -108,16 +108,13 @@ class CompressedLayer(CacheLayerMixin):
             self.v.free_first(target - self.v.dropped)
 
     # -- contract: editing ---------------------------------------------------------------------
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last `-tokens_to_remove` tokens (transformers 5 convention: a negative count)."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
-                "Please use a negative integer to remove that number of tokens from the cache instead."
-            )
-        if tokens_to_remove == 0 or self.k is None:
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens, or drop the last `-max_length` when negative (DynamicLayer's rule)."""
+        if self.k is None:
             return
-        keep = max(self.k.seen + tokens_to_remove, 0)
+        keep = max_length if max_length >= 0 else max(self.k.seen + max_length, 0)
+        if keep >= self.k.seen:
+            return
         self.k.truncate(keep)
         self.v.truncate(keep)
 

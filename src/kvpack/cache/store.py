@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from kvpack.codecs import Codec, Encoded
+from kvpack.codecs import Codec, Encoded, StorageLayout, sparse
+from kvpack.errors import MethodError
 
 _VERDICT = "_kvpack_stacks_exactly"  # codec attribute caching the one-time stacking check
 
@@ -127,26 +128,44 @@ class Run:
             self.lengths[name] = self.lengths[name][: self.count - blocks]
         self.count -= blocks
 
-    def map_batch(self, fn) -> None:
-        """Apply fn (acting on dim 0 = batch) to every block; needs every tensor to lead with the batch dim."""
+    def map_batch(self, fn, layout: StorageLayout) -> None:
+        """Apply fn (acting on dim 0 = batch: a beam reorder, a batch selection or repeat) to every block. Tensors
+        lead with the batch dim, except the sparse outliers, which are regrouped by batch row through the
+        row kind the codec declares."""
         batch = self.block_shape[0]
-        for name, lengths in self.lengths.items():
-            if any(n != batch for n in lengths):
-                raise NotImplementedError(
-                    f"cannot reorder or select batch rows of encoded tensor '{name}': its length varies per block "
-                    "(variable-length outliers). Beam search and batch edits need a codec without per-block "
-                    "variable-length parts; use greedy or sampled decoding."
-                )
-        new_batch = batch
+        order = fn(torch.arange(batch, device=next(iter(self.buffers.values())).device))  # source row of each new row
+        new_batch = int(order.shape[0])
+        outliers = [n for n in self.buffers if layout.parts.get(n) == "outliers"]
         for name in self.buffers:
+            if name in outliers:
+                continue
+            if any(n != batch for n in self.lengths[name]):
+                raise ValueError(f"encoded tensor '{name}' does not lead with the batch dim; its codec's layout must "
+                                 "declare it (StorageLayout.parts)")
             t = self.tensor(name)
-            v = t.reshape(self.count, batch, *t.shape[1:]).transpose(0, 1)
-            v = fn(v)
-            new_batch = v.shape[0]
-            self.buffers[name] = v.transpose(0, 1).reshape(self.count * new_batch, *t.shape[1:]).contiguous()
+            v = t.reshape(self.count, batch, *t.shape[1:])[:, order]
+            self.buffers[name] = v.reshape(self.count * new_batch, *t.shape[1:]).contiguous()
             self.lengths[name] = [new_batch] * self.count
+        if outliers:
+            self._map_outliers(order, layout)
         self.block_shape = (new_batch, *self.block_shape[1:])
         self.signature = (self.signature[0], self.block_shape, self.signature[2])
+
+    def _map_outliers(self, order: torch.Tensor, layout: StorageLayout) -> None:
+        """Regroup the sparse outliers of every block by the new batch rows `order` (vectorized over blocks)."""
+        batch, heads, tokens, _ = self.block_shape
+        rows = tokens if layout.outlier_rows == "token_all" else heads * tokens  # outlier rows per batch item
+        counts = self.tensor("outlier_counts")
+        per_row = counts.long().view(self.count, batch, rows)
+        seg = per_row.sum(-1)  # [count, batch] outliers of each (block, batch item)
+        starts = (torch.cumsum(seg.flatten(), 0) - seg.flatten()).view(self.count, batch)
+        new_seg = seg[:, order]
+        index = sparse.segment_index(starts[:, order].flatten(), new_seg.flatten())
+        for name in ("outlier_values", "outlier_indices"):
+            self.buffers[name] = self.tensor(name)[index].contiguous()
+            self.lengths[name] = new_seg.sum(-1).tolist()
+        self.buffers["outlier_counts"] = per_row[:, order].reshape(-1).to(counts.dtype).contiguous()
+        self.lengths["outlier_counts"] = [len(order) * rows] * self.count
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -227,23 +246,34 @@ class BlockStore:
             self._last = None
         return dropped
 
-    def drop_after(self, keep: int) -> None:
-        """Keep only the first `keep` tokens; raises if that cuts a block (it would need re-encoding)."""
+    def drop_after(self, keep: int, codec: Codec) -> None:
+        """Keep only the first `keep` tokens; a block that the cut falls inside keeps its first tokens
+        (`codec.slice_tokens`), or the cut is refused when the codec cannot cut its storage there."""
         while self.runs and self.tokens > keep:
             run = self.runs[-1]
             excess = self.tokens - keep
             if excess >= run.tokens:
                 self.runs.pop()
                 continue
-            if excess % run.block_tokens:
-                raise ValueError(
-                    f"cannot remove {excess} tokens from inside an encoded block of {run.block_tokens} tokens without "
-                    "re-encoding; crop by whole blocks, or use a recent window (residual_length) covering the tokens to crop"
-                )
             run.drop_last(excess // run.block_tokens)
+            cut = excess % run.block_tokens
+            if cut:
+                block = run.block(run.count - 1)
+                part = codec.slice_tokens(block, run.block_tokens - cut)
+                if part is None:
+                    raise MethodError(
+                        f"'{codec.name}' cannot drop {cut} tokens from inside an encoded block of {run.block_tokens} "
+                        "tokens (its storage is not cut per token); give the method a recent window that covers the "
+                        "tokens to crop (e.g. ':recent16') for assisted decoding"
+                    )
+                part = Encoded({n: t.clone() for n, t in part.tensors.items()}, part.shape, dict(part.meta))
+                run.drop_last(1)
+                if not run.count:
+                    self.runs.pop()
+                self.runs.append(Run.start(part))
         self._last = None
 
-    def map_batch(self, fn) -> None:
+    def map_batch(self, fn, layout: StorageLayout) -> None:
         for run in self.runs:
-            run.map_batch(fn)
+            run.map_batch(fn, layout)
         self._last = None

@@ -147,7 +147,7 @@ class TokenStream:
             excess -= cut
         if excess:
             cut = min(excess, self.body.tokens)
-            self.body.drop_after(self.body.tokens - cut)
+            self.body.drop_after(self.body.tokens - cut, self.codec)
             excess -= cut
         if excess:
             self.head = self.head[..., : self.head_len - excess, :] if excess < self.head_len else None
@@ -158,4 +158,4 @@ class TokenStream:
             self.head = fn(self.head)
         if self.tail is not None:
             self.tail = fn(self.tail)
-        self.body.map_batch(fn)
+        self.body.map_batch(fn, self.codec.layout())

@@ -120,6 +120,11 @@ class Codec(ABC):
                 delattr(moved, name)
         return moved
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
+        """The first `keep` tokens of block `enc` exactly as encoding them alone would store them (a crop inside a
+        block, as assisted decoding does), or None when this codec's storage cannot be cut there."""
+        return None
+
     def shared_nbytes(self) -> int:
         """Bytes of per-layer storage shared by all blocks (codebooks); 0 for baselines."""
         return 0

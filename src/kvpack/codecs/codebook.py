@@ -74,6 +74,14 @@ class CodebookCodec(Codec):
         view = codes.reshape(grouped_shape(shape, self.axis, self.group_size))
         return (self.levels[view] * scale + zero).reshape(shape)
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
+        codes = packing.slice_packed(enc.tensors["codes"], keep, enc.shape[-1], self.bits)
+        if self.axis != "token" or codes is None:
+            return None
+        t = enc.tensors  # zero/scale [..., tokens, groups, 1]
+        return Encoded({"codes": codes, "zero": t["zero"][..., :keep, :, :], "scale": t["scale"][..., :keep, :, :]},
+                       (*enc.shape[:-2], keep, enc.shape[-1]))
+
     def layout(self) -> StorageLayout:
         return StorageLayout({"codes": "codes", "zero": "scales", "scale": "scales"})
 

@@ -16,5 +16,8 @@ class Fp16Codec(Codec):
     def layout(self) -> StorageLayout:
         return StorageLayout({"values": "codes"})
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded:
+        return Encoded({"values": enc.tensors["values"][..., :keep, :]}, (*enc.shape[:-2], keep, enc.shape[-1]))
+
     def decode(self, enc: Encoded) -> torch.Tensor:
         return enc.tensors["values"].float()

@@ -262,6 +262,19 @@ class NuqCodec(Codec):
         values (a 1-token block costs one count), one per token and head for `span="head"` values."""
         return "token_all" if self.axis == "channel" or self.span == "all" else "token_head"
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
+        codes = None if self.channel_bits is not None else packing.slice_packed(enc.tensors["codes"], keep, self.head_dim,
+                                                                                    self.bits)
+        if codes is None:
+            return None
+        t = enc.tensors
+        out = {"codes": codes}
+        if self.axis == "token":  # zero/scale [..., H | 1, tokens, 1]
+            out |= {"zero": t["zero"][..., :keep, :], "scale": t["scale"][..., :keep, :]}
+        if "outlier_values" in t:
+            out |= sparse.slice_outliers(t, enc.shape[-2], keep)
+        return Encoded(out, (*enc.shape[:-2], keep, enc.shape[-1]))
+
     def layout(self) -> StorageLayout:
         parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self._width_columns()])}
         if self.axis == "token":

@@ -244,6 +244,13 @@ class RVQCodec(Codec):
         x = self.denormalize(groups.view(*shape[:-1], n, self.group), enc.tensors["scale"])
         return sparse.apply_outliers(x, enc.tensors, "token_head")
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded:
+        t = enc.tensors  # codes [..., tokens, row bytes], scale [..., tokens, 1]
+        out = {"codes": t["codes"][..., :keep, :], "scale": t["scale"][..., :keep, :]}
+        if "outlier_values" in t:
+            out |= sparse.slice_outliers(t, enc.shape[-2], keep)
+        return Encoded(out, (*enc.shape[:-2], keep, enc.shape[-1]))
+
     def layout(self) -> StorageLayout:
         parts = {"codes": "codes", "scale": "scales"}
         if self.lower is not None:

@@ -112,3 +112,20 @@ def apply_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor], rows: str)
     part = {k: tensors[f"outlier_{k}"].to(x.device) for k in ("values", "indices", "counts")}
     values, mask = decode_rows(part, math.prod(shape) // n, n)
     return torch.where(from_rows(mask, shape, rows), from_rows(values, shape, rows).to(x.dtype), x)
+
+
+def slice_outliers(tensors: dict[str, torch.Tensor], tokens: int, keep: int) -> dict[str, torch.Tensor]:
+    """The outliers of the first `keep` of a block's `tokens` tokens (either row kind: the token index runs
+    fastest in both), as the three named tensors."""
+    counts = tensors["outlier_counts"]
+    row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts.long())
+    kept = (row % tokens) < keep
+    return {"outlier_values": tensors["outlier_values"][kept], "outlier_indices": tensors["outlier_indices"][kept],
+            "outlier_counts": counts.view(-1, tokens)[:, :keep].reshape(-1)}
+
+
+def segment_index(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenated ranges [starts[i], starts[i] + lengths[i]) as one index tensor."""
+    total = int(lengths.sum())
+    first = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(starts - first, lengths, output_size=total) + torch.arange(total, device=starts.device)

@@ -15,6 +15,9 @@ Per head vector x [head_dim = d]:
    over the draw of S (it usually raises the squared error of k_hat).
 5. `rescale=True` (not in the paper) stores n / ||y_hat|| instead of n, so decoded vectors keep
    their norm (Lloyd-Max levels shrink vectors by about 1 - distortion).
+6. `center` (not in the paper; calibrated): a fixed vector per KV head [heads, head_dim]
+   subtracted before step 1 and added back after decoding, e.g. the mean key of each head, so the
+   norm and the codes describe the deviation from it. Blocks must then be [..., heads, tokens, d].
 
 Stored per vector: the packed codes (b or b + 1 bits per coordinate), the fp16 norm and, with QJL,
 d sign bits and the fp16 residual norm. Shared per layer (`shared_nbytes`): the rotation (d sign
@@ -69,6 +72,7 @@ class TurboQuantCodec(Codec):
         matrix: torch.Tensor | None = None,
         sketch: torch.Tensor | None = None,
         levels: dict[int, torch.Tensor] | None = None,
+        center: torch.Tensor | None = None,
         name: str | None = None,
     ):
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
@@ -82,16 +86,24 @@ class TurboQuantCodec(Codec):
         self.mse_bits = self.bits - (1.0 if self.qjl else 0.0)
         self.name = name or f"turboquant{self.bits:g}" + ("-qjl" if self.qjl else "") + ("-rescale" if self.rescale else "")
         self._bound: dict[int, TurboQuantCodec] = {}
+        self.center = None
         if head_dim is None:  # unbound: parts are built from the seed for each head_dim met (see `bind`)
+            if center is not None:
+                raise ValueError("a TurboQuant center needs the codec built for one head_dim")
             return
+        if center is not None:
+            center = torch.as_tensor(center).to(torch.float16).float()
+            if center.dim() != 2 or center.shape[-1] != head_dim or not torch.isfinite(center).all():
+                raise ValueError(f"center must be finite [heads, {head_dim}], got shape {tuple(center.shape)}")
+            self.center = center
         self.high, self.high_count, self.low = split_widths(self.mse_bits, head_dim)
         self.rotation = Rotation(head_dim, seed, signs=signs, matrix=matrix)
         widths = {w for w, n in ((self.high, self.high_count), (self.low, head_dim - self.high_count)) if n > 0}
         given = levels or {}
-        self.levels = {
-            w: torch.as_tensor(given[w]).float().flatten().sort().values if w in given else torch.tensor(lloyd_max_levels(w, head_dim), dtype=torch.float32)
-            for w in sorted(widths)
-        }
+        self.levels = {}
+        for w in sorted(widths):
+            table = given[w] if w in given else lloyd_max_levels(w, head_dim)
+            self.levels[w] = torch.as_tensor(table).float().flatten().sort().values
         for w, lv in self.levels.items():
             if lv.shape != (1 << w,):
                 raise ValueError(f"a {w}-bit codebook needs {1 << w} levels, got shape {tuple(lv.shape)}")
@@ -126,13 +138,15 @@ class TurboQuantCodec(Codec):
         tensors.update({f"levels{w}": lv for w, lv in self.levels.items()})
         if self.sketch is not None:
             tensors["sketch"] = self.sketch.half()
+        if self.center is not None:
+            tensors["center"] = self.center.half()
         return self.config(), tensors
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "TurboQuantCodec":
         levels = {int(k[len("levels"):]): v for k, v in tensors.items() if k.startswith("levels")}
         return cls(signs=tensors.get("signs"), matrix=tensors.get("matrix"), sketch=tensors.get("sketch"),
-                   levels=levels, **config)
+                   levels=levels, center=tensors.get("center"), **config)
 
     def layout(self) -> StorageLayout:
         if self.head_dim is None:  # every part a head_dim may produce
@@ -161,15 +175,17 @@ class TurboQuantCodec(Codec):
         moved.rotation = self.rotation.to(device)
         moved.levels = {w: lv.to(device) for w, lv in self.levels.items()}
         moved.sketch = None if self.sketch is None else self.sketch.to(device)
+        moved.center = None if self.center is None else self.center.to(device)
         return moved
 
     def shared_nbytes(self) -> int:
-        """Rotation (1 bit per sign or the fp32 matrix), fp32 codebooks, fp16 sketch matrix (of every head_dim
+        """Rotation (1 bit per sign or the fp32 matrix), fp32 codebooks, fp16 sketch matrix and center (of every head_dim
         met so far when unbound)."""
         if self.head_dim is None:
             return sum(c.shared_nbytes() for c in self._bound.values())
         books = sum(lv.numel() * 4 for lv in self.levels.values())
-        return self.rotation.nbytes() + books + (0 if self.sketch is None else self.sketch.numel() * 2)
+        extra = sum(0 if t is None else t.numel() * 2 for t in (self.sketch, self.center))
+        return self.rotation.nbytes() + books + extra
 
     # ----- codec interface -----
     def _check(self, x: torch.Tensor) -> None:
@@ -196,6 +212,8 @@ class TurboQuantCodec(Codec):
             return self.bind(x.shape[-1]).encode(x)
         self._check(x)
         x = x.float()
+        if self.center is not None:
+            x = x - self._center(x.shape, x.device)
         norm = x.norm(dim=-1, keepdim=True)
         y = self.rotation.rotate(x / norm.clamp_min(torch.finfo(torch.float32).tiny))
         tensors, codes = {}, {}
@@ -227,7 +245,14 @@ class TurboQuantCodec(Codec):
             signs = packing.unpack_channels(t["sketch_bits"], 1, self.head_dim).float() * 2 - 1
             m = self.sketch.shape[0]
             y = y + math.sqrt(math.pi / 2) / m * t["residual_norm"].float() * (signs @ self.sketch.to(device))
-        return self.rotation.unrotate(y)
+        x = self.rotation.unrotate(y)
+        return x if self.center is None else x + self._center(shape, device)
+
+    def _center(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """The center broadcast to blocks of `shape` [..., heads, tokens, head_dim]."""
+        if len(shape) < 3 or shape[-3] != self.center.shape[0]:
+            raise ValueError(f"TurboQuant center for {self.center.shape[0]} heads got a block of shape {tuple(shape)}")
+        return self.center.to(device)[:, None, :]
 
     def bits_formula(self) -> float:
         """Stored bits per element of one block by arithmetic (what `Encoded.bits_per_element` measures

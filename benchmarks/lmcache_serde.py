@@ -14,7 +14,9 @@
    checked against LMCache's kernels run in Triton's interpreter) with LMCache's own byte counts.
 3. A fresh process loads every chunk back through a fresh adapter, rebuilds a transformers
    DynamicCache from the reloaded K/V, and scores the next 512 tokens teacher-forced (perplexity,
-   top-1 agreement and KL against the fp16-KV run) and a 32-token greedy continuation.
+   top-1 agreement and KL against the run from fp16 KV, the model's float32 KV rounded to fp16) and
+   a 32-token greedy continuation. Relative K/V errors: against the bf16 chunks LMCache handed the
+   serde (reference rows: against the float32 KV).
 Serialize / deserialize throughput: the serde's sync transform alone, one thread, MB of bf16 input per s.
 """
 from __future__ import annotations
@@ -161,16 +163,16 @@ def time_serde(pair, chunks: list[torch.Tensor], positions: list[torch.Tensor | 
 # ----------------------------------------------------------------------------------------- model side
 @torch.no_grad()
 def export_chunks(model, prompt: torch.Tensor, chunk: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Prefill `prompt` [T]; returns (KV_2LTD chunks [2, L, chunk, H*D] in dtype, float32 K/V per layer [H, T, D])."""
+    """Prefill `prompt` [T]; returns KV_2LTD chunks [2, L, chunk, H*D] in `dtype` (what LMCache gets) and in float32."""
     out = model(prompt[None], use_cache=True)
     cache = out.past_key_values
     ks = [cache.layers[i].keys[0] for i in range(len(cache.layers))]
     vs = [cache.layers[i].values[0] for i in range(len(cache.layers))]
     k = torch.stack(ks).transpose(1, 2).reshape(len(ks), prompt.numel(), -1)  # [L, T, H*D]
     v = torch.stack(vs).transpose(1, 2).reshape(len(vs), prompt.numel(), -1)
-    kv = torch.stack([k, v]).to(dtype)
-    chunks = [kv[:, :, s : s + chunk].contiguous() for s in range(0, prompt.numel(), chunk)]
-    return chunks, [torch.stack([a, b]) for a, b in zip(ks, vs)]
+    kv = torch.stack([k, v]).float()
+    chunks32 = [kv[:, :, s : s + chunk].contiguous() for s in range(0, prompt.numel(), chunk)]
+    return [c.to(dtype) for c in chunks32], chunks32
 
 
 def dynamic_cache(chunks: list[torch.Tensor], heads: int):
@@ -233,7 +235,7 @@ def write_phase(args) -> None:
     ids = kvpack.load_windows(tok, "wikitext2", args.prompt + args.cont + 1, 1)[0]
     prompt = ids[: args.prompt]
     t0 = time.perf_counter()
-    chunks, _ = export_chunks(model, prompt, args.chunk, args.dtype)
+    chunks, chunks32 = export_chunks(model, prompt, args.chunk, args.dtype)
     prefill_s = time.perf_counter() - t0
     positions = [torch.arange(i * args.chunk, (i + 1) * args.chunk) for i in range(len(chunks))]
     # RopeSpec must reproduce the model's rotary cos/sin for the stored keys to be truly pre-RoPE.
@@ -243,7 +245,7 @@ def write_phase(args) -> None:
     rope_check = max(float((cos_m - cos_s).abs().max()), float((sin_m - sin_s).abs().max()))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    torch.save({"ids": ids, "chunks": chunks, "heads": heads}, work / "reference.pt")
+    torch.save({"ids": ids, "chunks": chunks, "chunks32": chunks32, "heads": heads}, work / "reference.pt")
 
     common = {"head_dim": HEAD_DIM, "rope_theta": theta}
     configs = [{"name": "bf16, no serde (LMCache fs as is)", "serde": None, "positions": False},
@@ -266,6 +268,9 @@ def write_phase(args) -> None:
                "chunks": len(files), "bytes_per_chunk": max(sizes), "bytes_per_chunk_min": min(sizes),
                "ratio_to_bf16": max(sizes) / (chunks[0].numel() * 2), "bits_per_element": 8 * max(sizes) / chunks[0].numel(),
                "adapter_store_s": store_s}
+        recipes = {k: v for k, v in (config["serde"] or {}).items() if k in ("recipe", "fallback_recipe")}
+        if recipes:
+            row["recipes_calibration"] = {k: _calibration(v) for k, v in recipes.items()}
         pair = sync_serde(config["serde"])
         if pair is not None:
             row.update(time_serde(pair, chunks, positions if config["positions"] else [None] * len(chunks)))
@@ -273,7 +278,8 @@ def write_phase(args) -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "l2_spec"}), flush=True)
 
     # LMCache TurboQuant: byte counts from LMCache, kernels checked against the torch port in Triton's interpreter.
-    check = tqcpu.run_check(chunks[1], args.tq_check_layers, HEAD_DIM, work) if args.tq_check_layers else []
+    sample = chunks[min(1, len(chunks) - 1)][:, :, : args.tq_check_tokens]
+    check = tqcpu.run_check(sample, args.tq_check_layers, HEAD_DIM, work) if args.tq_check_layers else []
     for preset in tqcpu.PRESETS:
         size = tqcpu.serialized_nbytes(chunks[0].shape, chunks[0].dtype, preset, HEAD_DIM)
         checked = next((c for c in check if c["preset"] == preset), {})
@@ -295,6 +301,7 @@ def write_phase(args) -> None:
         row.update(read["rows"].get(row["name"], {}))
     result = {
         "benchmark": "benchmarks/lmcache_serde.py",
+        "target": target_check(rows),
         "model": f"{MODEL} (float32, CPU)", "data": f"wikitext2: one window of {ids.numel()} tokens",
         "prompt_tokens": args.prompt, "chunk_tokens": args.chunk, "chunks": len(chunks),
         "chunk_shape": list(chunks[0].shape), "chunk_dtype": str(args.dtype).removeprefix("torch."),
@@ -320,16 +327,18 @@ def read_phase(args) -> None:
     kvpack_lmcache.register()
     work = Path(args.workdir)
     ref = torch.load(work / "reference.pt")
-    ids, chunks, heads = ref["ids"], ref["chunks"], ref["heads"]
+    ids, chunks, chunks32, heads = ref["ids"], ref["chunks"], ref["chunks32"], ref["heads"]
     prompt_len = sum(c.shape[2] for c in chunks)
     cont, targets = ids[prompt_len:-1], ids[prompt_len + 1 :]
     model, _ = kvpack.load_model(MODEL)
     rows_in = json.loads((work / "write.json").read_text())
-    fp16_run = continuation(model, [c.to(torch.float16) for c in chunks], heads, cont, targets, args.gen)
+    fp16 = [c.to(torch.float16) for c in chunks32]
+    fp16_run = continuation(model, fp16, heads, cont, targets, args.gen)
     references = {}
-    for name, kv in (("fp16 KV (no LMCache)", [c.to(torch.float16) for c in chunks]), ("bf16 KV (no LMCache)", chunks)):
-        run = fp16_run if name.startswith("fp16") else continuation(model, kv, heads, cont, targets, args.gen)
-        references[name] = compare(run, fp16_run) | rel_err(kv, chunks)
+    for name, kv in (("fp32 KV, the model's own (no LMCache)", chunks32), ("fp16 KV (no LMCache): the baseline", fp16),
+                     ("bf16 KV (no LMCache): LMCache's input", chunks)):
+        run = fp16_run if kv is fp16 else continuation(model, kv, heads, cont, targets, args.gen)
+        references[name] = compare(run, fp16_run) | rel_err(kv, chunks32)
     keys = chunk_keys(ids, len(chunks), chunks[0].shape[2])
     out = {}
     for i, row in enumerate(rows_in):
@@ -349,6 +358,32 @@ def read_phase(args) -> None:
         out[row["name"]] = {"loaded_chunks": loaded, "reloaded_in": "fresh process"} | rel_err(back, chunks) | compare(run, fp16_run)
         print(row["name"], json.dumps(out[row["name"]]), flush=True)
     (work / "read.json").write_text(json.dumps({"rows": out, "references": references}))
+
+
+def target_check(rows: list[dict]) -> dict:
+    """The issue's target for each kvpack row: < half of fp8's bytes, ppl within 3% of fp16 KV, and a lower ppl
+    than every TurboQuant preset storing as many bytes or more."""
+    fp8 = next(r for r in rows if r["name"].startswith("LMCache fp8"))
+    tq = [r for r in rows if "preset" in r and r.get("ppl") is not None]
+    out = {}
+    for r in rows:
+        if not r["name"].startswith("kvpack") or r.get("ppl") is None:
+            continue
+        heavier = [t for t in tq if t["bytes_per_chunk"] >= r["bytes_per_chunk"]]
+        out[r["name"]] = {
+            "bytes_vs_fp8": r["bytes_per_chunk"] / fp8["bytes_per_chunk"],
+            "under_half_fp8": r["bytes_per_chunk"] < 0.5 * fp8["bytes_per_chunk"],
+            "ppl_within_3pct": r["ppl_vs_fp16_pct"] <= 3.0,
+            "turboquant_with_as_many_bytes_or_more": [t["preset"] for t in heavier],
+            "better_ppl_than_those": all(r["ppl"] < t["ppl"] for t in heavier) if heavier else None,
+        }
+    return out
+
+
+def _calibration(recipe_dir: str) -> dict:
+    """What a recipe folder was calibrated on (data, windows, seqlen)."""
+    calib = json.loads((Path(recipe_dir) / "recipe.json").read_text()).get("calibration", {})
+    return {k: calib.get(k) for k in ("data", "windows", "seqlen", "fisher")}
 
 
 def _version(name: str) -> str:
@@ -385,6 +420,14 @@ def markdown(result: dict) -> str:
         "in Triton's interpreter; bytes are LMCache's own estimate_serialized_size (its layout is fixed-size).",
         "† Triton interpreter on the CPU, not representative of GPU speed.",
     ]
+    checks = [r["interpreter_check"] for r in result["rows"] if r.get("interpreter_check")]
+    if checks:
+        lines.append("Port vs LMCache's kernels in the interpreter (" + f"{checks[0]['layers_checked']} layers of one chunk): "
+                     + ", ".join(f"{c['preset']} {100 * c['port_equal_fraction']:.1f}% identical values" for c in checks) + ".")
+    for name, t in result.get("target", {}).items():
+        lines.append(f"Target, {name}: {t['bytes_vs_fp8']:.3f}x fp8 bytes (under half: {t['under_half_fp8']}), ppl within 3%: "
+                     f"{t['ppl_within_3pct']}, better ppl than TurboQuant presets with >= bytes "
+                     f"({', '.join(t['turboquant_with_as_many_bytes_or_more']) or 'none'}): {t['better_ppl_than_those']}.")
     return "\n".join(lines)
 
 
@@ -401,6 +444,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", type=lambda s: getattr(torch, s))
     parser.add_argument("--tq-check-layers", type=int, default=6, help="layers of one chunk run through LMCache's kernels in Triton's interpreter (0: skip)")
+    parser.add_argument("--tq-check-tokens", type=int, default=64, help="tokens of that chunk run through the interpreter")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("KVPACK_THREADS", "1")))
     if args.phase == "read":

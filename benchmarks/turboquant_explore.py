@@ -19,6 +19,9 @@ and two constructions of this script:
   k-means levels fitted to the rotated unit vectors of calibration keys (taken where the method
   quantizes them) and values; each vector weighs norm^2 * ||dL/dx||^2 (the rotation-invariant
   part of its Fisher information), rotation and everything else unchanged.
+- `<turboquant name>:centered`: per layer and KV head, the mean calibration key (where the method
+  quantizes keys) and mean value are subtracted before the norm and rotation and added back after
+  decoding (stored fp16, counted); with `:centered:fitted` the levels are fitted after centering.
 - `A+B`: keys stored as method A stores them (A's settings: where keys are taken, fp16 tokens),
   values as method B stores them.
 TurboQuant codecs are built for the model's head_dim (seed 0 for keys, 1 for values, one rotation
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -59,9 +63,16 @@ class Calibration:
     def activations(self, pre_rope: bool) -> list:
         if pre_rope not in self._acts:
             ids = calibration_windows(self.tokenizer, self.data, self.windows, self.seqlen)
-            self._acts[pre_rope], _ = collect_activations(self.model, ids, fisher=True, sink_tokens=0, pre_rope=pre_rope, max_rows=32768,
-                                                          progress=False)
+            self._acts[pre_rope], _ = collect_activations(self.model, ids, fisher=True, sink_tokens=0, pre_rope=pre_rope,
+                                                          max_rows=32768, progress=False)
         return self._acts[pre_rope]
+
+
+def head_means(rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Mean row per KV head: rows [n, head_dim], heads [n] -> [heads, head_dim]."""
+    count = int(heads.max()) + 1
+    sums = torch.zeros(count, rows.shape[-1]).index_add_(0, heads, rows)
+    return sums / torch.bincount(heads, minlength=count).clamp_min(1)[:, None].float()
 
 
 def fitted_levels(codec: TurboQuantCodec, rows: torch.Tensor, fisher: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -75,17 +86,23 @@ def fitted_levels(codec: TurboQuantCodec, rows: torch.Tensor, fisher: torch.Tens
     return levels
 
 
-def fitted_recipe(recipe: Recipe, calib: Calibration) -> Recipe:
-    """`recipe` (TurboQuant) with per-layer levels fitted on calibration activations (see the module docstring)."""
+def calibrated_recipe(recipe: Recipe, calib: Calibration, centered: bool, fitted: bool) -> Recipe:
+    """`recipe` (TurboQuant) with per-layer centers and/or fitted levels from calibration activations
+    (see the module docstring)."""
     acts = calib.activations(recipe.settings.pre_rope)
     keys, values = [], []
+    suffix = ("-centered" if centered else "") + ("-fitted" if fitted else "")
     for layer, a in enumerate(acts):
         for codec, rows, fisher, out in ((recipe.key_codecs[layer], a.keys, a.key_fisher, keys),
                                          (recipe.value_codecs[layer], a.values, a.value_fisher, values)):
-            if codec.qjl:
+            if codec.qjl and fitted:
                 raise ValueError("fitted levels are not combined with the QJL sketch here")
-            out.append(TurboQuantCodec(codec.bits, codec.head_dim, codec.seed, rescale=codec.rescale,
-                                       levels=fitted_levels(codec, rows, fisher), name=codec.name + "-fitted"))
+            center = head_means(rows, a.heads) if centered else None
+            if center is not None:
+                rows = rows - center.half().float()[a.heads]
+            levels = fitted_levels(codec, rows, fisher) if fitted else None
+            out.append(TurboQuantCodec(codec.bits, codec.head_dim, codec.seed, qjl=codec.qjl, rescale=codec.rescale,
+                                       levels=levels, center=center, name=codec.name + suffix))
     return Recipe(recipe.settings, keys, values)
 
 
@@ -95,8 +112,11 @@ def recipe_for(method: str, model, calib: Calibration) -> Recipe:
         key_method, value_method = method.split("+")
         keys, values = recipe_for(key_method, model, calib), recipe_for(value_method, model, calib)
         return Recipe(keys.settings, keys.key_codecs, values.value_codecs)
-    fitted = method.endswith(":fitted")
-    settings = parse_method(method.removesuffix(":fitted"))
+    name, own = method, set()
+    while name.endswith((":fitted", ":centered")):
+        name, _, modifier = name.rpartition(":")
+        own.add(modifier)
+    settings = parse_method(name)
     layers = model.config.num_hidden_layers
     if needs_calibration(settings):
         recipe = cached_calibration(model, calib.tokenizer, settings, calib.data, calib.windows, calib.seqlen, progress=False)
@@ -104,8 +124,9 @@ def recipe_for(method: str, model, calib: Calibration) -> Recipe:
         recipe = Recipe.baseline(settings, layers)
     if settings.family == "turboquant":  # built for the model's head_dim, as the family's codecs bind on first use
         head_dim = head_dim_of(model.config)
-        recipe = Recipe(settings, [c.bind(head_dim) for c in recipe.key_codecs], [c.bind(head_dim) for c in recipe.value_codecs])
-    return fitted_recipe(recipe, calib) if fitted else recipe
+        recipe = Recipe(settings, [c.bind(head_dim) for c in recipe.key_codecs],
+                        [c.bind(head_dim) for c in recipe.value_codecs])
+    return calibrated_recipe(recipe, calib, "centered" in own, "fitted" in own) if own else recipe
 
 
 def main() -> None:
@@ -118,18 +139,24 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("results/turboquant-wikitext2.json"))
     parser.add_argument("--calib-data", default="c4[:500]")
     parser.add_argument("--calib-windows", type=int, default=4)
+    parser.add_argument("--append", action="store_true",
+                        help="add rows to --json (same model, data, seqlen, windows); deltas vs its first row")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("KVPACK_THREADS", "1")))
     model, tokenizer = load_model(args.model)
     windows = load_windows(tokenizer, args.data, args.seqlen, args.windows)
     calib = Calibration(model, tokenizer, args.calib_data, args.calib_windows, args.seqlen)
-    rows: list[dict] = []
+    rows: list[dict] = json.loads(args.json.read_text()) if args.append and args.json.is_file() else []
+    for row in rows:
+        if (row["model"], row["data"], row["seqlen"], row["windows"]) != (args.model, args.data, args.seqlen, len(windows)):
+            raise SystemExit(f"{args.json} holds rows of another model/data/seqlen/window count; drop --append")
     for method in args.methods.split(","):
         start = time.perf_counter()
         recipe = recipe_for(method, model, calib)
         result = simulated_perplexity(model, windows, recipe, progress=False)
         seconds = time.perf_counter() - start
         base = rows[0]["ppl"] if rows else result.ppl
+        calibrated = any(w in method for w in ("kvquant", "fitted", "centered"))
         rows.append({
             "method": method, "bits_per_element": result.bits_per_element, "ppl": result.ppl, "nll": result.nll,
             "delta_pct": 100 * (result.ppl / base - 1), "kl": result.kl, "top1": result.top1,
@@ -137,7 +164,8 @@ def main() -> None:
             "tokens": result.tokens, "mode": "simulated", "seconds": seconds,
             "key_codec": recipe.key_codecs[0].name, "value_codec": recipe.value_codecs[0].name,
             "pre_rope": recipe.settings.pre_rope, "sink_tokens": recipe.settings.sink_tokens,
-            "calibration": f"{args.calib_data} {args.calib_windows}x{args.seqlen}" if "kvquant" in method or "fitted" in method else None,
+            "calibration": f"{args.calib_data} {args.calib_windows}x{args.seqlen}" if calibrated else None,
+            "command": " ".join(["benchmarks/turboquant_explore.py", *sys.argv[1:]]),
             "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine()},
         })
         print(json.dumps({k: rows[-1][k] for k in ("method", "bits_per_element", "ppl", "delta_pct", "kl", "top1")}), flush=True)

@@ -143,12 +143,12 @@ def test_failed_save_keeps_the_old_file(saved, tmp_path, monkeypatch):
     target.write_bytes(path.read_bytes())
     before = target.read_bytes()
     cache = CompressedCache.load(target, model, recipe)
-    import safetensors.torch
+    import kvpack.cache.io
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(kvpack.cache.io, "save_file", boom)
     with pytest.raises(OSError):
         cache.save(target)
     assert target.read_bytes() == before

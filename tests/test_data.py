@@ -243,3 +243,32 @@ def test_real_tokenizer_protocol(tmp_path, smollm2):
     assert w.flatten().tolist() == expected[: w.numel()]
     # "\n\n" really separates the documents: joining with a single space tokenizes differently
     assert tokenizer(" ".join(docs))["input_ids"] != expected
+
+
+# --- calibration text the model writes itself ------------------------------------------------
+
+def test_self_written_windows_are_seeded_cached_and_calibrate(tmp_path, monkeypatch):
+    from conftest import make_tiny_model, make_tiny_tokenizer
+    from kvpack.recipes.calibrate import calibrate
+    from kvpack.recipes.self_data import generate_self_windows, self_windows
+
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path))
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    ids = self_windows(model, tok, 3, 48, progress=False)
+    assert ids.shape == (3, 48) and bool((ids[:, 0] == tok.bos_token_id).all())
+    assert not bool(torch.isin(ids[:, 2:], torch.tensor(tok.all_special_ids)).any())  # special tokens suppressed
+    assert len(list((tmp_path / "self-data").glob("*.pt"))) == 1
+    assert torch.equal(self_windows(model, tok, 3, 48, progress=False), ids)  # from the disk cache
+    assert torch.equal(generate_self_windows(model, tok, 3, 48, progress=False), ids)  # seeded
+    assert not torch.equal(generate_self_windows(model, tok, 3, 48, seed=1, progress=False), ids)
+    recipe = calibrate(model, tok, "kvquant-3bit-1pct", data="self", windows=3, seqlen=48, progress=False)
+    assert recipe.calibration["data"] == "self" and recipe.calibration["windows"] == 3
+    with pytest.raises(DataError, match="512"):
+        self_windows(model, tok, 1, 600, progress=False)
+
+
+def test_describe_data_names_source_and_documents(tmp_path):
+    from kvpack.data import describe_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", ["a b", "c d", "e"])
+    assert describe_data(f"{path}[:2]").startswith(f"{path}[:2]: 2 document(s) from {path}")

@@ -49,3 +49,45 @@ def test_dotted_column_reads_nested_values():
     rows = [{"method": "a", "noise": {"min": -0.0125}}, {"method": "b"}]
     text = markdown_table(rows, [("method", "method"), ("noise.min", "band low")])
     assert "| a | -0.013 |" in text and "| b | - |" in text
+
+
+FIGURE_ROWS = [
+    {"method": "fp16", "bits_per_element": 16.0, "ppl": 10.0, "delta_pct": 0.0, "model": "smollm2-135m", "data": "wikitext2", "windows": 8, "mode": "simulated"},
+    {"method": "int4", "bits_per_element": 4.5, "ppl": 11.0, "delta_pct": 10.0, "model": "smollm2-135m", "data": "wikitext2", "windows": 8, "mode": "simulated"},
+    {"method": "int4:pre-rope", "bits_per_element": 4.5, "ppl": 11.0, "delta_pct": 10.0, "model": "smollm2-135m", "data": "wikitext2", "windows": 8},
+    {"method": "kvquant-3bit", "bits_per_element": 3.1, "ppl": 10.5, "delta_pct": 5.0, "model": "smollm2-135m", "data": "wikitext2", "windows": 8,
+     "calibration": {"data": "self"}},
+    {"method": "nf4", "bits_per_element": 4.5, "ppl": 12.0, "delta_pct": 20.0, "model": "smollm2-135m", "data": "c4[500:]", "windows": 8},
+]
+
+
+def test_figure_points_pick_presets_on_wikitext2_with_c4_or_no_calibration(tmp_path):
+    from kvpack.evaluate.report import figure_points
+
+    _write(tmp_path, FIGURE_ROWS)
+    more = dict(FIGURE_ROWS[1], windows=16, delta_pct=12.0)
+    (tmp_path / "res" / "u.json").write_text(json.dumps([more]))
+    points = figure_points(tmp_path / "res")
+    assert [(p["method"], p["delta_pct"], p["source"]) for p in points] == [("int4", 12.0, "u.json")]
+
+
+def test_report_check_fails_on_stale_docs_and_figure(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvpack.cli.app import app
+
+    _write(tmp_path, FIGURE_ROWS)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("![f](fig.png)\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("<!-- results:t methods=int4 -->\nold\n<!-- /results -->\n")
+    args = ["report", "--results", "res", "--figure", "fig.png"]
+    stale = CliRunner().invoke(app, args + ["--check"])
+    assert stale.exit_code == 1 and "docs/results.md" in stale.output and "fig.png" in stale.output
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert "| int4 |" in (tmp_path / "docs" / "results.md").read_text() and (tmp_path / "fig.png").is_file()
+    assert CliRunner().invoke(app, args + ["--check"]).exit_code == 0
+    rows = FIGURE_ROWS[:1] + [dict(FIGURE_ROWS[1], delta_pct=11.0)]
+    (tmp_path / "res" / "t.json").write_text(json.dumps(rows))
+    again = CliRunner().invoke(app, args + ["--check"])
+    assert again.exit_code == 1 and "fig.png" in again.output

@@ -1,7 +1,8 @@
 """Triton kernels run by the Triton interpreter on the CPU (TRITON_INTERPRET=1), against the torch reference.
 
-Tiny shapes: blocks of a few tokens, head_dim 16/32, GQA with 3 query rows per KV head, many outliers.
-Skipped cleanly when triton is not installed.
+Tiny shapes: blocks of a few tokens, head_dim 16-64, GQA with 3 query rows per KV head, many outliers.
+The split-K decode kernels (triton_decode) are compared with decode-then-attend over the whole layer;
+the per-run kernels (triton_attention) with kernels.reference. Skipped cleanly when triton is not installed.
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ from kvpack.kernels.rope import RopeSlice  # noqa: E402
 
 if "kvpack.kernels.triton_attention" in sys.modules:  # imported without the interpreter: decorate again
     importlib.reload(sys.modules["kvpack.kernels.triton_attention"])
-if "kvpack.kernels.triton_encode" in sys.modules:
-    importlib.reload(sys.modules["kvpack.kernels.triton_encode"])
-from kvpack.kernels import triton_attention, triton_encode  # noqa: E402
+for _name in ("kvpack.kernels.triton_encode", "kvpack.kernels.triton_decode"):
+    if _name in sys.modules:
+        importlib.reload(sys.modules[_name])
+from kvpack.kernels import triton_attention, triton_decode, triton_encode  # noqa: E402
+from kvpack.hf.rope import apply_rope  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, GROUPS = 2, 3
@@ -113,8 +116,7 @@ def _compare_runs(stream, codec, dim, rope, keys=True, values=True):
         offset += n
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("frac", [0.0, 0.05])
+@pytest.mark.parametrize("bits,frac", [(2, 0.05), (3, 0.0), (4, 0.05)])
 def test_nuq_kernels_match_reference(bits, frac):
     dim = 16
     key, value = nuq_codecs(bits, dim, frac, csc=bits == 3)
@@ -157,7 +159,7 @@ def test_unsupported_runs_are_declined():
     assert not triton_attention.key_scores(run, key, q, partial, torch.zeros(2, H, GROUPS, 6))
 
 
-@pytest.mark.parametrize("bits,frac,span", [(2, 0.03, "all"), (3, 0.03, "head"), (4, 0.0, "all"), (4, 0.08, "all")])
+@pytest.mark.parametrize("bits,frac,span", [(2, 0.03, "all"), (3, 0.03, "head")])
 def test_fused_encode_matches_codec(bits, frac, span):
     """The fused append kernel stores exactly what NuqCodec.encode stores (codes, scales, outliers)."""
     dim = 16
@@ -171,3 +173,155 @@ def test_fused_encode_matches_codec(bits, frac, span):
         for name, t in want.tensors.items():
             assert got.tensors[name].dtype == t.dtype, name
             assert torch.equal(got.tensors[name], t), name
+
+
+# ------------------------------------------------------------------------------ split-K flash-decoding (one layer)
+B, DIM = 2, 64
+
+
+def _layer(bits: int, frac: float, span: str = "all", per_head: bool = False, blocks=(9, 1, 20), tokens: int = 33,
+           seed: int = 0):
+    """(key codec, value codec, keys stream, values stream): 1 fp16 sink token, nuq runs, a 2-token fp16 window."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randn(H if per_head else 1, 1 << bits, generator=g).sort(-1).values
+    levels = levels / levels.abs().amax(-1, keepdim=True)
+    key = NuqCodec(levels, "channel", H, DIM, frac, zero=0.2 * torch.randn(H, DIM, generator=g),
+                   scale=1.0 + torch.rand(H, DIM, generator=g))
+    value = NuqCodec(levels, "token", H, DIM, frac, span=span)
+    ks, vs = TokenStream(key, 1, 2), TokenStream(value, 1, 2)
+    _grow(ks, vs, tokens, blocks, g)
+    return key, value, ks, vs
+
+
+def _grow(ks, vs, tokens: int, blocks, g) -> None:
+    added = i = 0
+    while added < tokens:
+        n = min(blocks[i % len(blocks)], tokens - added)
+        ks.append(torch.randn(B, H, n, DIM, generator=g) * 1.5)
+        vs.append(torch.randn(B, H, n, DIM, generator=g))
+        added += n
+        i += 1
+
+
+def _positions(total: int, pad: int = 3) -> torch.Tensor:
+    """int32 [B, total]: row 0 at 0.., row 1 left-padded by `pad` slots (pads at position 1, then 0..)."""
+    row1 = torch.cat([torch.ones(pad, dtype=torch.long), torch.arange(total - pad)])
+    return torch.stack([torch.arange(total) + 5, row1]).to(torch.int32)
+
+
+INV_FREQ = 1e4 ** (-torch.arange(0, DIM, 2).float() / DIM)
+
+
+def _decode_then_attend(ks, vs, query, scaling, positions=None, mask=None, softcap=None, rope_scaling=1.0):
+    """The layer's attention from its decoded keys/values: [B, Q, Hq, D] float32."""
+    k, v = ks.read(torch.float32), vs.read(torch.float32)
+    total = k.shape[2]
+    if positions is not None:
+        ang = positions[:, :total].double()[:, :, None] * INV_FREQ.double()
+        emb = torch.cat([ang, ang], -1)
+        k = apply_rope(k, (emb.cos() * rope_scaling).float(), (emb.sin() * rope_scaling).float())
+    per = query.shape[1] // H
+    s = query.float() @ k.repeat_interleave(per, 1).transpose(-1, -2) * scaling
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    q = query.shape[2]
+    if mask is None and q > 1:
+        rows = torch.arange(q)[:, None] + total - q
+        s = s.masked_fill(torch.arange(total) > rows, float("-inf"))
+    elif mask is not None:
+        m = mask[..., -total:]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+    return (torch.softmax(s, -1) @ v.repeat_interleave(per, 1)).transpose(1, 2)
+
+
+def _query(queries: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(B, H * 3, queries, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _check(got, want, dot16: bool) -> None:
+    assert got is not None and got.shape == want.shape
+    scale = want.abs().max()
+    tol = 3e-3 if dot16 else 2e-5
+    assert (got.float() - want).abs().max() <= tol * scale, float((got.float() - want).abs().max() / scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_split_k_matches_decode_then_attend(bits):
+    """RoPE from positions (left padding masked), GQA 3 x 1, outliers in keys and values, several runs and splits."""
+    key, value, ks, vs = _layer(bits, 0.05, seed=bits)
+    assert len(ks.body.runs) >= 2 and ks.head is not None and ks.tail is not None
+    assert ks.body.runs[0].__dict__.get("_kvpack_triton_cells") is None
+    total = ks.stored
+    pos = _positions(total)
+    mask = torch.ones(B, 1, 1, total + 4, dtype=torch.bool)  # longer than the stored tokens: the last ones count
+    mask[1, ..., 4:7] = False  # batch row 1: 3 padding slots after the sink
+    query = _query(1)
+    got = triton_decode.stream_attention(ks, vs, key, value, query, mask, DIM ** -0.5, positions=pos,
+                                         inv_freq=INV_FREQ, dot16=False, split_tokens=32)
+    _check(got, _decode_then_attend(ks, vs, query, DIM ** -0.5, pos, mask), False)
+
+
+def test_split_k_fp16_dot_causal_span_head_per_head_levels():
+    """fp16 tensor-core operands; 2 query tokens (causal); per-head codebooks; value outliers per (token, head)."""
+    key, value, ks, vs = _layer(4, 0.04, span="head", per_head=True, blocks=(20, 1), tokens=26, seed=7)
+    total = ks.stored
+    pos = _positions(total, pad=0)
+    query = _query(2)
+    got = triton_decode.stream_attention(ks, vs, key, value, query, None, DIM ** -0.5, positions=pos,
+                                         inv_freq=INV_FREQ, rope_scaling=1.1, dot16=True, split_tokens=16)
+    _check(got, _decode_then_attend(ks, vs, query, DIM ** -0.5, pos, rope_scaling=1.1), True)
+
+
+def test_split_k_post_rope_additive_mask_softcap_and_appends():
+    """Keys stored post-RoPE, an additive float mask, softcapping; then more blocks appended: the outlier pointers
+    kept on the run are extended, and the answer still matches."""
+    key, value, ks, vs = _layer(2, 0.06, blocks=(7, 1), tokens=12, seed=3)
+    query = _query(1, seed=9)
+
+    def attend():
+        total = ks.stored
+        mask = torch.zeros(B, 1, 1, total)
+        mask[0, ..., 2] = float("-inf")
+        mask[1, ..., :] = torch.linspace(-1, 0, total)
+        got = triton_decode.stream_attention(ks, vs, key, value, query, mask, 0.2, softcap=3.0, dot16=False)
+        _check(got, _decode_then_attend(ks, vs, query, 0.2, mask=mask, softcap=3.0), False)
+
+    def rows_seen() -> int:
+        return sum(r.__dict__["_kvpack_triton_cells"]["rows"] for r in ks.body.runs if "_kvpack_triton_cells" in r.__dict__)
+
+    attend()
+    before = rows_seen()
+    _grow(ks, vs, 3, (1,), torch.Generator().manual_seed(4))
+    attend()
+    assert rows_seen() > before
+
+
+def test_cell_pointers_match_a_recount():
+    """Per-(row, head) CSR pointers of "token_all" outliers == counting every stored outlier's row and head."""
+    from kvpack.kernels.layout import nuq_view
+
+    key, _, ks, _ = _layer(3, 0.08, blocks=(5, 1, 1), tokens=10, seed=2)
+    for run in ks.body.runs:
+        view = nuq_view(run, key)
+        o = view.outliers
+        assert o.mode == 1
+        ptr = triton_decode._cell_pointers(run, view).long()
+        rows = torch.repeat_interleave(torch.arange(o.counts.numel()), o.counts.long())
+        cells = rows * H + o.positions.long() // DIM
+        counts = torch.bincount(cells, minlength=o.counts.numel() * H)
+        assert torch.equal(ptr[1: counts.numel() + 1] - ptr[: counts.numel()], counts)
+        assert int(ptr[counts.numel()]) == o.values.numel()
+
+
+def test_split_k_declines_what_it_does_not_cover():
+    """RVQ runs, head_dim not a power of two, partial rotary: None (the caller takes another path)."""
+    books = torch.randn(2, 16, 8)
+    codec = RVQCodec(books, 16, "strided")
+    ks, vs = TokenStream(codec, 0, 0), TokenStream(codec, 0, 0)
+    ks.append(torch.randn(1, H, 4, 16))
+    vs.append(torch.randn(1, H, 4, 16))
+    assert triton_decode.stream_attention(ks, vs, codec, codec, torch.randn(1, H, 1, 16), None, 0.25) is None
+    key, value, ks, vs = _layer(4, 0.0, tokens=4, blocks=(4,))
+    partial = INV_FREQ[: DIM // 4]
+    assert triton_decode.stream_attention(ks, vs, key, value, _query(1), None, 0.1, positions=_positions(ks.stored),
+                                          inv_freq=partial) is None

@@ -171,6 +171,8 @@ def test_bad_input_is_refused():
             TurboQuantCodec(bits, 64)
     with pytest.raises(ValueError):
         TurboQuantCodec(3, 1)
+    with pytest.raises(ValueError, match="levels"):
+        TurboQuantCodec(3, 64, levels={3: torch.zeros(4)})
     codec = TurboQuantCodec(3, 64)
     with pytest.raises(ValueError, match="head_dim"):
         codec.encode(torch.randn(2, 32))
@@ -229,3 +231,19 @@ def test_family_real_cache_matches_simulation():
     assert real.ppl == pytest.approx(sim.ppl, rel=1e-6) and sim.kl > 0
     fp16 = simulated_perplexity(model, windows, Recipe.baseline("fp16", 2), progress=False, reference=False)
     assert sim.ppl != fp16.ppl
+
+
+def test_center_is_subtracted_and_added_back():
+    heads, d = 3, 64
+    center = torch.randn(heads, d) * 10
+    x = center[:, None, :] + 0.1 * torch.randn(2, heads, 50, d)  # vectors far from 0, close to their head's center
+    plain, centered = TurboQuantCodec(3, d), TurboQuantCodec(3, d, center=center)
+    err = lambda c: float(((c.decode(c.encode(x)) - x) ** 2).mean())  # noqa: E731
+    assert err(centered) < err(plain) / 100
+    assert centered.shared_nbytes() == plain.shared_nbytes() + heads * d * 2
+    again = codec_from_state("TurboQuantCodec", *centered.state())
+    assert torch.equal(again.decode(centered.encode(x)), centered.decode(centered.encode(x)))
+    with pytest.raises(ValueError, match="heads"):
+        centered.encode(torch.randn(2, 50, d))
+    with pytest.raises(ValueError):
+        TurboQuantCodec(3, center=center)

@@ -7,6 +7,7 @@ from kvpack.recipes.calibrate import calibrate
 from kvpack.cache.cache import CompressedCache
 from kvpack.finetune.train import apply_finetuned
 from kvpack.generation import GenerationResult, generate
+from kvpack.hf.attention import cache_kwargs
 
 __version__ = "0.1.0"
-__all__ = ["CompressedCache", "apply_finetuned", "calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL", "generate", "GenerationResult"]
+__all__ = ["CompressedCache", "apply_finetuned", "calibrate", "load_model", "load_corpus", "load_windows", "Recipe", "KVPackError", "DEFAULT_MODEL", "generate", "GenerationResult", "cache_kwargs"]

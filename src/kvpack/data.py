@@ -64,7 +64,8 @@ def _documents_from_hub(name: str) -> list[str]:
     hint = (
         f"Named corpus '{name}' was not found. Put the file at $KVPACK_DATA/{NAMED_SETS[name]} "
         f"(KVPACK_DATA={os.environ.get('KVPACK_DATA', '<unset>')}), pass a file path with --data PATH, "
-        "or install the 'datasets' package and go online."
+        "or install the 'datasets' package and go online. To calibrate without any text, use --calib-data self "
+        "(data=\"self\": text the model writes itself)."
     )
     if datasets is None:
         raise DataError(hint)

@@ -27,7 +27,11 @@ from safetensors.torch import save_file
 from safetensors import safe_open
 
 FORMAT = "kvpack-cache"
-VERSION = 1
+# 2: per-block lengths are int64 tensors ("<prefix>.run<j>.lengths", one row per tensor name in sorted order)
+#    instead of JSON lists in the header (about 1 KB per generated token and layer made long caches unsavable);
+# 1: lengths in the header (still read).
+VERSION = 2
+READABLE = (1, 2)
 _META_KEY = "kvpack_cache"
 
 
@@ -86,8 +90,9 @@ def _stream_state(prefix: str, s: TokenStream, tensors: dict) -> dict:
         run.compact()
         for name in run.buffers:
             tensors[f"{prefix}.run{j}.{name}"] = run.buffers[name].contiguous()
-        runs.append({"block_shape": list(run.block_shape), "meta": run.meta, "lengths": run.lengths,
-                     "names": sorted(run.buffers)})
+        names = sorted(run.buffers)
+        tensors[f"{prefix}.run{j}.lengths"] = torch.tensor([run.lengths[n] for n in names], dtype=torch.int64)
+        runs.append({"block_shape": list(run.block_shape), "meta": run.meta, "names": names})
     return {"head": head, "tail": tail, "dropped": s.dropped, "head_dropped": s.head_dropped, "runs": runs}
 
 
@@ -153,7 +158,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _check(header: dict, tensors: dict, path: Path, model, recipe) -> None:
     if header.get("format") != FORMAT:
         raise CacheFileError(f"'{path}' is not a kvpack cache file (format {header.get('format')!r}).")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READABLE:
         raise CacheFileError(
             f"'{path}' has cache format version {header.get('version')}, this kvpack reads version {VERSION}; "
             "recompute the cache with this kvpack version."
@@ -183,7 +188,12 @@ def _load_stream(prefix: str, state: dict, stream: TokenStream, tensors: dict, d
         buffers = {n: tensors[f"{prefix}.run{j}.{n}"].to(device) for n in r["names"]}
         parts = tuple((n, tuple(buffers[n].shape[1:]), buffers[n].dtype) for n in sorted(buffers))
         sig = (parts, tuple(r["block_shape"]), repr(sorted(r["meta"].items())))
-        stream.body.runs.append(Run(tuple(r["block_shape"]), r["meta"], sig, buffers, {n: list(v) for n, v in r["lengths"].items()}))
+        if "lengths" in r:  # format 1
+            lengths = {n: list(v) for n, v in r["lengths"].items()}
+        else:
+            table = tensors[f"{prefix}.run{j}.lengths"]
+            lengths = {n: table[i].tolist() for i, n in enumerate(r["names"])}
+        stream.body.runs.append(Run(tuple(r["block_shape"]), r["meta"], sig, buffers, lengths))
 
 
 def load_cache(path: str | Path, model, recipe, cache_type: type):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kvpack.hf.models import text_config
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "positions", "rope", "reserved")
 _SCALE_NAMES = {"min", "step", "scale", "zero", "norm", "mean", "std", "lo", "hi"}
@@ -42,7 +43,6 @@ def classify(name: str, meta: dict | None = None) -> str:
 
 def fp16_cache_nbytes(config, tokens: int, batch: int = 1) -> int:
     """Bytes an fp16 DynamicCache holds for `tokens` tokens (sliding layers keep window - 1)."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
 
     cfg = text_config(config)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -77,25 +77,36 @@ class MemoryReport:
         return out
 
     @property
+    def stored(self) -> int:
+        """Bytes of what the encoding stores (every part but the RoPE tables and reserved capacity)."""
+        return self.total - self.parts.get("rope", 0) - self.parts.get("reserved", 0)
+
+    @property
     def ratio(self) -> float:
-        """fp16 DynamicCache bytes / compressed bytes at the same length."""
+        """fp16 DynamicCache bytes / bytes held (everything, `total`) at the same length."""
         return self.fp16_total / max(self.total, 1)
 
     @property
+    def storage_ratio(self) -> float:
+        """fp16 DynamicCache bytes / bytes the encoding stores (`stored`): the format's compression."""
+        return self.fp16_total / max(self.stored, 1)
+
+    @property
     def bits_per_element(self) -> float:
-        """Stored bits per cached K/V element, fp16 = 16."""
-        return 16.0 / self.ratio if self.total else 0.0
+        """Stored bits per cached K/V element (fp16 = 16): codes, scales, outliers, fp16 tokens, positions, codebooks."""
+        return 16.0 / self.storage_ratio if self.stored else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(per_token_per_layer=self.per_token_per_layer, ratio=self.ratio, bits_per_element=self.bits_per_element)
+        d.update(per_token_per_layer=self.per_token_per_layer, ratio=self.ratio, storage_ratio=self.storage_ratio,
+                 stored=self.stored, bits_per_element=self.bits_per_element)
         return d
 
     def __str__(self) -> str:
         ptl = self.per_token_per_layer
         lines = [f"{self.method}: {self.tokens} tokens x {self.layers} layers x batch {self.batch}: "
-                 f"{self.total / 2**20:.2f} MiB vs fp16 {self.fp16_total / 2**20:.2f} MiB "
-                 f"({self.ratio:.2f}x smaller, {self.bits_per_element:.3f} bits/element)"]
+                 f"{self.total / 2**20:.2f} MiB held vs fp16 {self.fp16_total / 2**20:.2f} MiB "
+                 f"({self.ratio:.2f}x smaller; the encoding stores {self.bits_per_element:.3f} bits/element)"]
         lines += [f"  {part:<12} {ptl[part]:10.2f} B/token/layer" for part in PARTS if self.parts.get(part)]
         lines.append(f"  {'total':<12} {ptl['total']:10.2f} B/token/layer  (everything held, reserved capacity included)")
         return "\n".join(lines)

@@ -1,25 +1,40 @@
-"""`kvpack report`: render the README's result tables from the saved JSON results."""
+"""`kvpack report`: render the README's and docs/results.md's tables and the quality-vs-bits figure from results/*.json."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
 
-from kvpack.evaluate.report import render_readme
+from kvpack.cli.options import log
+from kvpack.evaluate.report import figure_is_current, render_figure, render_readme
 
 
 def report_command(
     results: Path = typer.Option(Path("results"), help="Folder of JSON results."),
     readme: Path = typer.Option(Path("README.md"), help="README whose <!-- results:NAME --> blocks are refreshed."),
-    check: bool = typer.Option(False, help="Exit 1 if the README is not up to date instead of writing it."),
+    docs: Path = typer.Option(Path("docs/results.md"), help="A second document with result blocks (skipped if missing)."),
+    figure: Path = typer.Option(Path("results/quality-vs-bits.png"), help="Perplexity lost vs bits per element, every method."),
+    check: bool = typer.Option(False, help="Exit 1 if a document or the figure is not up to date instead of writing them."),
 ) -> None:
-    """Render the README's result tables from the saved JSON results."""
-    text = render_readme(readme, results)
+    """Render the result tables of the README (and docs/results.md) and the quality-vs-bits figure from the saved JSON results."""
+    stale = []
+    for document in [readme] + ([docs] if docs.is_file() else []):
+        text = render_readme(document, results)
+        if text == document.read_text():
+            continue
+        if check:
+            stale.append(str(document))
+        else:
+            document.write_text(text)
+            log(f"refreshed {document} from {results}/")
     if check:
-        if text != readme.read_text():
-            typer.echo(f"{readme} is out of date: run `kvpack report`.", err=True)
+        if not figure_is_current(results, figure):
+            stale.append(str(figure))
+        if stale:
+            typer.echo(f"out of date: {', '.join(stale)}; run `kvpack report`.", err=True)
             raise typer.Exit(1)
-        typer.echo(f"{readme} is up to date.")
+        typer.echo(f"{readme}{', ' + str(docs) if docs.is_file() else ''} and {figure} are up to date.")
         return
-    readme.write_text(text)
-    typer.echo(f"refreshed {readme} from {results}/")
+    if not figure_is_current(results, figure):
+        log(f"wrote {render_figure(results, figure)}")
+    typer.echo("report up to date.")

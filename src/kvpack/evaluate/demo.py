@@ -1,21 +1,33 @@
-"""The main job of `make demo`: compress the cache of a real long prompt and generate next to fp16.
+"""The main job of `make demo`: compress the cache of a long prompt and generate next to fp16.
 
-Loads the default model, takes a WikiText-2 article as the prompt (its first `prompt_tokens`
-tokens), generates a greedy continuation with an ordinary fp16-precision DynamicCache and one
-with a CompressedCache built from `method`, and prints the memory the compressed cache held
-against an fp16 DynamicCache of the same length, and how many greedy tokens agree.
+Loads the default model and takes a long prompt (its first `prompt_tokens` tokens): by default
+the text shipped with kvpack (`kvpack/texts/kv-cache-guide.txt`, an explanation of KV-cache
+compression), or a file (`prompt_file`), or the first long enough article of a WikiText corpus
+(`data="wikitext2"`, needs the corpus). It generates a greedy continuation with an ordinary
+DynamicCache and one with a CompressedCache built from `method` (the recipe shipped with kvpack
+when there is one for the model), and prints the memory the compressed cache held against an
+fp16 DynamicCache of the same length, and how many greedy tokens agree.
 """
 from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from kvpack.cache.cache import CompressedCache
+from kvpack.data import load_corpus, tokenize
+from kvpack.errors import DataError
 from kvpack.hf.attention import cache_kwargs
+from kvpack.hf.models import load_model
+from kvpack.recipes.resolve import resolve_recipe
 
 _ARTICLE = re.compile(r"^ = (?!=)(.+?) = $", re.M)
+TEXTS_DIR = Path(__file__).resolve().parents[1] / "texts"
+SHIPPED_TEXT = "guide"
+SHIPPED_TEXT_FILE = TEXTS_DIR / "kv-cache-guide.txt"
 
 
 def wikitext_articles(text: str) -> list[tuple[str, str]]:
@@ -27,9 +39,6 @@ def wikitext_articles(text: str) -> list[tuple[str, str]]:
 
 def long_article(tokenizer, data: str, min_tokens: int) -> tuple[str, torch.Tensor]:
     """The first article of `data` with at least `min_tokens` tokens: (title, ids [1, min_tokens])."""
-    from kvpack.data import load_corpus, tokenize
-    from kvpack.errors import DataError
-
     for title, body in wikitext_articles(load_corpus(data).text):
         ids = tokenize(tokenizer, body)
         if ids.numel() >= min_tokens:
@@ -37,19 +46,39 @@ def long_article(tokenizer, data: str, min_tokens: int) -> tuple[str, torch.Tens
     raise DataError(f"No article in '{data}' has {min_tokens} tokens; ask for a shorter prompt.")
 
 
-@torch.no_grad()
-def run_demo(model_spec: str = "smollm2-135m", method: str = "kivi-4", data: str = "wikitext2",
-             prompt_tokens: int = 2048, new_tokens: int = 64, calib_windows: int = 16,
-             out: Callable[[str], None] = print) -> dict:
-    """Generate from a long WikiText-2 prompt with fp16 and with the compressed cache; returns the numbers."""
-    from kvpack.cache.cache import CompressedCache
-    from kvpack.hf.models import load_model
-    from kvpack.recipes.resolve import resolve_recipe
+def text_prompt(tokenizer, path: Path, tokens: int, label: str) -> tuple[str, torch.Tensor]:
+    """(label, ids [1, n]) of the first `tokens` tokens of the text file `path` (all of it if shorter)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError) as exc:
+        raise DataError(f"Prompt file '{path}' cannot be read as UTF-8 text ({exc}).") from exc
+    ids = tokenize(tokenizer, text)[:tokens]
+    if ids.numel() < 2:
+        raise DataError(f"Prompt file '{path}' holds fewer than 2 tokens; give a longer text.")
+    return f"{label}, first {ids.numel()} tokens", ids.unsqueeze(0)
 
+
+def demo_prompt(tokenizer, data: str, prompt_file: str | Path | None, tokens: int) -> tuple[str, torch.Tensor]:
+    """The demo's prompt: `prompt_file`, else the shipped text (`data="guide"`), else a WikiText article of `data`."""
+    if prompt_file is not None:
+        return text_prompt(tokenizer, Path(prompt_file), tokens, f"file {prompt_file}")
+    if data == SHIPPED_TEXT:
+        return text_prompt(tokenizer, SHIPPED_TEXT_FILE, tokens, f"kvpack's own text {SHIPPED_TEXT_FILE.name}")
+    title, ids = long_article(tokenizer, data, tokens)
+    return f"{data} article '{title}', first {ids.shape[1]} tokens", ids
+
+
+@torch.no_grad()
+def run_demo(model_spec: str = "smollm2-135m", method: str = "kvquant-4bit-1pct", data: str = SHIPPED_TEXT,
+             prompt_tokens: int = 2048, new_tokens: int = 64, calib_windows: int = 16,
+             out: Callable[[str], None] = print, prompt_file: str | Path | None = None,
+             calib_data: str = "c4[:500]", recalibrate: bool = False) -> dict:
+    """Generate from a long prompt with fp16 and with the compressed cache; returns the numbers."""
     model, tokenizer = load_model(model_spec)
-    recipe = resolve_recipe(model, tokenizer, method, calib_windows=calib_windows, progress=True)
-    title, prompt = long_article(tokenizer, data, prompt_tokens)
-    out(f"prompt: WikiText-2 article '{title}', first {prompt.shape[1]} tokens; method {recipe.method}")
+    recipe = resolve_recipe(model, tokenizer, method, calib_data=calib_data, calib_windows=calib_windows,
+                            recalibrate=recalibrate, progress=True)
+    label, prompt = demo_prompt(tokenizer, data, prompt_file, prompt_tokens)
+    out(f"prompt: {label}; method {recipe.method}")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     start = time.perf_counter()
@@ -69,7 +98,7 @@ def run_demo(model_spec: str = "smollm2-135m", method: str = "kivi-4", data: str
     out(f"memory saved: {(report.fp16_total - report.total) / 2**20:.2f} MiB of {report.fp16_total / 2**20:.2f} MiB "
         f"({100 * (1 - report.total / report.fp16_total):.1f}%)")
     out(f"greedy-token agreement with fp16: {agreement:.1%} ({int(same.sum())}/{new_tokens}), first difference at token {first}")
-    return {"method": recipe.method, "article": title, "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens,
+    return {"method": recipe.method, "prompt": label, "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens,
             "agreement": agreement, "first_divergence": first, "bytes": report.total, "fp16_bytes": report.fp16_total,
             "ratio": report.ratio, "bits_per_element": report.bits_per_element, "fp16_seconds": fp16_s,
             "compressed_seconds": packed_s}

@@ -15,6 +15,8 @@ group and stage is unpacked (any code width up to 16 bits), codewords summed ove
 scaled, rotated, reduced. RVQ outliers are not handled here (reference path).
 
 Importing this module never needs triton; `available()` says whether the kernels can run.
+`layer_attention` (kernels.triton_decode) is the one-call-per-layer split-K path that supersedes these
+two per-run entry points for nuq caches.
 """
 from __future__ import annotations
 
@@ -392,3 +394,11 @@ def value_accum(run, codec, p: torch.Tensor, out: torch.Tensor) -> bool:
         out += part.sum(0).view(B, H, -1, D)[:, :, :G]
         return True
     return False
+
+
+def layer_attention(layer, query: torch.Tensor, mask, scaling: float, softcap=None, positions=None, inv_freq=None,
+                    rope_scaling: float = 1.0):
+    """One layer's attention in one split-K pass: query [B, Hq, Q, D] -> [B, Q, Hq, D], or None (see triton_decode)."""
+    from kvpack.kernels import triton_decode
+
+    return triton_decode.layer_attention(layer, query, mask, scaling, softcap, positions, inv_freq, rope_scaling)

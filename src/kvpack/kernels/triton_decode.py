@@ -11,13 +11,14 @@ recent window (tail). Per segment one launch of grid (B * Hkv, splits); a progra
 tokens of one (batch, KV head) in blocks of BLOCK tokens and keeps an online softmax over them:
 
 - keys: int32 code words loaded per token row (a row of D codes is D * bits / 32 words), codes
-  unpacked by shifts, levels looked up with `tl.gather` from a 2**bits-entry table held on chip,
-  per-channel scale/zero, sparse outliers put in place (per-row CSR pointers built once per block
-  appended, a binary search finds the head's entries in "token_all" rows), RoPE from int32
-  positions and inv_freq (rotate_half, attention scaling; no per-token cos/sin table);
+  unpacked by shifts into channel-major tiles [D/2, BLOCK] (what tl.dot takes), levels looked up
+  with `tl.gather` from the 2**bits-entry codebook held in shared memory, per-channel scale/zero,
+  sparse outliers put in place (CSR pointers per (token row, KV head), extended once per appended
+  block, see `_cell_pointers`), RoPE from int32 positions and inv_freq (rotate_half, attention
+  scaling; angles reduced to [-pi, pi], polynomial cos/sin; no per-token cos/sin table);
 - q . k and p . v with `tl.dot`, the GQA query group (query heads per KV head x query tokens)
   padded to 16 rows; channel halves [0, D/2) and [D/2, D) are separate tiles (RoPE pairs them);
-- values: per-token fp16 scale/zero, outliers, p . v into the accumulator.
+- values: per-token fp16 scale/zero, outliers, acc^T [D/2, G] += v^T p^T.
 
 Partials (max, sum, acc) per split go to a buffer; one reduction kernel combines them and writes the
 output. Host side: no .item(), no torch.equal, no device-to-host copy; launch grids depend only on
@@ -33,15 +34,16 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.kernels.layout import NuqView, nuq_view
-from kvpack.kernels.triton_attention import HAVE_TRITON, available, interpreting
+from kvpack.kernels.triton_attention import HAVE_TRITON, available
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-BLOCK_N = 32  # tokens per inner block
-NUM_WARPS = 4
+BLOCK_N = 32  # tokens per inner block of the fp16 (sink, window) kernel; tokens per split are a multiple
+NUQ_BLOCK = 16  # tokens per inner block of the nuq kernel (fits 128 registers without spills, see split_launch)
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+MAX_GROUPS = 32  # query rows per KV head (heads per KV head x query tokens) the compile checks cover
 
 
 def _pow2(n: int) -> int:
@@ -80,33 +82,21 @@ if HAVE_TRITON:
         return tl.reshape(codes, [HALF, BN])
 
     @triton.jit
-    def _search(pos_ptr, lo, hi, key, LOG: tl.constexpr):
-        """Per lane, the first index in [lo, hi) whose stored position is >= key (hi if none); LOG >= log2(hi - lo + 1)."""
-        for _ in tl.static_range(LOG):
-            active = lo < hi
-            mid = lo + (hi - lo) // 2
-            pm = tl.load(pos_ptr + mid, mask=active, other=0).to(tl.int32)
-            go = active & (pm < key)
-            lo = tl.where(go, mid + 1, lo)
-            hi = tl.where(active & (pm >= key), mid, hi)
-        return lo
+    def _lookup(levels, codes, A: tl.constexpr, C: tl.constexpr):
+        """levels [L] at codes [A, C] -> [A, C] fp32 (the table goes to shared memory)."""
+        return tl.reshape(tl.gather(levels, tl.reshape(codes, [A * C]), 0), [A, C])
 
     @triton.jit
-    def _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE: tl.constexpr, LOG: tl.constexpr, D: tl.constexpr):
-        """Entries [first, last) [BN] of this head's outliers in rows `orow` [BN], and the most in one row.
-
-        MODE 1: a row holds every head's outliers at h * D + c (sorted), this head's are [base_c, base_c + D);
-        MODE 2: a row holds this head's only (base_c = 0)."""
-        first = tl.load(ptr_ptr + orow, mask=nmask, other=0)
-        last = tl.load(ptr_ptr + orow + 1, mask=nmask, other=0)
-        if MODE == 1:
-            first = _search(pos_ptr, first, last, base_c, LOG)
-            last = _search(pos_ptr, first, last, base_c + D, LOG)
+    def _outlier_rows(ptr_ptr, cell, nmask):
+        """Entries [first, last) [BN] of this head's outliers of cells `cell` [BN] (CSR pointers over (row, head) or
+        rows) and the most any one cell holds."""
+        first = tl.load(ptr_ptr + cell, mask=nmask, other=0)
+        last = tl.load(ptr_ptr + cell + 1, mask=nmask, other=0)
         return first, last, tl.max(tl.where(nmask, last - first, 0), 0)
 
     @triton.jit
     def _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c):
-        """The j-th outlier of each row: (ok [BN], channel [BN], value [BN] fp32)."""
+        """The j-th outlier of each cell: (ok [BN], channel [BN], value [BN] fp32)."""
         idx = first + j
         ok = nmask & (idx < last)
         c = tl.load(pos_ptr + idx, mask=ok, other=0).to(tl.int32) - base_c
@@ -114,10 +104,9 @@ if HAVE_TRITON:
         return ok, c, val
 
     @triton.jit
-    def _key_outliers(k_lo, k_hi, ptr_ptr, pos_ptr, val_ptr, orow, nmask, base_c, MODE: tl.constexpr,
-                      LOG: tl.constexpr, HALF: tl.constexpr):
-        """Keys k [HALF, BN] x 2 (channel-major) with the stored outliers of rows `orow` [BN] put in place."""
-        first, last, count = _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE, LOG, 2 * HALF)
+    def _outliers(k_lo, k_hi, ptr_ptr, pos_ptr, val_ptr, cell, nmask, base_c, HALF: tl.constexpr):
+        """Keys or values x [HALF, BN] x 2 (channel-major) with the stored outliers of cells `cell` [BN] put in place."""
+        first, last, count = _outlier_rows(ptr_ptr, cell, nmask)
         cols = tl.arange(0, HALF)[:, None]
         for j in range(0, count):
             ok, c, val = _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c)
@@ -126,19 +115,14 @@ if HAVE_TRITON:
         return k_lo, k_hi
 
     @triton.jit
-    def _value_outliers(l_lo, l_hi, vs, vz, ptr_ptr, pos_ptr, val_ptr, orow, nmask, base_c, MODE: tl.constexpr,
-                        LOG: tl.constexpr, HALF: tl.constexpr):
-        """Corrections [BN, HALF] x 2: stored outlier minus its dequantized value (levels l * vs + vz), 0 elsewhere."""
-        first, last, count = _outlier_rows(ptr_ptr, pos_ptr, orow, nmask, base_c, MODE, LOG, 2 * HALF)
-        cols = tl.arange(0, HALF)[None, :]
-        d_lo = tl.zeros(l_lo.shape, dtype=tl.float32)
-        d_hi = tl.zeros(l_hi.shape, dtype=tl.float32)
-        for j in range(0, count):
-            ok, c, val = _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c)
-            d_lo = tl.where(ok[:, None] & (cols == c[:, None]), val[:, None] - (l_lo * vs[:, None] + vz[:, None]), d_lo)
-            d_hi = tl.where(ok[:, None] & (cols + HALF == c[:, None]), val[:, None] - (l_hi * vs[:, None] + vz[:, None]),
-                            d_hi)
-        return d_lo, d_hi, count
+    def _cos_sin(r):
+        """cos, sin of r in [-pi, pi] (Taylor to degree 18/17: error < 4e-8 there, no branches, no local memory)."""
+        r2 = r * r
+        c = 1.0 + r2 * (-1 / 2 + r2 * (1 / 24 + r2 * (-1 / 720 + r2 * (1 / 40320 + r2 * (-1 / 3628800 + r2 * (
+            1 / 479001600 + r2 * (-1 / 87178291200 + r2 * (1 / 20922789888000 + r2 * (-1 / 6402373705728000)))))))))
+        s = r * (1.0 + r2 * (-1 / 6 + r2 * (1 / 120 + r2 * (-1 / 5040 + r2 * (1 / 362880 + r2 * (-1 / 39916800 + r2 * (
+            1 / 6227020800 + r2 * (-1 / 1307674368000 + r2 * (1 / 355687428096000)))))))))
+        return c, s
 
     @triton.jit
     def _rope(k_lo, k_hi, pos_row, slot, nmask, freq, rope_scale):
@@ -148,8 +132,9 @@ if HAVE_TRITON:
         turns = tl.floor(ang * 0.15915494309189535 + 0.5)  # reduce to [-pi, pi]: 2 pi = 6.28125 + 1.93530718e-3
         r = ang - turns * 6.28125
         r = r - turns * 1.9353071795864769e-03
-        c = tl.cos(r) * rope_scale
-        s = tl.sin(r) * rope_scale
+        c, s = _cos_sin(r)
+        c = c * rope_scale
+        s = s * rope_scale
         return k_lo * c - k_hi * s, k_hi * c + k_lo * s
 
     @triton.jit
@@ -200,30 +185,25 @@ if HAVE_TRITON:
 
     @triton.jit
     def _softmax_step(s, m, l, acc_lo, acc_hi):
-        """Online softmax: (probabilities p [GP, BN] against the new max, new m, l, rescaled acc x 2)."""
+        """Online softmax: (p^T [BN, GP] against the new max, new m, l, rescaled acc^T [HALF, GP] x 2)."""
         m_new = tl.maximum(m, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_use)
         p = tl.exp(s - m_use[:, None])
-        return p, m_new, l * alpha + tl.sum(p, 1), acc_lo * alpha[:, None], acc_hi * alpha[:, None]
+        return tl.trans(p), m_new, l * alpha + tl.sum(p, 1), acc_lo * alpha[None, :], acc_hi * alpha[None, :]
 
     @triton.jit
     def _store_partial(acc_ptr, ml_ptr, split, pid, BH, m, l, acc_lo, acc_hi, GP: tl.constexpr, HALF: tl.constexpr):
-        """Partials of program (split, pid): acc [S, BH, GP, D] fp32, ml [S, BH, 2, GP] fp32 (max, sum)."""
+        """Partials of program (split, pid): acc [S, BH, GP, D] fp32 (from acc^T [HALF, GP] x 2), ml [S, BH, 2, GP]
+        fp32 (max, sum)."""
         g = tl.arange(0, GP)
         dh = tl.arange(0, HALF)
         cell = split.to(tl.int64) * BH + pid
-        arow = acc_ptr + (cell * GP + g)[:, None] * (2 * HALF) + dh[None, :]
+        arow = acc_ptr + (cell * GP + g)[None, :] * (2 * HALF) + dh[:, None]
         tl.store(arow, acc_lo)
         tl.store(arow + HALF, acc_hi)
         tl.store(ml_ptr + cell * 2 * GP + g, m)
         tl.store(ml_ptr + cell * 2 * GP + GP + g, l)
-
-    @triton.jit
-    def _key_table(levels, ks_ptr, kz_ptr, h, HALF_IDX: tl.constexpr, HALF: tl.constexpr):
-        """Dequantized key values per (channel, code): levels [L] * scale_c + zero_c -> [HALF, L] fp32."""
-        c = h * 2 * HALF + HALF_IDX * HALF + tl.arange(0, HALF)
-        return levels[None, :] * tl.load(ks_ptr + c)[:, None] + tl.load(kz_ptr + c)[:, None]
 
     # ------------------------------------------------------------------------------------ kernels
     @triton.jit
@@ -237,13 +217,11 @@ if HAVE_TRITON:
             acc_ptr, ml_ptr,
             N, B, H, start, total, split0, per_split, softcap,
             D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr, G0: tl.constexpr,
-            BITS_K: tl.constexpr, BITS_V: tl.constexpr, KO: tl.constexpr, VO: tl.constexpr, LOG_K: tl.constexpr,
-            LOG_V: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+            BITS_K: tl.constexpr, BITS_V: tl.constexpr, KO: tl.constexpr, VO: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
             SOFTCAP: tl.constexpr, DOT16: tl.constexpr, BLOCK: tl.constexpr):
         """Partials of one (batch, KV head) x one split of a run of nuq blocks (keys per channel, values per token).
 
-        Keys: code -> table[channel, code] (levels * scale + zero, [HALF, L] on chip, tl.gather), channel-major
-        tiles [HALF, BLOCK] that feed tl.dot directly. Values: p . v = (p * scale) . levels[code] + (p . zero)."""
+        Keys are channel-major tiles [HALF, BLOCK] (they feed tl.dot as is), values token-major [BLOCK, HALF]."""
         HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         sp = tl.program_id(1)
@@ -253,16 +231,14 @@ if HAVE_TRITON:
         h64 = h.to(tl.int64)
         q_lo, q_hi = _load_q(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, G, GP, Q, G0, HALF, DOT16)
         klev = tl.load(klev_ptr + h * klev_h + tl.arange(0, 1 << BITS_K))
-        ktab_lo = _key_table(klev, ks_ptr, kz_ptr, h, 0, HALF)
-        ktab_hi = _key_table(klev, ks_ptr, kz_ptr, h, 1, HALF)
+        dh = tl.arange(0, HALF)
         vlev = tl.load(vlev_ptr + h * vlev_h + tl.arange(0, 1 << BITS_V))
-        vtab = tl.broadcast_to(vlev[None, :], [HALF, 1 << BITS_V])
         freq = tl.load(freq_ptr + tl.arange(0, HALF)) if ROPE else tl.arange(0, HALF).to(tl.float32)
         pos_row = pos_ptr + b64 * sp_b
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l = tl.zeros([GP], dtype=tl.float32)
-        acc_lo = tl.zeros([GP, HALF], dtype=tl.float32)
-        acc_hi = tl.zeros([GP, HALF], dtype=tl.float32)
+        acc_lo = tl.zeros([HALF, GP], dtype=tl.float32)  # acc^T
+        acc_hi = tl.zeros([HALF, GP], dtype=tl.float32)
         n_begin = sp * per_split
         n_end = tl.minimum(n_begin + per_split, N)
         for n0 in range(n_begin, n_end, BLOCK):
@@ -273,42 +249,38 @@ if HAVE_TRITON:
             kb = (n // TK).to(tl.int64)
             kt = n % TK
             row = kb * sk_blk + b64 * sk_b + h64 * sk_h + kt * sk_t
-            k_lo = tl.gather(ktab_lo, _unpack(kw_ptr, row, nmask, 0, HALF, BITS_K, BLOCK), 1)
-            k_hi = tl.gather(ktab_hi, _unpack(kw_ptr, row, nmask, 1, HALF, BITS_K, BLOCK), 1)
-            if KO == 1:
-                k_lo, k_hi = _key_outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, (kb * B + b64) * TK + kt, nmask, h * D,
-                                           1, LOG_K, HALF)
-            if KO == 2:
-                k_lo, k_hi = _key_outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, ((kb * B + b64) * H + h64) * TK + kt,
-                                           nmask, 0, 2, LOG_K, HALF)
+            k_lo = _lookup(klev, _unpack(kw_ptr, row, nmask, 0, HALF, BITS_K, BLOCK), HALF, BLOCK)
+            k_hi = _lookup(klev, _unpack(kw_ptr, row, nmask, 1, HALF, BITS_K, BLOCK), HALF, BLOCK)
+            k_lo = k_lo * tl.load(ks_ptr + h * D + dh)[:, None] + tl.load(kz_ptr + h * D + dh)[:, None]
+            k_hi = k_hi * tl.load(ks_ptr + h * D + HALF + dh)[:, None] + tl.load(kz_ptr + h * D + HALF + dh)[:, None]
+            if KO == 1:  # rows (blk, b, t) over h * D + c: pointers per (row, head)
+                k_lo, k_hi = _outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, ((kb * B + b64) * TK + kt) * H + h64,
+                                           nmask, h * D, HALF)
+            if KO == 2:  # rows (blk, b, h, t) over c
+                k_lo, k_hi = _outliers(k_lo, k_hi, ko_ptr, ko_pos, ko_val, ((kb * B + b64) * H + h64) * TK + kt,
+                                           nmask, 0, HALF)
             if ROPE:
                 k_lo, k_hi = _rope(k_lo, k_hi, pos_row, slot.to(tl.int64) * sp_t, nmask, freq, rope_scale)
             s = _scores(q_lo, q_hi, k_lo, k_hi, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP, Q,
                         MASK, CAUSAL, SOFTCAP, DOT16)
             p, m, l, acc_lo, acc_hi = _softmax_step(s, m, l, acc_lo, acc_hi)
-            # values: levels [BLOCK, HALF] x 2, per-token scale folded into p, zero added as p . zero
+            # values [HALF, BLOCK] x 2: levels * scale + zero (per token), outliers; acc^T += v^T p^T
             vb = (n // TV).to(tl.int64)
             vt = n % TV
             row = vb * sv_blk + b64 * sv_b + h64 * sv_h + vt * sv_t
             srow = vb * ss_blk + b64 * ss_b + h64 * ss_h + vt * ss_t
-            vs = tl.load(vs_ptr + srow, mask=nmask, other=0.0).to(tl.float32)
-            vz = tl.load(vz_ptr + srow, mask=nmask, other=0.0).to(tl.float32)
-            l_lo = tl.trans(tl.gather(vtab, _unpack(vw_ptr, row, nmask, 0, HALF, BITS_V, BLOCK), 1))
-            l_hi = tl.trans(tl.gather(vtab, _unpack(vw_ptr, row, nmask, 1, HALF, BITS_V, BLOCK), 1))
-            ps = p * vs[None, :]
-            pz = tl.sum(p * vz[None, :], 1)[:, None]
-            acc_lo = _dot(ps, l_lo, acc_lo + pz, DOT16)
-            acc_hi = _dot(ps, l_hi, acc_hi + pz, DOT16)
-            if VO != 0:
-                if VO == 1:
-                    d_lo, d_hi, count = _value_outliers(l_lo, l_hi, vs, vz, vo_ptr, vo_pos, vo_val,
-                                                        (vb * B + b64) * TV + vt, nmask, h * D, 1, LOG_V, HALF)
-                else:
-                    d_lo, d_hi, count = _value_outliers(l_lo, l_hi, vs, vz, vo_ptr, vo_pos, vo_val,
-                                                        ((vb * B + b64) * H + h64) * TV + vt, nmask, 0, 2, LOG_V, HALF)
-                if count > 0:
-                    acc_lo = _dot(p, d_lo, acc_lo, DOT16)
-                    acc_hi = _dot(p, d_hi, acc_hi, DOT16)
+            vs = tl.load(vs_ptr + srow, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            vz = tl.load(vz_ptr + srow, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            v_lo = _lookup(vlev, _unpack(vw_ptr, row, nmask, 0, HALF, BITS_V, BLOCK), HALF, BLOCK) * vs + vz
+            v_hi = _lookup(vlev, _unpack(vw_ptr, row, nmask, 1, HALF, BITS_V, BLOCK), HALF, BLOCK) * vs + vz
+            if VO == 1:
+                v_lo, v_hi = _outliers(v_lo, v_hi, vo_ptr, vo_pos, vo_val, ((vb * B + b64) * TV + vt) * H + h64,
+                                       nmask, h * D, HALF)
+            if VO == 2:
+                v_lo, v_hi = _outliers(v_lo, v_hi, vo_ptr, vo_pos, vo_val, ((vb * B + b64) * H + h64) * TV + vt,
+                                       nmask, 0, HALF)
+            acc_lo = _dot(v_lo, p, acc_lo, DOT16)
+            acc_hi = _dot(v_hi, p, acc_hi, DOT16)
         _store_partial(acc_ptr, ml_ptr, split0 + sp, pid, B * H, m, l, acc_lo, acc_hi, GP, HALF)
 
     @triton.jit
@@ -336,8 +308,8 @@ if HAVE_TRITON:
         vbase = v_ptr + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l = tl.zeros([GP], dtype=tl.float32)
-        acc_lo = tl.zeros([GP, HALF], dtype=tl.float32)
-        acc_hi = tl.zeros([GP, HALF], dtype=tl.float32)
+        acc_lo = tl.zeros([HALF, GP], dtype=tl.float32)  # acc^T
+        acc_hi = tl.zeros([HALF, GP], dtype=tl.float32)
         n_begin = sp * per_split
         n_end = tl.minimum(n_begin + per_split, N)
         for n0 in range(n_begin, n_end, BLOCK):
@@ -352,9 +324,9 @@ if HAVE_TRITON:
             s = _scores(q_lo, q_hi, k_lo, k_hi, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP, Q,
                         MASK, CAUSAL, SOFTCAP, DOT16)
             p, m, l, acc_lo, acc_hi = _softmax_step(s, m, l, acc_lo, acc_hi)
-            vp = vbase + n.to(tl.int64)[:, None] * sv_t + dh[None, :]
-            acc_lo = _dot(p, tl.load(vp, mask=nmask[:, None], other=0.0).to(tl.float32), acc_lo, DOT16)
-            acc_hi = _dot(p, tl.load(vp + HALF, mask=nmask[:, None], other=0.0).to(tl.float32), acc_hi, DOT16)
+            vp = vbase + n.to(tl.int64)[None, :] * sv_t + dh[:, None]
+            acc_lo = _dot(tl.load(vp, mask=nmask[None, :], other=0.0).to(tl.float32), p, acc_lo, DOT16)
+            acc_hi = _dot(tl.load(vp + HALF, mask=nmask[None, :], other=0.0).to(tl.float32), p, acc_hi, DOT16)
         _store_partial(acc_ptr, ml_ptr, split0 + sp, pid, B * H, m, l, acc_lo, acc_hi, GP, HALF)
 
     @triton.jit
@@ -407,39 +379,50 @@ class Problem:
     dot16: bool
 
 
-def _row_pointers(run, counts: torch.Tensor, nnz: int) -> torch.Tensor:
-    """Exclusive prefix sums [rows + 1] (int32, int64 past 2**31 entries) of a run's outlier counts; kept on the run
-    and extended by the appended rows only (a decode step adds one block, not a rebuild)."""
-    rows = counts.numel()
+def _cell_pointers(run, view: NuqView) -> torch.Tensor:
+    """CSR pointers [cells + 1] (int32; int64 past 2**31 entries) of a run's outliers per cell: (row, head) for
+    "token_all" rows (mode 1: cell = row * H + h), the row itself for "token_head" rows (mode 2).
+
+    Kept on the run and extended by the appended blocks only, from host-known block lengths: a decode step adds a
+    few small device ops, no host sync and no rebuild."""
+    o = view.outliers
+    heads = view.heads if o.mode == 1 else 1
+    nnz, rows = o.values.numel(), o.counts.numel()
     dtype = torch.int32 if nnz < 2**31 else torch.int64
-    memo = run.__dict__.get("_kvpack_triton_rowptr")
-    lengths = run.lengths.get("outlier_counts")
-    fresh = (memo is None or memo["lengths"] is not lengths or memo["src"] != counts.data_ptr()
-             or memo["rows"] > rows or memo["ptr"].dtype != dtype)
-    if fresh:
-        ptr = torch.zeros(rows + rows // 8 + 64, dtype=dtype, device=counts.device)
-        memo = {"lengths": lengths, "src": counts.data_ptr(), "rows": 0, "ptr": ptr}
-    done = memo["rows"]
-    if done < rows:
+    memo = run.__dict__.get("_kvpack_triton_cells")
+    lengths = run.lengths["outlier_values"]
+    if (memo is None or memo["lengths"] is not lengths or memo["src"] != o.counts.data_ptr() or memo["rows"] > rows
+            or memo["ptr"].dtype != dtype):
+        memo = {"lengths": lengths, "src": o.counts.data_ptr(), "rows": 0, "entries": 0, "blocks": 0,
+                "ptr": torch.zeros(1, dtype=dtype, device=o.counts.device)}
+    if memo["rows"] < rows:
+        r0, e0 = memo["rows"], memo["entries"]
+        e1 = e0 + sum(lengths[memo["blocks"]:run.count])
         ptr = memo["ptr"]
-        if ptr.numel() < rows + 1:
-            grown = torch.zeros(rows + rows // 8 + 64, dtype=dtype, device=counts.device)
-            grown[: done + 1] = ptr[: done + 1]
+        if ptr.numel() < rows * heads + 1:
+            grown = torch.empty(rows * heads + (rows * heads) // 8 + 64, dtype=dtype, device=ptr.device)
+            grown[: r0 * heads + 1] = ptr[: r0 * heads + 1]
             ptr = memo["ptr"] = grown
-        ptr[done + 1: rows + 1] = torch.cumsum(counts[done:rows], 0, dtype=dtype) + ptr[done]
-        memo["rows"] = rows
-    run.__dict__["_kvpack_triton_rowptr"] = memo
+        new = o.counts[r0:rows].to(torch.int64)
+        if heads > 1:
+            row = torch.repeat_interleave(torch.arange(rows - r0, device=new.device), new, output_size=e1 - e0)
+            cell = row * heads + o.positions[e0:e1].to(torch.int64) // view.dim
+            new = torch.zeros((rows - r0) * heads, dtype=torch.int64, device=new.device)
+            new.scatter_add_(0, cell, torch.ones_like(cell))
+        ptr[r0 * heads + 1: rows * heads + 1] = torch.cumsum(new, 0).to(dtype) + e0
+        ptr[r0 * heads] = e0
+        memo.update(rows=rows, entries=e1, blocks=run.count)
+    run.__dict__["_kvpack_triton_cells"] = memo
     return memo["ptr"]
 
 
-def _outlier_args(run, view: NuqView) -> tuple[list, int, int]:
-    """([row pointers, positions, values], mode 0/1/2, binary-search steps) of a run's outliers."""
+def _outlier_args(run, view: NuqView) -> tuple[list, int]:
+    """([cell pointers, positions, values], mode 0/1/2) of a run's outliers."""
     o = view.outliers
     if o is None or o.values.numel() == 0:
         dummy = view.codes.new_zeros(1, dtype=torch.int32)
-        return [dummy, dummy, dummy], 0, 0
-    row_len = view.heads * view.dim if o.mode == 1 else view.dim
-    return [_row_pointers(run, o.counts, o.values.numel()), o.positions, o.values], o.mode, row_len.bit_length()
+        return [dummy, dummy, dummy], 0
+    return [_cell_pointers(run, view), o.positions, o.values], o.mode
 
 
 def _words(view: NuqView) -> tuple[torch.Tensor, list[int]] | None:
@@ -449,6 +432,13 @@ def _words(view: NuqView) -> tuple[torch.Tensor, list[int]] | None:
         return None
     words = codes.view(torch.int32)
     return words, [words.stride(i) for i in range(4)]
+
+
+def _unpackable(dim: int, bits: int) -> bool:
+    """A half row of codes is whole words (bits dividing 32) or whole 3-word chunks of 32 codes (3 bits)."""
+    if bits not in SUPPORTED_BITS:
+        return False
+    return (dim // 2) % (32 if bits == 3 else 32 // bits) == 0
 
 
 def _levels(view: NuqView) -> tuple[torch.Tensor, int]:
@@ -461,23 +451,21 @@ def _nuq_pair_args(k_run, v_run, key_codec, value_codec, pb: Problem) -> tuple[l
     if kv is None or vv is None or kv.axis != "channel" or vv.axis != "token":
         return None
     for view in (kv, vv):
-        if (view.heads, view.dim, view.batch) != (pb.heads, pb.dim, pb.batch) or view.bits not in SUPPORTED_BITS:
-            return None
-        if view.bits == 3 and view.dim < 64:
+        if (view.heads, view.dim, view.batch) != (pb.heads, pb.dim, pb.batch) or not _unpackable(view.dim, view.bits):
             return None
     kw, vw = _words(kv), _words(vv)
     if kw is None or vw is None:
         return None
     klev, klev_h = _levels(kv)
     vlev, vlev_h = _levels(vv)
-    ko, ko_mode, ko_log = _outlier_args(k_run, kv)
-    vo, vo_mode, vo_log = _outlier_args(v_run, vv)
+    ko, ko_mode = _outlier_args(k_run, kv)
+    vo, vo_mode = _outlier_args(v_run, vv)
     ss = list(vv.vscale.stride())
     if vv.vscale.shape[2] == 1:
         ss[2] = 0
     args = [kw[0], *kw[1], kv.tokens, klev, klev_h, kv.kscale, kv.kzero, *ko,
             vw[0], *vw[1], vv.tokens, vlev, vlev_h, vv.vscale, vv.vzero, *ss, *vo]
-    consts = dict(BITS_K=kv.bits, BITS_V=vv.bits, KO=ko_mode, VO=vo_mode, LOG_K=ko_log, LOG_V=vo_log)
+    consts = dict(BITS_K=kv.bits, BITS_V=vv.bits, KO=ko_mode, VO=vo_mode)
     return args, consts
 
 
@@ -561,7 +549,7 @@ def stream_attention(k_stream, v_stream, key_codec, value_codec, query: torch.Te
         return None
     per_head = hq // heads
     groups = per_head * queries
-    if dim < 32 or dim & (dim - 1) or dim > 256 or groups > 64:
+    if dim < 32 or dim & (dim - 1) or dim > 128 or groups > MAX_GROUPS:
         return None
     rope = positions is not None
     if rope and (inv_freq is None or inv_freq.numel() * 2 != dim or positions.shape[-1] < total):
@@ -606,18 +594,20 @@ def _launch(pb: Problem, segs: list, per: int) -> torch.Tensor:
     head = [q, q.stride(0), q.stride(1), q.stride(2), pb.scaling]
     tail = [pos, sp_b, sp_t, freq, pb.rope_scaling, mask_t, sm_b, sm_q, sm_k, acc, ml]
     common = dict(D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, ROPE=pb.positions is not None,
-                  MASK=mask_kind, CAUSAL=pb.causal, SOFTCAP=pb.softcap > 0, DOT16=pb.dot16, BLOCK=BLOCK_N,
-                  num_warps=NUM_WARPS)
+                  MASK=mask_kind, CAUSAL=pb.causal, SOFTCAP=pb.softcap > 0, DOT16=pb.dot16)
     start = split0 = 0
     for (kind, tokens, args, consts), splits in zip(segs, counts):
         sizes = [tokens, pb.batch, pb.heads, start, pb.total, split0, per, pb.softcap]
-        kernel = _nuq_split_kernel if kind == "nuq" else _dense_split_kernel
-        kernel[(bh, splits)](*head, *args, *tail, *sizes, **consts, **common)
+        if kind == "nuq":
+            kernel, launch = _nuq_split_kernel, dict(split_launch(pb.dim), BLOCK=NUQ_BLOCK)
+        else:
+            kernel, launch = _dense_split_kernel, dict(split_launch(pb.dim), BLOCK=NUQ_BLOCK)
+        kernel[(bh, splits)](*head, *args, *tail, *sizes, **consts, **common, **launch)
         start += tokens
         split0 += splits
     out = torch.empty(pb.batch, pb.queries, pb.heads * pb.per_head, pb.dim, dtype=q.dtype, device=dev)
     _reduce_kernel[(bh,)](acc, ml, out, out.stride(0), out.stride(2), out.stride(1), total_splits, bh, pb.heads,
-                          D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, num_warps=NUM_WARPS)
+                          D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, **REDUCE_LAUNCH)
     return out
 
 
@@ -634,3 +624,131 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
         return None
     return stream_attention(layer.k, layer.v, layer.key_codec, layer.value_codec, query, mask, scaling, softcap,
                             positions if layer.cache.pre_rope else None, inv_freq, rope_scaling)
+
+
+# ---------------------------------------------------------------------------------------------- ahead of time
+# Compiling for a GPU needs no GPU: triton.compile with a GPUTarget runs Triton's passes and the bundled ptxas.
+# `aot_stats` reports what ptxas allocated (registers, spills, stack, shared memory) per kernel and target.
+POINTER_TYPES = {  # argument name -> pointee type for signatures; other `*_ptr` arguments are fp32
+    "kw_ptr": "i32", "vw_ptr": "i32", "ko_ptr": "i32", "vo_ptr": "i32", "ko_pos": "i16", "vo_pos": "i16",
+    "ko_val": "fp16", "vo_val": "fp16", "vs_ptr": "fp16", "vz_ptr": "fp16", "pos_ptr": "i32", "k_ptr": "fp16",
+    "v_ptr": "fp16", "codes_ptr": "u8", "ent_b": "i32", "ent_h": "i32", "ent_c": "i32", "ent_n": "i32",
+    "val_ptr": "fp16", "inv_ptr": "i32", "scale_ptr": "fp16",
+}
+FLOAT_SCALARS = {"scaling", "rope_scale", "softcap"}
+
+
+def signature(fn, constexprs: dict) -> dict[str, str]:
+    """Triton signature of a @triton.jit function: pointers by POINTER_TYPES, float scalars, i32 otherwise."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTER_TYPES:
+            sig[name] = "*" + POINTER_TYPES[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    return sig
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict:
+    """Run the bundled ptxas -v on `ptx` as Triton does for `arch`; parse registers, spills, stack, shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", f"{tmp}/k.cubin"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    def grab(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {"registers": grab(r"Used (\d+) registers"), "spill_stores": grab(r"(\d+) bytes spill stores"),
+            "spill_loads": grab(r"(\d+) bytes spill loads"), "stack": grab(r"(\d+) bytes stack frame"),
+            "ptxas_smem": grab(r"(\d+) bytes smem")}
+
+
+def aot_stats(fn, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 1,
+              maxnreg: int | None = None) -> dict:
+    """Compile `fn` for sm_`arch` (80, 90, ...) without a GPU; registers, spills and shared memory per thread block."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    kernel = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    stats = _ptxas_stats(kernel.asm["ptx"], arch)
+    stats.update(shared=kernel.metadata.shared, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                 tl_dot="mma" in kernel.asm["ptx"])
+    return stats
+
+
+def aot_available() -> tuple[bool, str]:
+    """(True, "") when Triton and its bundled ptxas can compile for sm_80/sm_90 here, else (False, why)."""
+    if not HAVE_TRITON:
+        return False, "triton is not installed"
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        for arch in (80, 90):
+            path = get_ptxas(arch).path
+            if not path:
+                return False, f"no ptxas for sm_{arch}"
+    except Exception as exc:  # noqa: BLE001 - any failure means: cannot compile here
+        return False, f"triton's CUDA backend or bundled ptxas unavailable: {exc}"
+    return True, ""
+
+
+REDUCE_LAUNCH = {"num_warps": 4, "num_stages": 1}
+
+
+def split_launch(dim: int) -> dict:
+    """Launch options of the split kernels: head_dim <= 64 fits 4 warps (~100 registers); 128 takes 8 warps capped
+    at 128 registers (two programs per SM); checked free of spills by tests/test_triton_compile.py."""
+    if dim <= 64:
+        return {"num_warps": 4, "num_stages": 1}
+    return {"num_warps": 8, "num_stages": 1, "maxnreg": 128}
+
+
+def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> dict[str, tuple]:
+    """Representative (function, constexprs, launch options) of every decode kernel for a head_dim and bit width."""
+    gp = max(16, _pow2(groups))
+    shape = dict(D=dim, G=groups, GP=gp, Q=queries, G0=groups // queries)
+    step = dict(ROPE=True, MASK=0, CAUSAL=False, SOFTCAP=False, DOT16=True)
+    return {
+        "nuq_split": (_nuq_split_kernel, {**shape, **step, "BITS_K": bits, "BITS_V": bits, "KO": 1, "VO": 1,
+                                          "BLOCK": NUQ_BLOCK}, split_launch(dim)),
+        "dense_split": (_dense_split_kernel, {**shape, **step, "BLOCK": NUQ_BLOCK}, split_launch(dim)),
+        "reduce": (_reduce_kernel, shape, REDUCE_LAUNCH),
+    }
+
+
+def aot_rows(dims=(64, 128), bits=(2, 3, 4), groups=((4, 1),), archs=(80, 90), kernels=None) -> list[dict]:
+    """Compile stats of the decode kernels for every (head_dim, bits, (G, Q), arch); `kernels` filters by name.
+    The bit width only changes nuq_split (the other kernels are compiled once per head_dim and group)."""
+    rows = []
+    for dim in dims:
+        for g, q in groups:
+            for b in bits:
+                for name, (fn, consts, launch) in kernel_configs(dim, b, g, q).items():
+                    if (kernels and name not in kernels) or (name != "nuq_split" and b != bits[0]):
+                        continue
+                    for arch in archs:
+                        stats = aot_stats(fn, consts, arch, **launch)
+                        rows.append({"kernel": name, "target": f"sm_{arch}", "head_dim": dim,
+                                     "bits": b if name == "nuq_split" else None, "groups": g, "padded_groups":
+                                     consts["GP"], "block_tokens": consts.get("BLOCK"), **stats})
+    return rows

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kvpack.errors import RecipeError
 from kvpack.methods.names import MethodSettings
-from kvpack.recipes.io import JSON_NAME, TENSORS_NAME, check_identity, load_recipe, model_identity, weights_fingerprint
+from kvpack.recipes.io import JSON_NAME, TENSORS_NAME, check_identity, model_identity, weights_fingerprint
 from kvpack.recipes.recipe import Recipe
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -37,9 +37,9 @@ def _plain_settings(settings: MethodSettings) -> str:
     return json.dumps(json.loads(json.dumps(asdict(settings), default=str)), sort_keys=True)
 
 
-def read_manifest(folder: Path = SHIPPED_DIR) -> dict:
-    """The manifest of `folder`; an empty one when there is none."""
-    path = folder / MANIFEST_NAME
+def read_manifest(folder: Path | None = None) -> dict:
+    """The manifest of `folder` (default: the shipped recipes); an empty one when there is none."""
+    path = Path(folder or SHIPPED_DIR) / MANIFEST_NAME
     if not path.is_file():
         return {"format": MANIFEST_FORMAT, "recipes": {}}
     try:
@@ -78,8 +78,9 @@ def write_manifest(folder: Path, recipes: list[Recipe], model, model_spec: str, 
     return path
 
 
-def verify(entry: dict, folder: Path = SHIPPED_DIR) -> Path:
+def verify(entry: dict, folder: Path | None = None) -> Path:
     """The recipe folder of a manifest entry, after checking every file's sha256."""
+    folder = Path(folder or SHIPPED_DIR)
     sub = folder / entry["folder"]
     for name, digest in entry["files"].items():
         path = sub / name
@@ -92,8 +93,9 @@ def verify(entry: dict, folder: Path = SHIPPED_DIR) -> Path:
 
 
 def matching_entry(model, settings: MethodSettings, data: str, windows: int, seqlen: int,
-                   folder: Path = SHIPPED_DIR) -> dict | None:
+                   folder: Path | None = None) -> dict | None:
     """The manifest entry for this model, method settings and calibration request, or None."""
+    folder = Path(folder or SHIPPED_DIR)
     entry = read_manifest(folder)["recipes"].get(settings.name)  # canonical names carry every option
     if entry is None:
         return None
@@ -108,20 +110,21 @@ def matching_entry(model, settings: MethodSettings, data: str, windows: int, seq
 
 
 def shipped_recipe(model, settings: MethodSettings, data: str = "c4[:500]", windows: int = 16, seqlen: int = 2048,
-                   folder: Path = SHIPPED_DIR) -> Recipe | None:
+                   folder: Path | None = None) -> Recipe | None:
     """The shipped recipe calibrated for exactly this request (model, settings, data, windows, seqlen), or None."""
+    folder = Path(folder or SHIPPED_DIR)
     entry = matching_entry(model, settings, data, windows, seqlen, folder)
     if entry is None:
         return None
     path = verify(entry, folder)
     try:
-        recipe = load_recipe(path, model)
+        recipe = Recipe.load(path, model)
     except RecipeError as exc:
         raise RecipeError(f"The shipped recipe '{path}' does not load with this kvpack ({exc}). Rebuild it with: "
                           f"{entry['command']}; or pass --recalibrate (recalibrate=True).") from exc
     return recipe if _plain_settings(recipe.settings) == _plain_settings(settings) else None
 
 
-def shipped_methods(folder: Path = SHIPPED_DIR) -> list[str]:
+def shipped_methods(folder: Path | None = None) -> list[str]:
     """Names of the methods with a shipped recipe."""
     return sorted(read_manifest(folder)["recipes"])

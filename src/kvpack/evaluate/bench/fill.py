@@ -20,6 +20,11 @@ import torch
 from transformers import DynamicCache
 
 from kvpack.hf.attention import cache_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
+from kvpack.hf.attention import attention_layers
+from kvpack.hf.models import text_config
+from kvpack.hf.rope import apply_rope, invert_rope
+from kvpack.hf.rope import RopeSource
 
 
 @dataclass
@@ -68,13 +73,6 @@ class TeeCache(DynamicCache):
         """Feed tokens start..end-1 to the targets without a model forward: the K/V this cache holds (the
         tokens prefilled through the model) repeated with their period, keys rotated from their source
         position to the new one; RoPE and positions reported as the hooks report them."""
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        from kvpack.hf.attention import attention_layers
-        from kvpack.hf.models import text_config
-        from kvpack.hf.rope import apply_rope, invert_rope
-        from kvpack.hf.rope import RopeSource
-
         period = self.get_seq_length()
         rope = RopeSource(model, attention_layers(model), get_layer_types_and_kwargs(text_config(model.config))[0])
         device = self.layers[0].keys.device

@@ -22,6 +22,16 @@ from kvpack.evaluate.bench.peak import dynamic_cache_bytes, peak, reset_peak, we
 from kvpack.evaluate.bench.rows import add_ratios, timing_fields
 from kvpack.evaluate.bench.timing import time_rounds
 from kvpack.hf.attention import cache_kwargs
+import platform
+from kvpack.data import load_windows
+from kvpack.cache.memory import fp16_cache_nbytes
+from kvpack.cache.memory import fp16_cache_nbytes, held_bytes
+from kvpack.evaluate.results import environment
+from kvpack.hf.models import load_model, text_config
+from kvpack.methods.names import parse_method
+from kvpack.recipes.resolve import resolve_recipe
+from kvpack.cache.cache import CompressedCache
+from transformers import DynamicCache
 
 
 @contextmanager
@@ -42,16 +52,12 @@ def _device_name(device: torch.device) -> str:
         text = Path("/proc/cpuinfo").read_text()
         return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
-        import platform
-
         return platform.processor() or platform.machine()
 
 
 def _prompt(tokenizer, data: str, tokens: int, vocab: int, device) -> tuple[torch.Tensor, str]:
     """ids [1, tokens] of real text (random ids if `data` cannot be read), and where they come from."""
     try:
-        from kvpack.data import load_windows
-
         ids = load_windows(tokenizer, data, tokens, 1)[:1]
         if ids.shape[1] == tokens:
             return ids.to(device), f"{tokens} tokens of {data}"
@@ -65,7 +71,6 @@ def _prompt(tokenizer, data: str, tokens: int, vocab: int, device) -> tuple[torc
 
 def _fits(method: str, dtype: torch.dtype | None, context: int, batch: int, config, budget: float) -> bool:
     """Whether a baseline's DynamicCache (its dtype's bytes) stays under `budget` bytes; compressed caches always."""
-    from kvpack.cache.memory import fp16_cache_nbytes
 
     if dtype is None:
         return True
@@ -74,7 +79,6 @@ def _fits(method: str, dtype: torch.dtype | None, context: int, batch: int, conf
 
 def _memory(target: Target, device: torch.device) -> dict:
     """Bytes held (every reachable tensor), bytes memory_report counts, and a decode step's transient peak."""
-    from kvpack.cache.memory import fp16_cache_nbytes, held_bytes
 
     cache = target.cache
     start = reset_peak(device)
@@ -104,11 +108,6 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2
     model_prefill_tokens: prompt tokens run through the model (None: every context fully); longer contexts
     repeat them through the same cache path. max_cache_gib: baselines larger than this are skipped, and so is
     a (context, batch) where no baseline fits."""
-    from kvpack.evaluate.results import environment
-    from kvpack.hf.models import load_model, text_config
-    from kvpack.methods.names import parse_method
-    from kvpack.recipes.resolve import resolve_recipe
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked but no CUDA device is available")
@@ -133,8 +132,6 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2
     through_model = max(contexts) if model_prefill_tokens is None else min(max(contexts), model_prefill_tokens)
     ids, source = _prompt(tokenizer, data, through_model, cfg.vocab_size, dev)
     budget = max_cache_gib * 2**30
-
-    from kvpack.cache.cache import CompressedCache
 
     targets, skipped = [], []
     for context in contexts:
@@ -216,6 +213,4 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2
 
 
 def _dynamic(model):
-    from transformers import DynamicCache
-
     return DynamicCache(config=model.config)

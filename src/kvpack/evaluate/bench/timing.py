@@ -17,6 +17,9 @@ from kvpack.evaluate.bench.peak import sync
 from kvpack.hf.attention import cache_kwargs
 from kvpack.hf.attention import attention_layers
 from kvpack.hf.models import text_config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from kvpack.cache.cache import CompressedCache
+from kvpack.kernels import dispatch
 
 
 @dataclass
@@ -45,10 +48,6 @@ def median(values: list[float]) -> float:
 
 def attention_call(model, cache, layer_idx: int, batch: int):
     """(fn running `layer_idx`'s decode-step attention over `cache`, kernel name)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from kvpack.cache.cache import CompressedCache
-    from kvpack.kernels import dispatch
 
     module = attention_layers(model)[layer_idx]
     cfg = text_config(model.config)

@@ -142,6 +142,18 @@ class ChunkCodec:
         sinks = min(path.sink_tokens, tokens) * heads * dim if probe_nnz or fraction else 0
         return max(outliers.capacity_for(heads * tokens * dim, float(fraction)), probe_nnz, sinks)
 
+    @staticmethod
+    def _probe(path: StorePath, codec, x: torch.Tensor):
+        """(encoding of x, its outlier count) for a probe block x [heads, tokens, head_dim]."""
+        try:
+            enc = codec.encode(x)
+        except (ValueError, RuntimeError) as exc:
+            raise SerdeConfigError(
+                f"{path.method} cannot encode blocks of {x.shape[0]} KV heads x {x.shape[1]} tokens x {x.shape[2]}: {exc}"
+            ) from exc
+        nnz = int(enc.tensors[outliers.COUNTS].to(torch.int64).sum()) if outliers.has_outliers(enc.tensors) else 0
+        return enc, nnz
+
     def plan(self, layouts: list[GroupLayout], path: StorePath) -> _Plan:
         key = (tuple(g.describe()[0] for g in layouts), tuple(g.shape for g in layouts), path.name)
         with self._lock:
@@ -155,15 +167,11 @@ class ChunkCodec:
                     probe_key = (id(codec), g.heads, g.tokens, g.head_dim)
                     if probe_key not in probes:
                         x = torch.randn(g.heads, g.tokens, g.head_dim, generator=generator)
-                        try:
-                            enc = codec.encode(x)
-                        except (ValueError, RuntimeError) as exc:
-                            raise SerdeConfigError(
-                                f"{path.method} cannot encode blocks of {g.heads} KV heads x {g.tokens} tokens x "
-                                f"{g.head_dim}: {exc}"
-                            ) from exc
-                        nnz = int(enc.tensors[outliers.COUNTS].sum()) if outliers.has_outliers(enc.tensors) else 0
-                        cap = self._capacity(path, tuple(x.shape), nnz)
+                        enc, nnz = self._probe(path, codec, x)
+                        # A count that does not move when the data is scaled 100x is what the codec always stores
+                        # (per-vector outliers); counts against calibrated ranges do move, and are no floor.
+                        _, nnz_scaled = self._probe(path, codec, 100 * x)
+                        cap = self._capacity(path, tuple(x.shape), nnz if nnz == nnz_scaled else 0)
                         table = []
                         for name in sorted(enc.tensors):
                             t = enc.tensors[name]

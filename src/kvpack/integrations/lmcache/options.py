@@ -15,7 +15,8 @@ class SerdeOptions:
     head_dim / num_kv_heads: the model's, when the recipe does not say them (uncalibrated methods);
     rope_theta / partial_rotary_factor: the model's RoPE, for pre-RoPE methods;
     outlier_capacity: outlier slots per layer's K or V block, as a fraction of its elements
-      (default 1.5 x the method's outlier fraction, at least what the codec always stores);
+      (default 1.5 x the method's outlier fraction; never less than what the codec always stores, nor than
+      the sink tokens of a block);
     layout: "auto", "kv_2ltd" or "fused"; group_layers: the model layer of each layer of each group
       (multi-group chunks whose groups are not consecutive layers);
     max_workers: threads of LMCache's serde processor."""

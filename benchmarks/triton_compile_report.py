@@ -1,0 +1,106 @@
+"""Ahead-of-time compile report of the Triton decode kernels for sm_80 and sm_90 (no GPU needed).
+
+Compiles with Triton's CUDA backend and its bundled ptxas, then records per kernel and target what ptxas
+allocated: registers per thread, spill stores/loads (bytes), stack frame, shared memory, num_warps,
+num_stages. "after": the split-K flash-decoding kernels of kvpack.kernels.triton_decode (as launched);
+"before": the per-run kernels of kvpack.kernels.triton_attention (launch defaults: 4 warps, 3 stages) at
+the same head_dim, bits and query rows. No timings: no GPU was lent, GPU speed is not measured.
+
+    .venv/bin/python benchmarks/triton_compile_report.py [--out results/triton-compile.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+
+from kvpack.kernels import triton_attention as legacy  # noqa: E402
+from kvpack.kernels import triton_decode as td  # noqa: E402
+
+DIMS = (64, 128)
+BITS = (2, 3, 4)
+GROUPS = ((4, 1), (32, 8))  # (query rows G, query tokens Q): 4 query heads per KV head x 1 or 8 tokens
+ARCHS = (80, 90)
+LEGACY_LAUNCH = {"num_warps": 4, "num_stages": 3}  # what triton_attention's launches get by default
+
+
+def legacy_configs(dim: int, bits: int, groups: int) -> dict[str, tuple]:
+    """The per-run kernels with the constexprs triton_attention launches them with (RVQ: 8 x 2048 codes, groups of 32)."""
+    gp = legacy._pow2(groups)
+    base = dict(D=dim, G=groups, GP=gp, BLOCK=legacy.BLOCK_N)
+    rvq = dict(DEPTH=8, C=2048, GS=32, CBITS=11, PERM=True)
+    return {
+        "nuq_keys": (legacy._nuq_keys_kernel, {**base, "BITS": bits, "ROPE": True}),
+        "nuq_key_outliers": (legacy._nuq_key_outliers_kernel, {**base, "BITS": bits, "ROPE": True}),
+        "nuq_values": (legacy._nuq_values_kernel, {**base, "BITS": bits}),
+        "nuq_value_outliers": (legacy._nuq_value_outliers_kernel, {**base, "BITS": bits}),
+        "rvq_keys": (legacy._rvq_keys_kernel, {**base, **rvq, "ROPE": True}),
+        "rvq_values": (legacy._rvq_values_kernel, {**base, **rvq}),
+    }
+
+
+def before_rows() -> list[dict]:
+    rows = []
+    for dim in DIMS:
+        for groups, _ in GROUPS:
+            for bits in BITS:
+                for name, (fn, consts) in legacy_configs(dim, bits, groups).items():
+                    if name.startswith("rvq") and bits != BITS[0]:
+                        continue
+                    for arch in ARCHS:
+                        stats = td.aot_stats(fn, consts, arch, **LEGACY_LAUNCH)
+                        rows.append({"kernel": name, "target": f"sm_{arch}", "head_dim": dim,
+                                     "bits": None if name.startswith("rvq") else bits, "groups": groups,
+                                     "padded_groups": consts["GP"], "block_tokens": consts["BLOCK"], **stats})
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per kernel: register range, worst spill stores, targets, whether every compile is free of spills."""
+    out: dict = {}
+    for r in rows:
+        s = out.setdefault(r["kernel"], {"registers": [999, 0], "max_spill_stores": 0, "max_stack": 0, "compiles": 0})
+        s["registers"] = [min(s["registers"][0], r["registers"]), max(s["registers"][1], r["registers"])]
+        s["max_spill_stores"] = max(s["max_spill_stores"], r["spill_stores"])
+        s["max_stack"] = max(s["max_stack"], r["stack"])
+        s["compiles"] += 1
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/triton-compile.json")
+    parser.add_argument("--skip-before", action="store_true", help="only the split-K kernels")
+    args = parser.parse_args()
+    ok, why = td.aot_available()
+    if not ok:
+        raise SystemExit(f"cannot compile for sm_80/sm_90 here: {why}")
+    after = td.aot_rows(dims=DIMS, bits=BITS, groups=GROUPS, archs=ARCHS)
+    for row in after:
+        print(json.dumps(row), flush=True)
+    before = [] if args.skip_before else before_rows()
+    result = {
+        "note": ("Ahead-of-time compile, no GPU: registers per thread and spills as the bundled ptxas allocates them. "
+                 "GPU speed not measured: no GPU was lent."),
+        "env": {"triton": triton.__version__, "python": platform.python_version()},
+        "register_budget": 128,
+        "after": {"kernels": "kvpack.kernels.triton_decode (split-K flash-decoding, one launch per segment + reduce)",
+                  "summary": summary(after), "rows": after},
+        "before": {"kernels": "kvpack.kernels.triton_attention (per-run key_scores / value_accum)",
+                   "summary": summary(before), "rows": before},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"after": result["after"]["summary"], "before": result["before"]["summary"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The `kvpack` command line: every command and the options the README uses; the demo on a tiny model."""
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from kvpack.cli.app import app
+
+OPTIONS = {
+    "eval": ["--model", "--data", "--methods", "--seqlen", "--max-windows", "--json", "--calib-data", "--calib-windows",
+             "--recipe", "--recalibrate", "--cache", "--chunk", "--resume", "--task", "--finetuned", "--progress"],
+    "calibrate": ["--model", "--method", "--data", "--windows", "--seqlen", "--out", "--manifest"],
+    "generate": ["--model", "--method", "--recipe", "--prompt-file", "--chat", "--max-new-tokens", "--sample",
+                 "--temperature", "--save-cache", "--load-cache", "--json", "--calib-data", "--recalibrate"],
+    "demo": ["--model", "--method", "--data", "--prompt-file", "--prompt-tokens", "--new-tokens", "--calib-windows"],
+    "bench": ["--model", "--device", "--contexts", "--methods", "--json", "--plot", "--recipe"],
+    "plan": ["--model", "--memory", "--method", "--json"],
+    "report": ["--results", "--readme", "--docs", "--figure", "--check"],
+    "finetune": ["--model", "--recipe", "--out", "--steps", "--data"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_every_command_has_its_options(command):
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    missing = [o for o in OPTIONS[command] if o not in result.output]
+    assert not missing, f"kvpack {command} lacks {missing}"
+
+
+def test_demo_runs_on_the_shipped_text(monkeypatch):
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    monkeypatch.setattr(sys.modules["kvpack.evaluate.demo"], "load_model", lambda spec: (model, tok))
+    result = CliRunner().invoke(app, ["demo", "--model", "tiny", "--method", "int4", "--prompt-tokens", "64", "--new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "kvpack's own text kv-cache-guide.txt, first 64 tokens" in result.output
+    assert "greedy-token agreement with fp16" in result.output

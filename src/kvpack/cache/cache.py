@@ -113,6 +113,10 @@ class CompressedCache(Cache):
             first = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
             self.left_pad = int(first.max())
 
+    def _kvpack_forward_done(self) -> None:
+        """The forward that used this cache ended: drop the cos/sin memo of its layers (rebuilt on demand)."""
+        self._rope_memo.clear()
+
     def _kvpack_receive_rope(self, layer_idx: int, rope, position_ids) -> None:
         if self.needs_positions:
             self._pending[layer_idx] = (rope, position_ids)

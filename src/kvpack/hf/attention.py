@@ -13,7 +13,8 @@ One mechanism, installed once per model (`install`, idempotent):
   the forward (`_kvpack_receive_rope`) and keeps them for a transform;
 - forward pre/post hooks on the model and its decoder: hand the 2-D attention mask to the cache
   (`_kvpack_receive_mask`, for left padding) and, while a transform or a packed cache is in use, switch
-  `config._attn_implementation` to kvpack's twin of the model's implementation, restored afterwards.
+  `config._attn_implementation` to kvpack's twin of the model's implementation, restored afterwards; when
+  the outermost forward ends, the cache is told (`_kvpack_forward_done`) so it frees per-forward buffers.
 The hooks do nothing for forwards without a transform and without a kvpack cache.
 """
 from __future__ import annotations
@@ -194,7 +195,7 @@ def _model_pre_hook(model, args, kwargs):
                 cfg._attn_implementation = name
         if state is not None:
             state.active += 1
-        frame = (state, switched)
+        frame = (state, switched, cache)
     _frames().append(frame)
 
 
@@ -203,12 +204,15 @@ def _model_post_hook(model, args, kwargs, output):
     frame = frames.pop() if frames else None
     if frame is None:
         return
-    state, switched = frame
+    state, switched, cache = frame
     for cfg, name in switched:
         cfg._attn_implementation = name
     if state is None:
         return
     state.active -= 1
+    done = getattr(cache, "_kvpack_forward_done", None)
+    if done is not None and not state.active:
+        done()
     if not state.active and state.pending:
         left = sorted(state.pending)
         state.pending.clear()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS, make_tiny_model
+from kvpack.cache import packed
 from kvpack.kernels import dispatch as attention
 from kvpack.cache.cache import CompressedCache
 from kvpack.codecs.nuq import NuqCodec
@@ -125,7 +126,7 @@ def _filled_cache(model, recipe, batch=2, tokens=70, chunk=None):
         step = chunk or tokens
         for start in range(0, tokens, step):
             model(ids[:, start:start + step], past_key_values=cache)
-    cache.packed = attention.attach(cache, True)
+    cache.packed = packed.attach(cache, True)
     return cache
 
 

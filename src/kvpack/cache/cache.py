@@ -26,8 +26,10 @@ from kvpack.cache.layer import CompressedLayer
 from kvpack.codecs import CodebookCodec, NormalFloatCodec, UniformCodec
 from kvpack.errors import MethodError, RecipeError, UnsupportedArchitectureError
 from kvpack.hf.attention import attention_layers, install
-from kvpack.hf.rope import RopeSource, check_pre_rope_supported
-from kvpack.kernels.dispatch import attach
+from kvpack.cache.positions import PositionLog
+from kvpack.codecs.checks import check_storable
+from kvpack.hf.rope import RopeSource, check_pre_rope_supported, invert_rope
+from kvpack.cache.packed import attach
 from kvpack.hf.models import check_architecture, text_config
 from kvpack.recipes.recipe import Recipe
 from kvpack.cache.memory import memory_report
@@ -61,7 +63,6 @@ class CompressedCache(Cache):
         self.recipe = recipe
         self.model_ref = model
         self.pre_rope = bool(settings.pre_rope)
-        self.needs_positions = self.pre_rope
         self.sink_tokens = int(settings.sink_tokens)
         self.recent_tokens = int(settings.recent_tokens if residual_length is None else residual_length)
         if self.recent_tokens < 0:
@@ -85,21 +86,17 @@ class CompressedCache(Cache):
                 raise UnsupportedArchitectureError(
                     f"Layer {i} is of type '{kind}'; CompressedCache supports full and sliding-window attention layers."
                 )
-            layers.append(CompressedLayer(self, i, recipe.key_codecs[i], recipe.value_codecs[i], window))
+            layers.append(CompressedLayer(i, recipe.key_codecs[i], recipe.value_codecs[i], self.recent_tokens,
+                                          self.block_tokens, window))
         super().__init__(layers=layers)
         attn = attention_layers(model)
         if self.pre_rope:
             check_pre_rope_supported(model, attn, config)
-        self.rope = RopeSource(model, attn, layer_types) if self.pre_rope else None
+        self.log = PositionLog(RopeSource(model, attn, layer_types)) if self.pre_rope else None
         install(model)
-        # Decode steps read the packed blocks directly (kvpack.kernels.dispatch); None = decode-then-attend.
+        # Decode steps read the packed blocks directly (cache/packed.py); None = decode-then-attend.
         self.packed = attach(self, packed_attention, attention_backend)
         self._pending: dict[int, tuple] = {}
-        self._positions: torch.Tensor | None = None  # [batch, capacity] int32
-        self._positions_len = 0
-        self._positions_version = 0
-        self._rope_memo: dict = {}
-        self._rope_dtype = torch.float32
 
     # -- what the hooks report ---------------------------------------------------------------------
     @property
@@ -115,10 +112,11 @@ class CompressedCache(Cache):
 
     def _kvpack_forward_done(self) -> None:
         """The forward that used this cache ended: drop the cos/sin memo of its layers (rebuilt on demand)."""
-        self._rope_memo.clear()
+        if self.log is not None:
+            self.log.memo.clear()
 
     def _kvpack_receive_rope(self, layer_idx: int, rope, position_ids) -> None:
-        if self.needs_positions:
+        if self.pre_rope:
             self._pending[layer_idx] = (rope, position_ids)
 
     def take_rope(self, layer_idx: int, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,76 +139,69 @@ class CompressedCache(Cache):
             raise UnsupportedArchitectureError(
                 f"Layer {layer_idx}: position ids of shape {tuple(position_ids.shape)} (multimodal RoPE) are not supported."
             )
-        self._rope_dtype = cos.dtype
+        self.log.dtype = cos.dtype
         return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), position_ids.expand(batch, -1)
 
-    # -- positions ---------------------------------------------------------------------------------
-    def log_positions(self, slot: int, positions: torch.Tensor) -> None:
-        """Record positions [batch, q] of tokens slot..slot+q-1 (once for all layers)."""
-        q = positions.shape[-1]
-        if slot + q <= self._positions_len:
-            return
-        if slot != self._positions_len:
-            raise RuntimeError(f"position log has {self._positions_len} tokens; cannot append at {slot}")
-        pos = positions.to(torch.int32)
-        if self._positions is None:
-            self._positions = torch.empty(pos.shape[0], max(q, 64), dtype=torch.int32, device=pos.device)
-        if slot + q > self._positions.shape[1]:
-            grow = max(slot + q, self._positions.shape[1] + self._positions.shape[1] // 8 + 64)
-            bigger = torch.empty(self._positions.shape[0], grow, dtype=torch.int32, device=pos.device)
-            bigger[:, :slot] = self._positions[:, :slot]
-            self._positions = bigger
-        self._positions[:, slot:slot + q] = pos
-        self._positions_len = slot + q
-        self._positions_version += 1
-        self._rope_memo.clear()
+    # -- the Cache contract ----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys/values [B, H, q, D] (post-RoPE, as transformers hands them) and return what
+        attention reads: every stored token, or zero-memory placeholders when packed attention reads the blocks."""
+        layer = self.layers[layer_idx]
+        check_storable(key_states, f"layer {layer_idx} keys")
+        check_storable(value_states, f"layer {layer_idx} values")
+        keys = key_states.float()
+        if self.pre_rope:
+            cos, sin, positions = self.take_rope(layer_idx, key_states)
+            self.log.append(layer.get_seq_length(), positions)
+            self.log.source.verify(layer_idx, positions, cos, sin, key_states)
+            keys = invert_rope(keys, cos.float(), sin.float())
+        layer.append(keys, value_states.float(), self.head_tokens, key_states.dtype)
+        if self.packed is not None and self.packed.claim(layer_idx, key_states.shape[-2]):
+            return self.packed.placeholders(layer, key_states)
+        out = layer.read_all(self.rope_for(layer_idx, layer.first_slot, layer.get_seq_length()) if self.pre_rope else None)
+        layer.free_outside_window(self.head_tokens)
+        return out
 
     @property
     def positions(self) -> torch.Tensor | None:
-        """Positions of every token seen, [batch, tokens] int32."""
-        return None if self._positions is None else self._positions[:, : self._positions_len]
+        """Positions of every token seen, [batch, tokens] int32 (pre-RoPE caches; None otherwise)."""
+        return None if self.log is None else self.log.positions
+
+    def log_positions(self, slot: int, positions: torch.Tensor) -> None:
+        """Record positions [batch, q] of tokens slot..slot+q-1 (restoring a saved cache)."""
+        self.log.append(slot, positions)
 
     def rope_for(self, layer_idx: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [batch, end-start, rot] at the logged positions of tokens start..end-1 (shared by layers)."""
-        key = (self.rope.key(layer_idx), start, end, self._positions_version)
-        if key not in self._rope_memo:
-            self._rope_memo[key] = self.rope.compute(layer_idx, self._positions[:, start:end], self._rope_dtype)
-        return self._rope_memo[key]
+        """cos/sin [batch, end-start, rot] at the logged positions of tokens start..end-1."""
+        return self.log.rope(layer_idx, start, end)
 
-    # -- Cache contract additions ------------------------------------------------------------------
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        seen = max((layer.get_seq_length() for layer in self.layers), default=0)
-        self._positions_len = min(self._positions_len, seen)
-        self._positions_version += 1
-        self._rope_memo.clear()
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        if self.log is not None:
+            self.log.truncate(max((layer.get_seq_length() for layer in self.layers), default=0))
 
     def reset(self) -> None:
         super().reset()
         self._pending.clear()
-        self._positions, self._positions_len = None, 0
-        self._positions_version += 1
-        self._rope_memo.clear()
+        if self.log is not None:
+            self.log.reset()
         self.left_pad = 0
 
-    def _map_positions(self, fn) -> None:
-        if self._positions is not None:
-            self._positions = fn(self._positions[:, : self._positions_len].contiguous())
-            self._positions_len = self._positions.shape[1]
-        self._positions_version += 1
-        self._rope_memo.clear()
+    def _map_batch(self, fn) -> None:
+        for layer in self.layers:
+            layer.map_batch(fn)
+        if self.log is not None:
+            self.log.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_positions(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_positions(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_positions(lambda t: t[indices])
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # -- reporting and persistence ----------------------------------------------------------------
     def memory_report(self):

@@ -213,7 +213,7 @@ def load_cache(path: str | Path, model, recipe, cache_type: type):
                 continue
             layer = cache.layers[i]
             probe = torch.empty(0, dtype=getattr(torch, state["dtype"]), device=device)
-            layer.lazy_initialization(probe, probe)
+            layer.lazy_initialization(probe, probe, cache.head_tokens)
             _load_stream(f"{i}.k", state["k"], layer.k, tensors, device)
             _load_stream(f"{i}.v", state["v"], layer.v, tensors, device)
         if "positions" in tensors:

@@ -1,9 +1,9 @@
 """One attention layer of a CompressedCache: the transformers 5.x cache-layer contract over packed storage.
 
-`update(keys, values)` receives this step's post-RoPE keys and values [batch, kv_heads, q, head_dim],
-stores them (keys rotated back to pre-RoPE first when the recipe says so), and returns every
-stored token dequantized, keys rotated forward again at their stored positions. Nothing but the
-fp16 sink/window and the encoded blocks stays in memory between steps.
+`append(keys, values, head_tokens)` stores this step's keys (already pre-RoPE when the recipe says so) and
+values [batch, kv_heads, q, head_dim]; `read_all(rope)` returns every stored token dequantized, keys rotated
+forward by the cos/sin it is given. Nothing but the fp16 sink/window and the encoded blocks stays in memory
+between steps. CompressedCache.update drives both.
 
 Sliding-window layers (Gemma2/3 style) free what leaves the window at a fixed grid of
 `block_tokens` tokens, so every sliding layer holds the same token range (the sliding mask is
@@ -16,34 +16,37 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvpack.cache.stream import TokenStream
 from kvpack.codecs import Codec
-from kvpack.hf.rope import apply_rope, invert_rope
-from kvpack.codecs.checks import check_storable
+from kvpack.hf.rope import apply_rope
 
 
 class CompressedLayer(CacheLayerMixin):
-    """Keys and values of one layer in a CompressedCache."""
+    """Keys and values of one layer in a CompressedCache; it never calls up into the cache: what a step needs
+    (pre-RoPE keys, the fp16 head length, cos/sin of the stored positions) comes as arguments from
+    CompressedCache.update."""
 
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache, layer_idx: int, key_codec: Codec, value_codec: Codec, sliding_window: int | None = None):
+    def __init__(self, layer_idx: int, key_codec: Codec, value_codec: Codec, recent_tokens: int, block_tokens: int,
+                 sliding_window: int | None = None):
         super().__init__()
-        self.cache = cache
         self.layer_idx = layer_idx
         self.key_codec, self.value_codec = key_codec, value_codec
+        self.recent_tokens, self.block_tokens = recent_tokens, block_tokens
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.k: TokenStream | None = None
         self.v: TokenStream | None = None
 
     # -- contract: sizes ------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, head_tokens: int = 0) -> None:
+        """Streams for this layer on the device of key_states (in the model's dtype); `head_tokens` fp16 tokens
+        (sink + left padding) first."""
         self.dtype, self.device = key_states.dtype, key_states.device
         self.key_codec, self.value_codec = self.key_codec.to(self.device), self.value_codec.to(self.device)
-        head = self.cache.head_tokens
-        block = self.cache.block_tokens if self.is_sliding else None
-        self.k = TokenStream(self.key_codec, head, self.cache.recent_tokens, block)
-        self.v = TokenStream(self.value_codec, head, self.cache.recent_tokens, block)
+        block = self.block_tokens if self.is_sliding else None
+        self.k = TokenStream(self.key_codec, head_tokens, self.recent_tokens, block)
+        self.v = TokenStream(self.value_codec, head_tokens, self.recent_tokens, block)
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -61,48 +64,37 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
-    # -- contract: update ----------------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        slot = self.k.seen
-        q = key_states.shape[-2]
-        keys = key_states.float()
-        check_storable(keys, f"layer {self.layer_idx} keys")
-        check_storable(value_states, f"layer {self.layer_idx} values")
-        pre_rope = self.cache.pre_rope
-        if pre_rope or self.cache.needs_positions:
-            cos, sin, positions = self.cache.take_rope(self.layer_idx, key_states)
-            self.cache.log_positions(slot, positions)
-            if pre_rope:
-                self.cache.rope.verify(self.layer_idx, positions, cos, sin, key_states)
-                keys = invert_rope(keys, cos.float(), sin.float())
-        self.k.append(keys)
-        self.v.append(value_states.float())
-        packed = getattr(self.cache, "packed", None)
-        if packed is not None and packed.claim(self.layer_idx, q):
-            return packed.placeholders(self, key_states)  # attention reads the packed storage (kvpack.kernels.dispatch)
-        out = self.read_all()
-        if self.is_sliding:
-            self._free_outside_window()
-        return out
+    # -- storing and reading ---------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("a CompressedLayer is updated through CompressedCache.update (it needs the step's RoPE)")
 
-    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored token dequantized, keys rotated at their positions: ([B, H, stored, D], same) in the
-        model's dtype."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, head_tokens: int, dtype: torch.dtype) -> None:
+        """Store this step's keys (pre-RoPE when the recipe says so) and values, [B, H, q, D] float32; `dtype` is
+        the model's, in which reads return."""
+        if not self.is_initialized:
+            probe = keys.new_empty(0, dtype=dtype)
+            self.lazy_initialization(probe, probe, head_tokens)
+        self.k.append(keys)
+        self.v.append(values)
+
+    def read_all(self, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token dequantized: ([B, H, stored, D], same) in the model's dtype; keys rotated by
+        rope = (cos, sin) [B, stored, rot] of their positions when they are stored pre-RoPE."""
         out_k = self.k.read(torch.float32)
-        if self.cache.pre_rope:
-            cos, sin = self.cache.rope_for(self.layer_idx, self.first_slot, self.k.seen)
-            out_k = apply_rope(out_k, cos.float(), sin.float())
+        if rope is not None:
+            out_k = apply_rope(out_k, rope[0].float(), rope[1].float())
         return out_k.to(self.dtype), self.v.read(self.dtype)
 
-    def _free_outside_window(self) -> None:
-        """Free tokens the next query cannot see (older than the last window - 1), on the block grid."""
-        slot = self.k.seen - self.sliding_window + 1
-        head, block = self.cache.head_tokens, self.cache.block_tokens
-        if slot < head or slot <= self.k.dropped:
+    def free_outside_window(self, head_tokens: int) -> None:
+        """Free tokens the next query of a sliding layer cannot see (older than the last window - 1), on the
+        block grid after the `head_tokens` fp16 tokens."""
+        if not self.is_sliding:
             return
-        target = head + (slot - head) // block * block
+        slot = self.k.seen - self.sliding_window + 1
+        block = self.block_tokens
+        if slot < head_tokens or slot <= self.k.dropped:
+            return
+        target = head_tokens + (slot - head_tokens) // block * block
         if target > self.k.dropped:
             self.k.free_first(target - self.k.dropped)
             self.v.free_first(target - self.v.dropped)

@@ -176,9 +176,10 @@ def _storage_bytes(t: torch.Tensor | None, counted: set[tuple]) -> int:
 
 def _rope_objects(cache) -> list:
     """What holds cos/sin derived from positions: the packed-attention RoPE tables (kernels.rope.RopeTable)
-    and the decode path's per-forward memo (CompressedCache._rope_memo, kept until positions change)."""
+    and the decode path's per-forward memo (cache.positions.PositionLog.memo, emptied when a forward ends)."""
     packed = getattr(cache, "packed", None)
-    return [getattr(packed, "rope", None), getattr(cache, "_rope_memo", None)]
+    log = getattr(cache, "log", None)
+    return [getattr(packed, "rope", None), getattr(log, "memo", None)]
 
 
 def memory_report(cache) -> MemoryReport:
@@ -213,7 +214,7 @@ def memory_report(cache) -> MemoryReport:
         parts["positions"] = used
         parts["reserved"] += _storage_bytes(positions, counted) - used
         batch = positions.shape[0]
-    stop = (cache, getattr(cache, "model_ref", None))
+    stop = (cache, getattr(cache, "model_ref", None), getattr(getattr(cache, "log", None), "source", None))
     seen: set[int] = set()
     for kind, objs in (("codebooks", [cache.recipe]), ("rope", _rope_objects(cache))):
         for obj in objs:

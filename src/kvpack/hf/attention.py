@@ -58,7 +58,7 @@ class KVTransform(Protocol):
 
 
 class PackedState(Protocol):
-    """What a cache with packed attention exposes (kernels.dispatch.PackedAttention)."""
+    """What a cache with packed attention exposes (cache.packed.PackedAttention)."""
 
     active: int  # forwards in flight that route attention to it
     pending: set[int]  # layers whose attention it computes in this forward

@@ -1,16 +1,8 @@
-"""Attention over a CompressedCache's packed storage, for decode steps (a few query tokens).
+"""Attention of a few query tokens over one cache layer's stored parts, read straight from packed storage.
 
-    cache = CompressedCache(model, recipe)            # packed attention is on by default
-    model.generate(ids, past_key_values=cache, ...)   # decode steps read the packed blocks directly
-
-How it plugs into transformers: kvpack registers two attention functions, `kvpack_packed_sdpa`
-and `kvpack_packed_eager`, in transformers' attention registry. While a forward runs with a
-CompressedCache as `past_key_values`, hooks on the model switch `config._attn_implementation` to
-the packed twin of the model's own implementation (restored when the forward returns). A layer's
-`update` then stores the new tokens and, instead of decoding the whole history, hands attention
-to this module (it returns zero-memory NaN placeholders); the registered function computes
-attention from the stored parts: fp16 head (sink) and tail (recent window) tokens directly, and
-each run of encoded blocks by a kernel that reads the packed codes:
+`layer_attention(layer, query, ...)` reads the layer's fp16 head (sink) and tail (recent window) tokens
+directly, and each run of encoded blocks by a kernel that reads the packed codes (the cache hands the
+layer and, for pre-RoPE keys, a RopeTable of its logged positions; cache/packed.py decides when):
 
 - nuq (KVQuant) keys: per-channel LUT decode, RoPE at each key's position, q . k; sparse outliers
   added as a correction in the same call. Values: p . v from per-token scaled codes plus outliers.
@@ -145,9 +137,7 @@ def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     scale = dim ** -0.5 if scaling is None else scaling
     total = k_stream.stored
     rs = None
-    if layer.cache.pre_rope:
-        if rope is None:
-            raise ValueError("a pre-RoPE cache needs its RopeTable")
+    if rope is not None:  # keys stored pre-RoPE: rotate them at their logged positions
         first = layer.first_slot
         rs = rope.get(layer.layer_idx, first, first + total)
     if _use_cpu(backend, query.device):
@@ -217,62 +207,3 @@ def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 # ------------------------------------------------------------------------------------------ per-cache state
-class PackedAttention:
-    """A CompressedCache's packed-attention state: which layers hand attention over this forward."""
-
-    def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES):
-        if backend not in BACKENDS:
-            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-        self.cache = cache
-        self.backend = backend
-        self.max_queries = max_queries
-        self.rope = RopeTable(cache) if cache.pre_rope else None
-        self.active = 0  # forwards in flight that route attention here
-        self.pending: set[int] = set()
-        self.calls = 0  # packed attention calls served (for tests and reports)
-
-    def claim(self, layer_idx: int, queries: int) -> bool:
-        """Called by CompressedLayer.update: True if attention for this call will read the packed storage."""
-        if not self.active or queries > self.max_queries or torch.is_grad_enabled():
-            return False
-        self.pending.add(layer_idx)
-        return True
-
-    @staticmethod
-    def placeholders(layer, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-memory NaN stand-ins [B, H, stored, D] for the keys/values update would have decoded."""
-        batch, heads, _, dim = key_states.shape
-        nan = torch.full((), float("nan"), dtype=key_states.dtype, device=key_states.device)
-        shape = (batch, heads, layer.k.stored, dim)
-        return nan.expand(shape), nan.expand(shape)
-
-    def decoded(self, module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's whole stored keys and values, dequantized (the exact path, for calls this one does not
-        cover): ([B, H, stored, D], same) in the model's dtype."""
-        layer = self.cache.layers[module.layer_idx]
-        out = layer.read_all()
-        if layer.is_sliding:
-            layer._free_outside_window()
-        return out
-
-    def attend(self, module, query, attention_mask, scaling, softcap) -> torch.Tensor:
-        layer = self.cache.layers[module.layer_idx]
-        out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
-                              rope=self.rope)
-        if layer.is_sliding:
-            layer._free_outside_window()  # what the decode path does right after reading
-        self.calls += 1
-        return out
-
-
-def attach(cache, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
-    """Packed attention for `cache` (kvpack.hf.attention routes the model's attention to it); None when disabled.
-
-    enabled=None reads KVPACK_PACKED_ATTENTION (default on); backend=None reads KVPACK_ATTENTION_BACKEND
-    (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise).
-    """
-    if enabled is None:
-        enabled = os.environ.get("KVPACK_PACKED_ATTENTION", "1") != "0"
-    if not enabled:
-        return None
-    return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"))

@@ -39,48 +39,44 @@ class RopeSlice:
 
 
 class RopeTable:
-    """Compact cos/sin of every logged position of a pre-RoPE CompressedCache, per rotary kind (layers
-    sharing RoPE share it), extended as positions are logged; rebuilt if logged positions change
-    (crop, beam reorder) or the rotary module's frequencies do (dynamic scaling). Values come from
-    the model's rotary module, exactly as in the cache's decode path."""
+    """Compact cos/sin of every logged position of a pre-RoPE cache (a cache.positions.PositionLog), per rotary
+    kind (layers sharing RoPE share it), extended as positions are logged; rebuilt when logged positions change
+    other than by appending (crop, beam reorder: the log's `version`) or the rotary module's frequencies do
+    (dynamic scaling). Values come from the model's rotary module, exactly as in the cache's decode path."""
 
-    def __init__(self, cache):
-        self.cache = cache
+    def __init__(self, log):
+        self.log = log
         self._tables: dict = {}
 
-    def _fresh(self, table: dict | None, layer_idx: int) -> dict | None:
-        cache = self.cache
+    def _fresh(self, table: dict | None) -> dict | None:
         if table is None:
             return None
-        freq = getattr(cache.rope.module, "inv_freq", None)
-        if freq is not None and not torch.equal(freq, table["freq"]):
+        freq = getattr(self.log.source.module, "inv_freq", None)
+        if freq is not None and freq.data_ptr() != table["freq_ptr"]:
             return None
-        if table["version"] != cache._positions_version:
-            positions, n = cache.positions, table["filled"]
-            if not (table["pos"].shape[0] == positions.shape[0] and n <= positions.shape[1]
-                    and torch.equal(table["pos"][:, :n], positions[:, :n])):
-                return None
-            table["version"] = cache._positions_version
-        return table
+        return table if table["version"] == self.log.version else None
 
     def get(self, layer_idx: int, start: int, end: int) -> RopeSlice:
         """cos/sin of slots start..end-1."""
-        cache = self.cache
-        key = cache.rope.key(layer_idx)
-        table = self._fresh(self._tables.get(key), layer_idx)
+        key = self.log.source.key(layer_idx)
+        table = self._fresh(self._tables.get(key))
         if table is None:
-            freq = getattr(cache.rope.module, "inv_freq", None)
-            table = {"filled": 0, "version": cache._positions_version, "cs": None, "half": True, "rot": 0,
-                     "pos": cache.positions[:, :0], "freq": None if freq is None else freq.clone()}
+            freq = getattr(self.log.source.module, "inv_freq", None)
+            table = {"filled": 0, "version": self.log.version, "cs": None, "half": True, "rot": 0,
+                     "freq_ptr": None if freq is None else freq.data_ptr()}
             self._tables[key] = table
         if table["filled"] < end:
             self._extend(table, layer_idx, end)
         return RopeSlice(table["cs"][:, start:end], table["rot"], table["half"])
 
+    def nbytes(self) -> int:
+        """Bytes of every table held (capacity included)."""
+        return sum(t["cs"].numel() * t["cs"].element_size() for t in self._tables.values() if t["cs"] is not None)
+
     def _extend(self, table: dict, layer_idx: int, end: int) -> None:
-        cache = self.cache
-        positions, filled = cache.positions, table["filled"]
-        cos, sin = cache.rope.compute(layer_idx, positions[:, filled:end], cache._rope_dtype)
+        log = self.log
+        positions, filled = log.positions, table["filled"]
+        cos, sin = log.source.compute(layer_idx, positions[:, filled:end], log.dtype)
         batch = positions.shape[0]
         cos, sin = cos.float().expand(batch, -1, -1), sin.float().expand(batch, -1, -1)
         rot = cos.shape[-1]
@@ -89,7 +85,7 @@ class RopeTable:
         if table["cs"] is not None and table["half"] and not symmetric:  # start over, full width
             table.update(filled=0, cs=None)
             filled = 0
-            cos, sin = cache.rope.compute(layer_idx, positions[:, :end], cache._rope_dtype)
+            cos, sin = log.source.compute(layer_idx, positions[:, :end], log.dtype)
             cos, sin = cos.float().expand(batch, -1, -1), sin.float().expand(batch, -1, -1)
         if table["cs"] is None:
             table["half"], table["rot"] = symmetric, rot
@@ -102,5 +98,4 @@ class RopeTable:
             table["cs"] = grown
         table["cs"][:, filled:end, 0] = cos[..., :width]
         table["cs"][:, filled:end, 1] = sin[..., :width]
-        table["pos"] = positions[:, :end].clone()
         table["filled"] = end

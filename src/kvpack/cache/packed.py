@@ -1,0 +1,80 @@
+"""Packed attention for a CompressedCache: which layers hand their attention to kvpack in this forward.
+
+    cache = CompressedCache(model, recipe)                   # packed attention is on by default
+    model.generate(ids, **cache_kwargs(cache), ...)          # decode steps read the packed blocks directly
+
+kvpack's attention functions (hf/attention.py) ask this state per layer: when CompressedCache.update
+claimed the layer (a call of at most `max_queries` query tokens, no autograd), update returned zero-memory
+NaN placeholders instead of the decoded history, and `attend` computes attention from the stored parts
+(kernels.dispatch.layer_attention). Calls with attention arguments the kernels do not implement get the
+exact path instead (`decoded`). Exactness: the kernels compute the same numbers as decode-then-attend up
+to float summation order (tests compare them to ~1e-5).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvpack.kernels.dispatch import BACKENDS, DEFAULT_MAX_QUERIES, layer_attention
+from kvpack.kernels.rope import RopeTable
+
+
+class PackedAttention:
+    """A CompressedCache's packed-attention state: which layers hand attention over this forward."""
+
+    def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.cache = cache
+        self.backend = backend
+        self.max_queries = max_queries
+        self.rope = RopeTable(cache.log) if cache.pre_rope else None
+        self.active = 0  # forwards in flight that route attention here
+        self.pending: set[int] = set()
+        self.calls = 0  # packed attention calls served (for tests and reports)
+
+    def claim(self, layer_idx: int, queries: int) -> bool:
+        """Called by CompressedCache.update: True if attention for this call will read the packed storage."""
+        if not self.active or queries > self.max_queries or torch.is_grad_enabled():
+            return False
+        self.pending.add(layer_idx)
+        return True
+
+    @staticmethod
+    def placeholders(layer, key_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-memory NaN stand-ins [B, H, stored, D] for the keys/values update would have decoded."""
+        batch, heads, _, dim = key_states.shape
+        nan = torch.full((), float("nan"), dtype=key_states.dtype, device=key_states.device)
+        shape = (batch, heads, layer.k.stored, dim)
+        return nan.expand(shape), nan.expand(shape)
+
+    def decoded(self, module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole stored keys and values, dequantized (the exact path, for calls this one does not
+        cover): ([B, H, stored, D], same) in the model's dtype."""
+        layer = self.cache.layers[module.layer_idx]
+        rope = self.cache.rope_for(layer.layer_idx, layer.first_slot, layer.get_seq_length()) if self.cache.pre_rope else None
+        out = layer.read_all(rope)
+        layer.free_outside_window(self.cache.head_tokens)
+        return out
+
+    def attend(self, module, query, attention_mask, scaling, softcap) -> torch.Tensor:
+        layer = self.cache.layers[module.layer_idx]
+        out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
+                              rope=self.rope)
+        layer.free_outside_window(self.cache.head_tokens)  # what the decode path does right after reading
+        self.calls += 1
+        return out
+
+
+def attach(cache, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
+    """Packed attention for `cache` (kvpack.hf.attention routes the model's attention to it); None when disabled.
+
+    enabled=None reads KVPACK_PACKED_ATTENTION (default on); backend=None reads KVPACK_ATTENTION_BACKEND
+    (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise).
+    """
+    if enabled is None:
+        enabled = os.environ.get("KVPACK_PACKED_ATTENTION", "1") != "0"
+    if not enabled:
+        return None
+    return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"))

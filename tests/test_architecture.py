@@ -12,7 +12,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvpack"
 # Optional dependencies, imported where they are used so kvpack works without them.
-OPTIONAL = {"matplotlib", "triton", "lmcache", "datasets", "hqq", "optimum", "vllm"}
+OPTIONAL = {"matplotlib", "triton", "lmcache", "datasets", "hqq", "optimum", "vllm", "PIL"}
+# kvpack modules that import an optional dependency at module level, so they are imported on demand.
+OPTIONAL_MODULES = {"kvpack.integrations.lmcache.serde", "kvpack.integrations.lmcache"}
 
 
 def function_level_imports() -> list[str]:
@@ -23,7 +25,8 @@ def function_level_imports() -> list[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                if not any(n.split(".")[0] in OPTIONAL for n in names) and not _guarded(tree, node):
+                optional = any(n.split(".")[0] in OPTIONAL or n in OPTIONAL_MODULES for n in names)
+                if not optional and not _guarded(tree, node):
                     found.append(f"{path.relative_to(SRC.parent)}:{node.lineno} {', '.join(names)}")
     return found
 

@@ -81,7 +81,7 @@ def test_report_check_fails_on_stale_docs_and_figure(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("![f](fig.png)\n")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "results.md").write_text("<!-- results:t methods=int4 -->\nold\n<!-- /results -->\n")
-    args = ["report", "--results", "res", "--figure", "fig.png"]
+    args = ["report", "--results", "res", "--figure", "fig.png"]  # docs/results.md: beside README.md
     stale = CliRunner().invoke(app, args + ["--check"])
     assert stale.exit_code == 1 and "docs/results.md" in stale.output and "fig.png" in stale.output
     assert CliRunner().invoke(app, args).exit_code == 0

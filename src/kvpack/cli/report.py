@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,11 +13,13 @@ from kvpack.evaluate.report import figure_is_current, render_figure, render_read
 def report_command(
     results: Path = typer.Option(Path("results"), help="Folder of JSON results."),
     readme: Path = typer.Option(Path("README.md"), help="README whose <!-- results:NAME --> blocks are refreshed."),
-    docs: Path = typer.Option(Path("docs/results.md"), help="A second document with result blocks (skipped if missing)."),
-    figure: Path = typer.Option(Path("results/quality-vs-bits.png"), help="Perplexity lost vs bits per element, every method."),
+    docs: Optional[Path] = typer.Option(None, help="A second document with result blocks (default: docs/results.md beside the README, if there is one)."),
+    figure: Optional[Path] = typer.Option(None, help="Perplexity lost vs bits per element, every method (default: RESULTS/quality-vs-bits.png)."),
     check: bool = typer.Option(False, help="Exit 1 if a document or the figure is not up to date instead of writing them."),
 ) -> None:
     """Render the result tables of the README (and docs/results.md) and the quality-vs-bits figure from the saved JSON results."""
+    docs = docs or readme.parent / "docs" / "results.md"
+    figure = figure or results / "quality-vs-bits.png"
     stale = []
     for document in [readme] + ([docs] if docs.is_file() else []):
         text = render_readme(document, results)

@@ -120,9 +120,10 @@ class Codec(ABC):
                 delattr(moved, name)
         return moved
 
-    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
-        """The first `keep` tokens of block `enc` exactly as encoding them alone would store them (a crop inside a
-        block, as assisted decoding does), or None when this codec's storage cannot be cut there."""
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded | None:
+        """Tokens start..stop-1 of block `enc` (x [..., tokens, head_dim]) exactly as encoding them alone would
+        store them (a crop inside a block, as assisted decoding does; a token range read by blockwise attention),
+        or None when this codec's storage cannot be cut there."""
         return None
 
     def shared_nbytes(self) -> int:
@@ -137,6 +138,23 @@ class Codec(ABC):
         """Quantize-dequantize x; returns (x_hat in x's dtype, stored bytes)."""
         enc = self.encode(x)
         return self.decode(enc).to(x.dtype), enc.nbytes()
+
+
+def token_range(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
+    """x shape [..., tokens, head_dim] of tokens start..stop-1 of a block of x `shape` (checks the range)."""
+    if not 0 <= start < stop <= shape[-2]:
+        raise ValueError(f"token range {start}..{stop} is not inside a block of {shape[-2]} tokens")
+    return (*shape[:-2], stop - start, shape[-1])
+
+
+def packed_token_range(codes: torch.Tensor, start: int, stop: int, tokens: int, dim: int,
+                       bits: int) -> torch.Tensor | None:
+    """Bytes of token rows start..stop-1 of codes packed token-major per leading row ([..., bytes of tokens * dim
+    codes], little-endian bitstream): a slice when both ends fall on a byte (or `stop` is the last token), else None."""
+    first, last = start * dim * bits, stop * dim * bits
+    if first % 8 or (last % 8 and stop != tokens):
+        return None
+    return codes[..., first // 8: codes.shape[-1] if stop == tokens else last // 8]
 
 
 def check_bits(bits: int, low: int = 1, high: int = 8) -> int:

@@ -616,14 +616,12 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
                     inv_freq: torch.Tensor | None = None, rope_scaling: float = 1.0) -> torch.Tensor | None:
     """One CompressedLayer's decode-step attention: query [B, Hq, Q, D] -> [B, Q, Hq, D] (query's dtype), or None.
 
-    positions: int32 [B, >= stored] positions of the layer's stored tokens (for a pre-RoPE cache:
-    `cache.positions[:, layer.first_slot:]`), inv_freq/rope_scaling: the rotary module's `inv_freq` and
-    `attention_scaling`. See `stream_attention`.
+    Keys stored before RoPE: positions int32 [B, >= stored] of the layer's stored tokens (slot order, from the
+    layer's first slot), inv_freq fp32 [D / 2] and rope_scaling (the rotary module's `inv_freq` and
+    `attention_scaling`). Keys stored post-RoPE: positions None. See `stream_attention`.
     """
-    if layer.cache.pre_rope and positions is None:
-        return None
     return stream_attention(layer.k, layer.v, layer.key_codec, layer.value_codec, query, mask, scaling, softcap,
-                            positions if layer.cache.pre_rope else None, inv_freq, rope_scaling)
+                            positions, inv_freq, rope_scaling)
 
 
 # ---------------------------------------------------------------------------------------------- ahead of time

@@ -394,11 +394,3 @@ def value_accum(run, codec, p: torch.Tensor, out: torch.Tensor) -> bool:
         out += part.sum(0).view(B, H, -1, D)[:, :, :G]
         return True
     return False
-
-
-def layer_attention(layer, query: torch.Tensor, mask, scaling: float, softcap=None, positions=None, inv_freq=None,
-                    rope_scaling: float = 1.0):
-    """One layer's attention in one split-K pass: query [B, Hq, Q, D] -> [B, Q, Hq, D], or None (see triton_decode)."""
-    from kvpack.kernels import triton_decode
-
-    return triton_decode.layer_attention(layer, query, mask, scaling, softcap, positions, inv_freq, rope_scaling)

@@ -35,6 +35,11 @@ import torch
 
 from kvpack.kernels.layout import NuqView, nuq_view
 from kvpack.kernels.triton_attention import HAVE_TRITON, available
+import subprocess
+import tempfile
+import re
+import contextlib
+import io
 
 if HAVE_TRITON:
     import triton
@@ -653,9 +658,6 @@ def signature(fn, constexprs: dict) -> dict[str, str]:
 
 def _ptxas_stats(ptx: str, arch: int) -> dict:
     """Run the bundled ptxas -v on `ptx` as Triton does for `arch`; parse registers, spills, stack, shared memory."""
-    import re
-    import subprocess
-    import tempfile
 
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
@@ -666,6 +668,12 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
         cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src,
                "-o", f"{tmp}/k.cubin"]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    return _parse_ptxas(log)
+
+
+def _parse_ptxas(log: str) -> dict:
+    """registers, spill stores/loads, stack frame (bytes) and ptxas-reported smem from a `ptxas -v` log."""
 
     def grab(pattern: str) -> int:
         found = re.search(pattern, log)
@@ -678,16 +686,24 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
 
 def aot_stats(fn, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 1,
               maxnreg: int | None = None) -> dict:
-    """Compile `fn` for sm_`arch` (80, 90, ...) without a GPU; registers, spills and shared memory per thread block."""
+    """Compile `fn` for sm_`arch` (80, 90, ...) without a GPU; registers, spills and shared memory per thread block.
+
+    ptxas's own log is captured when Triton runs it; a kernel from Triton's cache is re-assembled with ptxas -v."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg:
         options["maxnreg"] = maxnreg
-    kernel = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
-                            target=GPUTarget("cuda", arch, 32), options=options)
-    stats = _ptxas_stats(kernel.asm["ptx"], arch)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
+                                target=GPUTarget("cuda", arch, 32), options=options)
+    stats = _parse_ptxas(log.getvalue())
+    if not stats["registers"]:
+        stats = _ptxas_stats(kernel.asm["ptx"], arch)
     stats.update(shared=kernel.metadata.shared, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                  tl_dot="mma" in kernel.asm["ptx"])
     return stats

@@ -32,6 +32,7 @@ from kvpack.hf.rope import RopeSource, check_pre_rope_supported, invert_rope
 from kvpack.cache.packed import attach
 from kvpack.hf.models import check_architecture, text_config
 from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.resolve import check_settings_fit_model
 from kvpack.cache.memory import memory_report
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
@@ -60,6 +61,7 @@ class CompressedCache(Cache):
                 "build or calibrate the recipe for this model."
             )
         settings = recipe.settings
+        check_settings_fit_model(settings, model)
         self.recipe = recipe
         self.model_ref = model
         self.pre_rope = bool(settings.pre_rope)

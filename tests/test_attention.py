@@ -198,17 +198,17 @@ def test_chunked_streaming_uses_packed_path():
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
 
 
-def test_not_claimed_with_grad_or_long_queries():
+def test_not_claimed_with_grad_long_queries_blockwise():
     model = make_tiny_model("llama")
     cache = CompressedCache(model, RECIPES["nuq4"](model))
     ids = torch.randint(3, 120, (1, 40))
     model(ids, past_key_values=cache)  # grad mode on: decode path
     assert cache.packed.calls == 0
     with torch.no_grad():
-        model(ids[:, :20], past_key_values=cache)  # 20 > max_queries: decode path
-        assert cache.packed.calls == 0
+        model(ids[:, :20], past_key_values=cache)  # 20 > max_queries: blockwise path
+        assert cache.packed.calls == 2 and cache.packed.blockwise_calls == 2
         model(ids[:, :2], past_key_values=cache)
-    assert cache.packed.calls == 2 and not cache.packed.pending
+    assert cache.packed.calls == 4 and cache.packed.blockwise_calls == 2 and not cache.packed.pending
     assert model.config._attn_implementation == "sdpa"  # restored after the forward
 
 

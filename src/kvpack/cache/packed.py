@@ -4,11 +4,13 @@
     model.generate(ids, **cache_kwargs(cache), ...)          # decode steps read the packed blocks directly
 
 kvpack's attention functions (hf/attention.py) ask this state per layer: when CompressedCache.update
-claimed the layer (a call of at most `max_queries` query tokens, no autograd), update returned zero-memory
-NaN placeholders instead of the decoded history, and `attend` computes attention from the stored parts
-(kernels.dispatch.layer_attention). Calls with attention arguments the kernels do not implement get the
-exact path instead (`decoded`). Exactness: the kernels compute the same numbers as decode-then-attend up
-to float summation order (tests compare them to ~1e-5).
+claimed the layer (any call without autograd), update returned zero-memory NaN placeholders instead of
+the decoded history, and `attend` computes attention from the stored parts: calls of at most
+`max_queries` query tokens (decode steps) through the kernels (kernels.dispatch.layer_attention), longer
+ones (prefill chunks, multi-token steps) window by window over the stored tokens, never decoding more
+than `window_tokens` of them at a time (kernels.dispatch.blockwise_attention). Calls with attention
+arguments the kernels do not implement get the exact path instead (`decoded`). Exactness: both compute
+the same numbers as decode-then-attend up to float summation order (tests compare them to ~1e-4).
 """
 from __future__ import annotations
 
@@ -16,27 +18,30 @@ import os
 
 import torch
 
-from kvpack.kernels.dispatch import BACKENDS, DEFAULT_MAX_QUERIES, layer_attention
+from kvpack.kernels.dispatch import BACKENDS, DEFAULT_MAX_QUERIES, WINDOW_TOKENS, blockwise_attention, layer_attention
 from kvpack.kernels.rope import RopeTable
 
 
 class PackedAttention:
     """A CompressedCache's packed-attention state: which layers hand attention over this forward."""
 
-    def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES):
+    def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES,
+                 window_tokens: int = WINDOW_TOKENS):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.cache = cache
         self.backend = backend
-        self.max_queries = max_queries
+        self.max_queries = max_queries  # more query tokens than this: blockwise_attention
+        self.window_tokens = window_tokens
         self.rope = RopeTable(cache.log) if cache.pre_rope else None
         self.active = 0  # forwards in flight that route attention here
         self.pending: set[int] = set()
         self.calls = 0  # packed attention calls served (for tests and reports)
+        self.blockwise_calls = 0  # of which by blockwise_attention
 
     def claim(self, layer_idx: int, queries: int) -> bool:
         """Called by CompressedCache.update: True if attention for this call will read the packed storage."""
-        if not self.active or queries > self.max_queries or torch.is_grad_enabled():
+        if not self.active or torch.is_grad_enabled():
             return False
         self.pending.add(layer_idx)
         return True
@@ -59,9 +64,15 @@ class PackedAttention:
         return out
 
     def attend(self, module, query, attention_mask, scaling, softcap) -> torch.Tensor:
+        """Attention of query [B, Hq, Q, D] over the layer's stored tokens -> [B, Q, Hq, D]."""
         layer = self.cache.layers[module.layer_idx]
-        out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
-                              rope=self.rope)
+        if query.shape[-2] <= self.max_queries:
+            out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
+                                  rope=self.rope)
+        else:
+            out = blockwise_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, rope=self.rope,
+                                      window_tokens=self.window_tokens)
+            self.blockwise_calls += 1
         layer.free_outside_window(self.cache.head_tokens)  # what the decode path does right after reading
         self.calls += 1
         return out

@@ -259,7 +259,7 @@ class BlockStore:
             cut = excess % run.block_tokens
             if cut:
                 block = run.block(run.count - 1)
-                part = codec.slice_tokens(block, run.block_tokens - cut)
+                part = codec.slice_tokens(block, 0, run.block_tokens - cut)
                 if part is None:
                     raise MethodError(
                         f"'{codec.name}' cannot drop {cut} tokens from inside an encoded block of {run.block_tokens} "

@@ -16,6 +16,7 @@ import torch
 from kvpack.cache.store import BlockStore
 from kvpack.codecs import Codec, NuqCodec
 from kvpack.kernels import cpu, triton_encode
+from kvpack.kernels.reference import decode_range
 
 
 def _encode_block(codec: Codec, x: torch.Tensor):
@@ -108,6 +109,47 @@ class TokenStream:
         if self.tail is not None:
             parts.append(self.tail.to(dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def parts(self) -> list[tuple[int, int, object]]:
+        """(first stored token, end, part) of the head tensor, each body run and the tail tensor, in token order."""
+        out, pos = [], 0
+        for part in (self.head, *self.body.runs, self.tail):
+            n = 0 if part is None else (part.shape[-2] if isinstance(part, torch.Tensor) else part.tokens)
+            if n:
+                out.append((pos, pos + n, part))
+                pos += n
+        return out
+
+    def cuts(self) -> list[int]:
+        """Stored-token offsets where a piece starts or ends (head, every body block, tail): reading between two
+        cuts never decodes part of a block."""
+        out = [0]
+        for start, end, part in self.parts():
+            step = part.block_tokens if not isinstance(part, torch.Tensor) else end - start
+            out.extend(range(start + step, end + 1, step))
+        return out
+
+    def read_range(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Stored tokens start..stop-1, dequantized: [batch, heads, stop - start, head_dim] in `dtype`. Decodes only
+        the blocks (or token ranges of blocks, `Codec.slice_tokens`) overlapping the range; a block whose codec
+        cannot cut its storage there is decoded whole and trimmed."""
+        if not 0 <= start < stop <= self.stored:
+            raise ValueError(f"token range {start}..{stop} is not inside the {self.stored} stored tokens")
+        out = None
+        for first, end, part in self.parts():
+            lo, hi = max(start, first), min(stop, end)
+            if lo >= hi:
+                continue
+            if isinstance(part, torch.Tensor):
+                pieces = [(lo - first, part[..., lo - first: hi - first, :])]
+            else:
+                pieces = decode_range(part, self.codec, lo - first, hi - first, stop - start)
+            for offset, x in pieces:
+                if out is None:
+                    out = torch.empty(*x.shape[:2], stop - start, x.shape[-1], dtype=dtype, device=x.device)
+                at = first + offset - start
+                out[..., at: at + x.shape[-2], :] = x
+        return out
 
     # -- trimming --------------------------------------------------------------------------------
     def free_first(self, n: int) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from kvpack.codecs import packing
-from kvpack.codecs.base import Codec, Encoded, StorageLayout, check_bits, register_codec
+from kvpack.codecs.base import (Codec, Encoded, StorageLayout, check_bits, packed_token_range, register_codec,
+                                token_range)
 from kvpack.codecs.grouping import check_axis, grouped, grouped_shape
 
 
@@ -74,13 +75,14 @@ class CodebookCodec(Codec):
         view = codes.reshape(grouped_shape(shape, self.axis, self.group_size))
         return (self.levels[view] * scale + zero).reshape(shape)
 
-    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
-        codes = packing.slice_packed(enc.tensors["codes"], keep, enc.shape[-1], self.bits)
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded | None:
+        shape = token_range(enc.shape, start, stop)
+        codes = packed_token_range(enc.tensors["codes"], start, stop, enc.shape[-2], enc.shape[-1], self.bits)
         if self.axis != "token" or codes is None:
             return None
         t = enc.tensors  # zero/scale [..., tokens, groups, 1]
-        return Encoded({"codes": codes, "zero": t["zero"][..., :keep, :, :], "scale": t["scale"][..., :keep, :, :]},
-                       (*enc.shape[:-2], keep, enc.shape[-1]))
+        return Encoded({"codes": codes, "zero": t["zero"][..., start:stop, :, :],
+                        "scale": t["scale"][..., start:stop, :, :]}, shape)
 
     def layout(self) -> StorageLayout:
         return StorageLayout({"codes": "codes", "zero": "scales", "scale": "scales"})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec, token_range
 
 
 @register_codec
@@ -16,8 +16,9 @@ class Fp16Codec(Codec):
     def layout(self) -> StorageLayout:
         return StorageLayout({"values": "codes"})
 
-    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded:
-        return Encoded({"values": enc.tensors["values"][..., :keep, :]}, (*enc.shape[:-2], keep, enc.shape[-1]))
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded:
+        shape = token_range(enc.shape, start, stop)
+        return Encoded({"values": enc.tensors["values"][..., start:stop, :]}, shape)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         return enc.tensors["values"].float()

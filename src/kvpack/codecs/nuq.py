@@ -26,7 +26,8 @@ import torch
 
 from kvpack.codecs import packing
 from kvpack.codecs import sparse
-from kvpack.codecs.base import Codec, Encoded, StorageLayout, check_bits, register_codec
+from kvpack.codecs.base import (Codec, Encoded, StorageLayout, check_bits, packed_token_range, register_codec,
+                                token_range)
 from kvpack.codecs.kmeans import assign, assign_batched
 
 AXES = ("channel", "token")
@@ -262,18 +263,20 @@ class NuqCodec(Codec):
         values (a 1-token block costs one count), one per token and head for `span="head"` values."""
         return "token_all" if self.axis == "channel" or self.span == "all" else "token_head"
 
-    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded | None:
-        codes = None if self.channel_bits is not None else packing.slice_packed(enc.tensors["codes"], keep, self.head_dim,
-                                                                                    self.bits)
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded | None:
+        shape = token_range(enc.shape, start, stop)
+        tokens = enc.shape[-2]
+        codes = None if self.channel_bits is not None else packed_token_range(
+            enc.tensors["codes"], start, stop, tokens, self.head_dim, self.bits)
         if codes is None:
             return None
         t = enc.tensors
         out = {"codes": codes}
         if self.axis == "token":  # zero/scale [..., H | 1, tokens, 1]
-            out |= {"zero": t["zero"][..., :keep, :], "scale": t["scale"][..., :keep, :]}
+            out |= {"zero": t["zero"][..., start:stop, :], "scale": t["scale"][..., start:stop, :]}
         if "outlier_values" in t:
-            out |= sparse.slice_outliers(t, enc.shape[-2], keep)
-        return Encoded(out, (*enc.shape[:-2], keep, enc.shape[-1]))
+            out |= sparse.slice_outliers(t, tokens, start, stop)
+        return Encoded(out, shape)
 
     def layout(self) -> StorageLayout:
         parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self._width_columns()])}

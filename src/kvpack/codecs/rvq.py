@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from kvpack.codecs import packing, sparse
-from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec, token_range
 
 GROUPINGS = ("strided", "contiguous")
 # Distance-matrix budget of one encode chunk (rows x C float32 entries): 512K entries = 2 MiB, so
@@ -244,12 +244,13 @@ class RVQCodec(Codec):
         x = self.denormalize(groups.view(*shape[:-1], n, self.group), enc.tensors["scale"])
         return sparse.apply_outliers(x, enc.tensors, "token_head")
 
-    def slice_tokens(self, enc: Encoded, keep: int) -> Encoded:
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded:
+        shape = token_range(enc.shape, start, stop)
         t = enc.tensors  # codes [..., tokens, row bytes], scale [..., tokens, 1]
-        out = {"codes": t["codes"][..., :keep, :], "scale": t["scale"][..., :keep, :]}
+        out = {"codes": t["codes"][..., start:stop, :], "scale": t["scale"][..., start:stop, :]}
         if "outlier_values" in t:
-            out |= sparse.slice_outliers(t, enc.shape[-2], keep)
-        return Encoded(out, (*enc.shape[:-2], keep, enc.shape[-1]))
+            out |= sparse.slice_outliers(t, enc.shape[-2], start, stop)
+        return Encoded(out, shape)
 
     def layout(self) -> StorageLayout:
         parts = {"codes": "codes", "scale": "scales"}

@@ -114,14 +114,15 @@ def apply_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor], rows: str)
     return torch.where(from_rows(mask, shape, rows), from_rows(values, shape, rows).to(x.dtype), x)
 
 
-def slice_outliers(tensors: dict[str, torch.Tensor], tokens: int, keep: int) -> dict[str, torch.Tensor]:
-    """The outliers of the first `keep` of a block's `tokens` tokens (either row kind: the token index runs
+def slice_outliers(tensors: dict[str, torch.Tensor], tokens: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """The outliers of tokens start..stop-1 of a block's `tokens` tokens (either row kind: the token index runs
     fastest in both), as the three named tensors."""
     counts = tensors["outlier_counts"]
     row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts.long())
-    kept = (row % tokens) < keep
+    token = row % tokens
+    kept = (token >= start) & (token < stop)
     return {"outlier_values": tensors["outlier_values"][kept], "outlier_indices": tensors["outlier_indices"][kept],
-            "outlier_counts": counts.view(-1, tokens)[:, :keep].reshape(-1)}
+            "outlier_counts": counts.view(-1, tokens)[:, start:stop].reshape(-1)}
 
 
 def segment_index(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -122,18 +122,41 @@ def _codec_constants(codec, name: str, build, source: torch.Tensor | None = None
     return store[key]
 
 
-def block_chunks(run, max_tokens: int):
-    """Yield (first token, Encoded of x [blocks * B, H, T, D]) for runs of whole blocks of about `max_tokens` tokens."""
+def block_chunks(run, max_tokens: int, codec: Codec | None = None, start: int = 0, stop: int | None = None):
+    """Yield (first run token, Encoded) pieces covering run tokens start..stop-1 (default: all), in order, each of
+    at most `max_tokens` tokens where storage allows: whole blocks together (x [blocks * B, H, T, D], block-major),
+    or one block's token range cut by `codec.slice_tokens` (x [B, H, n, D]) where a block is larger than
+    `max_tokens` or only partly wanted. A block the codec cannot cut (or with no codec) comes whole
+    (x [B, H, T, D] from its first token): the caller keeps the tokens it wants."""
     enc, (batch, heads, tokens, dim), count = run_encoded(run)
-    per = max(1, max_tokens // max(tokens, 1))
-    if per >= count:
+    stop = count * tokens if stop is None else stop
+    if start == 0 and stop == count * tokens and (count * tokens <= max_tokens or (codec is None and count == 1)):
         yield 0, enc
         return
     bounds = {n: [0, *accumulate(run.lengths[n][:count])] for n in enc.tensors}
-    for i in range(0, count, per):
-        j = min(count, i + per)
+
+    def blocks(i: int, j: int) -> Encoded:
         tensors = {n: t[bounds[n][i]: bounds[n][j]] for n, t in enc.tensors.items()}
-        yield i * tokens, Encoded(tensors, ((j - i) * batch, heads, tokens, dim), dict(enc.meta))
+        return Encoded(tensors, ((j - i) * batch, heads, tokens, dim), dict(enc.meta))
+
+    per = max(1, max_tokens // max(tokens, 1))
+    pos = start
+    while pos < stop:
+        first = pos // tokens
+        if pos == first * tokens and (tokens <= max_tokens or codec is None) and (first + 1) * tokens <= stop:
+            last = min(count, first + per, max(first + 1, stop // tokens))
+            yield pos, blocks(first, last)
+            pos = last * tokens
+            continue
+        end = min(stop, (first + 1) * tokens, pos + max_tokens)
+        part = None if codec is None else codec.slice_tokens(blocks(first, first + 1), pos - first * tokens,
+                                                             end - first * tokens)
+        if part is None:  # storage not cut per token here: the whole block
+            yield first * tokens, blocks(first, first + 1)
+            pos = (first + 1) * tokens
+        else:
+            yield pos, part
+            pos = end
 
 
 def _outliers(t: dict, mode: int | None) -> Outliers | None:

@@ -34,7 +34,7 @@ import os
 import torch
 
 from kvpack.hf.rope import apply_rope
-from kvpack.kernels import cpu, reference, triton_attention
+from kvpack.kernels import cpu, reference, triton_attention, triton_decode
 from kvpack.kernels.layout import nuq_view, rvq_view
 from kvpack.kernels.rope import RopeSlice, RopeTable
 BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -137,6 +137,21 @@ def _apply_mask(s: torch.Tensor, mask: torch.Tensor | None, queries: int) -> tor
     return s + m.float()
 
 
+def _triton_layer(layer, query: torch.Tensor, mask, scale: float, softcap, rope: RopeTable | None, total: int):
+    """The split-K Triton pass over the whole layer (kernels/triton_decode.py): RoPE computed in the kernel from the
+    logged positions, so the RopeTable is never built here; None when the pass does not cover the layer."""
+    positions, inv_freq, attention_scaling = None, None, 1.0
+    if rope is not None:
+        source = rope.log.source
+        if source.takes_layer_type:  # per-layer-type frequencies (Gemma3): the per-run path handles them
+            return None
+        first = layer.first_slot
+        positions = rope.log.positions[:, first:first + total]
+        inv_freq = source.module.inv_freq
+        attention_scaling = getattr(source.module, "attention_scaling", 1.0)
+    return triton_decode.layer_attention(layer, query, mask, scale, softcap, positions, inv_freq, attention_scaling)
+
+
 def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     scaling: float | None = None, softcap: float | None = None, backend: str = "auto",
                     rope: RopeTable | None = None, paths: list | None = None) -> torch.Tensor:
@@ -149,6 +164,12 @@ def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
     batch, hq, queries, dim = query.shape
     scale = dim ** -0.5 if scaling is None else scaling
     total = k_stream.stored
+    if _use_triton(backend, query.device):
+        out = _triton_layer(layer, query, attention_mask, scale, softcap, rope, total)
+        if out is not None:
+            if paths is not None:
+                paths.append(("layer", "triton"))
+            return out
     rs = None
     if rope is not None:  # keys stored pre-RoPE: rotate them at their logged positions
         first = layer.first_slot

@@ -163,6 +163,8 @@ def test_blocks_concatenate_and_zero_vectors_decode_to_zero():
     decoded = codec.decode(both)
     assert torch.equal(decoded, codec.decode(codec.encode(x)))
     assert torch.equal(decoded[0, 1, 2], torch.zeros(64))
+    part, alone = codec.slice_tokens(both, 1, 4), codec.encode(x[..., 1:4, :])  # a crop stores what encoding alone would
+    assert part.shape == alone.shape and all(torch.equal(part.tensors[n], alone.tensors[n]) for n in alone.tensors)
 
 
 def test_bad_input_is_refused():

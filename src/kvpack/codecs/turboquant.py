@@ -35,7 +35,7 @@ import math
 import torch
 
 from kvpack.codecs import packing
-from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec
+from kvpack.codecs.base import Codec, Encoded, StorageLayout, register_codec, token_range
 from kvpack.codecs.lloyd_max import lloyd_max_levels
 from kvpack.codecs.rotation import Rotation
 from kvpack.errors import NonFiniteError
@@ -253,6 +253,11 @@ class TurboQuantCodec(Codec):
         if len(shape) < 3 or shape[-3] != self.center.shape[0]:
             raise ValueError(f"TurboQuant center for {self.center.shape[0]} heads got a block of shape {tuple(shape)}")
         return self.center.to(device)[:, None, :]
+
+    def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded:
+        """Tokens start..stop-1 of a block: every stored tensor holds one row per token [..., tokens, n]."""
+        shape = token_range(enc.shape, start, stop)
+        return Encoded({n: t[..., start:stop, :] for n, t in enc.tensors.items()}, shape)
 
     def bits_formula(self) -> float:
         """Stored bits per element of one block by arithmetic (what `Encoded.bits_per_element` measures

@@ -17,7 +17,7 @@ def tiny():
     return make_tiny_model("llama"), make_tiny_tokenizer()
 
 
-@pytest.mark.parametrize("method", ["int4:pre-rope", "kivi-2"])
+@pytest.mark.parametrize("method", ["int4:pre-rope", "kivi-2:g8"])
 def test_saved_cache_continues_exactly_as_the_saving_run(tiny, tmp_path, one_thread, method):
     model, tok = tiny
     recipe = Recipe.baseline(method, 2)

@@ -29,6 +29,9 @@ from kvpack.hf.attention import cache_kwargs
 from kvpack.hf.models import DEFAULT_MODEL, load_model, text_config
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.resolve import resolve_recipe
+from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 DEFAULT_METHOD = "kvquant-4bit-1pct"
 CONTEXT_KEY = "kvpack_context"
@@ -93,8 +96,6 @@ def check_length(model, context: int, new_tokens: int) -> None:
 
 def save_context(cache: CompressedCache, path: str | Path, ids: list[int], recipe_dir: str | None) -> Path:
     """Save `cache` (holding ids[:-1]) to `path` with the context ids in its metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = Path(cache.save(path))
     with safe_open(str(path), framework="pt") as handle:
@@ -109,7 +110,6 @@ def save_context(cache: CompressedCache, path: str | Path, ids: list[int], recip
 
 def read_context(path: str | Path) -> dict:
     """The context saved beside a cache by `save_context`: {"ids", "method", "recipe"}."""
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -142,8 +142,6 @@ def _recipe_for(model, tokenizer, method, recipe, saved: dict | None, calib_data
 
 @torch.no_grad()
 def _prefill(model, cache: CompressedCache, ids: list[int], chunk: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     start = cache.get_seq_length()
     todo = torch.tensor([ids[start:]], dtype=torch.long, device=model.device)
     bar = tqdm(total=todo.shape[1], desc="reading the prompt", unit="token", disable=not progress or todo.shape[1] <= chunk)

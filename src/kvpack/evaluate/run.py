@@ -20,13 +20,12 @@ from kvpack.finetune.train import apply_finetuned
 from kvpack.hf.models import load_model
 from kvpack.methods.names import parse_method
 from kvpack.recipes.resolve import resolve_recipe
+import sys
 
 CACHE_MODES = {"simulated": ["simulated"], "real": ["real"], "both": ["simulated", "real"]}
 
 
 def _stderr(text: str) -> None:
-    import sys
-
     print(text, file=sys.stderr, flush=True)
 
 

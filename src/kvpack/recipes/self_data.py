@@ -19,6 +19,8 @@ import torch
 from kvpack.errors import DataError
 from kvpack.hf.models import cache_root
 from kvpack.recipes.io import model_identity, weights_fingerprint
+from transformers import StoppingCriteria, StoppingCriteriaList
+from tqdm.auto import tqdm
 
 SELF_SPEC = "self"
 SELF_DATA_VERSION = 1
@@ -56,8 +58,6 @@ def _limit(model) -> int | None:
 @torch.no_grad()
 def generate_self_windows(model, tokenizer, windows: int, seqlen: int, seed: int = 0, progress: bool = True) -> torch.Tensor:
     """ids [windows, seqlen] sampled from the model (see module docstring); no disk cache."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from tqdm.auto import tqdm
 
     limit = _limit(model)
     if limit is not None and seqlen > limit:

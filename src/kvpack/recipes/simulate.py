@@ -64,11 +64,13 @@ class Simulator:
         start, stop = fp16_split(tokens, s.sink_tokens, s.recent_tokens, codec.token_group())
         per_token = x[..., :1, :].numel()
         fp16_tokens = tokens - (stop - start)
-        self.count.add(16.0 * fp16_tokens * per_token + 8.0 * codec.shared_nbytes(), x.numel())
+        self.count.add(16.0 * fp16_tokens * per_token, x.numel())
         if stop == start:
+            self.count.add(8.0 * codec.shared_nbytes(), 0)
             return x.to(torch.float16).to(x.dtype)
         middle, nbytes = codec.roundtrip(x[..., start:stop, :])
-        self.count.add(8.0 * nbytes, 0)
+        # shared bytes after encoding: a codec that sizes itself to the head_dim it meets knows them only now
+        self.count.add(8.0 * (nbytes + codec.shared_nbytes()), 0)
         parts = [x[..., :start, :].to(torch.float16).to(x.dtype), middle, x[..., stop:, :].to(torch.float16).to(x.dtype)]
         return torch.cat(parts, dim=-2)
 

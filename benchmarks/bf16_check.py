@@ -5,7 +5,8 @@
 The recipe is resolved once on the float32 model (shipped, cached, or calibrated on c4[:500], 16 windows of
 2048) and used unchanged for the bf16 model. Rows: fp16 (lossless storage) and the method, per model dtype
 and mode (simulated: quantize-dequantize inside one forward; real: each window streamed through
-CompressedCache token by token), on the first WikiText-2 windows of 2048 tokens.
+CompressedCache in chunks of --chunk tokens, attention over the packed storage), on the first WikiText-2 windows
+of 2048 tokens.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--modes", default="simulated,real")
+    parser.add_argument("--chunk", type=int, default=64, help="real mode: tokens fed per forward (1 = token by token)")
     parser.add_argument("--json", type=Path, default=Path("results/bf16-check.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -39,12 +41,15 @@ def main() -> None:
         model = model.to(dtype)
         for rec in (Recipe.baseline("fp16", model.config.num_hidden_layers), recipe):
             for mode in args.modes.split(","):
-                run = simulated_perplexity if mode == "simulated" else streaming_perplexity
-                result = run(model, windows, rec, progress=True)
+                if mode == "simulated":
+                    result = simulated_perplexity(model, windows, rec, progress=True)
+                else:
+                    result = streaming_perplexity(model, windows, rec, chunk=args.chunk, progress=True)
                 row = {"method": rec.method, "model_dtype": str(dtype).removeprefix("torch."), "mode": mode,
                        "ppl": result.ppl, "bits_per_element": result.bits_per_element, "kl": getattr(result, "kl", None),
                        "top1": getattr(result, "top1", None), "windows": len(windows), "seqlen": args.seqlen,
                        "data": "wikitext2", "model": "smollm2-135m", "seconds": result.seconds,
+                       "chunk": args.chunk if mode == "real" else None,
                        "calibration": {k: (rec.calibration or {}).get(k) for k in ("data", "windows", "seqlen")}}
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "model_dtype", "mode", "ppl", "bits_per_element")}))

@@ -24,7 +24,6 @@ import torch
 from kvpack.codecs import Codec, Encoded, StorageLayout, sparse
 from kvpack.errors import MethodError
 
-_VERDICT = "_kvpack_stacks_exactly"  # codec attribute caching the one-time stacking check
 
 
 def signature(enc: Encoded) -> tuple:
@@ -175,31 +174,12 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _stacks_exactly(codec: Codec, newest, second: Encoded) -> bool:
-    """One-time check per codec that decoding two stacked blocks equals decoding them apart.
-
-    newest: a function returning the block before `second` (called only when the codec is not checked yet)."""
-    verdict = codec.__dict__.get(_VERDICT)
-    if verdict is None:
-        try:
-            first = newest()
-            run = Run.start(Encoded({n: t.clone() for n, t in first.tensors.items()}, first.shape, dict(first.meta)))
-            run.append(second)
-            together = run.decode(codec)
-            apart = torch.cat([codec.decode(first), codec.decode(second)], dim=-2)
-            verdict = together.shape == apart.shape and bool(torch.equal(together, apart))
-        except Exception:  # a codec that cannot decode stacked blocks keeps them apart
-            verdict = False
-        codec.__dict__[_VERDICT] = verdict
-    return verdict
-
-
 class BlockStore:
     """The encoded middle of one layer's keys or values: runs of blocks, oldest first."""
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
-        self._last: tuple[Run, int] | None = None  # where the newest block is, for the one-time stacking check
+        self._last: tuple[Run, int] | None = None  # where the newest block is: blocks after a drop start a new run
 
     @property
     def tokens(self) -> int:
@@ -210,8 +190,8 @@ class BlockStore:
         if any(t.dim() == 0 for t in enc.tensors.values()):
             raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
         last = self.runs[-1] if self.runs else None
-        if (last is not None and last.signature == signature(enc) and self._newest_in(last)
-                and _stacks_exactly(codec, lambda: last.block(last.count - 1), enc)):
+        # Blocks of one layout stack along dim 0 and decode as one (the Codec contract, StorageLayout).
+        if last is not None and last.signature == signature(enc) and self._newest_in(last):
             last.append(enc)
         else:
             last = Run.start(enc)

@@ -134,11 +134,3 @@ def from_words(words: torch.Tensor) -> torch.Tensor:
     if words.dtype != torch.int32:
         raise ValueError(f"need int32 words, got {words.dtype}")
     return words.contiguous().view(torch.uint8)
-
-
-def slice_packed(codes: torch.Tensor, tokens_keep: int, dim: int, bits: int) -> torch.Tensor | None:
-    """The bytes of the first `tokens_keep` token rows of codes packed token-major over [tokens * dim] per
-    leading row ([..., packed_length(tokens * dim, bits)]), or None when they do not end on a byte."""
-    if tokens_keep * dim * bits % 8:
-        return None
-    return codes[..., : tokens_keep * dim * bits // 8]

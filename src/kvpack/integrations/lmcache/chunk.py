@@ -87,23 +87,21 @@ class ChunkCodec:
         return [self.primary] + ([self.fallback] if self.fallback else [])
 
     # ----- layouts -----
-    def _head_dim_hint(self) -> int | None:
-        if self.options.head_dim:
-            return int(self.options.head_dim)
+    def _hint(self, option: str, fact: str, codec_attr: str) -> int | None:
+        """A layout size: the serde option, else the recipes' model identity, else the first codec's attribute."""
+        if getattr(self.options, option):
+            return int(getattr(self.options, option))
         for path in self.paths:
-            dim = path.model_fact("head_dim") or getattr(path.codecs(0)[0], "head_dim", None)
-            if dim:
-                return int(dim)
+            value = path.model_fact(fact) or getattr(path.codecs(0)[0], codec_attr, None)
+            if value:
+                return int(value)
         return None
 
+    def _head_dim_hint(self) -> int | None:
+        return self._hint("head_dim", "head_dim", "head_dim")
+
     def _heads_hint(self) -> int | None:
-        if self.options.num_kv_heads:
-            return int(self.options.num_kv_heads)
-        for path in self.paths:
-            heads = path.model_fact("num_kv_heads") or getattr(path.codecs(0)[0], "heads", None)
-            if heads:
-                return int(heads)
-        return None
+        return self._hint("num_kv_heads", "num_kv_heads", "heads")
 
     def layouts(self, shapes, dtypes) -> list[GroupLayout]:
         """One GroupLayout per group of an LMCache object (MemoryLayoutDesc shapes / dtypes)."""

@@ -15,11 +15,12 @@ import math
 
 import torch
 
+from kvpack.codecs import sparse
 from kvpack.codecs.base import Encoded
 from kvpack.integrations.lmcache.errors import ChunkFormatError
 
-VALUES, INDICES, COUNTS = "outlier_values", "outlier_indices", "outlier_counts"
-NAMES = (VALUES, INDICES, COUNTS)
+NAMES = sparse.OUTLIER_NAMES
+VALUES, INDICES, COUNTS = NAMES
 
 
 def has_outliers(tensors: dict[str, torch.Tensor]) -> bool:
@@ -27,28 +28,6 @@ def has_outliers(tensors: dict[str, torch.Tensor]) -> bool:
     if any(present) and not all(present):
         raise ChunkFormatError(f"a codec produced only part of the sparse outlier tensors: {sorted(tensors)}")
     return all(present)
-
-
-def _row_kind(rows: int, shape: tuple[int, int, int]) -> str:
-    heads, tokens, _ = shape
-    if rows == tokens:
-        return "token"  # one row per token, heads * head_dim columns
-    if rows == heads * tokens:
-        return "token_head"  # one row per (head, token), head_dim columns
-    raise ChunkFormatError(f"{rows} outlier rows fit neither tokens nor heads x tokens of a block {list(shape)}")
-
-
-def _to_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """x [heads, tokens, head_dim] -> [rows, n]."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1) if kind == "token" else x.reshape(-1, x.shape[-1])
-
-
-def _mask(tensors: dict[str, torch.Tensor], rows: int, n: int, nnz: int) -> torch.Tensor:
-    counts = tensors[COUNTS].to(torch.int64).flatten()
-    row_idx = torch.repeat_interleave(torch.arange(rows), counts)
-    mask = torch.zeros(rows, n, dtype=torch.bool)
-    mask[row_idx, tensors[INDICES][:nnz].to(torch.int64)] = True
-    return mask
 
 
 def fit(
@@ -64,13 +43,13 @@ def fit(
         return tensors
     counts = tensors[COUNTS].flatten()
     rows = counts.numel()
-    kind = _row_kind(rows, tuple(x.shape))
+    kind = codec.layout().outlier_rows  # the codec declares its rows: "token_all" or "token_head"
     n = x.numel() // rows
     nnz = int(counts.to(torch.int64).sum())
     forced = forced_tokens is not None and forced_tokens.numel() > 0
     if nnz > capacity or forced:
-        xr = _to_rows(x.float(), kind)
-        mask = _mask(tensors, rows, n, nnz)
+        xr = sparse.to_rows(x.float(), kind)
+        _, mask = sparse.decode_rows({k[len("outlier_"):]: tensors[k] for k in NAMES}, rows, n)
         force_rows = torch.zeros(rows, dtype=torch.bool)
         if forced:
             tokens = x.shape[1]
@@ -82,7 +61,7 @@ def fit(
         candidates = int(mask.sum())
         if candidates > capacity:
             dense = codec.decode(Encoded({k: v for k, v in tensors.items() if k not in NAMES}, enc.shape, enc.meta))
-            cost = (xr - _to_rows(dense.float(), kind)).abs()
+            cost = (xr - sparse.to_rows(dense.float(), kind)).abs()
             cost = cost.masked_fill(force_rows[:, None], float("inf")).masked_fill(~mask, -1.0)
             keep = torch.topk(cost.flatten(), capacity).indices
             mask = torch.zeros(rows * n, dtype=torch.bool)

@@ -112,3 +112,42 @@ def test_cli_calibrate(text_file, tmp_path, monkeypatch):
     bad = CliRunner().invoke(app, ["calibrate", "--model", "tiny", "--method", "kvquant-2bit:nope", "--data", str(text_file),
                                    "--out", str(out)])
     assert bad.exit_code == 2 and "Unknown method option" in bad.output
+
+
+def test_alloc_layer_mixes_widths_per_tensor_at_the_exact_mean(text_file):
+    """alloc-layer: one width per layer's K and V, mean exactly N over the model, plain one-width codecs."""
+    model = make_tiny_model("llama")
+    tok = make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-layer:fisher-s2", data=str(text_file), windows=3,
+                              seqlen=64, progress=False)
+    codecs = recipe.key_codecs + recipe.value_codecs
+    widths = [c.bits for c in codecs]
+    assert all(c.channel_bits is None and c.codebooks == "layer" for c in codecs)
+    assert sum(widths) == 3 * len(widths) and all(1 <= w <= 5 for w in widths)
+    assert recipe.calibration["mean_bits"]["keys"] == [c.bits for c in recipe.key_codecs]
+
+
+def test_kvpack_presets_are_kvquant_configurations():
+    settings = parse_method("kvpack-3bit")
+    assert settings.family == "kvquant" and settings.bits == 3 and settings.name == "kvpack-3bit"
+    assert settings.options.alloc == "layer" and settings.options.weighting == "fisher-s2"
+    assert settings.options.outlier_frac == pytest.approx(0.01)
+    assert parse_method("kvpack-2bit:sink4").sink_tokens == 4
+    with pytest.raises(MethodError, match="kvpack-<N>bit"):
+        parse_method("kvpack-3.5bit")
+
+
+def test_rows_split_fixed_and_marginal_bits(text_file):
+    model = make_tiny_model("llama")
+    tok = make_tiny_tokenizer()
+    ids = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1))
+    fp16 = simulated_perplexity(model, ids, Recipe.baseline("fp16", 2), progress=False)
+    assert fp16.fixed_bytes == 0 and fp16.marginal_bits_per_element == fp16.bits_per_element == 16
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct", data=str(text_file), windows=2, seqlen=64, progress=False)
+    q = simulated_perplexity(model, ids, recipe, progress=False)
+    shared = sum(c.shared_nbytes() for c in recipe.key_codecs + recipe.value_codecs)
+    assert q.fixed_bytes == shared > 0
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    elements = 2 * 2 * 64 * model.config.num_key_value_heads * head_dim  # one window: layers x (K, V) x tokens x heads x dim
+    # per window: everything = marginal + the shared bytes amortized over one window's elements
+    assert q.bits_per_element == pytest.approx(q.marginal_bits_per_element + 8 * shared / elements, rel=1e-6)

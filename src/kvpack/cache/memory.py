@@ -96,10 +96,21 @@ class MemoryReport:
         """Stored bits per cached K/V element (fp16 = 16): codes, scales, outliers, fp16 tokens, positions, codebooks."""
         return 16.0 / self.storage_ratio if self.stored else 0.0
 
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes every sequence of the model shares (the `codebooks` part: codec state and its kernel copies)."""
+        return self.parts.get("codebooks", 0)
+
+    @property
+    def marginal_bits_per_element(self) -> float:
+        """Stored bits per cached element without the fixed bytes: what each further element costs."""
+        return 16.0 * (self.stored - self.fixed_bytes) / max(self.fp16_total, 1)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(per_token_per_layer=self.per_token_per_layer, ratio=self.ratio, storage_ratio=self.storage_ratio,
-                 stored=self.stored, bits_per_element=self.bits_per_element)
+                 stored=self.stored, bits_per_element=self.bits_per_element, fixed_bytes=self.fixed_bytes,
+                 marginal_bits_per_element=self.marginal_bits_per_element)
         return d
 
     def __str__(self) -> str:

@@ -4,7 +4,10 @@ Besides perplexity, `kl` and `top1` compare the quantized model's next-token dis
 the unquantized model's on the same window, teacher-forced, averaged over every predicted token:
 kl = mean KL(p_ref || p_quant) in nats and top1 = share of positions whose argmax agrees. The
 reference log-probabilities [seqlen - 1, vocab] are computed per window (one extra forward
-without interception) and dropped when the window is done.
+without interception) and dropped when the window is done. Bits: `bits_per_element` counts
+everything stored for one window (the codecs' shared state amortized over it), `fixed_bytes` that
+shared state (codebooks, rotations, ranges: paid once per model) and `marginal_bits_per_element`
+the rest, what each further cached element costs.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class PerplexityResult:
     seconds: float
     kl: float | None = None  # mean KL(fp reference || quantized) per predicted token, nats
     top1: float | None = None  # share of predicted tokens whose argmax matches the reference's
+    fixed_bytes: int | None = None  # bytes shared by every sequence of the model (codebooks, rotations, ranges)
+    marginal_bits_per_element: float | None = None  # bits_per_element without the fixed bytes
 
 
 def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
@@ -115,6 +120,8 @@ def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress:
         windows=len(windows),
         bits_per_element=simulator.count.per_element,
         seconds=time.perf_counter() - start,
+        fixed_bytes=simulator.fixed_bytes,
+        marginal_bits_per_element=simulator.count.marginal_per_element,
         kl=div.mean_kl if reference else None,
         top1=div.top1 if reference else None,
     )

@@ -108,7 +108,7 @@ def eval_row(result, recipe, model_spec: str, data: str, seqlen: int, mode: str,
         "seconds_per_window": result.seconds / result.windows, "calibration": recipe.calibration or None,
         "env": environment(),
     }
-    for key in ("kl", "top1"):
+    for key in ("kl", "top1", "fixed_bytes", "marginal_bits_per_element"):
         value = getattr(result, key, None)
         if value is not None:
             row[key] = value

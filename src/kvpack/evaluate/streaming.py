@@ -5,7 +5,7 @@ come from attention over what the cache really stores); the next-token NLL of ev
 summed as in `simulated_perplexity`, and (with `reference`) compared with the model's own
 next-token distribution over the whole window without the cache (`kl`, `top1`). Bits per element
 are measured from the cache's tensors at the end of each window (`memory_report`), not from the
-codec's arithmetic.
+codec's arithmetic; `fixed_bytes` is its `codebooks` part and `marginal_bits_per_element` the rest.
 
 Why it can differ from the simulated number: simulation quantizes a whole window at once, so
 (a) with a recent fp16 window (KIVI) every query sees the window's *last* tokens in fp16, while
@@ -63,7 +63,7 @@ def streaming_perplexity(model, windows: torch.Tensor, recipe: Recipe, chunk: in
                          residual_length: int | None = None, reference: bool = True) -> PerplexityResult:
     """Perplexity of `windows` [n, seqlen] through the real compressed cache, prefilling `chunk` tokens at a time;
     with `reference`, also KL and top-1 agreement against the model without the cache (one more forward per window)."""
-    total_nll, total_tokens, bits = 0.0, 0, []
+    total_nll, total_tokens, bits, marginal, fixed = 0.0, 0, [], [], 0
     div = Divergence() if reference else None
     start = time.perf_counter()
     bar = tqdm(windows, desc=f"{recipe.method} (real cache)", unit="window", disable=not progress, leave=False)
@@ -71,7 +71,10 @@ def streaming_perplexity(model, windows: torch.Tensor, recipe: Recipe, chunk: in
         nll, n, cache = window_stream_nll(model, window.unsqueeze(0).to(model.device), recipe, chunk, residual_length, div)
         total_nll += nll
         total_tokens += n
-        bits.append(cache.memory_report().bits_per_element)
+        report = cache.memory_report()
+        bits.append(report.bits_per_element)
+        marginal.append(report.marginal_bits_per_element)
+        fixed = report.fixed_bytes
         del cache
         bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
     mean = total_nll / total_tokens
@@ -79,4 +82,5 @@ def streaming_perplexity(model, windows: torch.Tensor, recipe: Recipe, chunk: in
         method=recipe.method, ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(windows),
         bits_per_element=sum(bits) / len(bits), seconds=time.perf_counter() - start,
         kl=None if div is None else div.mean_kl, top1=None if div is None else div.top1,
+        fixed_bytes=fixed, marginal_bits_per_element=sum(marginal) / len(marginal),
     )

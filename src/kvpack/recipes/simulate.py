@@ -18,18 +18,31 @@ from kvpack.recipes.recipe import Recipe
 
 @dataclass
 class BitCount:
-    """Stored bits and element count, accumulated over layers, K and V."""
+    """Stored bits and element count, accumulated over layers, K and V; `shared_bits` is the part of
+    `bits` that every sequence of the model shares (codebooks, rotations, ranges), counted once per
+    forward pass as a cache of that one sequence would hold it."""
 
     bits: float = 0.0
     elements: int = 0
+    shared_bits: float = 0.0
 
     def add(self, bits: float, elements: int) -> None:
         self.bits += bits
         self.elements += elements
 
+    def add_shared(self, bits: float) -> None:
+        self.bits += bits
+        self.shared_bits += bits
+
     @property
     def per_element(self) -> float:
+        """Everything stored, amortized over the elements."""
         return self.bits / max(self.elements, 1)
+
+    @property
+    def marginal_per_element(self) -> float:
+        """What each further cached element costs: everything but the shared bits."""
+        return (self.bits - self.shared_bits) / max(self.elements, 1)
 
 
 def fp16_split(tokens: int, sink: int, recent: int, token_group: int) -> tuple[int, int]:
@@ -47,6 +60,7 @@ class Simulator:
         self.recipe = recipe
         self.pre_rope = recipe.settings.pre_rope
         self.count = BitCount()
+        self.shared: dict[str, int] = {}  # "layer i keys" -> bytes every sequence shares
         self._moved: dict = {}
 
     def _codec(self, codec, device: torch.device):
@@ -66,13 +80,23 @@ class Simulator:
         fp16_tokens = tokens - (stop - start)
         self.count.add(16.0 * fp16_tokens * per_token, x.numel())
         if stop == start:
-            self.count.add(8.0 * codec.shared_nbytes(), 0)
+            self._add_shared(codec, what)
             return x.to(torch.float16).to(x.dtype)
         middle, nbytes = codec.roundtrip(x[..., start:stop, :])
+        self.count.add(8.0 * nbytes, 0)
         # shared bytes after encoding: a codec that sizes itself to the head_dim it meets knows them only now
-        self.count.add(8.0 * (nbytes + codec.shared_nbytes()), 0)
+        self._add_shared(codec, what)
         parts = [x[..., :start, :].to(torch.float16).to(x.dtype), middle, x[..., stop:, :].to(torch.float16).to(x.dtype)]
         return torch.cat(parts, dim=-2)
+
+    def _add_shared(self, codec, what: str) -> None:
+        self.shared[what] = codec.shared_nbytes()
+        self.count.add_shared(8.0 * self.shared[what])
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes the model's codecs share across sequences (every layer's K and V seen so far, once)."""
+        return sum(self.shared.values())
 
     def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._process(key, self.recipe.key_codecs[layer_idx], f"layer {layer_idx} keys")

@@ -15,6 +15,8 @@ Options (after ':'), beside the generic post-rope, key-token, sink<N>:
   alloc-none | alloc-tensor | alloc-global  per-channel bit widths by Fisher-weighted error (beyond the
                                          paper): none (one width), mean N per layer's K or V, or mean N
                                          over the whole model; implies per-channel codebooks
+  alloc-layer                            one width per layer's K and per layer's V (mean N over the
+                                         model) by Fisher-weighted error; codebooks stay per layer
   minbits<M>                             smallest per-channel width under allocation (default 1)
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from kvpack.methods.settings import FamilyOptions, MethodSettings, percentage
 
 PRESETS = tuple(f"kvquant-{b}bit{p}" for b in (4, 3, 2) for p in ("", "-1pct"))
 OPTIONS_HELP = ("fisher, fisher-s2, plain, uniform, out<P>, out-vector, out-matrix, qnorm, no-qnorm, cb-layer, cb-head, "
-                "cb-channel, vspan-all, vspan-head, alloc-none, alloc-tensor, alloc-global, minbits<M>")
+                "cb-channel, vspan-all, vspan-head, alloc-none, alloc-layer, alloc-tensor, alloc-global, minbits<M>")
 _NAME = re.compile(r"^kvquant-(?P<bits>\d+)bit(?:-(?P<pct>\d+(?:\.\d+)?)pct)?$")
 _OUT = re.compile(r"^out(?P<pct>\d+(?:\.\d+)?)$")
 
@@ -42,7 +44,7 @@ class KVQuantOptions(FamilyOptions):
     qnorm: bool = False
     codebook: str = "layer"  # layer | head | channel
     value_span: str = "all"  # all | head
-    alloc: str = "none"  # none | tensor | global
+    alloc: str = "none"  # none | layer | tensor | global
     min_bits: int = 1
 
 
@@ -53,7 +55,7 @@ _CHOICES = {
     "qnorm": ("qnorm", True), "no-qnorm": ("qnorm", False),
     "cb-layer": ("codebook", "layer"), "cb-head": ("codebook", "head"), "cb-channel": ("codebook", "channel"),
     "vspan-all": ("value_span", "all"), "vspan-head": ("value_span", "head"),
-    "alloc-none": ("alloc", "none"), "alloc-tensor": ("alloc", "tensor"), "alloc-global": ("alloc", "global"),
+    "alloc-none": ("alloc", "none"), "alloc-layer": ("alloc", "layer"), "alloc-tensor": ("alloc", "tensor"), "alloc-global": ("alloc", "global"),
 }
 
 

@@ -201,13 +201,14 @@ class Ladder:
 
 def ladder(
     x: torch.Tensor, fisher: torch.Tensor | None, axis: str, settings: MethodSettings, widths: list[int],
-    max_points: int | None = None, timing: dict | None = None,
+    max_points: int | None = None, timing: dict | None = None, codebook: str = "channel",
 ) -> Ladder:
-    """Per-channel codebooks of every width in `widths` for calibration blocks x [W, H, P, D]."""
+    """Codebooks (one per channel, or per `codebook` group) of every width in `widths` for calibration
+    blocks x [W, H, P, D], with their loss-weighted errors [groups, len(widths)]."""
     timing = timing if timing is not None else {}
     if fisher is None:
         raise MethodError(f"'{settings.name}': bit allocation weighs errors by Fisher information; collect with fisher=True.")
-    prep = prepare(x, fisher, axis, settings, "channel", max_points, timing)
+    prep = prepare(x, fisher, axis, settings, codebook, max_points, timing)
     start = time.perf_counter()
     weighting = settings.options.weighting
     rows = None if weighting == "uniform" else SortedRows(prep.u, prep.weights)
@@ -254,9 +255,26 @@ def _from_ladder(lad: Ladder, bits: torch.Tensor) -> NuqCodec:
     return NuqCodec(levels, **lad.common, qnorm=qnorm, channel_bits=bits)
 
 
+def _from_rung(lad: Ladder, width: int) -> NuqCodec:
+    """The codec of one tensor at one width of its ladder (alloc="layer": one width, shared codebooks)."""
+    return NuqCodec(lad.levels[width], **lad.common, qnorm=lad.qnorm.get(width))
+
+
 def candidate_widths(bits: int, settings: MethodSettings) -> list[int]:
+    """Widths allocation chooses from: min_bits .. bits + 4 per channel; per tensor (alloc="layer")
+    min_bits .. bits + 2 and at least 1 (a whole tensor at 0 bits would drop a layer's keys or values)."""
     low = settings.options.min_bits
+    if settings.options.alloc == "layer":
+        return list(range(max(low, 1), min(8, bits + 2) + 1))
     return list(range(low, min(8, bits + 4) + 1))
+
+
+def _check_equal_sizes(activations: list[LayerActivations]) -> None:
+    """Tensor-level allocation averages widths over tensors: every layer's K and V must hold as many elements."""
+    dims = {a.keys.shape[-1] for a in activations} | {a.values.shape[-1] for a in activations}
+    if len(dims) > 1:
+        raise MethodError(f"alloc-layer needs one head_dim for every layer's keys and values (got {sorted(dims)}); "
+                          "use alloc-none or alloc-tensor.")
 
 
 def fit_kvquant_recipe(
@@ -266,7 +284,10 @@ def fit_kvquant_recipe(
     """Fit per-layer key and value NuqCodecs; returns (key_codecs, value_codecs, info with timings).
 
     With `options.alloc` = "tensor" or "global", channels get bit widths by Fisher-weighted error
-    (mean `settings.bits` per layer's K or V, or over the whole model) instead of one width.
+    (mean `settings.bits` per layer's K or V, or over the whole model) instead of one width; with
+    "layer", each layer's K and each layer's V get one width (and their usual shared codebook),
+    chosen the same way with mean `settings.bits` over the model: every tensor stays a plain
+    one-width NuqCodec, so the cache and the kernels read it as any other.
     """
     if settings.family != "kvquant":
         raise MethodError(f"fit_kvquant_recipe fits kvquant-* methods, not '{settings.name}'.")
@@ -275,6 +296,9 @@ def fit_kvquant_recipe(
     timing: dict[str, float] = {}
     alloc = settings.options.alloc
     widths = candidate_widths(settings.bits, settings)
+    if alloc == "layer":
+        _check_equal_sizes(activations)
+    codebook = settings.options.codebook if alloc == "layer" else "channel"
     fitted = []
     for layer in tqdm(activations, desc=f"fitting {settings.name}", unit="layer", disable=not progress):
         pair = []
@@ -285,18 +309,22 @@ def fit_kvquant_recipe(
             if alloc == "none":
                 pair.append(fit_nuq(x, f, axis, settings, max_points, timing))
             else:
-                pair.append(ladder(x, f, axis, settings, widths, max_points, timing))
+                pair.append(ladder(x, f, axis, settings, widths, max_points, timing, codebook))
         fitted.append(pair)
     info: dict = {"timing_s": timing}
     if alloc != "none":
         start = time.perf_counter()
         ladders = [lad for pair in fitted for lad in pair]
-        if alloc == "global":
-            bits = allocate_bits(torch.cat([lad.error for lad in ladders]), widths, settings.bits).split(
-                [lad.error.shape[0] for lad in ladders])
+        if alloc == "layer":  # one error per tensor: the sum over its codebook groups
+            chosen = allocate_bits(torch.stack([lad.error.sum(0) for lad in ladders]), widths, settings.bits)
+            codecs = [_from_rung(lad, int(b)) for lad, b in zip(ladders, chosen)]
         else:
-            bits = [allocate_bits(lad.error, widths, settings.bits) for lad in ladders]
-        codecs = [_from_ladder(lad, b) for lad, b in zip(ladders, bits)]
+            if alloc == "global":
+                bits = allocate_bits(torch.cat([lad.error for lad in ladders]), widths, settings.bits).split(
+                    [lad.error.shape[0] for lad in ladders])
+            else:
+                bits = [allocate_bits(lad.error, widths, settings.bits) for lad in ladders]
+            codecs = [_from_ladder(lad, b) for lad, b in zip(ladders, bits)]
         fitted = [codecs[i : i + 2] for i in range(0, len(codecs), 2)]
         timing["allocation"] = time.perf_counter() - start
         info["mean_bits"] = {"keys": [c.mean_bits for c, _ in fitted], "values": [c.mean_bits for _, c in fitted]}

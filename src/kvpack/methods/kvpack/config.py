@@ -1,0 +1,46 @@
+"""Names of the `kvpack-<N>bit` presets: the configuration results/kvpack-ablation.json selected.
+
+A kvpack preset is a KVQuant configuration with the switches the ablation kept, each measured
+one at a time on WikiText-2 with recipes calibrated on C4 only (see docs/results.md):
+- `fisher-s2`: k-means weights F * scale^2 (the paper's Eq. 7; the reference code uses F);
+- `alloc-layer`: each layer's K and V gets one width, chosen by Fisher-weighted error (loss
+  units) so that the mean width over the model is exactly N; codebooks stay one per layer, so
+  the cache and the kernels store and read every tensor as a plain nuq tensor;
+- 1% dense-and-sparse outliers, one fp16 sink token, keys pre-RoPE per channel, values per token.
+Every overhead counted at 2048 tokens, the presets store at most N + 0.5 bits per element (the
+table's `bits_per_element`); shorter sequences amortize the shared codebooks over fewer tokens.
+Any KVQuant option may follow (e.g. `kvpack-3bit:sink4`); N may be 2..8.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from kvpack.errors import MethodError
+from kvpack.methods.kvquant.config import kvquant_option, kvquant_settings
+from kvpack.methods.settings import MethodSettings
+
+PRESETS = ("kvpack-4bit", "kvpack-3bit", "kvpack-2bit")
+SWITCHES = ("fisher-s2", "alloc-layer")
+OUTLIER_PCT = 1
+_NAME = re.compile(r"^kvpack-(?P<bits>\d+)bit$")
+
+
+def base_name(bits: int) -> str:
+    """The KVQuant name a `kvpack-<bits>bit` preset is built from, switches included."""
+    return ":".join([f"kvquant-{bits}bit-{OUTLIER_PCT}pct", *SWITCHES])
+
+
+def kvpack_settings(preset: str) -> MethodSettings:
+    """Settings of a `kvpack-<N>bit` name (family "kvquant": fitted, stored and read as KVQuant)."""
+    match = _NAME.match(preset)
+    if not match:
+        raise MethodError(f"'{preset}' is not a kvpack preset; use kvpack-<N>bit, e.g. kvpack-3bit.")
+    bits = int(match["bits"])
+    if not 2 <= bits <= 8:
+        raise MethodError(f"'{preset}': bit width must be in 2..8.")
+    base, *switches = base_name(bits).split(":")
+    settings = kvquant_settings(base)
+    for switch in switches:
+        settings = kvquant_option(settings, switch)
+    return replace(settings, name=preset)

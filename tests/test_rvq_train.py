@@ -121,3 +121,33 @@ def test_fit_rejects_post_rope_and_other_families():
         fit_rvq_recipe(None, layers, parse_method("int4"), progress=False)
     with pytest.raises(MethodError, match="divisible"):
         fit_rvq_recipe(None, layers, parse_method("rvq-d2-c4-g3"), progress=False)
+
+
+def test_shared_codebooks_are_one_object_written_once(tmp_path):
+    """share<N>: N consecutive layers get the same codec object, a recipe writes it once and loads it back shared,
+    and simulation counts its bytes once."""
+    from conftest import make_tiny_model, make_tiny_tokenizer
+    import kvpack
+    from kvpack.evaluate.perplexity import simulated_perplexity
+    from kvpack.recipes import Recipe
+
+    assert parse_method("rvq-d2-c16-g8:share-all").options.share_layers == 0
+    with pytest.raises(MethodError, match="N >= 1"):
+        parse_method("rvq-d2-c16-g8:share0")
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    text = tmp_path / "calib.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (800,), generator=g)))
+    own = kvpack.calibrate(model, tok, "rvq-d2-c16-g8", data=str(text), windows=3, seqlen=64, progress=False)
+    shared = kvpack.calibrate(model, tok, "rvq-d2-c16-g8:share2", data=str(text), windows=3, seqlen=64, progress=False)
+    assert own.key_codecs[0] is not own.key_codecs[1]
+    assert shared.key_codecs[0] is shared.key_codecs[1] and shared.value_codecs[0] is shared.value_codecs[1]
+    shared.save(tmp_path / "recipe")
+    loaded = Recipe.load(tmp_path / "recipe", model)
+    assert loaded.key_codecs[0] is loaded.key_codecs[1]
+    torch.testing.assert_close(loaded.key_codecs[1].codebooks, shared.key_codecs[1].codebooks)
+    ids = torch.randint(3, 120, (1, 48), generator=torch.Generator().manual_seed(1))
+    a, b = (simulated_perplexity(model, ids, r, progress=False) for r in (own, shared))
+    assert b.fixed_bytes * 2 == a.fixed_bytes > 0
+    assert b.marginal_bits_per_element == pytest.approx(a.marginal_bits_per_element)
+    assert b.bits_per_element < a.bits_per_element

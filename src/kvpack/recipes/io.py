@@ -1,7 +1,8 @@
 """Saving and loading recipes: one safetensors file for every codec tensor plus a JSON description.
 
 `<dir>/recipe.json` holds the format version, the method settings, each layer's key and value
-codec (type + config), the model identity (architecture, layer count, heads, KV heads, head_dim
+codec (type + config; `same_as: [layer, role]` for a codec shared with an earlier layer, whose
+tensors are written once), the model identity (architecture, layer count, heads, KV heads, head_dim
 and a hash of the architecture-defining config fields), the calibration description, and the
 sha256 of `<dir>/codecs.safetensors`. Loading checks all of it and raises `RecipeError` with the
 problem and the fix.
@@ -81,9 +82,14 @@ def save_recipe(recipe, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers = []
+    written: dict[int, list] = {}  # id(codec) -> [layer, role] where its tensors are
     for i, (kc, vc) in enumerate(zip(recipe.key_codecs, recipe.value_codecs)):
         entry = {}
         for role, codec in (("key", kc), ("value", vc)):
+            if id(codec) in written:  # a codec shared by several layers is written once
+                entry[role] = {"same_as": written[id(codec)]}
+                continue
+            written[id(codec)] = [i, role]
             config, state = codec.state()
             kind = type(codec).__name__
             if kind not in CODEC_TYPES:
@@ -166,11 +172,16 @@ def load_recipe(directory: str | Path, model=None) -> tuple:
         tensors = load_file(str(tensors_path))
         settings = parse_method(description["method"])  # canonical names re-parse to their settings
         key_codecs, value_codecs = [], []
+        built: dict[tuple[int, str], object] = {}
         for i, entry in enumerate(description["layers"]):
             for role, out in (("key", key_codecs), ("value", value_codecs)):
+                if "same_as" in entry[role]:  # shared with an earlier layer: the same object again
+                    out.append(built[tuple(entry[role]["same_as"])])
+                    continue
                 prefix = f"layers.{i}.{role}."
                 state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 out.append(codec_from_state(entry[role]["type"], entry[role]["config"], state))
+                built[(i, role)] = out[-1]
     except (KeyError, TypeError, ValueError, SafetensorError, MethodError) as exc:
         raise RecipeError(f"Recipe '{directory}' could not be rebuilt ({type(exc).__name__}: {exc}). Recalibrate it with this kvpack version.") from exc
     if model is not None and len(key_codecs) != model_identity(model)["num_layers"]:

@@ -60,7 +60,8 @@ class Simulator:
         self.recipe = recipe
         self.pre_rope = recipe.settings.pre_rope
         self.count = BitCount()
-        self.shared: dict[str, int] = {}  # "layer i keys" -> bytes every sequence shares
+        self.shared: dict[int, int] = {}  # id(codec) -> bytes every sequence shares (a codec shared by layers once)
+        self._counted: set[int] = set()  # codecs whose shared bytes this forward pass has counted
         self._moved: dict = {}
 
     def _codec(self, codec, device: torch.device):
@@ -90,8 +91,10 @@ class Simulator:
         return torch.cat(parts, dim=-2)
 
     def _add_shared(self, codec, what: str) -> None:
-        self.shared[what] = codec.shared_nbytes()
-        self.count.add_shared(8.0 * self.shared[what])
+        self.shared[id(codec)] = codec.shared_nbytes()
+        if id(codec) not in self._counted:
+            self._counted.add(id(codec))
+            self.count.add_shared(8.0 * self.shared[id(codec)])
 
     @property
     def fixed_bytes(self) -> int:
@@ -99,6 +102,8 @@ class Simulator:
         return sum(self.shared.values())
 
     def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == 0:  # a new forward pass: shared state is counted once per pass, as one sequence's cache holds it
+            self._counted.clear()
         key = self._process(key, self.recipe.key_codecs[layer_idx], f"layer {layer_idx} keys")
         value = self._process(value, self.recipe.value_codecs[layer_idx], f"layer {layer_idx} values")
         return key, value

@@ -8,6 +8,9 @@ Keys are always taken pre-RoPE. Options (after ':'):
   ema | kmeans-only                  codebooks: k-means init then EMA updates (default), or k-means only
   <P>pct                             dense-and-sparse: P% of elements (per head and channel thresholds
                                      fitted at calibration) kept in fp16 before VQ, e.g. 1pct, 0.5pct
+  share<N> | share-all               one set of codebooks (keys, and one for values) per N consecutive
+                                     layers, or for the whole model, trained on their pooled rows:
+                                     N times fewer codebook bytes (default share1: one per layer)
 and the generic sink<N>, recent<N>, g<N>.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from kvpack.errors import MethodError
 from kvpack.methods.settings import FamilyOptions, MethodSettings, percentage
 
 PRESETS = ("rvq-d8-c2048-g32", "rvq-d4-c2048-g32", "rvq-d8-c1024-g64", "rvq-d6-c1024-g32")
-OPTIONS_HELP = "key-strided, key-contiguous, value-strided, value-contiguous, ema, kmeans-only, <P>pct"
+OPTIONS_HELP = "key-strided, key-contiguous, value-strided, value-contiguous, ema, kmeans-only, <P>pct, share<N>, share-all"
 _NAME = re.compile(r"^rvq-d(?P<depth>\d+)-c(?P<codes>\d+)-g(?P<group>\d+)$")
 _PCT = re.compile(r"^(?P<pct>\d+(?:\.\d+)?)pct$")
 
@@ -34,6 +37,7 @@ class RVQOptions(FamilyOptions):
     value_grouping: str = "contiguous"
     codebook_training: str = "ema"  # ema | kmeans
     outliers: float = 0.0  # fraction of elements kept in fp16 before VQ
+    share_layers: int = 1  # consecutive layers sharing one set of codebooks; 0 = every layer
 
 
 _CHOICES = {
@@ -64,6 +68,13 @@ def rvq_option(settings: MethodSettings, option: str) -> MethodSettings | None:
     if option in _CHOICES:
         field, value = _CHOICES[option]
         return replace(settings, options=replace(settings.options, **{field: value}))
+    if option == "share-all":
+        return replace(settings, options=replace(settings.options, share_layers=0))
+    match = re.fullmatch(r"share(\d+)", option)
+    if match:
+        if int(match[1]) < 1:
+            raise MethodError(f"'{option}': share<N> needs N >= 1 layers per codebook set (share-all: one for the model).")
+        return replace(settings, options=replace(settings.options, share_layers=int(match[1])))
     match = _PCT.match(option)
     if match:
         return replace(settings, options=replace(settings.options, outliers=percentage(match["pct"], option)))

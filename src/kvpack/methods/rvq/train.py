@@ -249,6 +249,8 @@ def fit_rvq_recipe(
 ) -> tuple[list[RVQCodec], list[RVQCodec], dict]:
     """Fit per-layer RVQ codecs for keys and values from `activations` (collect_activations, pre-RoPE keys).
 
+    With `share_layers` N, layers [0, N), [N, 2N), ... share one key and one value codec (the same
+    objects), trained on the pooled rows of those layers.
     Returns (key_codecs, value_codecs, info); info holds the training config, time, and per layer
     and stage the codebook usage and relative error (train and held-out), plus their layer means.
     `model` is accepted for the common calibration signature and not used.
@@ -269,13 +271,19 @@ def fit_rvq_recipe(
         raise MethodError(f"'{settings.name}': {exc}") from exc
     start = time.perf_counter()
     keys, values, layers = [], [], []
+    span = options.share_layers or len(activations)
     with intra_op_threads(config.threads):
-        for layer in tqdm(activations, desc=f"fitting {settings.name}", unit="layer", disable=not progress):
-            k, k_info = fit_codec(layer.keys, layer.heads, group=settings.key_group, grouping=options.key_grouping, **common)
-            v, v_info = fit_codec(layer.values, layer.heads, group=settings.value_group, grouping=options.value_grouping, **common)
-            keys.append(k)
-            values.append(v)
-            layers.append({"keys": k_info, "values": v_info})
+        for first in tqdm(range(0, len(activations), span), desc=f"fitting {settings.name}", unit="codebook set",
+                          disable=not progress):
+            group = activations[first:first + span]  # layers sharing one key and one value codec: pooled rows
+            heads = torch.cat([a.heads for a in group])
+            k, k_info = fit_codec(torch.cat([a.keys for a in group]), heads, group=settings.key_group,
+                                  grouping=options.key_grouping, **common)
+            v, v_info = fit_codec(torch.cat([a.values for a in group]), heads, group=settings.value_group,
+                                  grouping=options.value_grouping, **common)
+            keys += [k] * len(group)  # the same objects: recipes, caches and byte counts see them once
+            values += [v] * len(group)
+            layers += [{"keys": k_info, "values": v_info}] * len(group)
     info = {
         "timing_s": {"rvq_fit": time.perf_counter() - start}, "rvq_config": asdict(config), "layers": layers,
         "mean": {f"{kind}_{split}_{key}": _layer_mean(layers, kind, split, key)

@@ -25,6 +25,7 @@ def eval_command(
     key_axis: Optional[str] = typer.Option(None, help="'channel' or 'token': the axis keys share statistics along, for every method."),
     calib_data: CalibData = "c4[:500]",
     calib_windows: CalibWindows = 16,
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default: --seqlen)."),
     recipe: RecipeDir = None,
     recalibrate: Recalibrate = False,
     progress: Progress = True,
@@ -48,7 +49,8 @@ def eval_command(
     try:
         rows = run_eval(model, data, split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
                         calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk,
-                        json_out=json_out, resume=resume, finetuned=finetuned, recalibrate=recalibrate, log=log)
+                        json_out=json_out, resume=resume, finetuned=finetuned, recalibrate=recalibrate, log=log,
+                        calib_seqlen=calib_seqlen)
     except KVPackError as exc:
         fail(exc)
     columns = PPL_COLUMNS if cache == "simulated" else [PPL_COLUMNS[0], ("mode", "cache"), *PPL_COLUMNS[1:]]

@@ -35,6 +35,7 @@ def run_eval(
     calib_windows: int = 16, recipe_dir: Optional[Path] = None, progress: bool = True,
     cache: str = "simulated", chunk: int = 1, json_out: Optional[Path] = None, resume: bool = False,
     finetuned: Optional[Path] = None, recalibrate: bool = False, log: Callable[[str], None] = _stderr,
+    calib_seqlen: Optional[int] = None,
 ) -> list[dict]:
     """Evaluate `methods` (fp16 always included, first) and return result rows.
 
@@ -45,6 +46,8 @@ def run_eval(
     `finetuned` (a `kvpack finetune` output) merges its LoRA adapter into the model for every row
     (the fp16 row is then the tuned model's) and gives its method the tuned codebooks; rows say
     `model = "<model>+<folder name>"`. `recalibrate` ignores shipped and cached recipes.
+    `calib_seqlen` (default: `seqlen`) is the calibration window length: long evaluations can reuse the
+    recipes calibrated on shorter windows.
     `log` receives one line per finished row."""
     modes = cache_modes(cache)
     settings = [parse_method(m, pre_rope=pre_rope, key_axis=key_axis) for m in methods]
@@ -70,7 +73,7 @@ def run_eval(
             recipe = tuned
         else:
             recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
-                                    calib_seqlen=seqlen, recipe_dir=recipe_dir, progress=progress,
+                                    calib_seqlen=calib_seqlen or seqlen, recipe_dir=recipe_dir, progress=progress,
                                     recalibrate=recalibrate)
         for mode in todo:
             if mode == "real":

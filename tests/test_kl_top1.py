@@ -52,3 +52,17 @@ def test_real_cache_kl_top1(setup):
     assert whole.kl == pytest.approx(sim.kl, rel=1e-4) and whole.top1 == sim.top1
     decode = streaming_perplexity(model, windows, recipe, chunk=3, progress=False)
     assert decode.kl > 1e-4
+
+
+def test_many_recipes_window_by_window_equal_one_at_a_time(setup):
+    """simulated_perplexities shares each window's reference forward; every result equals its own run."""
+    from kvpack.evaluate.perplexity import simulated_perplexities
+    model, ids = setup
+    recipes = [Recipe.baseline(name, model.config.num_hidden_layers) for name in ("fp16", "int4", "kivi-2:recent8:g8")]
+    together = simulated_perplexities(model, ids, recipes, progress=False)
+    for recipe, got in zip(recipes, together):
+        alone = simulated_perplexity(model, ids, recipe, progress=False)
+        assert got.method == alone.method and got.tokens == alone.tokens
+        assert got.nll == pytest.approx(alone.nll, rel=1e-6) and got.kl == pytest.approx(alone.kl, rel=1e-4, abs=1e-9)
+        assert got.top1 == alone.top1 and got.bits_per_element == pytest.approx(alone.bits_per_element)
+    assert together[1].nll != together[0].nll

@@ -95,33 +95,43 @@ def simulated_perplexity(model, windows: torch.Tensor, recipe: Recipe, progress:
     """Perplexity of `windows` [n, seqlen] with keys/values quantize-dequantized by `recipe`
     (through `simulator`, a Simulator of `recipe` or a subclass, when given); with `reference`,
     also KL and top-1 agreement against the model without quantization (one more forward per window)."""
-    simulator = simulator or Simulator(recipe)
-    total_nll, total_tokens = 0.0, 0
-    div = Divergence()
-    start = time.perf_counter()
-    bar = tqdm(windows, desc=recipe.method, unit="window", disable=not progress, leave=False)
+    return simulated_perplexities(model, windows, [recipe], progress, [simulator or Simulator(recipe)], reference)[0]
+
+
+@torch.no_grad()
+def simulated_perplexities(model, windows: torch.Tensor, recipes: list[Recipe], progress: bool = True,
+                           simulators: list[Simulator] | None = None, reference: bool = True) -> list[PerplexityResult]:
+    """`simulated_perplexity` of every recipe over the same windows [n, seqlen], window by window, so that
+    each window's reference distribution is computed once for all recipes. Each result's `seconds` is its
+    own forwards plus an equal share of the reference forwards."""
+    simulators = simulators or [Simulator(r) for r in recipes]
+    nll, tokens, seconds = [0.0] * len(recipes), 0, [0.0] * len(recipes)
+    divs = [Divergence() for _ in recipes]
+    label = recipes[0].method if len(recipes) == 1 else f"{len(recipes)} methods"
+    bar = tqdm(windows, desc=label, unit="window", disable=not progress, leave=False)
     for window in bar:
         ids = window.unsqueeze(0).to(model.device)
+        start = time.perf_counter()
         ref = reference_logprobs(model, ids) if reference else None
-        with intercept_kv(model, simulator):
-            logits = model(ids).logits[0, :-1]
-        total_nll += _nll(logits, ids[0, 1:])
-        total_tokens += ids.shape[1] - 1
-        if ref is not None:
-            div.add(ref, logits)
-        del ref, logits
-        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
-    mean = total_nll / total_tokens
-    return PerplexityResult(
-        method=recipe.method,
-        ppl=math.exp(mean),
-        nll=mean,
-        tokens=total_tokens,
-        windows=len(windows),
-        bits_per_element=simulator.count.per_element,
-        seconds=time.perf_counter() - start,
-        fixed_bytes=simulator.fixed_bytes,
-        marginal_bits_per_element=simulator.count.marginal_per_element,
-        kl=div.mean_kl if reference else None,
-        top1=div.top1 if reference else None,
-    )
+        shared = (time.perf_counter() - start) / len(recipes)
+        tokens += ids.shape[1] - 1
+        for i, simulator in enumerate(simulators):
+            start = time.perf_counter()
+            with intercept_kv(model, simulator):
+                logits = model(ids).logits[0, :-1]
+            nll[i] += _nll(logits, ids[0, 1:])
+            if ref is not None:
+                divs[i].add(ref, logits)
+            del logits
+            seconds[i] += time.perf_counter() - start + shared
+        del ref
+        bar.set_postfix(ppl=f"{math.exp(nll[0] / tokens):.3f}")
+    return [
+        PerplexityResult(
+            method=recipe.method, ppl=math.exp(total / tokens), nll=total / tokens, tokens=tokens, windows=len(windows),
+            bits_per_element=simulator.count.per_element, seconds=spent,
+            kl=div.mean_kl if reference else None, top1=div.top1 if reference else None,
+            fixed_bytes=simulator.fixed_bytes, marginal_bits_per_element=simulator.count.marginal_per_element,
+        )
+        for recipe, simulator, total, div, spent in zip(recipes, simulators, nll, divs, seconds)
+    ]

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from kvpack.data import load_windows
 from kvpack.errors import KVPackError
-from kvpack.evaluate.perplexity import simulated_perplexity
+from kvpack.evaluate.perplexity import simulated_perplexities
 from kvpack.evaluate.results import add_deltas, environment, read_rows, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
 from kvpack.finetune.train import apply_finetuned
@@ -65,6 +65,7 @@ def run_eval(
     if resume and json_out is not None and Path(json_out).is_file():
         same = dict(model=model_spec, data=data, seqlen=seqlen, windows=len(windows))
         rows = [r for r in read_rows(json_out) if all(r.get(k) == v for k, v in same.items())]
+    pending = []  # (settings, recipe, modes to run)
     for s in settings:
         todo = [m for m in modes if not any(r["method"] == s.name and r["mode"] == m for r in rows)]
         if not todo:
@@ -75,16 +76,28 @@ def run_eval(
             recipe = resolve_recipe(model, tokenizer, s, calib_data=calib_data, calib_windows=calib_windows,
                                     calib_seqlen=calib_seqlen or seqlen, recipe_dir=recipe_dir, progress=progress,
                                     recalibrate=recalibrate)
-        for mode in todo:
-            if mode == "real":
-                result = streaming_perplexity(model, windows, recipe, chunk=chunk, progress=progress)
-            else:
-                result = simulated_perplexity(model, windows, recipe, progress=progress)
-            row = eval_row(result, recipe, model_spec, data, seqlen, mode, chunk)
-            log(row_summary(row))
-            rows.append(row)
-            if json_out is not None:
-                write_rows(json_out, add_deltas(rows))
+        pending.append((s, recipe, todo))
+
+    def finish(result, recipe, mode: str) -> None:
+        row = eval_row(result, recipe, model_spec, data, seqlen, mode, chunk)
+        log(row_summary(row))
+        rows.append(row)
+        if json_out is not None:
+            write_rows(json_out, add_deltas(rows))
+
+    # simulated rows together, window by window: each window's reference forward serves every method
+    simulated = [(s, recipe) for s, recipe, todo in pending if "simulated" in todo]
+    if simulated:
+        results = simulated_perplexities(model, windows, [recipe for _, recipe in simulated], progress=progress)
+        for (_, recipe), result in zip(simulated, results):
+            finish(result, recipe, "simulated")
+    for _, recipe, todo in pending:
+        if "real" in todo:
+            finish(streaming_perplexity(model, windows, recipe, chunk=chunk, progress=progress), recipe, "real")
+    rows.sort(key=lambda r: ([s.name for s in settings].index(r["method"]) if r["method"] in [s.name for s in settings]
+                             else len(settings), r["mode"] != "simulated"))
+    if json_out is not None:
+        write_rows(json_out, add_deltas(rows))
     return add_deltas(rows)
 
 

@@ -249,3 +249,35 @@ def test_center_is_subtracted_and_added_back():
         centered.encode(torch.randn(2, 50, d))
     with pytest.raises(ValueError):
         TurboQuantCodec(3, center=center)
+
+
+@pytest.mark.parametrize("name", ["turboquant-2.5bit", "turboquant-3bit", "turboquant-3.5bit:rescale", "turboquant-4bit:sink1"])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_cpu_kernel_equals_the_torch_reference(name, queries):
+    """The C++ kernel (keys scored against R q, values summed in the rotated frame, turned back once) reads the
+    packed TurboQuant bits as the torch reference decodes them; QJL and pre-RoPE keys take the torch path."""
+    from conftest import make_tiny_model
+    from kvpack.cache.cache import CompressedCache
+    from kvpack.hf.attention import cache_kwargs
+    from kvpack.kernels import cpu, dispatch
+    from kvpack.recipes import Recipe
+
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 120, (1, 44), generator=torch.Generator().manual_seed(1))
+    for method, kernel in ((name, True), (name + ":qjl", False), (name + ":pre-rope", False)):
+        if "qjl" in method and "2.5" in method:
+            continue
+        cache = CompressedCache(model, Recipe.baseline(method, model.config.num_hidden_layers), block_tokens=8)
+        with torch.no_grad():
+            model(ids[:, :36], **cache_kwargs(cache))
+            for t in range(36, 44):
+                model(ids[:, t:t + 1], **cache_kwargs(cache))
+        layer = cache.layers[1]
+        q = torch.randn(1, model.config.num_attention_heads, queries, 16, generator=torch.Generator().manual_seed(2))
+        paths = []
+        ref = dispatch.layer_attention(layer, q, backend="torch", rope=cache.packed.rope)
+        got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+        assert (paths == [("layer", "cpu")]) == kernel, (method, paths)

@@ -26,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from kvpack.kernels.layout import NuqView, RvqView
+from kvpack.kernels.layout import NuqView, RvqView, TqView
 from kvpack.hf.models import cache_root
-from kvpack.kernels.layout import nuq_view, rvq_view
+from kvpack.kernels.layout import nuq_view, rvq_view, tq_view
 from kvpack.codecs import Encoded, sparse
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
 from kvpack.kernels.layout import sparse_mode
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
 
-SEG_FP16, SEG_NUQ, SEG_RVQ = 0, 1, 2
+SEG_FP16, SEG_NUQ, SEG_RVQ, SEG_TQ = 0, 1, 2, 3
 
 
 def _cpu_ok() -> bool:
@@ -166,8 +166,34 @@ def rvq_segment(view: RvqView) -> list[int]:
             o.positions.element_size() if has else 0, _ptr(o.counts) if has else 0, o.counts.element_size() if has else 0]
 
 
-def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | None:
-    """[count, segment args...] for a TokenStream, or None if a part has no kernel."""
+def tq_segment(view: TqView) -> list[int]:
+    """Arguments of one run of TurboQuant blocks (kind SEG_TQ): both code rows, widths, levels, norms, rotation."""
+    def rows(codes: torch.Tensor | None) -> list[int]:
+        return [0, 0, 0, 0, 0] if codes is None else [_ptr(codes), *codes.stride()[:4]]
+
+    hi = view.codes_hi if view.codes_hi is not None else view.codes_lo
+    return [view.run_tokens, SEG_TQ, *rows(hi), view.nblk, view.tokens, *rows(view.codes_lo), view.high, view.low,
+            view.high_count, _ptr(view.levels_hi), _ptr(view.levels_lo), _ptr(view.norm), *view.norm.stride(),
+            _ptr(view.rotation)]
+
+
+def _run_segment(run, codec, keys: bool, rotary_keys: bool):
+    """(view, segment args) of one run of packed blocks, or None if no kernel reads it."""
+    view = nuq_view(run, codec)
+    if view is not None:
+        return (view, None) if view.axis != ("channel" if keys else "token") else (view, lambda: nuq_segment(view, keys))
+    view = rvq_view(run, codec)
+    if view is not None:
+        return view, lambda: rvq_segment(view)
+    view = tq_view(run, codec)
+    if view is not None and not (keys and rotary_keys):  # TurboQuant keys are scored as stored (post-RoPE)
+        return view, lambda: tq_segment(view)
+    return None
+
+
+def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool = False) -> list[int] | None:
+    """[count, segment args...] for a TokenStream, or None if a part has no kernel. `rotary_keys`: the kernel
+    applies RoPE to decoded keys (pre-RoPE storage)."""
 
     out, count = [], 0
     if stream.head is not None:
@@ -179,20 +205,14 @@ def _segments(stream, codec, keys: bool, heads: int, dim: int) -> list[int] | No
     for run in stream.body.runs:
         if not run.count:
             continue
-        view = nuq_view(run, codec)
-        if view is not None and view.axis == ("channel" if keys else "token"):
-            cached = view.__dict__.setdefault("_segment", {})
-            if keys not in cached:
-                cached[keys] = nuq_segment(view, keys)
-            out += cached[keys]
-        else:
-            view = rvq_view(run, codec)
-            if view is None:
-                return None
-            cached = view.__dict__.setdefault("_segment", {})
-            if keys not in cached:
-                cached[keys] = rvq_segment(view)
-            out += cached[keys]
+        found = _run_segment(run, codec, keys, rotary_keys)
+        if found is None or found[1] is None:
+            return None
+        view, build = found
+        cached = view.__dict__.setdefault("_segment", {})
+        if keys not in cached:
+            cached[keys] = build()
+        out += cached[keys]
         if view.heads != heads or view.dim != dim:
             return None
         count += 1
@@ -237,7 +257,7 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
         return None
     tokens = layer.k.stored
     mask_args = _mask_args(mask, queries, tokens)
-    keys = _segments(layer.k, layer.key_codec, True, heads, dim)
+    keys = _segments(layer.k, layer.key_codec, True, heads, dim, rotary_keys=rope is not None)
     values = _segments(layer.v, layer.value_codec, False, heads, dim)
     if mask_args is None or keys is None or values is None:
         return None

@@ -16,6 +16,7 @@ import torch
 from kvpack.codecs import Codec, Encoded
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.codecs.rvq import RVQCodec
+from kvpack.codecs.turboquant import TurboQuantCodec
 from kvpack.codecs.packing import packed_length
 from kvpack.codecs.sparse import OUTLIER_NAMES
 
@@ -84,6 +85,31 @@ class RvqView:
     code_bits: int
     inv_perm: torch.Tensor | None  # int32 [D]: channel c = group-order element inv_perm[c]; None if identity
     outliers: Outliers | None  # mode 2: rows (blk, b, h, t) over channels
+
+    @property
+    def run_tokens(self) -> int:
+        return self.nblk * self.tokens
+
+
+@dataclass
+class TqView:
+    """One run of TurboQuantCodec blocks (no QJL sketch, no center). codes_hi uint8 [nblk, B, H, T, bytes] of the
+    first `high_count` rotated coordinates (None if there are none), codes_lo the rest (None if none)."""
+
+    codes_hi: torch.Tensor | None
+    codes_lo: torch.Tensor | None
+    nblk: int
+    batch: int
+    heads: int
+    tokens: int
+    dim: int
+    high: int
+    low: int
+    high_count: int
+    levels_hi: torch.Tensor  # fp32 [2**high] (any fp32 tensor when high_count == 0)
+    levels_lo: torch.Tensor  # fp32 [2**low]
+    norm: torch.Tensor  # fp16 [nblk, B, H, T]
+    rotation: torch.Tensor  # fp32 [D, D], row i = R e_i
 
     @property
     def run_tokens(self) -> int:
@@ -188,6 +214,43 @@ def rvq_view(run, codec: Codec) -> RvqView | None:
     if not isinstance(codec, RVQCodec):
         return None
     return _cached(run, codec, "rvq", _rvq_view)
+
+
+def tq_view(run, codec: Codec) -> TqView | None:
+    """The kernel view of a run of TurboQuantCodec blocks, or None (QJL sketches and centers have no kernel)."""
+    if not isinstance(codec, TurboQuantCodec):
+        return None
+    return _cached(run, codec, "tq", _tq_view)
+
+
+def _tq_view(run, codec: TurboQuantCodec) -> TqView | None:
+    enc, (batch, heads, tokens, dim), nblk = run_encoded(run)
+    codec = codec.bind(dim)
+    if codec.qjl or codec.center is not None or dim % 8 or dim > 1024:
+        return None
+    t = enc.tensors
+    norm = t.get("norm")
+    if norm is None or norm.dtype != torch.float16 or tuple(norm.shape) != (nblk * batch, heads, tokens, 1):
+        return None
+    parts = {}
+    for name, width, cols in codec._parts():
+        codes = t.get(name)
+        row = packed_length(cols.stop - cols.start, width)
+        if codes is None or codes.dtype != torch.uint8 or tuple(codes.shape) != (nblk * batch, heads, tokens, row):
+            return None
+        parts[name] = codes.contiguous().view(nblk, batch, heads, tokens, row)
+    dev = norm.device
+    levels = {w: _codec_constants(codec, f"levels{w}_{dev}", lambda w=w: lv.to(dev).float().contiguous(), lv)
+              for w, lv in codec.levels.items()}
+    rotation = _codec_constants(codec, f"rotation_{dev}",
+                                lambda: codec.rotation.rotate(torch.eye(dim)).float().contiguous().to(dev))
+    low = codec.low if codec.high_count < dim else codec.high
+    return TqView(
+        codes_hi=parts.get("codes_hi"), codes_lo=parts.get("codes_lo"), nblk=nblk, batch=batch, heads=heads,
+        tokens=tokens, dim=dim, high=codec.high if codec.high_count else low, low=low, high_count=codec.high_count,
+        levels_hi=levels.get(codec.high, levels[low]), levels_lo=levels[low],
+        norm=norm.contiguous().view(nblk, batch, heads, tokens), rotation=rotation,
+    )
 
 
 def _nuq_view(run, codec: NuqCodec) -> NuqView | None:

@@ -185,3 +185,22 @@ def test_constant_token_decodes_to_itself_when_zero_is_not_a_level():
     x = torch.full((1, 2, 5, 8), 0.75)
     out = codec.decode(codec.encode(x))
     assert torch.allclose(out, x, atol=1e-6)
+
+
+def test_allocate_bits_pays_codebooks_from_the_budget_and_rounds_counts():
+    from kvpack.methods.kvquant.fit import allocate_bits
+
+    widths = [1, 2, 3, 4, 5, 6]
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g).double() * 100 + 0.01
+    error = base[:, None] * 4.0 ** -torch.tensor(widths).double()
+    plain = allocate_bits(error, widths, 3.0)
+    assert int(plain.sum()) == 3 * 64
+    tokens = 64  # short sequences: codebooks weigh a lot, so fewer wide channels
+    paid = allocate_bits(error, widths, 3.0, tokens=tokens, tensor_channels=32, multiple=8)
+    cost = (tokens * paid + 16 * 2 ** paid).sum()
+    assert cost <= 64 * tokens * 3 and int(paid.max()) < int(plain.max())
+    for part in paid.split(32):
+        assert all(int((part == w).sum()) % 8 == 0 for w in widths)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        allocate_bits(error, widths, 3.0, tokens=tokens, tensor_channels=12, multiple=8)

@@ -18,6 +18,11 @@ Options (after ':'), beside the generic post-rope, key-token, sink<N>:
   alloc-layer                            one width per layer's K and per layer's V (mean N over the
                                          model) by Fisher-weighted error; codebooks stay per layer
   minbits<M>                             smallest per-channel width under allocation (default 1)
+  budget<T>                              per-channel allocation pays each channel's codebook from the
+                                         code budget of T tokens (default 2048): at T tokens codes and
+                                         codebooks take at most N bits per element; budget0 = a mean
+                                         width of N, codebooks on top. Width counts per tensor are
+                                         multiples of 8 (what the CPU kernel reads)
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from kvpack.methods.settings import FamilyOptions, MethodSettings, percentage
 
 PRESETS = tuple(f"kvquant-{b}bit{p}" for b in (4, 3, 2) for p in ("", "-1pct"))
 OPTIONS_HELP = ("fisher, fisher-s2, plain, uniform, out<P>, out-vector, out-matrix, qnorm, no-qnorm, cb-layer, cb-head, "
-                "cb-channel, vspan-all, vspan-head, alloc-none, alloc-layer, alloc-tensor, alloc-global, minbits<M>")
+                "cb-channel, vspan-all, vspan-head, alloc-none, alloc-layer, alloc-tensor, alloc-global, minbits<M>, budget<T>")
 _NAME = re.compile(r"^kvquant-(?P<bits>\d+)bit(?:-(?P<pct>\d+(?:\.\d+)?)pct)?$")
 _OUT = re.compile(r"^out(?P<pct>\d+(?:\.\d+)?)$")
 
@@ -46,6 +51,7 @@ class KVQuantOptions(FamilyOptions):
     value_span: str = "all"  # all | head
     alloc: str = "none"  # none | layer | tensor | global
     min_bits: int = 1
+    budget_tokens: int = 2048  # per-channel allocation: codebooks paid from T tokens of codes (0: not counted)
 
 
 _CHOICES = {
@@ -78,6 +84,9 @@ def kvquant_option(settings: MethodSettings, option: str) -> MethodSettings | No
     if option in _CHOICES:
         field, value = _CHOICES[option]
         return replace(settings, options=replace(options, **{field: value}))
+    match = re.fullmatch(r"budget(\d+)", option)
+    if match:
+        return replace(settings, options=replace(options, budget_tokens=int(match[1])))
     match = re.fullmatch(r"minbits(\d)", option)
     if match:
         return replace(settings, options=replace(options, min_bits=int(match[1])))

@@ -222,24 +222,59 @@ def ladder(
     return Ladder(prep.common, widths, levels, qnorm, torch.stack(errors, -1))
 
 
-def allocate_bits(error: torch.Tensor, widths: list[int], mean_bits: float) -> torch.Tensor:
-    """Per-channel widths [C] from `widths` minimizing sum_c error[c, width_c] with mean width `mean_bits`.
+def allocate_bits(error: torch.Tensor, widths: list[int], mean_bits: float, tokens: int = 0,
+                  tensor_channels: int | None = None, multiple: int = 1) -> torch.Tensor:
+    """Per-channel widths [C] from `widths` minimizing sum_c error[c, width_c] within a bit budget.
 
-    error [C, len(widths)] (widths consecutive integers). Greedy on marginal gains made
-    non-increasing per channel (the convex hull of a channel's error curve), which is optimal for
-    convex curves: take the C * (mean_bits - min width) largest gains over all channels.
+    error [C, len(widths)] (widths consecutive integers). Marginal gains are made non-increasing per
+    channel (the convex hull of a channel's error curve); the greedy then takes the steps with the
+    largest gain per bit, which is optimal for convex curves.
+    - tokens = 0: a step costs one bit; the budget is a mean width of exactly `mean_bits`.
+    - tokens = T > 0: the budget is what T tokens of codes at `mean_bits` cost, and each channel's
+      fp16 codebook (2**width entries) is paid from it: a step from w to w + 1 costs T code bits plus
+      16 * 2**w codebook bits. The layout then stores at most `mean_bits` per element at T tokens,
+      codebooks included.
+    - multiple = m: within each tensor (consecutive blocks of `tensor_channels` channels) the number
+      of channels at every width is a multiple of m (the kernels read 8 codes at a time from byte
+      boundaries), by moving the channels that gain least down one width, from the widest down.
     """
     channels = error.shape[0]
     gains = (error[:, :-1] - error[:, 1:]).clamp_min(0)
     gains = torch.cummin(gains, dim=1).values  # each extra bit gains no more than the previous one
-    steps = round(channels * (mean_bits - widths[0]))
-    if not 0 <= steps <= gains.numel():
+    if not widths[0] <= mean_bits <= widths[-1]:
         raise ValueError(f"mean width {mean_bits} is outside {widths[0]}..{widths[-1]}")
-    chosen = torch.zeros(gains.numel(), dtype=torch.int64)
+    step_from = torch.tensor(widths[:-1], dtype=torch.float64).expand_as(gains)
+    if tokens:
+        cost = tokens + 16.0 * 2.0 ** step_from
+        budget = channels * tokens * (mean_bits - widths[0]) - channels * 16.0 * 2.0 ** widths[0]
+    else:
+        cost = torch.ones_like(gains)
+        budget = round(channels * (mean_bits - widths[0]))
     # Ties broken towards lower widths (stable order of the flattened gains).
-    order = torch.argsort(-gains.flatten(), stable=True)[:steps]
-    chosen[order] = 1
-    return widths[0] + chosen.view_as(gains).sum(1)
+    order = torch.argsort(-(gains / cost).flatten(), stable=True)
+    taken = order[torch.cumsum(cost.flatten()[order], 0) <= budget + 1e-6]
+    chosen = torch.zeros(gains.numel(), dtype=torch.int64)
+    chosen[taken] = 1
+    bits = widths[0] + chosen.view_as(gains).sum(1)
+    if multiple > 1:
+        bits = _round_counts(bits, gains, widths, tensor_channels or channels, multiple)
+    return bits
+
+
+def _round_counts(bits: torch.Tensor, gains: torch.Tensor, widths: list[int], per_tensor: int, multiple: int) -> torch.Tensor:
+    """`bits` with, in every tensor, a multiple of `multiple` channels at each width (see allocate_bits)."""
+    if per_tensor % multiple:
+        raise ValueError(f"{per_tensor} channels per tensor cannot be split in multiples of {multiple}")
+    bits = bits.clone()
+    for start in range(0, bits.numel(), per_tensor):
+        part, gain = bits[start:start + per_tensor], gains[start:start + per_tensor]
+        for w in range(widths[-1], widths[0], -1):
+            members = (part == w).nonzero().flatten()
+            extra = members.numel() % multiple
+            if extra:
+                last_step = gain[members, w - widths[0] - 1]  # what the step up to w gained
+                part[members[torch.argsort(last_step, stable=True)[:extra]]] = w - 1
+    return bits
 
 
 def _from_ladder(lad: Ladder, bits: torch.Tensor) -> NuqCodec:
@@ -319,11 +354,13 @@ def fit_kvquant_recipe(
             chosen = allocate_bits(torch.stack([lad.error.sum(0) for lad in ladders]), widths, settings.bits)
             codecs = [_from_rung(lad, int(b)) for lad, b in zip(ladders, chosen)]
         else:
+            budget = dict(tokens=settings.options.budget_tokens, multiple=8)
             if alloc == "global":
-                bits = allocate_bits(torch.cat([lad.error for lad in ladders]), widths, settings.bits).split(
-                    [lad.error.shape[0] for lad in ladders])
+                sizes = [lad.error.shape[0] for lad in ladders]
+                bits = allocate_bits(torch.cat([lad.error for lad in ladders]), widths, settings.bits,
+                                     tensor_channels=sizes[0] if len(set(sizes)) == 1 else None, **budget).split(sizes)
             else:
-                bits = [allocate_bits(lad.error, widths, settings.bits) for lad in ladders]
+                bits = [allocate_bits(lad.error, widths, settings.bits, **budget) for lad in ladders]
             codecs = [_from_ladder(lad, b) for lad, b in zip(ladders, bits)]
         fitted = [codecs[i : i + 2] for i in range(0, len(codecs), 2)]
         timing["allocation"] = time.perf_counter() - start

@@ -26,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from kvpack.kernels.layout import NuqView, RvqView, TqView
+from kvpack.kernels.layout import MixedNuqView, NuqView, RvqView, TqView
 from kvpack.hf.models import cache_root
-from kvpack.kernels.layout import nuq_view, rvq_view, tq_view
+from kvpack.kernels.layout import mixed_view, nuq_view, rvq_view, tq_view
 from kvpack.codecs import Encoded, sparse
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
 from kvpack.kernels.layout import sparse_mode
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
 
-SEG_FP16, SEG_NUQ, SEG_RVQ, SEG_TQ = 0, 1, 2, 3
+SEG_FP16, SEG_NUQ, SEG_RVQ, SEG_TQ, SEG_MIXED = 0, 1, 2, 3, 4
 
 
 def _cpu_ok() -> bool:
@@ -177,11 +177,28 @@ def tq_segment(view: TqView) -> list[int]:
             _ptr(view.rotation)]
 
 
+def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
+    """Arguments of one run of mixed-width nuq blocks (kind SEG_MIXED): every width group, value ranges, outliers."""
+    args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups)]
+    for g in view.groups:
+        args += [g.bits, g.cols.numel(), _ptr(g.codes), g.codes.stride(0), g.codes.stride(1), g.cols.numel() * g.bits // 8,
+                 _ptr(g.cols), _ptr(g.levels), _ptr(g.scale), _ptr(g.zero)]
+    if keys or view.vscale is None:
+        args += [0, 0, 0, 0, 0, 0]
+    else:
+        s = view.vscale.stride()
+        args += [_ptr(view.vscale), _ptr(view.vzero), s[0], s[1], s[2] if view.vscale.shape[2] > 1 else 0, s[3]]
+    return args + _outlier_args(view.outliers)
+
+
 def _run_segment(run, codec, keys: bool, rotary_keys: bool):
     """(view, segment args) of one run of packed blocks, or None if no kernel reads it."""
     view = nuq_view(run, codec)
     if view is not None:
         return (view, None) if view.axis != ("channel" if keys else "token") else (view, lambda: nuq_segment(view, keys))
+    view = mixed_view(run, codec)
+    if view is not None:
+        return (view, None) if view.axis != ("channel" if keys else "token") else (view, lambda: mixed_segment(view, keys))
     view = rvq_view(run, codec)
     if view is not None:
         return view, lambda: rvq_segment(view)

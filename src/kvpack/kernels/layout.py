@@ -92,6 +92,38 @@ class RvqView:
 
 
 @dataclass
+class MixedGroup:
+    """The channels of one width in a run of mixed-width NuqCodec blocks."""
+
+    bits: int
+    codes: torch.Tensor  # uint8 [nblk, B, tokens * n * bits / 8]: n codes per token, byte-aligned (n % 8 == 0)
+    cols: torch.Tensor  # int32 [n], channel h * head_dim + c of each member
+    levels: torch.Tensor  # fp32 [n, 2**bits], decoded levels (Q-Norm applied)
+    scale: torch.Tensor | None  # keys: fp32 [n] per-channel ranges
+    zero: torch.Tensor | None
+
+
+@dataclass
+class MixedNuqView:
+    """One run of NuqCodec blocks with per-channel bit widths (`channel_bits`), one group per width."""
+
+    groups: list[MixedGroup]
+    nblk: int
+    batch: int
+    heads: int
+    tokens: int
+    dim: int
+    axis: str
+    vscale: torch.Tensor | None  # values: fp16 [nblk, B, 1 | H, T]
+    vzero: torch.Tensor | None
+    outliers: Outliers | None
+
+    @property
+    def run_tokens(self) -> int:
+        return self.nblk * self.tokens
+
+
+@dataclass
 class TqView:
     """One run of TurboQuantCodec blocks (no QJL sketch, no center). codes_hi uint8 [nblk, B, H, T, bytes] of the
     first `high_count` rotated coordinates (None if there are none), codes_lo the rest (None if none)."""
@@ -214,6 +246,53 @@ def rvq_view(run, codec: Codec) -> RvqView | None:
     if not isinstance(codec, RVQCodec):
         return None
     return _cached(run, codec, "rvq", _rvq_view)
+
+
+def mixed_view(run, codec: Codec) -> MixedNuqView | None:
+    """The kernel view of a run of mixed-width NuqCodec blocks, or None (0-bit channels, or a width holding a number
+    of channels that is not a multiple of 8, have no kernel)."""
+    if not isinstance(codec, NuqCodec) or codec.channel_bits is None:
+        return None
+    return _cached(run, codec, "mixed", _mixed_view)
+
+
+def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
+    enc, (batch, heads, tokens, dim), nblk = run_encoded(run)
+    t = enc.tensors
+    if dim % 8 or int(codec.channel_bits.min()) < 1 or codec.outlier_scope != "vector":
+        return None
+    mode = sparse_mode(codec)
+    if "outlier_values" in t and mode is None:
+        return None
+    dev = codec.levels.device
+
+    def constants() -> list[tuple]:
+        levels = codec.decode_levels.float()
+        flat_scale = codec.scale.reshape(-1).float() if codec.axis == "channel" else None
+        flat_zero = codec.zero.reshape(-1).float() if codec.axis == "channel" else None
+        out = []
+        for bits, cols in codec._width_columns().items():
+            out.append((bits, cols.to(torch.int32).contiguous(), levels[cols, : 1 << bits].contiguous(),
+                        None if flat_scale is None else flat_scale[cols].contiguous(),
+                        None if flat_zero is None else flat_zero[cols].contiguous()))
+        return out
+
+    groups = []
+    for bits, cols, levels, scale, zero in _codec_constants(codec, f"mixed_{dev}", constants, codec.decode_levels):
+        n = cols.numel()
+        codes = t.get(f"codes{bits}")
+        if n % 8 or codes is None or codes.dtype != torch.uint8 or tuple(codes.shape) != (nblk * batch, tokens * n * bits // 8):
+            return None
+        groups.append(MixedGroup(bits, codes.contiguous().view(nblk, batch, -1), cols, levels, scale, zero))
+    view = MixedNuqView(groups=groups, nblk=nblk, batch=batch, heads=heads, tokens=tokens, dim=dim, axis=codec.axis,
+                        vscale=None, vzero=None, outliers=_outliers(t, mode))
+    if codec.axis == "token":
+        scale, zero = t.get("scale"), t.get("zero")
+        if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
+            return None
+        view.vscale = scale.contiguous().view(nblk, batch, scale.shape[1], tokens)
+        view.vzero = zero.contiguous().view(nblk, batch, zero.shape[1], tokens)
+    return view
 
 
 def tq_view(run, codec: Codec) -> TqView | None:

@@ -3,12 +3,15 @@
 A kvpack preset is a KVQuant configuration with the switches the ablation kept, each measured
 one at a time on WikiText-2 with recipes calibrated on C4 only (see docs/results.md):
 - `fisher-s2`: k-means weights F * scale^2 (the paper's Eq. 7; the reference code uses F);
-- `alloc-layer`: each layer's K and V gets one width, chosen by Fisher-weighted error (loss
-  units) so that the mean width over the model is exactly N; codebooks stay one per layer, so
-  the cache and the kernels store and read every tensor as a plain nuq tensor;
+- `alloc-global`: every channel of every layer's K and V gets its own width and codebook, chosen
+  by Fisher-weighted error (loss units) under one budget for the whole model: the codes of 2048
+  tokens at N bits per element, each channel's fp16 codebook paid from it (`budget2048`); every
+  width holds a multiple of 8 channels per tensor, which the CPU kernel reads 8 codes at a time;
 - 1% dense-and-sparse outliers, one fp16 sink token, keys pre-RoPE per channel, values per token.
-Every overhead counted at 2048 tokens, the presets store at most N + 0.5 bits per element (the
-table's `bits_per_element`); shorter sequences amortize the shared codebooks over fewer tokens.
+Measured at 2048 tokens the presets store at most N + 0.5 bits per element, every overhead
+counted (the table's `bits_per_element`); shorter sequences amortize the codebooks over fewer
+tokens, longer ones cost `marginal_bits_per_element`. `alloc-layer` (one width per layer's K or
+V) lost to the paper's single width in the ablation and is not used.
 Any KVQuant option may follow (e.g. `kvpack-3bit:sink4`); N may be 2..8.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kvpack.methods.kvquant.config import kvquant_option, kvquant_settings
 from kvpack.methods.settings import MethodSettings
 
 PRESETS = ("kvpack-4bit", "kvpack-3bit", "kvpack-2bit")
-SWITCHES = ("fisher-s2", "alloc-layer")
+SWITCHES = ("fisher-s2", "alloc-global")
 OUTLIER_PCT = 1
 _NAME = re.compile(r"^kvpack-(?P<bits>\d+)bit$")
 

@@ -1,0 +1,48 @@
+"""The C++ kernel for NuqCodec with per-channel bit widths (per-channel allocation, the kvpack presets) reads the
+packed width groups exactly as the torch reference decodes them: keys (pre-RoPE, per channel, outliers over all
+heads) and values (per token, outliers per head or over all heads)."""
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import kvpack
+from kvpack.cache.cache import CompressedCache
+from kvpack.hf.attention import cache_kwargs
+from kvpack.kernels import cpu, dispatch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)))
+    return path
+
+
+@pytest.mark.parametrize("name", ["kvquant-3bit-1pct:alloc-global:fisher-s2", "kvquant-2bit:alloc-tensor:vspan-head",
+                                  "kvquant-4bit-1pct:alloc-global:qnorm:vspan-head"])
+@torch.no_grad()
+def test_mixed_width_kernel_equals_the_torch_reference(name, text_file):
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, name, data=str(text_file), windows=3, seqlen=64, progress=False)
+    codecs = recipe.key_codecs + recipe.value_codecs
+    assert any(len(set(c.channel_bits.tolist())) > 1 for c in codecs)  # widths really differ
+    for c in codecs:  # every width holds a multiple of 8 channels per tensor
+        assert all(int((c.channel_bits == w).sum()) % 8 == 0 for w in c.channel_bits.unique())
+    ids = torch.randint(3, 120, (1, 48), generator=torch.Generator().manual_seed(1))
+    cache = CompressedCache(model, recipe, block_tokens=8)
+    model(ids[:, :32], **cache_kwargs(cache))
+    for t in range(32, 44):
+        model(ids[:, t:t + 1], **cache_kwargs(cache))
+    for layer in cache.layers:
+        for queries in (1, 3):
+            q = torch.randn(1, model.config.num_attention_heads, queries, 16, generator=torch.Generator().manual_seed(2))
+            paths = []
+            ref = dispatch.layer_attention(layer, q, backend="torch", rope=cache.packed.rope)
+            got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+            assert paths == [("layer", "cpu")]

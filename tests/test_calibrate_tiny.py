@@ -131,7 +131,7 @@ def test_kvpack_presets_are_kvquant_configurations():
     settings = parse_method("kvpack-3bit")
     assert settings.family == "kvquant" and settings.bits == 3 and settings.name == "kvpack-3bit"
     assert settings.options.alloc == "global" and settings.options.weighting == "fisher-s2"
-    assert settings.options.budget_tokens == 2048
+    assert settings.options.budget_tokens == 2048 and settings.options.qnorm
     assert settings.options.outlier_frac == pytest.approx(0.01)
     assert parse_method("kvpack-2bit:sink4").sink_tokens == 4
     with pytest.raises(MethodError, match="kvpack-<N>bit"):

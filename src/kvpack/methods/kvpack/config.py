@@ -7,6 +7,8 @@ one at a time on WikiText-2 with recipes calibrated on C4 only (see docs/results
   by Fisher-weighted error (loss units) under one budget for the whole model: the codes of 2048
   tokens at N bits per element, each channel's fp16 codebook paid from it (`budget2048`); every
   width holds a multiple of 8 channels per tensor, which the CPU kernel reads 8 codes at a time;
+- `qnorm`: each channel's decoded levels are shifted and scaled so that dequantized calibration
+  data keep their mean and standard deviation (KVQuant's Q-Norm, there used at 2 bits only);
 - 1% dense-and-sparse outliers, one fp16 sink token, keys pre-RoPE per channel, values per token.
 Measured at 2048 tokens the presets store at most N + 0.5 bits per element, every overhead
 counted (the table's `bits_per_element`); shorter sequences amortize the codebooks over fewer
@@ -24,7 +26,7 @@ from kvpack.methods.kvquant.config import kvquant_option, kvquant_settings
 from kvpack.methods.settings import MethodSettings
 
 PRESETS = ("kvpack-4bit", "kvpack-3bit", "kvpack-2bit")
-SWITCHES = ("fisher-s2", "alloc-global")
+SWITCHES = ("fisher-s2", "alloc-global", "qnorm")
 OUTLIER_PCT = 1
 _NAME = re.compile(r"^kvpack-(?P<bits>\d+)bit$")
 

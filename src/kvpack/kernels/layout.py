@@ -256,6 +256,15 @@ def mixed_view(run, codec: Codec) -> MixedNuqView | None:
     return _cached(run, codec, "mixed", _mixed_view)
 
 
+def _value_ranges(t: dict, nblk: int, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-token value scale and zero of a run (fp16 [count * B, 1 | H, T, 1]) as [nblk, B, 1 | H, T], or None."""
+    scale, zero = t.get("scale"), t.get("zero")
+    if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
+        return None
+    return (scale.contiguous().view(nblk, batch, scale.shape[1], tokens),
+            zero.contiguous().view(nblk, batch, zero.shape[1], tokens))
+
+
 def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
     enc, (batch, heads, tokens, dim), nblk = run_encoded(run)
     t = enc.tensors
@@ -287,11 +296,10 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
     view = MixedNuqView(groups=groups, nblk=nblk, batch=batch, heads=heads, tokens=tokens, dim=dim, axis=codec.axis,
                         vscale=None, vzero=None, outliers=_outliers(t, mode))
     if codec.axis == "token":
-        scale, zero = t.get("scale"), t.get("zero")
-        if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
+        ranges = _value_ranges(t, nblk, batch, tokens)
+        if ranges is None:
             return None
-        view.vscale = scale.contiguous().view(nblk, batch, scale.shape[1], tokens)
-        view.vzero = zero.contiguous().view(nblk, batch, zero.shape[1], tokens)
+        view.vscale, view.vzero = ranges
     return view
 
 
@@ -364,11 +372,10 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         view.kzero = _codec_constants(codec, f"kzero_{dev}", lambda: codec.zero.reshape(heads, dim).to(dev).float().contiguous(),
                                       codec.zero)
     else:
-        scale, zero = t.get("scale"), t.get("zero")
-        if scale is None or zero is None or scale.dtype != torch.float16 or scale.shape[-1] != 1 or scale.shape[-2] != tokens:
+        ranges = _value_ranges(t, nblk, batch, tokens)
+        if ranges is None:
             return None
-        view.vscale = scale.contiguous().view(nblk, batch, scale.shape[1], tokens)
-        view.vzero = zero.contiguous().view(nblk, batch, zero.shape[1], tokens)
+        view.vscale, view.vzero = ranges
     return view
 
 

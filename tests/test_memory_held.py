@@ -70,7 +70,9 @@ def test_report_counts_rope_tables_and_capacity():
     rep = cache.memory_report()
     assert rep.parts["rope"] > 0  # packed attention's cos/sin table of every position
     assert rep.parts["reserved"] > 0  # capacity of the 1-token decode run and the position log
-    assert rep.parts["codebooks"] >= sum(c.shared_nbytes() for c in cache.recipe.key_codecs + cache.recipe.value_codecs)
+    assert rep.parts["codebooks"] == sum(c.shared_nbytes() for c in cache.recipe.key_codecs + cache.recipe.value_codecs)
+    assert rep.parts["codebook_copies"] > 0  # e.g. the fp32 levels the codecs decode with
+    assert rep.stored == rep.total - rep.parts["codebook_copies"] - rep.parts["rope"] - rep.parts["reserved"]
 
 
 def test_store_keeps_no_second_reference_to_the_newest_block():

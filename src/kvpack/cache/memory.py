@@ -2,12 +2,15 @@
 
 Parts: `codes` (packed codes, or the fp16 values of the fp16 codec), `scales` (per-vector
 scale/zero/min/step), `outliers` (sparse values, indices, pointers), `other` (any tensor a codec
-names otherwise), `sink_window` (the fp16 head and tail), `codebooks` (every tensor the recipe's
-codecs hold: codebooks, levels, ranges, and the copies kernels derive from them), `positions` (the
-int32 position log, shared by layers), `rope` (cos/sin derived from the positions: the packed
-attention's RoPE tables and the decode path's memo), `reserved` (allocated capacity not in use yet:
-run buffers and position log). `total` is everything held, reserved capacity included: the
-bytes `held_bytes(cache)` finds by walking every tensor reachable from the cache.
+names otherwise), `sink_window` (the fp16 head and tail), `codebooks` (the recipe's codecs'
+shared state at its stored size: `shared_nbytes()` of each codec once, what a recipe file holds:
+codebooks, levels, ranges, rotations), `codebook_copies` (the rest of what the codecs hold in
+memory: fp32 and padded working copies of that state, the tables kernels derive from it),
+`positions` (the int32 position log, shared by layers), `rope` (cos/sin derived from the positions:
+the packed attention's RoPE tables and the decode path's memo), `reserved` (allocated capacity not
+in use yet: run buffers and position log). `stored` leaves out what is derived (`codebook_copies`,
+`rope`) and `reserved`; `total` is everything held, reserved capacity included: the bytes
+`held_bytes(cache)` finds by walking every tensor reachable from the cache.
 A codec may name the part of each of its tensors with `Encoded.meta["parts"] = {name: part}`.
 """
 from __future__ import annotations
@@ -21,7 +24,9 @@ from torch import nn
 from kvpack.hf.models import text_config
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "positions", "rope", "reserved")
+PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "codebook_copies", "positions", "rope",
+         "reserved")
+DERIVED = ("codebook_copies", "rope", "reserved")  # held, not part of what the encoding stores
 _SCALE_NAMES = {"min", "step", "scale", "zero", "norm", "mean", "std", "lo", "hi"}
 _OUTLIER_HINTS = ("outlier", "sparse", "ptr", "col", "row", "nnz")
 
@@ -78,8 +83,8 @@ class MemoryReport:
 
     @property
     def stored(self) -> int:
-        """Bytes of what the encoding stores (every part but the RoPE tables and reserved capacity)."""
-        return self.total - self.parts.get("rope", 0) - self.parts.get("reserved", 0)
+        """Bytes of what the encoding stores (every part but derived copies, RoPE tables and reserved capacity)."""
+        return self.total - sum(self.parts.get(p, 0) for p in DERIVED)
 
     @property
     def ratio(self) -> float:
@@ -98,7 +103,7 @@ class MemoryReport:
 
     @property
     def fixed_bytes(self) -> int:
-        """Bytes every sequence of the model shares (the `codebooks` part: codec state and its kernel copies)."""
+        """Stored bytes every sequence of the model shares (the `codebooks` part)."""
         return self.parts.get("codebooks", 0)
 
     @property
@@ -233,6 +238,10 @@ def memory_report(cache) -> MemoryReport:
                 if key not in counted:
                     counted.add(key)
                     parts[kind] += nbytes
+    # what the codecs hold beyond their stored state (fp32 / padded copies, kernel tables) is derived
+    unique = {id(c): c for c in (*cache.recipe.key_codecs, *cache.recipe.value_codecs)}
+    shared = min(parts["codebooks"], sum(c.shared_nbytes() for c in unique.values()))
+    parts["codebook_copies"], parts["codebooks"] = parts["codebooks"] - shared, shared
     tokens = cache.get_seq_length()
     total = sum(parts.values())
     return MemoryReport(

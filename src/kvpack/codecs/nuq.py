@@ -292,7 +292,12 @@ class NuqCodec(Codec):
     # ----- code packing -----
     def _width_columns(self) -> dict[int, torch.Tensor]:
         """Bit width -> the (head * head_dim + channel) columns stored at that width (0-bit ones store nothing)."""
-        return {int(b): (self.channel_bits == b).nonzero().flatten() for b in self.channel_bits.unique() if b > 0}
+        key = (self.channel_bits.data_ptr(), self.channel_bits.device)
+        memo = self.__dict__.get("_columns")
+        if memo is None or memo[0] != key:
+            columns = {int(b): (self.channel_bits == b).nonzero().flatten() for b in self.channel_bits.unique() if b > 0}
+            memo = self.__dict__["_columns"] = (key, columns)
+        return memo[1]
 
     def _pack(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channel_bits is None:

@@ -123,8 +123,8 @@ class MemoryReport:
         lines = [f"{self.method}: {self.tokens} tokens x {self.layers} layers x batch {self.batch}: "
                  f"{self.total / 2**20:.2f} MiB held vs fp16 {self.fp16_total / 2**20:.2f} MiB "
                  f"({self.ratio:.2f}x smaller; the encoding stores {self.bits_per_element:.3f} bits/element)"]
-        lines += [f"  {part:<12} {ptl[part]:10.2f} B/token/layer" for part in PARTS if self.parts.get(part)]
-        lines.append(f"  {'total':<12} {ptl['total']:10.2f} B/token/layer  (everything held, reserved capacity included)")
+        lines += [f"  {part:<16} {ptl[part]:10.2f} B/token/layer" for part in PARTS if self.parts.get(part)]
+        lines.append(f"  {'total':<16} {ptl['total']:10.2f} B/token/layer  (everything held, reserved capacity included)")
         return "\n".join(lines)
 
 

@@ -35,7 +35,9 @@ class KVQuantFamily(Family):
         return fit_kvquant_recipe(model, activations, settings, progress=progress)
 
     def synthetic_codecs(self, settings: MethodSettings, heads: int, head_dim: int) -> tuple[Codec, Codec]:
-        plain = replace(settings, options=replace(settings.options, weighting="plain"))
+        """One-width codecs of `settings.bits`; a per-channel allocation (`alloc-*`, the kvpack presets) is planned
+        at that width: its codes stay within it (budgeted widths average at most N), so the plan is an upper bound."""
+        plain = replace(settings, options=replace(settings.options, weighting="plain", alloc="none"))
         keys = synthetic_kv(heads, 512, head_dim, seed=1)
         values = synthetic_kv(heads, 512, head_dim, seed=2)
         return fit_nuq(keys, None, "channel", plain), fit_nuq(values, None, "token", plain)

@@ -37,7 +37,7 @@ class KVQuantFamily(Family):
     def synthetic_codecs(self, settings: MethodSettings, heads: int, head_dim: int) -> tuple[Codec, Codec]:
         """One-width codecs of `settings.bits`; a per-channel allocation (`alloc-*`, the kvpack presets) is planned
         at that width: its codes average at most N bits (an upper bound per token), while its per-channel
-        codebooks, fixed bytes of a few hundred KiB per model, are not in the plan."""
+        codebooks (fixed bytes, paid once per model) are not in the plan."""
         plain = replace(settings, options=replace(settings.options, weighting="plain", alloc="none"))
         keys = synthetic_kv(heads, 512, head_dim, seed=1)
         values = synthetic_kv(heads, 512, head_dim, seed=2)

@@ -38,6 +38,13 @@ def test_mixed_width_kernel_equals_the_torch_reference(name, text_file):
     model(ids[:, :32], **cache_kwargs(cache))
     for t in range(32, 44):
         model(ids[:, t:t + 1], **cache_kwargs(cache))
+    for codec in codecs:  # the C++ encoder (cache appends) writes the bytes torch's encode writes
+        for tokens in (1, 7):
+            x = torch.randn(2, codec.heads, tokens, 16, generator=torch.Generator().manual_seed(tokens)) * 3
+            fast, ref = cpu.nuq_encode(codec, x), codec.encode(x)
+            assert fast is not None and set(fast.tensors) == set(ref.tensors)
+            for key, t in ref.tensors.items():
+                assert fast.tensors[key].dtype == t.dtype and torch.equal(fast.tensors[key], t), key
     for layer in cache.layers:
         for queries in (1, 3):
             q = torch.randn(1, model.config.num_attention_heads, queries, 16, generator=torch.Generator().manual_seed(2))

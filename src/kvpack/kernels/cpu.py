@@ -35,7 +35,7 @@ from kvpack.kernels.layout import sparse_mode
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -101,7 +101,7 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         if lib.kvpack_abi_version() != ABI_VERSION:
             raise RuntimeError("stale kernel library")
-        for name in ("kvpack_layer", "kvpack_nuq_encode"):
+        for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode"):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
         _LIB = lib
@@ -295,12 +295,80 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
     return out
 
 
+def _outlier_buffers(codec, x: torch.Tensor, mode: int | None):
+    """(mask, values, positions, counts, nnz) buffers the C encoders fill for `codec`'s outliers, or Nones."""
+    if codec.outlier_frac <= 0:
+        return None, None, None, None, None
+    batch, heads, tokens, dim = x.shape
+    rows = {1: batch * tokens, 2: batch * heads * tokens}.get(mode, batch * heads * dim)
+    return (torch.empty(batch, heads, tokens, dim, dtype=torch.uint8), torch.empty(x.numel(), dtype=torch.float16),
+            torch.empty(x.numel(), dtype=torch.int32), torch.empty(rows, dtype=torch.int32), torch.zeros(1, dtype=torch.int64))
+
+
+def _outlier_tensors(buffers, mode: int | None, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sparse outlier tensors of a C encoder's filled `buffers` (empty without outliers)."""
+    mask, values, positions, counts, nnz = buffers
+    if mask is None:
+        return {}
+    batch, heads, tokens, dim = x.shape
+    n = {1: heads * dim, 2: dim}.get(mode, tokens)
+    used = int(nnz)
+    return {"outlier_values": values[:used].clone(), "outlier_indices": positions[:used].to(sparse.index_dtype(max(n - 1, 0))),
+            "outlier_counts": counts.to(sparse.index_dtype(n))}
+
+
+def mixed_encode(codec, x: torch.Tensor):
+    """`codec.encode(x)` for a NuqCodec with per-channel widths (x [B, H, T, D] on the CPU) by the C++ encoder,
+    identical bytes; None if not covered (0-bit channels, a width group that is not a multiple of 8 channels)."""
+    if not isinstance(codec, NuqCodec) or codec.channel_bits is None or x.dim() != 4 or x.device.type != "cpu":
+        return None
+    batch, heads, tokens, dim = x.shape
+    if load() is None or heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
+        return None
+    columns = codec._width_columns()
+    if int(codec.channel_bits.min()) < 1 or any(c.numel() % 8 for c in columns.values()) or codec.levels.shape[1] > 256:
+        return None
+    mode = sparse_mode(codec)
+    if codec.outlier_frac > 0 and mode is None:
+        return None
+    const = codec.__dict__.get("_kvpack_mixed_encode")
+    if const is None:
+        mid = ((codec.levels[:, 1:] + codec.levels[:, :-1]) / 2).float().contiguous()
+        cols = {b: c.to(torch.int32).contiguous() for b, c in columns.items()}
+        kz = None if codec.axis != "channel" else (codec.zero.reshape(-1).float().contiguous(),
+                                                   codec.scale.reshape(-1).float().contiguous())
+        const = codec.__dict__["_kvpack_mixed_encode"] = (mid, cols, kz)
+    mid, cols, kz = const
+    x = x.float().contiguous()
+    tensors = {f"codes{b}": torch.empty(batch, tokens * c.numel() * b // 8, dtype=torch.uint8) for b, c in cols.items()}
+    groups = torch.tensor([v for b, c in cols.items() for v in (b, c.numel(), _ptr(c), _ptr(tensors[f"codes{b}"]))],
+                          dtype=torch.int64)
+    span = heads if codec.span == "all" else 1
+    k = outliers_per_side(codec.outlier_frac, span * dim) if codec.outlier_frac > 0 and codec.axis == "token" else 0
+    if codec.axis == "token":
+        zero = torch.empty(batch, heads // span, tokens, 1, dtype=torch.float16)
+        scale = torch.empty_like(zero)
+        tensors.update(zero=zero, scale=scale)
+    buffers = _outlier_buffers(codec, x, mode)
+    mask, values, positions, counts, nnz = buffers
+    args = [_ptr(x), batch, heads, tokens, dim, int(codec.axis == "token"), _ptr(mid), mid.shape[1],
+            _ptr(kz[0]) if kz else 0, _ptr(kz[1]) if kz else 0, span, k, len(cols), _ptr(groups),
+            _ptr(tensors.get("zero")), _ptr(tensors.get("scale")), _ptr(mask), mode or 0, _ptr(values), _ptr(positions),
+            _ptr(counts), _ptr(nnz)]
+    if load().kvpack_mixed_encode((ctypes.c_int64 * len(args))(*args)) != 0:
+        return None
+    tensors |= _outlier_tensors(buffers, mode, x)
+    return Encoded(tensors, tuple(x.shape))
+
+
 def nuq_encode(codec, x: torch.Tensor):
     """`codec.encode(x)` (a NuqCodec, x [B, H, T, D] on the CPU) by the C++ encoder, identical bytes; None if not covered.
 
     Appending one token costs one C call plus the sparse layout, instead of ~30 small torch ops.
     """
 
+    if isinstance(codec, NuqCodec) and codec.channel_bits is not None:
+        return mixed_encode(codec, x)
     if not isinstance(codec, NuqCodec) or x.dim() != 4 or x.device.type != "cpu" or load() is None:
         return None
     batch, heads, tokens, dim = x.shape

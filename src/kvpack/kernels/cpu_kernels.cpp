@@ -905,6 +905,68 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
   return 0;
 }
 
+// NuqCodec.encode with per-channel widths: channel c's code is the count of its midpoints (mids + c * L1, padded
+// past its own 2**bits levels with midpoints above 1) below u; the codes of each width group are packed per token
+// (n codes of `bits` bits, n % 8 == 0) at gcodes[g] + (b * T + t) * n * bits / 8. Ranges, mask as nuq_encode.
+int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, const float* mids, int L1,
+                 const float* kzero, const float* kscale, int span_heads, int k_side, int ng, const i64* groups,
+                 uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
+  const int HD = H * D;
+  std::vector<uint8_t> code(HD), buf(HD);
+  std::vector<float> u(HD), vec(span_heads * D), work(span_heads * D);
+  const int spans = H / span_heads, n = span_heads * D;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      if (!axis_token) {
+        for (int h = 0; h < H; ++h)
+          for (int c = 0; c < D; ++c) {
+            const i64 e = (((i64)b * H + h) * T + t) * D + c;
+            u[h * D + c] = (x[e] - kzero[h * D + c]) / kscale[h * D + c];
+            if (mask) mask[e] = std::fabs(u[h * D + c]) > 1.0f;
+          }
+      } else {
+        for (int grp = 0; grp < spans; ++grp) {
+          for (int r = 0; r < span_heads; ++r)
+            std::memcpy(vec.data() + r * D, x + (((i64)b * H + grp * span_heads + r) * T + t) * D, sizeof(float) * D);
+          float lo, hi;
+          if (k_side > 0) {
+            work = vec;
+            std::nth_element(work.begin(), work.begin() + k_side, work.end());
+            lo = work[k_side];
+            std::nth_element(work.begin(), work.begin() + (n - 1 - k_side), work.end());
+            hi = work[n - 1 - k_side];
+          } else {
+            lo = *std::min_element(vec.begin(), vec.end());
+            hi = *std::max_element(vec.begin(), vec.end());
+          }
+          const float zero = fp16_round((hi + lo) / 2);
+          float scale = fp16_round((hi - lo) / 2);
+          if (!(scale > 0)) scale = 5.9604645e-08f;
+          const i64 zs = ((i64)b * spans + grp) * T + t;
+          vzero[zs] = _cvtss_sh(zero, _MM_FROUND_TO_NEAREST_INT);
+          vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
+          for (int r = 0; r < span_heads; ++r) {
+            const int h = grp * span_heads + r;
+            for (int c = 0; c < D; ++c) {
+              const float v = vec[r * D + c];
+              if (mask) mask[(((i64)b * H + h) * T + t) * D + c] = k_side > 0 && (v < lo || v > hi);
+              u[h * D + c] = (v - zero) / scale;
+            }
+          }
+        }
+      }
+      for (int c = 0; c < HD; ++c) code[c] = nearest(std::min(std::max(u[c], -1.0f), 1.0f), mids + (i64)c * L1, L1);
+      for (int g = 0; g < ng; ++g) {
+        const int bits = (int)groups[4 * g], m = (int)groups[4 * g + 1];
+        const int32_t* cols = (const int32_t*)groups[4 * g + 2];
+        uint8_t* out = (uint8_t*)groups[4 * g + 3];
+        for (int j = 0; j < m; ++j) buf[j] = code[cols[j]];
+        pack_row(buf.data(), m, bits, out + ((i64)b * T + t) * m * bits / 8);
+      }
+    }
+  return 0;
+}
+
 // ------------------------------------------------------------------------------------------------ turboquant
 // Per token vector: the first k rotated coordinates coded at wh bits (row `hi`), the other D - k at wl bits
 // (row `lo`), each row byte-aligned, and an fp16 norm: the vector in the rotated frame is norm * levels[code].
@@ -1287,7 +1349,7 @@ int run_segment(Reader& r, const Common& c, bool keys) {
 
 extern "C" {
 
-int kvpack_abi_version() { return 10; }
+int kvpack_abi_version() { return 11; }
 
 // Attention of one layer for a decode step. Array layout:
 //   query ptr (float32 [B, Hq, Q, D], any strides with a contiguous last dim), its strides b, head, token,
@@ -1433,6 +1495,38 @@ int kvpack_nuq_encode(const i64* a) {
   if (D % 8 || bits < 1 || bits > 8 || span_heads < 1 || H % span_heads) return -1;
   const int code = nuq_encode(x, B, H, T, D, bits, axis_token, mid, mid_per_head, kzero, kscale, span_heads, k_side,
                               codes, vzero, vscale, mask);
+  if (code == 0 && mask)
+    *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
+  return code;
+}
+
+// Mixed-width encode (see mixed_encode). Array: x ptr, B, H, T, D, axis_token, mids ptr, L1, kzero ptr, kscale ptr,
+// span_heads, k_side, number of groups, groups ptr (int64 [g][bits, n, cols ptr, codes ptr]), vzero ptr, vscale ptr,
+// mask ptr (0: no outliers), sparse mode, outlier values, positions, counts, nnz ptrs (as kvpack_nuq_encode).
+int kvpack_mixed_encode(const i64* a) {
+  Reader r{a};
+  const float* x = (const float*)r.ptr();
+  const int B = (int)r.next(), H = (int)r.next(), T = (int)r.next(), D = (int)r.next();
+  const int axis_token = (int)r.next();
+  const float* mids = (const float*)r.ptr();
+  const int L1 = (int)r.next();
+  const float* kzero = (const float*)r.ptr();
+  const float* kscale = (const float*)r.ptr();
+  const int span_heads = (int)r.next(), k_side = (int)r.next(), ng = (int)r.next();
+  const i64* groups = (const i64*)r.ptr();
+  uint16_t* vzero = (uint16_t*)r.ptr();
+  uint16_t* vscale = (uint16_t*)r.ptr();
+  uint8_t* mask = (uint8_t*)r.ptr();
+  const int mode = (int)r.next();
+  uint16_t* out_values = (uint16_t*)r.ptr();
+  int32_t* out_positions = (int32_t*)r.ptr();
+  int32_t* out_counts = (int32_t*)r.ptr();
+  i64* out_nnz = (i64*)r.ptr();
+  if (D % 8 || span_heads < 1 || H % span_heads || L1 < 1 || L1 > 255) return -1;
+  for (int g = 0; g < ng; ++g)
+    if (groups[4 * g] < 1 || groups[4 * g] > 8 || groups[4 * g + 1] % 8) return -1;
+  const int code = mixed_encode(x, B, H, T, D, axis_token, mids, L1, kzero, kscale, span_heads, k_side, ng, groups,
+                                vzero, vscale, mask);
   if (code == 0 && mask)
     *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
   return code;

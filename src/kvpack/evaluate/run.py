@@ -94,8 +94,8 @@ def run_eval(
     for _, recipe, todo in pending:
         if "real" in todo:
             finish(streaming_perplexity(model, windows, recipe, chunk=chunk, progress=progress), recipe, "real")
-    rows.sort(key=lambda r: ([s.name for s in settings].index(r["method"]) if r["method"] in [s.name for s in settings]
-                             else len(settings), r["mode"] != "simulated"))
+    order = {s.name: i for i, s in enumerate(settings)}
+    rows.sort(key=lambda r: (order.get(r["method"], len(settings)), r["mode"] != "simulated"))
     if json_out is not None:
         write_rows(json_out, add_deltas(rows))
     return add_deltas(rows)

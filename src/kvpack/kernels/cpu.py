@@ -374,7 +374,7 @@ def nuq_encode(codec, x: torch.Tensor):
     batch, heads, tokens, dim = x.shape
     if heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
         return None
-    if codec.levels.shape[0] not in (1, heads) or getattr(codec, "channel_bits", None) is not None:
+    if codec.levels.shape[0] not in (1, heads):
         return None
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
@@ -385,15 +385,8 @@ def nuq_encode(codec, x: torch.Tensor):
         codec.__dict__["_kvpack_midpoints"] = mid
     x = x.float().contiguous()
     codes = torch.empty(batch, heads, tokens * dim * codec.bits // 8, dtype=torch.uint8)
-    outliers = codec.outlier_frac > 0
-    numel = x.numel()
-    if outliers:
-        mask = torch.empty(batch, heads, tokens, dim, dtype=torch.uint8)
-        o_values = torch.empty(numel, dtype=torch.float16)
-        o_positions = torch.empty(numel, dtype=torch.int32)
-        nnz = torch.zeros(1, dtype=torch.int64)
-    else:
-        mask = o_values = o_positions = nnz = None
+    buffers = _outlier_buffers(codec, x, mode)
+    mask, values, positions, counts, nnz = buffers
     tensors = {"codes": codes}
     if codec.axis == "channel":
         kz = codec.__dict__.get("_kvpack_kzs")
@@ -404,21 +397,14 @@ def nuq_encode(codec, x: torch.Tensor):
                 _ptr(kz[1]), 1, 0, _ptr(codes), 0, 0]
     else:
         span = heads if codec.span == "all" else 1
-        k = outliers_per_side(codec.outlier_frac, span * dim) if outliers else 0
+        k = outliers_per_side(codec.outlier_frac, span * dim) if mask is not None else 0
         zero = torch.empty(batch, heads // span, tokens, 1, dtype=torch.float16)
         scale = torch.empty_like(zero)
         tensors.update(zero=zero, scale=scale)
         head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 1, _ptr(mid), int(mid.shape[0] > 1), 0, 0, span, k,
                 _ptr(codes), _ptr(zero), _ptr(scale)]
-    rows, n = {0: (batch * heads * dim, tokens), 1: (batch * tokens, heads * dim),
-               2: (batch * heads * tokens, dim)}.get(mode, (0, 0))
-    counts = torch.empty(rows, dtype=torch.int32) if outliers else None
-    args = head + [_ptr(mask), mode or 0, _ptr(o_values), _ptr(o_positions), _ptr(counts), _ptr(nnz)]
+    args = head + [_ptr(mask), mode or 0, _ptr(values), _ptr(positions), _ptr(counts), _ptr(nnz)]
     if load().kvpack_nuq_encode((ctypes.c_int64 * len(args))(*args)) != 0:
         return None
-    if outliers:
-        used = int(nnz)
-        tensors["outlier_values"] = o_values[:used].clone()
-        tensors["outlier_indices"] = o_positions[:used].to(sparse.index_dtype(max(n - 1, 0)))
-        tensors["outlier_counts"] = counts.to(sparse.index_dtype(n))
+    tensors |= _outlier_tensors(buffers, mode, x)
     return Encoded(tensors, tuple(x.shape))

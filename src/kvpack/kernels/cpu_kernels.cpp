@@ -841,6 +841,27 @@ inline uint8_t nearest(float u, const float* mid, int n) {  // count of midpoint
   return (uint8_t)c;
 }
 
+// Range of one token vector for per-token values: (lo, hi) without its k smallest and k largest elements (the
+// outliers), then the fp16 zero and scale NuqCodec stores for it (a constant vector gets the tiniest fp16 scale,
+// which decodes to its zero).
+inline void token_range(const std::vector<float>& vec, std::vector<float>& work, int k_side, float* lo, float* hi,
+                        float* zero, float* scale) {
+  const int n = (int)vec.size();
+  if (k_side > 0) {
+    work = vec;
+    std::nth_element(work.begin(), work.begin() + k_side, work.end());
+    *lo = work[k_side];
+    std::nth_element(work.begin(), work.begin() + (n - 1 - k_side), work.end());
+    *hi = work[n - 1 - k_side];
+  } else {
+    *lo = *std::min_element(vec.begin(), vec.end());
+    *hi = *std::max_element(vec.begin(), vec.end());
+  }
+  *zero = fp16_round((*hi + *lo) / 2);
+  *scale = fp16_round((*hi - *lo) / 2);
+  if (!(*scale > 0)) *scale = 5.9604645e-08f;
+}
+
 int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_token, const float* mid,
                int mid_per_head, const float* kzero, const float* kscale, int span_heads, int k_side,
                uint8_t* codes, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
@@ -871,20 +892,8 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
       for (int t = 0; t < T; ++t) {
         for (int r = 0; r < span_heads; ++r)
           std::memcpy(vec.data() + r * D, x + (((i64)b * H + grp * span_heads + r) * T + t) * D, sizeof(float) * D);
-        float lo, hi;
-        if (k_side > 0) {
-          work = vec;
-          std::nth_element(work.begin(), work.begin() + k_side, work.end());
-          lo = work[k_side];
-          std::nth_element(work.begin(), work.begin() + (n - 1 - k_side), work.end());
-          hi = work[n - 1 - k_side];
-        } else {
-          lo = *std::min_element(vec.begin(), vec.end());
-          hi = *std::max_element(vec.begin(), vec.end());
-        }
-        const float zero = fp16_round((hi + lo) / 2);
-        float scale = fp16_round((hi - lo) / 2);
-        if (!(scale > 0)) scale = 5.9604645e-08f;  // constant group: tiniest fp16 scale decodes to the zero
+        float lo, hi, zero, scale;
+        token_range(vec, work, k_side, &lo, &hi, &zero, &scale);
         const i64 zs = ((i64)b * groups + grp) * T + t;
         vzero[zs] = _cvtss_sh(zero, _MM_FROUND_TO_NEAREST_INT);
         vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
@@ -928,20 +937,8 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
         for (int grp = 0; grp < spans; ++grp) {
           for (int r = 0; r < span_heads; ++r)
             std::memcpy(vec.data() + r * D, x + (((i64)b * H + grp * span_heads + r) * T + t) * D, sizeof(float) * D);
-          float lo, hi;
-          if (k_side > 0) {
-            work = vec;
-            std::nth_element(work.begin(), work.begin() + k_side, work.end());
-            lo = work[k_side];
-            std::nth_element(work.begin(), work.begin() + (n - 1 - k_side), work.end());
-            hi = work[n - 1 - k_side];
-          } else {
-            lo = *std::min_element(vec.begin(), vec.end());
-            hi = *std::max_element(vec.begin(), vec.end());
-          }
-          const float zero = fp16_round((hi + lo) / 2);
-          float scale = fp16_round((hi - lo) / 2);
-          if (!(scale > 0)) scale = 5.9604645e-08f;
+          float lo, hi, zero, scale;
+          token_range(vec, work, k_side, &lo, &hi, &zero, &scale);
           const i64 zs = ((i64)b * spans + grp) * T + t;
           vzero[zs] = _cvtss_sh(zero, _MM_FROUND_TO_NEAREST_INT);
           vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);

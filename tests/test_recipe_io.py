@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_tiny_model
 from kvpack.recipes.calibrate import calibrate_windows, cached_calibration
+from kvpack.cache import CompressedCache
 from kvpack.errors import RecipeError
 from kvpack.methods.names import parse_method
 from kvpack.recipes.recipe import Recipe
@@ -102,12 +103,25 @@ def test_newer_format(saved):
 ])
 def test_other_model(saved, overrides, field):
     other = make_tiny_model("llama", **overrides)
-    with pytest.raises(RecipeError, match=f"calibrated for another model: {field}"):
+    with pytest.raises(RecipeError, match=f"calibrated for another model: .*not this model .*\\({field} is "):
         Recipe.load(saved, other)
 
 
+def test_cache_refuses_a_recipe_for_another_model_with_the_same_layer_count(saved):
+    """Refused when the cache is built, naming both models, not by a codec on the first forward."""
+    other = make_tiny_model("llama", num_key_value_heads=4)
+    recipe = Recipe.load(saved)
+    with pytest.raises(RecipeError, match="calibrated for another model: .*2 KV heads.*not this model .*4 KV heads"):
+        CompressedCache(other, recipe)
+
+
+def test_a_file_is_not_a_recipe_folder(saved):
+    with pytest.raises(RecipeError, match="is a file; a recipe is a folder"):
+        Recipe.load(saved / JSON_NAME)
+
+
 def test_other_architecture(saved):
-    with pytest.raises(RecipeError, match="another model: architecture"):
+    with pytest.raises(RecipeError, match="another model: .*\\(architecture is "):
         Recipe.load(saved, make_tiny_model("qwen2"))
 
 

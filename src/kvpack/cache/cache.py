@@ -1,10 +1,10 @@
 """CompressedCache: a transformers Cache that keeps every layer's keys and values packed by a recipe.
 
     cache = CompressedCache(model, recipe)
-    model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    model.generate(ids, **cache_kwargs(cache), max_new_tokens=64)
     cache.memory_report()
 
-Per layer (see cache_layer.py / cache_stream.py): the first `sink_tokens` tokens (plus any left
+Per layer (see cache/layer.py and cache/stream.py): the first `sink_tokens` tokens (plus any left
 padding) and the recent window (`residual_length`, default the recipe's `recent_tokens`) in fp16;
 everything else encoded by the layer's codecs in blocks that later appends never rewrite. With a
 pre-RoPE recipe keys are rotated back to pre-RoPE exactly on the way in and rotated forward at
@@ -31,6 +31,7 @@ from kvpack.codecs.checks import check_storable
 from kvpack.hf.rope import RopeSource, check_pre_rope_supported, invert_rope
 from kvpack.cache.packed import attach
 from kvpack.hf.models import check_architecture, text_config
+from kvpack.recipes.io import check_identity
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.resolve import check_settings_fit_model
 from kvpack.cache.memory import memory_report
@@ -60,6 +61,8 @@ class CompressedCache(Cache):
                 f"Recipe '{recipe.method}' has codecs for {recipe.num_layers} layers but the model has {n_layers}; "
                 "build or calibrate the recipe for this model."
             )
+        if recipe.model_identity:  # a calibrated recipe: refuse one for another model now, not in a codec later
+            check_identity(recipe.model_identity, model, recipe.method)
         settings = recipe.settings
         check_settings_fit_model(settings, model)
         self.recipe = recipe

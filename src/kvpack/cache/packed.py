@@ -14,10 +14,14 @@ the same numbers as decode-then-attend up to float summation order (tests compar
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections import Counter
 
 import torch
 
+from kvpack.kernels import cpu
 from kvpack.kernels.dispatch import BACKENDS, DEFAULT_MAX_QUERIES, WINDOW_TOKENS, blockwise_attention, layer_attention
 from kvpack.kernels.rope import RopeTable
 
@@ -38,6 +42,8 @@ class PackedAttention:
         self.pending: set[int] = set()
         self.calls = 0  # packed attention calls served (for tests and reports)
         self.blockwise_calls = 0  # of which by blockwise_attention
+        self.paths: Counter = Counter()  # decode-step calls by the path that read them: "cpu", "triton", "torch", ...
+        self._announced = False
 
     def claim(self, layer_idx: int, queries: int) -> bool:
         """Called by CompressedCache.update: True if attention for this call will read the packed storage."""
@@ -67,8 +73,13 @@ class PackedAttention:
         """Attention of query [B, Hq, Q, D] over the layer's stored tokens -> [B, Q, Hq, D]."""
         layer = self.cache.layers[module.layer_idx]
         if query.shape[-2] <= self.max_queries:
+            used: list = []
             out = layer_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, backend=self.backend,
-                                  rope=self.rope)
+                                  rope=self.rope, paths=used)
+            path = used[0][1] if used and used[0][0] == "layer" else "+".join(sorted({p for _, p in used})) or "fp16"
+            self.paths[path] += 1
+            if not self._announced:
+                self._announce(path, query.device)
         else:
             out = blockwise_attention(layer, query, attention_mask, scaling=scaling, softcap=softcap, rope=self.rope,
                                       window_tokens=self.window_tokens)
@@ -76,6 +87,33 @@ class PackedAttention:
         layer.free_outside_window(self.cache.head_tokens)  # what the decode path does right after reading
         self.calls += 1
         return out
+
+    def _announce(self, path: str, device: torch.device) -> None:
+        """Say once per cache which path reads its decode steps, and why when it is the slow one."""
+        self._announced = True
+        if path == "torch" and device.type == "cpu":
+            why = cpu.error() or "a part of the layer (codec, mask or RoPE variant) has no C++ kernel"
+            warnings.warn(f"kvpack: decode attention uses the torch reference, not the C++ kernels ({why}); "
+                          "`kvpack info` shows what the fast path needs.", RuntimeWarning, stacklevel=3)
+        logging.getLogger("kvpack").info("kvpack cache: decode attention by the %s path (%s)", path,
+                                         describe_path(path))
+
+    def summary(self) -> str:
+        """Decode-step attention calls by path, e.g. 'cpu: 300 calls (C++ kernels, AVX512)'."""
+        if not self.paths:
+            return "no decode-step attention calls yet"
+        return "; ".join(f"{p}: {n} calls ({describe_path(p)})" for p, n in self.paths.most_common())
+
+
+def describe_path(path: str) -> str:
+    """A path name of PackedAttention.paths in words."""
+    if path == "cpu":
+        return f"C++ kernels, one call per layer, {cpu.instruction_set()}"
+    if path == "triton":
+        return "Triton split-K kernel per layer"
+    if path == "fp16":
+        return "fp16 sink/recent tokens only"
+    return "per run: " + path.replace("torch", "torch reference (decode a chunk, then attend)")
 
 
 def attach(cache, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:

@@ -12,7 +12,9 @@ from kvpack.cli.demo import demo_command
 from kvpack.cli.eval import eval_command
 from kvpack.cli.finetune import finetune_command
 from kvpack.cli.generate import generate_command
+from kvpack.cli.info import info_command
 from kvpack.cli.plan import plan_command
+from kvpack.cli.model_path import model_path_command
 from kvpack.cli.report import report_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress the KV cache of transformer LMs and measure it.")
@@ -36,6 +38,8 @@ COMMANDS = {
     "demo": demo_command,
     "bench": bench_command,
     "plan": plan_command,
+    "info": info_command,
+    "model-path": model_path_command,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

@@ -69,9 +69,10 @@ class Divergence:
         if ref_logprobs.shape != logits.shape:
             raise ValueError(f"reference {tuple(ref_logprobs.shape)} and logits {tuple(logits.shape)} differ in shape")
         for start in range(0, logits.shape[0], _ROWS):
-            ref = ref_logprobs[start:start + _ROWS].float()
-            logq = torch.log_softmax(logits[start:start + _ROWS].float(), dim=-1)
-            self.kl += float((ref.exp() * (ref - logq)).sum())
+            ref = ref_logprobs[start:start + _ROWS].double()
+            logq = torch.log_softmax(logits[start:start + _ROWS].double(), dim=-1)
+            # each row's KL is >= 0; float64 and a clamp keep rounding from making a near-zero one negative
+            self.kl += float((ref.exp() * (ref - logq)).sum(-1).clamp_min_(0.0).sum())
             self.agree += int((ref.argmax(-1) == logq.argmax(-1)).sum())
         self.tokens += logits.shape[0]
 

@@ -2,6 +2,7 @@
 directories, hub ids and GGUF files; checks that the architecture is supported."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -11,7 +12,6 @@ from pathlib import Path
 import torch
 
 from kvpack.errors import ModelLoadError, UnsupportedArchitectureError
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -60,10 +60,42 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _converted_dir(path: Path) -> Path:
-    stat = path.stat()
-    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    return cache_root() / "models" / key
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_dir(path: Path) -> Path:
+    """Where the float32 conversion of the GGUF file `path` lives: keyed by the file's content, so reinstalling
+    the same file finds the same folder."""
+    return cache_root() / "models" / f"{path.stem}-{_file_sha256(path)[:16]}"
+
+
+def _drop_stale_conversions(current: Path, stem: str) -> None:
+    """Remove earlier conversions of files named like this one (older keys or older contents)."""
+    for other in current.parent.glob(f"{stem}-*"):
+        if other != current and other.is_dir() and (other / "config.json").is_file():
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def model_path(spec: str | Path = DEFAULT_MODEL) -> Path:
+    """The local folder (config, safetensors, tokenizer) of `spec`: for a short name or a .gguf file its float32
+    conversion, made on first use; a local model directory as it is."""
+    spec_str = str(spec)
+    if spec_str in EMBEDDED_MODELS or spec_str.endswith(".gguf"):
+        gguf_path = _gguf_path(spec_str)
+        converted = converted_dir(gguf_path)
+        if not _is_converted(converted):
+            _convert(gguf_path, converted)
+        return converted
+    path = Path(spec_str)
+    if not path.is_dir():
+        raise ModelLoadError(f"'{spec_str}' is neither a short name ({', '.join(EMBEDDED_MODELS)}), a .gguf file nor a "
+                             "local model directory.")
+    return path
 
 
 def _load_pretrained(source: str | Path, dtype: torch.dtype):
@@ -117,40 +149,55 @@ def check_architecture(config) -> None:
             raise UnsupportedArchitectureError(f"Model type '{cfg.model_type}' has no '{field}' in its config; it is not a decoder kvpack supports.")
 
 
-def load_model(spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load `(model, tokenizer)` from a short name, a local directory, a hub id or a `.gguf` file.
+def _gguf_path(spec: str) -> Path:
+    if spec in EMBEDDED_MODELS:
+        return _embedded_gguf(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file '{path}' does not exist.")
+    return path
 
-    GGUF models (the embedded default included) are dequantized once and kept under
-    `cache_root()/models`, so later loads take about a second.
-    """
-    spec_str = str(spec)
-    if spec_str in EMBEDDED_MODELS:
-        gguf_path = _embedded_gguf(spec_str)
-    elif spec_str.endswith(".gguf"):
-        gguf_path = Path(spec_str)
-        if not gguf_path.is_file():
-            raise ModelLoadError(f"GGUF file '{gguf_path}' does not exist.")
-    else:
-        path = Path(spec_str)
-        if path.exists() and not path.is_dir():
-            raise ModelLoadError(f"'{path}' is a file but not a .gguf file; pass a model directory, a .gguf file, or a hub id.")
-        model, tokenizer = _load_pretrained(spec_str, dtype)
-        return _finish(model), tokenizer
 
-    converted = _converted_dir(gguf_path)
-    if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
-        model, tokenizer = _load_pretrained(converted, dtype)
-        return _finish(model), tokenizer
-    model, tokenizer = _load_gguf(gguf_path, dtype)
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _convert(gguf_path: Path, converted: Path):
+    """Dequantize `gguf_path` to float32 once and save it (with its tokenizer) as `converted`; returns (model, tok)."""
+    model, tokenizer = _load_gguf(gguf_path, torch.float32)
     check_architecture(model.config)
     tmp = converted.with_name(converted.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "kvpack-source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    (tmp / "kvpack-source.json").write_text(json.dumps({"gguf": str(gguf_path), "dtype": "float32"}))
     shutil.rmtree(converted, ignore_errors=True)
     tmp.rename(converted)
+    _drop_stale_conversions(converted, gguf_path.stem)
+    return model, tokenizer
+
+
+def load_model(spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load `(model, tokenizer)` from a short name, a local directory, a hub id or a `.gguf` file.
+
+    GGUF models (the embedded default, SmolLM2-135M-Instruct as a Q4_1 GGUF, included) are dequantized once to
+    float32 and kept under `cache_root()/models` (keyed by the file's content), then cast to `dtype`, so later
+    loads take about a second and every dtype reads the same weights.
+    """
+    spec_str = str(spec)
+    if spec_str in EMBEDDED_MODELS or spec_str.endswith(".gguf"):
+        gguf_path = _gguf_path(spec_str)
+        converted = converted_dir(gguf_path)
+        if _is_converted(converted):
+            model, tokenizer = _load_pretrained(converted, dtype)
+            return _finish(model), tokenizer
+        model, tokenizer = _convert(gguf_path, converted)
+        return _finish(model.to(dtype)), tokenizer
+    path = Path(spec_str)
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"'{path}' is a file but not a .gguf file; pass a model directory, a .gguf file, or a hub id.")
+    model, tokenizer = _load_pretrained(spec_str, dtype)
     return _finish(model), tokenizer
 
 

@@ -1,10 +1,11 @@
 """Fast CPU path: the C++ kernels of cpu_kernels.cpp, compiled on first use and called through ctypes.
 
 Why not torch.utils.cpp_extension: the kernels need no torch headers, so a plain `g++ -O3
--march=native -fopenmp -shared` build takes ~1 s instead of ~60 s, and the library is cached under
-`cache_root()/kernels/` keyed by the source, the compiler flags and the CPU. `available()` is False
-(and attention uses the torch path) without g++, without AVX2/FMA/F16C, or with
-KVPACK_CPU_KERNELS=0.
+-march=native -fopenmp -shared` build does (about 30-40 s on a 2-core machine, printed when it starts,
+once per CPU: `make setup` runs it), and the library is cached under `cache_root()/kernels/` keyed by
+the source, the compiler flags and the CPU (model and feature flags), so a library built on another
+CPU is never reused. `available()` is False (and attention uses the torch path, with a warning from the
+cache) without g++, without AVX2/FMA/F16C, or with KVPACK_CPU_KERNELS=0; `error()` says which.
 
 A layer's whole decode-step attention is one C call, `kvpack_layer(int64 args[])`: the arguments
 (pointers, sizes, strides) of its fp16 head/tail and of every run of packed blocks, in token order,
@@ -21,17 +22,18 @@ import platform
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from kvpack.kernels.layout import MixedNuqView, NuqView, RvqView, TqView
-from kvpack.hf.models import cache_root
-from kvpack.kernels.layout import mixed_view, nuq_view, rvq_view, tq_view
 from kvpack.codecs import Encoded, sparse
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
-from kvpack.kernels.layout import sparse_mode
+from kvpack.hf.models import cache_root
+from kvpack.kernels.layout import (MixedNuqView, NuqView, RvqView, TqView, mixed_view, nuq_view, rvq_view, sparse_mode,
+                                   tq_view)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -57,15 +59,32 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def instruction_set() -> str:
+    """The widest x86 vector instruction set this CPU offers to the kernels (from /proc/cpuinfo, else torch)."""
+    flags = set(_cpu_id().split())
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        extra = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_fp16", "FP16"), ("amx_bf16", "AMX-BF16"))
+                 if flag in flags]
+        return "AVX512" + (f" (+{', '.join(extra)})" if extra else "")
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "AVX2"
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with (g++, else c++), or None."""
+    return shutil.which("g++") or shutil.which("c++")
+
+
 def library_path() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"kvpack_cpu_{key}.so"
 
 
 def _build(path: Path) -> None:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) found")
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found: install one (apt-get install g++) for the fast CPU path")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
@@ -73,9 +92,13 @@ def _build(path: Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
+        started = time.perf_counter()
+        print(f"kvpack: compiling the C++ CPU attention kernels for this CPU ({instruction_set()}) with {cxx}, "
+              f"once (about half a minute on 2 cores) -> {path}", file=sys.stderr, flush=True)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
             os.replace(tmp, path)
+            print(f"kvpack: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{exc.stderr[-2000:]}") from exc
         finally:

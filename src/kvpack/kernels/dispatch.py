@@ -4,10 +4,11 @@
 directly, and each run of encoded blocks by a kernel that reads the packed codes (the cache hands the
 layer and, for pre-RoPE keys, a RopeTable of its logged positions; cache/packed.py decides when):
 
-- nuq (KVQuant) keys: per-channel LUT decode, RoPE at each key's position, q . k; sparse outliers
-  added as a correction in the same call. Values: p . v from per-token scaled codes plus outliers.
-- rvq keys/values: codeword sums per group, RoPE, q . k / p . v.
-- anything else: the torch reference (kernels/reference.py) decodes one chunk of blocks at a time.
+- on the CPU, one C++ call per layer (kernels/cpu.py) covers fp16, nuq (single and mixed widths), rvq and
+  TurboQuant runs: LUT decode, RoPE at each key's position, q . k, softmax, p . v, outliers in the same call;
+- on CUDA, the split-K Triton pass over the layer (kernels/triton_decode.py), else per-run Triton kernels;
+- anything else (a layer the C++ call declines, e.g. RoPE not in halves): per run, the torch reference
+  (kernels/reference.py) decodes one chunk of blocks at a time.
 
 Exactness: the kernels compute the same numbers as decode-then-attend up to float summation order
 (tests compare with the decode path to ~1e-5). Calls with autograd on or with features the path does
@@ -29,13 +30,11 @@ fused kernel's tiles) plus one window of decoded keys and values, never the whol
 from __future__ import annotations
 
 import bisect
-import os
 
 import torch
 
 from kvpack.hf.rope import apply_rope
 from kvpack.kernels import cpu, reference, triton_attention, triton_decode
-from kvpack.kernels.layout import nuq_view, rvq_view
 from kvpack.kernels.rope import RopeSlice, RopeTable
 BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_MAX_QUERIES = 16
@@ -65,26 +64,13 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return False
 
 
-def _cpu_fits(view, groups: int, rot: int) -> bool:
-    return view is not None and view.dim % 8 == 0 and view.dim <= 1024 and groups <= 64 and rot % 16 == 0
-
-
 def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: torch.Tensor, backend: str = "auto") -> str:
     """Scores of q [B, H, G, D] against one run's keys into out [B, H, G, run tokens]; returns the path used.
 
-    rope: cos/sin of the run's tokens (None when keys are stored post-RoPE)."""
-    rot = 0 if rope is None else rope.rot
+    On the CPU the C++ kernels read whole layers (`cpu.layer_attention`); a layer they decline comes here and
+    is read by the torch reference. rope: cos/sin of the run's tokens (None when keys are stored post-RoPE)."""
     if rope is not None and not rope.half:
         backend = "torch"
-    if _use_cpu(backend, q.device):
-        view = nuq_view(run, codec)
-        if view is not None and view.axis == "channel" and _cpu_fits(view, q.shape[2], rot):
-            cpu.nuq_key_scores(view, q, rope, out)
-            return "cpu-nuq"
-        view = rvq_view(run, codec)
-        if _cpu_fits(view, q.shape[2], rot):
-            cpu.rvq_key_scores(view, q, rope, out)
-            return "cpu-rvq"
     if _use_triton(backend, q.device):
         if triton_attention.key_scores(run, codec, q, rope, out):
             return "triton"
@@ -94,15 +80,6 @@ def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: tor
 
 def value_run_accum(run, codec, p, out, backend: str = "auto") -> str:
     """out [B, H, G, D] += p [B, H, G, run tokens] . one run's values; returns the path used."""
-    if _use_cpu(backend, p.device):
-        view = nuq_view(run, codec)
-        if view is not None and view.axis == "token" and _cpu_fits(view, p.shape[2], 0):
-            cpu.nuq_value_accum(view, p, out)
-            return "cpu-nuq"
-        view = rvq_view(run, codec)
-        if _cpu_fits(view, p.shape[2], 0):
-            cpu.rvq_value_accum(view, p, out)
-            return "cpu-rvq"
     if _use_triton(backend, p.device):
         if triton_attention.value_accum(run, codec, p, out):
             return "triton"
@@ -175,7 +152,10 @@ def layer_attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | N
         first = layer.first_slot
         rs = rope.get(layer.layer_idx, first, first + total)
     if _use_cpu(backend, query.device):
-        out = cpu.layer_attention(layer, query, attention_mask, scale, softcap, rs)
+        mask = attention_mask
+        if mask is not None and mask.is_floating_point() and mask.dtype != torch.float32:
+            mask = mask.float()  # the kernel reads additive masks in float32 (bf16/fp16 models under eager)
+        out = cpu.layer_attention(layer, query, mask, scale, softcap, rs)
         if out is not None:
             if paths is not None:
                 paths.append(("layer", "cpu"))

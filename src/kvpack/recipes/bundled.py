@@ -20,7 +20,8 @@ from pathlib import Path
 
 from kvpack.errors import RecipeError
 from kvpack.methods.names import MethodSettings
-from kvpack.recipes.io import JSON_NAME, TENSORS_NAME, check_identity, model_identity, weights_fingerprint
+from kvpack.recipes.io import (JSON_NAME, TENSORS_NAME, check_identity, model_identity, same_weights, weights_fingerprint,
+                               weights_probe)
 from kvpack.recipes.recipe import Recipe
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -65,6 +66,7 @@ def write_manifest(folder: Path, recipes: list[Recipe], model, model_spec: str, 
             "model": model_spec,
             "model_identity": model_identity(model),
             "weights_sha256": weights_fingerprint(model),
+            "weights_probe": weights_probe(model),
             "data": {"spec": calibration.get("data"), "description": data_description,
                      "windows": calibration.get("windows"), "seqlen": calibration.get("seqlen"),
                      "tokens_sha256": calibration.get("tokens_sha256")},
@@ -106,6 +108,8 @@ def matching_entry(model, settings: MethodSettings, data: str, windows: int, seq
         check_identity(entry["model_identity"], model, folder / entry["folder"])
     except RecipeError:
         return None
+    if "weights_probe" in entry:  # the same checkpoint in any dtype
+        return entry if same_weights(entry["weights_probe"], weights_probe(model)) else None
     return entry if entry["weights_sha256"] == weights_fingerprint(model) else None
 
 

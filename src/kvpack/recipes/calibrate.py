@@ -29,11 +29,8 @@ from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_windows
 from kvpack.recipes.self_data import SELF_SPEC, self_windows
 from kvpack.recipes.collect import CollectionTiming, LayerActivations, collect_activations
-from kvpack.recipes.io import model_identity
-from kvpack.hf.models import num_layers
-from kvpack.recipes.io import model_identity, weights_fingerprint
-from kvpack.hf.models import cache_root
-from kvpack.recipes.io import replace_directory
+from kvpack.hf.models import cache_root, num_layers
+from kvpack.recipes.io import model_identity, replace_directory, weights_fingerprint
 
 # Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
 CALIBRATION_VERSION = 1
@@ -159,7 +156,8 @@ def calibrate(
     progress: bool = True,
 ) -> Recipe:
     """Calibrate `method` for `model` on `windows` windows of `seqlen` tokens of `data` (a corpus spec,
-    a path, or "self": text the model writes itself); returns the Recipe."""
+    a path, or "self": text the model writes itself); returns the Recipe. Always calibrates afresh: for the recipe
+    kvpack ships (or has cached) for these weights, use `kvpack.recipe_for(model, tokenizer, method)`."""
     settings = parse_method(method) if isinstance(method, str) else method
     if not needs_calibration(settings):
         return Recipe.baseline(settings, num_layers(model))

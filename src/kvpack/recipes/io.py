@@ -68,6 +68,30 @@ def weights_fingerprint(model) -> str:
     return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
 
 
+PROBE_SIZE = 64  # random projections of the first k_proj weight in a weights probe
+# Two loads of the same checkpoint differ by their dtype's rounding: bf16 keeps 8 significant bits, so its
+# relative error per element is below 2^-9 and the probes' relative distance below that; other checkpoints
+# (fine-tunes included) lie far further apart.
+PROBE_TOLERANCE = 2.0 ** -8
+
+
+def weights_probe(model) -> list[float]:
+    """PROBE_SIZE fixed random projections (float64) of the first attention layer's k_proj weight: the same for
+    a checkpoint loaded in float32, bfloat16 or float16 up to rounding (see `same_weights`)."""
+    weight = attention_layers(model)[0].k_proj.weight.detach().to("cpu", torch.float64).reshape(-1)
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(PROBE_SIZE, weight.numel(), generator=generator, dtype=torch.float64)
+    return (projection @ weight / weight.numel() ** 0.5).tolist()
+
+
+def same_weights(probe: list[float], other: list[float]) -> bool:
+    """True when two weights probes come from the same checkpoint (relative distance <= PROBE_TOLERANCE)."""
+    a, b = torch.tensor(probe, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    return bool((a - b).norm() <= PROBE_TOLERANCE * a.norm())
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -119,6 +143,10 @@ def save_recipe(recipe, directory: str | Path) -> Path:
 
 
 def _read_description(directory: Path) -> dict:
+    if directory.is_file():
+        raise RecipeError(
+            f"'{directory}' is a file; a recipe is a folder holding {JSON_NAME} and {TENSORS_NAME}. Pass the folder "
+            f"('{directory.parent}' if this file belongs to one), as written by `kvpack calibrate --out DIR`.")
     if not directory.is_dir():
         raise RecipeError(f"Recipe directory '{directory}' does not exist. Pass the folder written by `kvpack calibrate --out DIR`.")
     path = directory / JSON_NAME
@@ -139,16 +167,22 @@ def _read_description(directory: Path) -> dict:
     return description
 
 
-def check_identity(saved: dict, model, directory: Path) -> None:
-    """Raise RecipeError if the recipe was calibrated for another model than `model`."""
+def _describe_model(identity: dict) -> str:
+    name = identity.get("name_or_path") or "an unnamed model"
+    return (f"'{name}' ({identity.get('architecture')}, {identity.get('num_layers')} layers, {identity.get('num_kv_heads')} "
+            f"KV heads, head_dim {identity.get('head_dim')})")
+
+
+def check_identity(saved: dict, model, directory: Path | str) -> None:
+    """Raise RecipeError, naming both models, if the recipe was calibrated for another model than `model`."""
     current = model_identity(model)
     for key in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_sha256"):
         if saved.get(key) != current[key]:
             raise RecipeError(
-                f"Recipe '{directory}' was calibrated for another model: {key} is {saved.get(key)!r} in the recipe but "
-                f"{current[key]!r} for this model ({current['architecture']}, {current['num_layers']} layers, "
-                f"{current['num_kv_heads']} KV heads, head_dim {current['head_dim']}). Calibrate a recipe for this model "
-                "with `kvpack calibrate --model ...` or kvpack.calibrate(model, tokenizer, method)."
+                f"Recipe '{directory}' was calibrated for another model: {_describe_model(saved)}, not this model "
+                f"{_describe_model(current)} ({key} is {saved.get(key)!r} in the recipe, {current[key]!r} here). "
+                "Calibrate a recipe for this model with `kvpack calibrate --model ...` or "
+                "kvpack.recipe_for(model, tokenizer, method)."
             )
 
 

@@ -38,7 +38,7 @@ class Recipe:
         return cls(settings, [key] * num_layers, [value] * num_layers)
 
     def save(self, directory: str | Path) -> Path:
-        """Write this recipe to `directory` (safetensors + JSON, see recipe_io)."""
+        """Write this recipe to `directory` (safetensors + JSON, see recipes/io.py)."""
         return save_recipe(self, directory)
 
     @classmethod

@@ -58,3 +58,12 @@ def resolve_recipe(
         model, tokenizer, settings, data=calib_data, windows=calib_windows, seqlen=calib_seqlen,
         recipe_dir=recipe_dir, progress=progress, recalibrate=recalibrate,
     )
+
+
+def recipe_for(model, tokenizer, method: str | MethodSettings, data: str = "c4[:500]", windows: int = 16,
+               seqlen: int = 2048, progress: bool = True) -> Recipe:
+    """The ready recipe for `method` on `model`, the one obvious call: none needed (baselines), the recipe shipped
+    with kvpack for these weights (in any dtype), the one cached on disk, or calibrated now on `windows` x
+    `seqlen` tokens of `data` and cached. `kvpack.calibrate` always calibrates afresh."""
+    return resolve_recipe(model, tokenizer, method, calib_data=data, calib_windows=windows, calib_seqlen=seqlen,
+                          progress=progress)

@@ -1,4 +1,5 @@
 """The `kvpack` command line: every command and the options the README uses; the demo on a tiny model."""
+import json
 import sys
 
 import pytest
@@ -36,3 +37,10 @@ def test_demo_runs_on_the_shipped_text(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "kvpack's own text kv-cache-guide.txt, first 64 tokens" in result.output
     assert "greedy-token agreement with fp16" in result.output
+
+
+def test_info_names_cpu_instruction_set_and_kernels():
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert {"cpu", "instruction_set", "compiler", "cpu_kernels", "triton_kernels", "torch", "transformers"} <= set(info)

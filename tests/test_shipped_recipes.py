@@ -88,3 +88,32 @@ def test_default_model_resolves_the_shipped_recipe(smollm2, monkeypatch, tmp_pat
     monkeypatch.setenv("KVPACK_DATA", str(tmp_path))  # no corpora: calibration is impossible
     recipe = resolve_recipe(model, tok, "kvquant-3bit-1pct", progress=False)
     assert recipe.calibration["data"] == "c4[:500]" and recipe.calibration["windows"] == 16
+
+
+def test_recipe_for_finds_the_shipped_recipe_of_a_bfloat16_model_without_corpora(smollm2, monkeypatch, tmp_path):
+    """A recipe belongs to the weights, not to the dtype they are loaded in: kvpack.recipe_for finds it."""
+    import copy
+
+    import kvpack
+
+    model, tok = smollm2
+    monkeypatch.setenv("KVPACK_DATA", str(tmp_path))  # no corpora: calibration is impossible
+    monkeypatch.setenv("KVPACK_CACHE", str(tmp_path / "cache"))  # nor a cached recipe to fall back on
+    for dtype in (torch.bfloat16, torch.float16):
+        twin = copy.deepcopy(model).to(dtype)
+        recipe = kvpack.recipe_for(twin, tok, "kvpack-3bit", progress=False)
+        assert recipe.method == "kvpack-3bit" and recipe.calibration["data"] == "c4[:500]"
+
+
+def test_weights_probe_tells_checkpoints_apart_but_not_dtypes(one_thread):
+    from kvpack.recipes.io import same_weights, weights_probe
+
+    model = make_tiny_model("llama")
+    probe = weights_probe(model)
+    assert same_weights(probe, weights_probe(model.to(torch.bfloat16).float()))
+    other = make_tiny_model("llama", seed=1)
+    assert not same_weights(probe, weights_probe(other))
+    nudged = make_tiny_model("llama")
+    weight = nudged.model.layers[0].self_attn.k_proj.weight
+    weight.data += 0.02 * weight.std() * torch.randn_like(weight)  # a light fine-tune of the same checkpoint
+    assert not same_weights(probe, weights_probe(nudged))

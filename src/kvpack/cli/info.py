@@ -20,17 +20,6 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(build: bool = False) -> dict:
     """Versions, CPU, compiler, kernel status and device as a dict (build: compile the C++ kernels if needed)."""
     path = cpu.library_path()
@@ -40,7 +29,7 @@ def machine_info(build: bool = False) -> dict:
     return {
         "kvpack": _version("kvpack"), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": _version("transformers"), "triton": _version("triton"),
-        "cpu": _cpu_model(), "instruction_set": cpu.instruction_set(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu.cpu_model(), "instruction_set": cpu.instruction_set(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "compiler": cpu.compiler(),
         "cpu_kernels": "ready" if cpu._LIB is not None else (cpu._ERROR or "not built yet (built on first use, or `kvpack info --build`)"),
         "cpu_kernels_library": str(path),

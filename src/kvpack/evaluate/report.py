@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from kvpack.hf.models import describe_weights
 from kvpack.evaluate.results import PPL_COLUMNS, markdown_table, read_rows
 
 _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w./-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
@@ -24,6 +25,8 @@ def describe(rows: list[dict]) -> str:
     # only what every row shares (a column shows what differs)
     parts = [fmt.format(first[key]) for key, fmt in labels
              if first.get(key) is not None and all(r.get(key) == first[key] for r in rows)]
+    if parts and parts[0].startswith("model ") and first.get("model") is not None:
+        parts[0] += f" ({describe_weights(first['model'])})" if describe_weights(first["model"]) != first["model"] else ""
     return ("Measured on " + ", ".join(parts) + ".") if parts else ""
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
+
+from kvpack.kernels import cpu
 
 
 def environment() -> dict:
@@ -14,7 +15,8 @@ def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu.cpu_model(),
+        "instruction_set": cpu.instruction_set(),
         "cores": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -17,7 +17,7 @@ from kvpack.evaluate.perplexity import simulated_perplexities
 from kvpack.evaluate.results import add_deltas, environment, read_rows, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
 from kvpack.finetune.train import apply_finetuned
-from kvpack.hf.models import load_model
+from kvpack.hf.models import describe_weights, load_model
 from kvpack.methods.names import parse_method
 from kvpack.recipes.resolve import resolve_recipe
 import sys
@@ -119,7 +119,7 @@ def eval_row(result, recipe, model_spec: str, data: str, seqlen: int, mode: str,
     """One result row of a perplexity result (simulated or real cache)."""
     row = {
         "method": result.method, "bits_per_element": result.bits_per_element, "ppl": result.ppl,
-        "nll": result.nll, "model": model_spec, "data": data, "seqlen": seqlen, "windows": result.windows,
+        "nll": result.nll, "model": model_spec, "model_weights": describe_weights(model_spec), "data": data, "seqlen": seqlen, "windows": result.windows,
         "tokens": result.tokens, "mode": mode, "seconds": result.seconds,
         "seconds_per_window": result.seconds / result.windows, "calibration": recipe.calibration or None,
         "env": environment(),

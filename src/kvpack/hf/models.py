@@ -26,6 +26,17 @@ EMBEDDED_MODELS = {
 }
 
 
+def describe_weights(spec: str | Path) -> str:
+    """What the weights behind `spec` are, for result rows and docs (the embedded short names say what they ship)."""
+    spec_str = str(spec)
+    if spec_str in EMBEDDED_MODELS:
+        package, filename, _ = EMBEDDED_MODELS[spec_str]
+        quant = filename.rsplit(".", 2)[-2]
+        return (f"{filename.split('.')[0]} ({quant} GGUF from the PyPI wheel {package.replace('_', '-')}, "
+                "dequantized to float32)")
+    return spec_str
+
+
 def cache_root() -> Path:
     """Where kvpack keeps converted models and calibrated recipes (`$KVPACK_CACHE` or ~/.cache/kvpack)."""
     return Path(os.environ.get("KVPACK_CACHE", Path.home() / ".cache" / "kvpack"))

@@ -71,6 +71,18 @@ def instruction_set() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def compiler() -> str | None:
     """The C++ compiler the kernels are built with (g++, else c++), or None."""
     return shutil.which("g++") or shutil.which("c++")

@@ -34,7 +34,7 @@ def tiny(config) -> torch.nn.Module:
 
 
 def llama(**extra):
-    return tiny(LlamaConfig(**SIZES, **extra))
+    return tiny(LlamaConfig(**{**SIZES, **extra}))
 
 
 def run_cache(model, method: str) -> None:
@@ -81,6 +81,28 @@ def case_other_model_recipe(work: Path) -> None:
     Recipe.load(work / "for-a", b)
 
 
+def case_recipe_file(work: Path) -> None:
+    folder = saved_recipe(work, llama())
+    Recipe.load(folder / "recipe.json")  # the file inside the folder, not the folder
+
+
+def case_other_model_cache(work: Path) -> None:
+    """A recipe calibrated for one tiny Llama, handed to a cache for another with the same 2 layers (4 KV heads)."""
+    from kvpack.recipes.calibrate import calibrate_windows
+
+    a, b = llama(), llama(num_key_value_heads=4)
+    ids = torch.randint(3, 120, (3, 64), generator=torch.Generator().manual_seed(1))
+    recipe = calibrate_windows(a, ids, parse_method("kvquant-3bit-1pct"), "random tokens", progress=False)
+    CompressedCache(b, recipe)
+
+
+def case_nan_bf16_values(work: Path) -> None:
+    model = llama().to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    run_cache(model, "int4")
+
+
 def case_damaged_cache(work: Path) -> None:
     model = llama()
     recipe = Recipe.baseline("int4:pre-rope", 2)
@@ -98,11 +120,15 @@ CASES: dict[str, Callable[[Path], None]] = {
     "missing recipe folder": lambda w: Recipe.load(w / "nowhere"),
     "not a recipe folder": lambda w: Recipe.load(w),
     "damaged recipe tensors": case_damaged_recipe,
-    "recipe for another model": case_other_model_recipe,
+    "recipe file instead of its folder": case_recipe_file,
+    "recipe for another model (Recipe.load)": case_other_model_recipe,
+    "recipe for another model, same layer count (CompressedCache)": case_other_model_cache,
     "unknown method": lambda w: parse_method("gptq4"),
     "unknown option": lambda w: parse_method("int4:fast"),
     "bit width out of range (int9)": lambda w: parse_method("int9"),
     "bit width out of range (kvquant-1bit)": lambda w: parse_method("kvquant-1bit"),
+    "bit width out of range (kvpack-1bit)": lambda w: parse_method("kvpack-1bit"),
+    "bit width out of range (kvpack-9bit)": lambda w: parse_method("kvpack-9bit"),
     "outlier share out of range": lambda w: parse_method("kvquant-3bit-60pct"),
     "calibrated method without a recipe": lambda w: Recipe.baseline("kvquant-3bit-1pct", 2),
     "group size that does not divide head_dim": lambda w: run_cache(llama(), "int4:g48"),
@@ -113,6 +139,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "pre-RoPE on dynamic-NTK RoPE": lambda w: run_cache(llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                                 "rope_theta": 1e4}), "int4:pre-rope"),
     "NaN in the keys": case_nan,
+    "NaN in bf16 values": case_nan_bf16_values,
     "bf16 values beyond fp16 storage": case_overflow,
     "damaged saved cache": case_damaged_cache,
     "model path that does not exist": lambda w: load_model(w / "no-model"),
@@ -135,7 +162,7 @@ def main() -> None:
             except Exception as exc:  # not kvpack's own error: the table shows it
                 outcome, error, message = "raised a non-kvpack error", type(exc).__name__, str(exc)[:300]
         rows.append({"input": name, "outcome": outcome, "error": error, "message": message})
-        print(f"{name:42s} {outcome:10s} {error}: {message[:100]}")
+        print(f"{name:60s} {outcome:10s} {error}: {message[:100]}")
     args.json.write_text(json.dumps({"command": f"python benchmarks/bad_inputs.py --json {args.json}", "rows": rows},
                                     indent=1) + "\n")
     print(f"wrote {args.json}")

@@ -31,8 +31,8 @@ MODEL_NAME = "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="results/dtype-matrix.json")
-    parser.add_argument("--prefill", type=int, default=384)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=192)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rvq-data", default="c4[:500]", help="calibration text of the RVQ row (2 windows of 1024)")
     args = parser.parse_args()

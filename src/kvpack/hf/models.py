@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -175,6 +176,8 @@ def _is_converted(folder: Path) -> bool:
 
 def _convert(gguf_path: Path, converted: Path):
     """Dequantize `gguf_path` to float32 once and save it (with its tokenizer) as `converted`; returns (model, tok)."""
+    print(f"kvpack: converting {gguf_path.name} to float32 once (about half a minute) -> {converted}", file=sys.stderr,
+          flush=True)
     model, tokenizer = _load_gguf(gguf_path, torch.float32)
     check_architecture(model.config)
     tmp = converted.with_name(converted.name + ".tmp")

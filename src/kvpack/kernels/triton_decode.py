@@ -29,24 +29,29 @@ fp32 operands with input_precision="ieee" (exact to fp32 rounding; used by tests
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from kvpack.kernels import triton_mixed
 from kvpack.kernels.layout import NuqView, nuq_view
 from kvpack.kernels.triton_attention import HAVE_TRITON, available
-import subprocess
-import tempfile
-import re
-import contextlib
-import io
+from kvpack.kernels.triton_device import cell_pointers as _cell_pointers
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-BLOCK_N = 32  # tokens per inner block of the fp16 (sink, window) kernel; tokens per split are a multiple
-NUQ_BLOCK = 16  # tokens per inner block of the nuq kernel (fits 128 registers without spills, see split_launch)
+    from kvpack.kernels.triton_device import (_cos_sin_at, _dot, _lookup, _mask_scores, _outlier, _outlier_rows,
+                                              _softmax_step, _store_partial)
+
+BLOCK_N = 32  # granularity of tokens per split (a multiple of every split kernel's BLOCK); no kernel's inner block
+NUQ_BLOCK = 16  # tokens per inner block of every split kernel: nuq, mixed, fp16 (tl.dot's smallest N; see split_launch)
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 MAX_GROUPS = 32  # query rows per KV head (heads per KV head x query tokens) the compile checks cover
 
@@ -87,28 +92,6 @@ if HAVE_TRITON:
         return tl.reshape(codes, [HALF, BN])
 
     @triton.jit
-    def _lookup(levels, codes, A: tl.constexpr, C: tl.constexpr):
-        """levels [L] at codes [A, C] -> [A, C] fp32 (the table goes to shared memory)."""
-        return tl.reshape(tl.gather(levels, tl.reshape(codes, [A * C]), 0), [A, C])
-
-    @triton.jit
-    def _outlier_rows(ptr_ptr, cell, nmask):
-        """Entries [first, last) [BN] of this head's outliers of cells `cell` [BN] (CSR pointers over (row, head) or
-        rows) and the most any one cell holds."""
-        first = tl.load(ptr_ptr + cell, mask=nmask, other=0)
-        last = tl.load(ptr_ptr + cell + 1, mask=nmask, other=0)
-        return first, last, tl.max(tl.where(nmask, last - first, 0), 0)
-
-    @triton.jit
-    def _outlier(pos_ptr, val_ptr, first, last, j, nmask, base_c):
-        """The j-th outlier of each cell: (ok [BN], channel [BN], value [BN] fp32)."""
-        idx = first + j
-        ok = nmask & (idx < last)
-        c = tl.load(pos_ptr + idx, mask=ok, other=0).to(tl.int32) - base_c
-        val = tl.load(val_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        return ok, c, val
-
-    @triton.jit
     def _outliers(k_lo, k_hi, ptr_ptr, pos_ptr, val_ptr, cell, nmask, base_c, HALF: tl.constexpr):
         """Keys or values x [HALF, BN] x 2 (channel-major) with the stored outliers of cells `cell` [BN] put in place."""
         first, last, count = _outlier_rows(ptr_ptr, cell, nmask)
@@ -120,36 +103,11 @@ if HAVE_TRITON:
         return k_lo, k_hi
 
     @triton.jit
-    def _cos_sin(r):
-        """cos, sin of r in [-pi, pi] (Taylor to degree 18/17: error < 4e-8 there, no branches, no local memory)."""
-        r2 = r * r
-        c = 1.0 + r2 * (-1 / 2 + r2 * (1 / 24 + r2 * (-1 / 720 + r2 * (1 / 40320 + r2 * (-1 / 3628800 + r2 * (
-            1 / 479001600 + r2 * (-1 / 87178291200 + r2 * (1 / 20922789888000 + r2 * (-1 / 6402373705728000)))))))))
-        s = r * (1.0 + r2 * (-1 / 6 + r2 * (1 / 120 + r2 * (-1 / 5040 + r2 * (1 / 362880 + r2 * (-1 / 39916800 + r2 * (
-            1 / 6227020800 + r2 * (-1 / 1307674368000 + r2 * (1 / 355687428096000)))))))))
-        return c, s
-
-    @triton.jit
     def _rope(k_lo, k_hi, pos_row, slot, nmask, freq, rope_scale):
         """Rotate keys k [HALF, BN] x 2 by the angles pos * inv_freq (rotate_half pairs c, c + HALF); pos [BN]."""
         p = tl.load(pos_row + slot, mask=nmask, other=0).to(tl.float32)
-        ang = freq[:, None] * p[None, :]
-        turns = tl.floor(ang * 0.15915494309189535 + 0.5)  # reduce to [-pi, pi]: 2 pi = 6.28125 + 1.93530718e-3
-        r = ang - turns * 6.28125
-        r = r - turns * 1.9353071795864769e-03
-        c, s = _cos_sin(r)
-        c = c * rope_scale
-        s = s * rope_scale
+        c, s = _cos_sin_at(freq, p, rope_scale)
         return k_lo * c - k_hi * s, k_hi * c + k_lo * s
-
-    @triton.jit
-    def _dot(a, b, acc, DOT16: tl.constexpr):
-        """acc + a @ b (fp16 operands on tensor cores, or exact fp32)."""
-        if DOT16:
-            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        return acc
 
     @triton.jit
     def _load_q(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr,
@@ -174,41 +132,8 @@ if HAVE_TRITON:
         """Masked scores [GP, BN] of the query rows against keys k [HALF, BN] x 2 (-inf where not attended)."""
         s = _dot(q_lo, k_lo, tl.zeros([GP, k_lo.shape[1]], dtype=tl.float32), DOT16)
         s = _dot(q_hi, k_hi, s, DOT16)
-        if SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-        qi = tl.arange(0, GP) % Q
-        ok = nmask[None, :] & (qi >= 0)[:, None]
-        if CAUSAL:  # query token qi of Q (the last Q stored) sees slots <= total - Q + qi
-            ok = ok & (slot[None, :] <= (total - Q + qi)[:, None])
-        if MASK != 0:
-            mp = mask_ptr + b.to(tl.int64) * sm_b + qi[:, None].to(tl.int64) * sm_q + slot[None, :].to(tl.int64) * sm_k
-            if MASK == 1:
-                ok = ok & (tl.load(mp, mask=ok, other=0) != 0)
-            else:
-                s = s + tl.load(mp, mask=ok, other=0.0).to(tl.float32)
-        return tl.where(ok, s, float("-inf"))
-
-    @triton.jit
-    def _softmax_step(s, m, l, acc_lo, acc_hi):
-        """Online softmax: (p^T [BN, GP] against the new max, new m, l, rescaled acc^T [HALF, GP] x 2)."""
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
-        return tl.trans(p), m_new, l * alpha + tl.sum(p, 1), acc_lo * alpha[None, :], acc_hi * alpha[None, :]
-
-    @triton.jit
-    def _store_partial(acc_ptr, ml_ptr, split, pid, BH, m, l, acc_lo, acc_hi, GP: tl.constexpr, HALF: tl.constexpr):
-        """Partials of program (split, pid): acc [S, BH, GP, D] fp32 (from acc^T [HALF, GP] x 2), ml [S, BH, 2, GP]
-        fp32 (max, sum)."""
-        g = tl.arange(0, GP)
-        dh = tl.arange(0, HALF)
-        cell = split.to(tl.int64) * BH + pid
-        arow = acc_ptr + (cell * GP + g)[None, :] * (2 * HALF) + dh[:, None]
-        tl.store(arow, acc_lo)
-        tl.store(arow + HALF, acc_hi)
-        tl.store(ml_ptr + cell * 2 * GP + g, m)
-        tl.store(ml_ptr + cell * 2 * GP + GP + g, l)
+        return _mask_scores(s, slot, nmask, b, mask_ptr, sm_b, sm_q, sm_k, total, softcap, GP, Q, MASK, CAUSAL,
+                            SOFTCAP)
 
     # ------------------------------------------------------------------------------------ kernels
     @triton.jit
@@ -360,6 +285,9 @@ if HAVE_TRITON:
         tl.store(optr[:, None] + d[None, :], out, mask=(g < G)[:, None])
 
 
+    SPLIT_KERNELS = {"nuq": _nuq_split_kernel, "mixed": triton_mixed._mixed_split_kernel, "dense": _dense_split_kernel}
+
+
 # ---------------------------------------------------------------------------------------------- host side
 @dataclass
 class Problem:
@@ -382,43 +310,6 @@ class Problem:
     mask: tuple  # (tensor, sm_b, sm_q, sm_k, kind 0/1/2)
     causal: bool
     dot16: bool
-
-
-def _cell_pointers(run, view: NuqView) -> torch.Tensor:
-    """CSR pointers [cells + 1] (int32; int64 past 2**31 entries) of a run's outliers per cell: (row, head) for
-    "token_all" rows (mode 1: cell = row * H + h), the row itself for "token_head" rows (mode 2).
-
-    Kept on the run and extended by the appended blocks only, from host-known block lengths: a decode step adds a
-    few small device ops, no host sync and no rebuild."""
-    o = view.outliers
-    heads = view.heads if o.mode == 1 else 1
-    nnz, rows = o.values.numel(), o.counts.numel()
-    dtype = torch.int32 if nnz < 2**31 else torch.int64
-    memo = run.__dict__.get("_kvpack_triton_cells")
-    lengths = run.lengths["outlier_values"]
-    if (memo is None or memo["lengths"] is not lengths or memo["src"] != o.counts.data_ptr() or memo["rows"] > rows
-            or memo["ptr"].dtype != dtype):
-        memo = {"lengths": lengths, "src": o.counts.data_ptr(), "rows": 0, "entries": 0, "blocks": 0,
-                "ptr": torch.zeros(1, dtype=dtype, device=o.counts.device)}
-    if memo["rows"] < rows:
-        r0, e0 = memo["rows"], memo["entries"]
-        e1 = e0 + sum(lengths[memo["blocks"]:run.count])
-        ptr = memo["ptr"]
-        if ptr.numel() < rows * heads + 1:
-            grown = torch.empty(rows * heads + (rows * heads) // 8 + 64, dtype=dtype, device=ptr.device)
-            grown[: r0 * heads + 1] = ptr[: r0 * heads + 1]
-            ptr = memo["ptr"] = grown
-        new = o.counts[r0:rows].to(torch.int64)
-        if heads > 1:
-            row = torch.repeat_interleave(torch.arange(rows - r0, device=new.device), new, output_size=e1 - e0)
-            cell = row * heads + o.positions[e0:e1].to(torch.int64) // view.dim
-            new = torch.zeros((rows - r0) * heads, dtype=torch.int64, device=new.device)
-            new.scatter_add_(0, cell, torch.ones_like(cell))
-        ptr[r0 * heads + 1: rows * heads + 1] = torch.cumsum(new, 0).to(dtype) + e0
-        ptr[r0 * heads] = e0
-        memo.update(rows=rows, entries=e1, blocks=run.count)
-    run.__dict__["_kvpack_triton_cells"] = memo
-    return memo["ptr"]
 
 
 def _outlier_args(run, view: NuqView) -> tuple[list, int]:
@@ -490,9 +381,12 @@ def _segments(k_stream, v_stream, key_codec, value_codec, pb: Problem) -> list[t
         if k_run.tokens != v_run.tokens:
             return None
         pair = _nuq_pair_args(k_run, v_run, key_codec, value_codec, pb)
+        kind = "nuq"
+        if pair is None:
+            pair, kind = triton_mixed.pair_args(k_run, v_run, key_codec, value_codec, pb), "mixed"
         if pair is None:
             return None
-        segs.append(("nuq", k_run.tokens, *pair))
+        segs.append((kind, k_run.tokens, *pair))
     if k_stream.tail is not None:
         segs.append(("dense", k_stream.tail_len, [k_stream.tail, *k_stream.tail.stride()[:3], v_stream.tail,
                                                   *v_stream.tail.stride()[:3]], {}))
@@ -603,10 +497,8 @@ def _launch(pb: Problem, segs: list, per: int) -> torch.Tensor:
     start = split0 = 0
     for (kind, tokens, args, consts), splits in zip(segs, counts):
         sizes = [tokens, pb.batch, pb.heads, start, pb.total, split0, per, pb.softcap]
-        if kind == "nuq":
-            kernel, launch = _nuq_split_kernel, dict(split_launch(pb.dim), BLOCK=NUQ_BLOCK)
-        else:
-            kernel, launch = _dense_split_kernel, dict(split_launch(pb.dim), BLOCK=NUQ_BLOCK)
+        kernel = SPLIT_KERNELS[kind]
+        launch = dict(triton_mixed.launch(pb.dim) if kind == "mixed" else split_launch(pb.dim), BLOCK=NUQ_BLOCK)
         kernel[(bh, splits)](*head, *args, *tail, *sizes, **consts, **common, **launch)
         start += tokens
         split0 += splits
@@ -637,6 +529,8 @@ POINTER_TYPES = {  # argument name -> pointee type for signatures; other `*_ptr`
     "ko_val": "fp16", "vo_val": "fp16", "vs_ptr": "fp16", "vz_ptr": "fp16", "pos_ptr": "i32", "k_ptr": "fp16",
     "v_ptr": "fp16", "codes_ptr": "u8", "ent_b": "i32", "ent_h": "i32", "ent_c": "i32", "ent_n": "i32",
     "val_ptr": "fp16", "inv_ptr": "i32", "scale_ptr": "fp16",
+    **{f"{side}c{i}": "u8" for side in "kv" for i in range(4)},  # mixed widths: one codes tensor per width
+    "kmeta_ptr": "i32", "vmeta_ptr": "i32", "kinv_ptr": "i32", "vinv_ptr": "i32",
 }
 FLOAT_SCALARS = {"scaling", "rope_scale", "softcap"}
 
@@ -727,6 +621,7 @@ def aot_available() -> tuple[bool, str]:
 
 
 REDUCE_LAUNCH = {"num_warps": 4, "num_stages": 1}
+WIDTH_KERNELS = ("nuq_split", "mixed_split")  # kernels compiled per bit width
 
 
 def split_launch(dim: int) -> dict:
@@ -745,6 +640,8 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
     return {
         "nuq_split": (_nuq_split_kernel, {**shape, **step, "BITS_K": bits, "BITS_V": bits, "KO": 1, "VO": 1,
                                           "BLOCK": NUQ_BLOCK}, split_launch(dim)),
+        "mixed_split": (triton_mixed._mixed_split_kernel, {**shape, **step, "LK": 1 << bits, "LV": 1 << bits,
+                                                            "KO": 1, "VO": 1, "BLOCK": NUQ_BLOCK}, triton_mixed.launch(dim)),
         "dense_split": (_dense_split_kernel, {**shape, **step, "BLOCK": NUQ_BLOCK}, split_launch(dim)),
         "reduce": (_reduce_kernel, shape, REDUCE_LAUNCH),
     }
@@ -752,17 +649,18 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
 
 def aot_rows(dims=(64, 128), bits=(2, 3, 4), groups=((4, 1),), archs=(80, 90), kernels=None) -> list[dict]:
     """Compile stats of the decode kernels for every (head_dim, bits, (G, Q), arch); `kernels` filters by name.
-    The bit width only changes nuq_split (the other kernels are compiled once per head_dim and group)."""
+    The bit width changes nuq_split (its width) and mixed_split (its largest width: 2**bits levels per channel in
+    shared memory); the other kernels are compiled once per head_dim and group."""
     rows = []
     for dim in dims:
         for g, q in groups:
             for b in bits:
                 for name, (fn, consts, launch) in kernel_configs(dim, b, g, q).items():
-                    if (kernels and name not in kernels) or (name != "nuq_split" and b != bits[0]):
+                    if (kernels and name not in kernels) or (name not in WIDTH_KERNELS and b != bits[0]):
                         continue
                     for arch in archs:
                         stats = aot_stats(fn, consts, arch, **launch)
                         rows.append({"kernel": name, "target": f"sm_{arch}", "head_dim": dim,
-                                     "bits": b if name == "nuq_split" else None, "groups": g, "padded_groups":
+                                     "bits": b if name in WIDTH_KERNELS else None, "groups": g, "padded_groups":
                                      consts["GP"], "block_tokens": consts.get("BLOCK"), **stats})
     return rows

@@ -53,6 +53,7 @@ class GenerationResult:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     report: str = ""
+    attention: str = ""  # which code read the decode steps (PackedAttention.summary)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,4 +246,5 @@ def generate(
         method=recipe_obj.method, context_tokens=len(ids), cached_tokens=len(saved["ids"]) - 1 if saved else 0,
         cache_bytes=report.total, fp16_bytes=report.fp16_total, bits_per_element=report.bits_per_element,
         seconds=times, peak_rss_bytes=_peak_rss(), report=str(report),
+        attention=cache.packed.summary() if cache.packed is not None else "decode-then-attend (packed attention off)",
     )

@@ -55,6 +55,7 @@ def generate_command(
         fail(exc)
     seconds = result.seconds
     log(f"\n{result.report}")
+    log(f"decode attention: {result.attention}")
     log(f"{result.new_tokens} new tokens after {result.context_tokens} context tokens "
         f"({result.cached_tokens} from the saved cache); prefill {seconds.get('prefill', 0):.1f} s, "
         f"generate {seconds['generate']:.1f} s ({result.new_tokens / max(seconds['generate'], 1e-9):.1f} tokens/s), "

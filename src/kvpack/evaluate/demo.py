@@ -95,6 +95,8 @@ def run_demo(model_spec: str = "smollm2-135m", method: str = "kvquant-4bit-1pct"
     out(f"\n--- fp16 continuation ({fp16_s:.1f} s)\n{tokenizer.decode(ref)}")
     out(f"\n--- {recipe.method} continuation ({packed_s:.1f} s)\n{tokenizer.decode(got)}")
     out(f"\n{report}")
+    if cache.packed is not None:
+        out(f"decode attention: {cache.packed.summary()}")
     out(f"memory saved: {(report.fp16_total - report.total) / 2**20:.2f} MiB of {report.fp16_total / 2**20:.2f} MiB "
         f"({100 * (1 - report.total / report.fp16_total):.1f}%)")
     out(f"greedy-token agreement with fp16: {agreement:.1%} ({int(same.sum())}/{new_tokens}), first difference at token {first}")

@@ -1,0 +1,40 @@
+"""Write path: encode the tokens vLLM hands the backend into their page slots (decode steps and prefill chunks)."""
+from __future__ import annotations
+
+import torch
+
+from kvpack.integrations.vllm.layout import EngineLayout
+from kvpack.integrations.vllm.pages import PagePool
+
+
+def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, value: torch.Tensor,
+                 slot_mapping: torch.Tensor, positions: torch.Tensor) -> int:
+    """Store key/value [T, Hkv, D] (post-RoPE, model dtype) at `slot_mapping` [T] (-1: padding, skipped), tokens
+    at `positions` [T]. Returns the key outliers clamped for lack of a slot."""
+    slots = slot_mapping.to(torch.int64)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    if slots.numel() == 0:
+        return 0
+    pos = positions[keep]
+    parts = layout.layers[layer]
+    k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key
+    k_rows, overflow = parts.key.encode(k_store)
+    v_rows, _ = parts.value.encode(value)
+    pool.slots[layer][slots] = torch.cat([k_rows, v_rows], 1)
+    if parts.sink_tokens:
+        sink = pos < parts.sink_tokens
+        if bool(sink.any()):
+            _write_sinks(pool, layer, parts.sink_tokens, slots[sink], pos[sink], key[sink], value[sink], layout.dtype)
+    return overflow
+
+
+def _write_sinks(pool: PagePool, layer: int, sink_tokens: int, slots: torch.Tensor, pos: torch.Tensor,
+                 key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> None:
+    """Sink record of a page: [sink_tokens, 2 (K, V), Hkv * D] in the model's dtype, post-RoPE keys."""
+    records = pool.sinks[layer].view(pool.blocks, sink_tokens, 2, -1)  # bytes
+    for s, p, k, v in zip(slots.tolist(), pos.tolist(), key, value):
+        block = s // pool.block_size
+        row = torch.stack([k.reshape(-1), v.reshape(-1)]).to(dtype).contiguous().view(torch.uint8)
+        records[block, p] = row

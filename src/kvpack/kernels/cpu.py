@@ -14,6 +14,7 @@ a layer costs one ctypes conversion instead of dozens of small torch ops.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import hashlib
@@ -36,6 +37,8 @@ from kvpack.kernels.layout import (MixedNuqView, NuqView, RvqView, TqView, mixed
                                    tq_view)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADERS = Path(__file__).with_name("cpu_kernels")  # the per-family headers SOURCE includes
+ISA_FLAGS = {"native": [], "avx512": [], "avx2": ["-mno-avx512f"]}  # KVPACK_CPU_ISA: the widest vectors built
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 11
 
@@ -88,8 +91,21 @@ def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
+def isa_flags() -> list[str]:
+    """Compiler flags of KVPACK_CPU_ISA (native, the default; avx2: no AVX-512 code even where the CPU has it)."""
+    name = os.environ.get("KVPACK_CPU_ISA", "native").lower()
+    if name not in ISA_FLAGS:
+        raise RuntimeError(f"KVPACK_CPU_ISA={name!r}: use one of {', '.join(ISA_FLAGS)}")
+    return ISA_FLAGS[name]
+
+
+def _sources() -> bytes:
+    return SOURCE.read_bytes() + b"".join(h.name.encode() + h.read_bytes() for h in sorted(HEADERS.glob("*.h")))
+
+
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    flags = " ".join(FLAGS + isa_flags())
+    key = hashlib.sha256(_sources() + flags.encode() + _cpu_id().encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"kvpack_cpu_{key}.so"
 
 
@@ -108,7 +124,8 @@ def _build(path: Path) -> None:
         print(f"kvpack: compiling the C++ CPU attention kernels for this CPU ({instruction_set()}) with {cxx}, "
               f"once (about half a minute on 2 cores) -> {path}", file=sys.stderr, flush=True)
         try:
-            subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+            subprocess.run([cxx, *FLAGS, *isa_flags(), str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                           text=True)
             os.replace(tmp, path)
             print(f"kvpack: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         except subprocess.CalledProcessError as exc:
@@ -152,6 +169,12 @@ def available() -> bool:
 def error() -> str | None:
     load()
     return _ERROR
+
+
+def _int64s(values: list[int]) -> array.array:
+    """values as a C int64 array (array.array converts in C: a few us for a layer's ~150 arguments, where a ctypes
+    array costs several times that)."""
+    return array.array("q", values)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -323,8 +346,8 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
     args = [_ptr(q), q.stride(0), q.stride(1), q.stride(2), batch, heads, hq // heads, queries, dim, tokens,
             max(1, torch.get_num_threads()), _float_bits(scaling), _ptr(out), _float_bits(softcap or 0.0), *mask_args,
             *rope_args, *keys, *values]
-    array = (ctypes.c_int64 * len(args))(*args)
-    code = load().kvpack_layer(array)
+    array = _int64s(args)
+    code = load().kvpack_layer(array.buffer_info()[0])
     if code != 0:
         raise RuntimeError(f"kvpack_layer rejected its arguments (code {code})")
     return out

@@ -1080,133 +1080,9 @@ void tq_values(const float* p, i64 pb, i64 ph, i64 pg, Codes hi, const Tq& z, in
 }
 
 // ------------------------------------------------------------------------------------------------ nuq, mixed widths
-// NuqCodec with per-channel bit widths: the channels of one width form a group whose codes are a bitstream
-// of n codes per token (n a multiple of 8, so every token starts at a byte boundary), each channel with its own
-// codebook. A token's whole vector (all heads) is decoded into a buffer, outliers written over it, then scored
-// (keys, RoPE applied as for fp16 keys) or accumulated (values).
-struct MixedGroup {
-  int bits, n;
-  const uint8_t* codes;  // token (blk, b, t) at codes + blk * sblk + b * sb + t * st
-  i64 sblk, sb, st;
-  const int32_t* cols;   // [n] channel (h * D + c) of each member
-  const float* levels;   // [n, 2**bits] decoded levels of each member
-  const float* scale;    // keys: [n] per-channel scale and zero; values: nullptr
-  const float* zero;
-};
-
-struct Mixed {
-  int ng = 0;
-  MixedGroup g[9];
-  Half4 vs{}, vz{};  // values: per-token scale / zero (blk, b, h | 0, t)
-  const uint16_t* ov = nullptr;
-  const void* oi = nullptr;
-  int ois = 0, omode = 0;
-  std::vector<i64> ptr;
-};
-
-template <int BITS>
-inline void mixed_group(const MixedGroup& g, const uint8_t* row, float* x) {
-  constexpr int L = 1 << BITS;
-  const __m256i lane = _mm256_setr_epi32(0, L, 2 * L, 3 * L, 4 * L, 5 * L, 6 * L, 7 * L);
-  alignas(32) float tmp[8];
-  for (int j = 0; j < g.n; j += 8) {
-    const __m256i idx = _mm256_add_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(j * L)), codes8<BITS>(row + (j / 8) * BITS));
-    __m256 v = _mm256_i32gather_ps(g.levels, idx, 4);
-    if (g.scale) v = _mm256_fmadd_ps(v, _mm256_loadu_ps(g.scale + j), _mm256_loadu_ps(g.zero + j));
-    _mm256_store_ps(tmp, v);
-    for (int e = 0; e < 8; ++e) x[g.cols[j + e]] = tmp[e];
-  }
-}
-
-// Token (blk, b, t) of every head into x [H * D]: keys dequantized, values dequantized with their token's range.
-inline void mixed_decode(const Mixed& m, i64 blk, i64 b, i64 t, int B, int H, int T, int D, bool keys, float* x) {
-  for (int i = 0; i < m.ng; ++i) {
-    const MixedGroup& g = m.g[i];
-    const uint8_t* row = g.codes + blk * g.sblk + b * g.sb + t * g.st;
-    switch (g.bits) {
-      case 1: mixed_group<1>(g, row, x); break;
-      case 2: mixed_group<2>(g, row, x); break;
-      case 3: mixed_group<3>(g, row, x); break;
-      case 4: mixed_group<4>(g, row, x); break;
-      case 5: mixed_group<5>(g, row, x); break;
-      case 6: mixed_group<6>(g, row, x); break;
-      case 7: mixed_group<7>(g, row, x); break;
-      default: mixed_group<8>(g, row, x); break;
-    }
-  }
-  if (!keys)
-    for (int h = 0; h < H; ++h) {
-      const __m256 s = _mm256_set1_ps(m.vs.at(blk, b, h, t)), z = _mm256_set1_ps(m.vz.at(blk, b, h, t));
-      for (int c = 0; c < D; c += 8) _mm256_storeu_ps(x + h * D + c, _mm256_fmadd_ps(_mm256_loadu_ps(x + h * D + c), s, z));
-    }
-  if (!m.ov) return;
-  if (m.omode == 1) {  // rows (blk, b, t) over H * D
-    const i64 row = (blk * B + b) * T + t;
-    for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) x[count_at(m.oi, m.ois, j)] = h2f(m.ov[j]);
-  } else {  // rows (blk, b, h, t) over D
-    for (int h = 0; h < H; ++h) {
-      const i64 row = ((blk * B + b) * H + h) * T + t;
-      for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) x[h * D + count_at(m.oi, m.ois, j)] = h2f(m.ov[j]);
-    }
-  }
-}
-
-void mixed_keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int B, int H, int T, int D, int G,
-                Rope rope, float* out, i64 ob, i64 oh, i64 og, int threads) {
-  const i64 N = (i64)nblk * T, chunk = 64, chunks = (N + chunk - 1) / chunk, items = (i64)B * chunks;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> x((size_t)H * D);
-    i64 begin, end;
-    share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
-    for (i64 it = begin; it < end; ++it) {
-      const i64 b = it / chunks, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
-      for (i64 n = n0; n < n1; ++n) {
-        mixed_decode(m, n / T, b, n % T, B, H, T, D, true, x.data());
-        const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
-        const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
-        for (int h = 0; h < H; ++h)
-          dot_rope(x.data() + h * D, q + b * qb + h * qh, qg, G, D, rope, cs, sn, out + b * ob + h * oh + n, og);
-      }
-    }
-  }
-}
-
-void mixed_values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, int B, int H, int T, int D, int G,
-                  float* out, i64 ob, i64 oh, i64 og, int threads) {
-  const i64 N = (i64)nblk * T, chunk = 64, chunks = (N + chunk - 1) / chunk, items = (i64)B * chunks;
-  const i64 part = (i64)B * H * G * D;
-  std::vector<float> partial((size_t)threads * part, 0.0f);
-#pragma omp parallel num_threads(threads)
-  {
-    float* mine = partial.data() + omp_get_thread_num() * part;
-    std::vector<float> x((size_t)H * D);
-    i64 begin, end;
-    share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
-    for (i64 it = begin; it < end; ++it) {
-      const i64 b = it / chunks, n0 = (it % chunks) * chunk, n1 = std::min(N, n0 + chunk);
-      for (i64 n = n0; n < n1; ++n) {
-        mixed_decode(m, n / T, b, n % T, B, H, T, D, false, x.data());
-        for (int h = 0; h < H; ++h)
-          for (int g = 0; g < G; ++g) {
-            const __m256 w = _mm256_set1_ps(p[b * pb + h * ph + g * pg + n]);
-            float* a = mine + ((b * H + h) * (i64)G + g) * D;
-            const float* xv = x.data() + h * D;
-            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(a + c, _mm256_fmadd_ps(w, _mm256_loadu_ps(xv + c), _mm256_loadu_ps(a + c)));
-          }
-      }
-    }
-  }
-  for (int tid = 0; tid < threads; ++tid) {
-    const float* src = partial.data() + tid * part;
-    for (i64 bh = 0; bh < (i64)B * H; ++bh)
-      for (int g = 0; g < G; ++g) {
-        float* dst = out + (bh / H) * ob + (bh % H) * oh + g * og;
-        const float* sv = src + (bh * G + g) * D;
-        for (int d = 0; d < D; ++d) dst[d] += sv[d];
-      }
-  }
-}
+}  // namespace
+#include "cpu_kernels/mixed.h"
+namespace {
 
 // ------------------------------------------------------------------------------------------------ segments
 // A layer's keys or values are segments in token order: fp16 (head / tail) or one run of encoded blocks.
@@ -1297,11 +1173,11 @@ int run_segment(Reader& r, const Common& c, bool keys) {
     return 0;
   }
   if (kind == SEG_MIXED) {  // the common codes prefix is unused (0); groups follow
-    Mixed m;
+    mixed::Mixed m;
     m.ng = (int)r.next();
     if (m.ng < 1 || m.ng > 9 || D % 8) return -1;
     for (int i = 0; i < m.ng; ++i) {
-      MixedGroup& g = m.g[i];
+      mixed::Group& g = m.g[i];
       g.bits = (int)r.next(); g.n = (int)r.next();
       g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
       g.cols = (const int32_t*)r.ptr(); g.levels = (const float*)r.ptr();
@@ -1322,8 +1198,11 @@ int run_segment(Reader& r, const Common& c, bool keys) {
       if (m.omode != 1 && m.omode != 2) return -5;
       m.ptr = row_pointers(oc, ocs, m.omode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T);
     }
-    if (keys) mixed_keys(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.rope, c.out, c.ob, c.oh, c.og, c.threads);
-    else mixed_values(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.out, c.ob, c.oh, c.og, c.threads);
+#define CALL(N, GG)                                                                                                  \
+  if (keys) mixed::keys<GG>(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.rope, c.out, c.ob, c.oh, c.og, c.threads); \
+  else mixed::values<GG>(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.out, c.ob, c.oh, c.og, c.threads)
+    NUQ_G_CASES(CALL, 0)
+#undef CALL
     return 0;
   }
   if (kind == SEG_TQ) {

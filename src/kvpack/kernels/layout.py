@@ -224,19 +224,21 @@ def _outliers(t: dict, mode: int | None) -> Outliers | None:
 
 
 def _cached(run, codec: Codec, kind: str, build):
-    """A view stored on the run, rebuilt when blocks are added or dropped or buffers reallocated."""
-    key = (kind, id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
-    memo = run.__dict__.get("_kvpack_view")
-    if memo is not None and memo[0] == key:
-        return memo[1]
+    """A view stored on the run, one per kind (a caller may ask for several kinds of one run), rebuilt when blocks
+    are added or dropped or buffers reallocated."""
+    key = (id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
+    memo = run.__dict__.setdefault("_kvpack_views", {})
+    hit = memo.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     view = build(run, codec)
-    run.__dict__["_kvpack_view"] = (key, view)
+    memo[kind] = (key, view)
     return view
 
 
 def nuq_view(run, codec: Codec) -> NuqView | None:
-    """The kernel view of a run of NuqCodec blocks, or None."""
-    if not isinstance(codec, NuqCodec):
+    """The kernel view of a run of NuqCodec blocks, or None (per-channel widths: `mixed_view`)."""
+    if not isinstance(codec, NuqCodec) or codec.channel_bits is not None:
         return None
     return _cached(run, codec, "nuq", _nuq_view)
 

@@ -13,9 +13,12 @@ import torch
 from test_triton_interpret import B, DIM, H, INV_FREQ, _check, _decode_then_attend, _positions, _query  # noqa: I001
 
 from kvpack.cache.stream import TokenStream
+from kvpack.hf.rope import apply_rope
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.kernels import triton_decode, triton_mixed
 from kvpack.kernels.layout import mixed_view
+from kvpack.recipes.bundled import SHIPPED_DIR
+from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,8 +63,8 @@ VALUES = {2: 56, 3: 48, 5: 24}  # 5-bit codes: most span two bytes
 
 
 def test_tables_describe_the_codec():
-    """Per head the permuted channels are a permutation with widths ascending; inv inverts it; the level tables
-    hold the codec's decoded levels (keys: times scale plus zero)."""
+    """Per head the permuted channels are a permutation with widths ascending; inv inverts it; each channel's levels
+    in the compact table are the codec's decoded levels (keys: times scale plus zero)."""
     key, value = _codecs(KEYS, VALUES, 0.02, "all", seed=1)
     ks, vs = _layer(key, value, 9, (9,), seed=1)
     for codec, stream, keys in ((key, ks, True), (value, vs, False)):
@@ -78,8 +81,8 @@ def test_tables_describe_the_codec():
             if keys:
                 lev = lev * codec.scale.view(H, DIM)[h, chan, None] + codec.zero.view(H, DIM)[h, chan, None]
             for j in range(DIM):
-                n = 1 << int(widths[j])
-                assert torch.equal(t.levels[h, j, :n], lev[j, :n])
+                first, n = int(t.meta[h, 4, j]), 1 << int(widths[j])
+                assert torch.equal(t.levels[h, first:first + n], lev[j, :n])
 
 
 @pytest.mark.parametrize("span,seed", [("all", 2), ("head", 3)])
@@ -113,8 +116,39 @@ def test_mixed_fp16_dots_causal_post_rope_softcap():
     _check(got, _decode_then_attend(ks, vs, query, 0.2, softcap=3.0), False)
 
 
-def test_mixed_declines_too_many_widths():
-    """More widths than the kernel takes code tensors for: None (the caller takes another path)."""
-    key, value = _codecs({1: 24, 2: 24, 3: 24, 4: 24, 5: 32}, VALUES, 0.0, "all", seed=5)
-    ks, vs = _layer(key, value, 5, (5,), seed=5)
-    assert triton_decode.stream_attention(ks, vs, key, value, _query(1), None, 0.1) is None
+def test_mixed_eight_widths_and_8_bit_codes():
+    """Every width 1..8 in one codec (8 codes tensors; 8-bit codes, 7-bit ones spanning bytes)."""
+    key, value = _codecs({1: 16, 2: 16, 3: 16, 4: 16, 5: 16, 6: 16, 7: 16, 8: 16}, VALUES, 0.02, "all", seed=5)
+    ks, vs = _layer(key, value, 11, (6, 1), seed=5)
+    query = _query(1, seed=3)
+    got = triton_decode.stream_attention(ks, vs, key, value, query, None, 0.1, dot16=False)
+    _check(got, _decode_then_attend(ks, vs, query, 0.1), False)
+
+
+@pytest.mark.parametrize("name,layers", [("kvpack-3bit", (0, 17)), ("kvpack-4bit", (5,))])
+def test_shipped_preset_codecs(name, layers):
+    """The shipped presets' codecs (SmolLM2: 3 KV heads x 64, 9 query heads, up to 7 widths per codec unevenly over
+    heads, Q-Norm, 1% outliers), on activations drawn around each key channel's calibrated range."""
+    recipe = Recipe.load(SHIPPED_DIR / name)
+    g = torch.Generator().manual_seed(6)
+    for layer in layers:
+        key, value = recipe.key_codecs[layer], recipe.value_codecs[layer]
+        heads, dim = key.heads, key.head_dim
+        ks, vs = TokenStream(key, 1, 2), TokenStream(value, 1, 2)
+        for n in (9, 1, 14):
+            x = torch.randn(1, heads, n, dim, generator=g)
+            ks.append(key.zero.view(heads, 1, dim) + key.scale.view(heads, 1, dim) * x)
+            vs.append(torch.randn(1, heads, n, dim, generator=g))
+        total = ks.stored
+        pos = torch.arange(total, dtype=torch.int32)[None] + 3
+        inv = 1e5 ** (-torch.arange(0, dim, 2).float() / dim)
+        query = torch.randn(1, heads * 3, 1, dim, generator=g)
+        got = triton_decode.stream_attention(ks, vs, key, value, query, None, dim ** -0.5, positions=pos,
+                                             inv_freq=inv, dot16=False, split_tokens=16)
+        k, v = ks.read(torch.float32), vs.read(torch.float32)
+        ang = pos.double()[:, :, None] * inv.double()
+        emb = torch.cat([ang, ang], -1)
+        k = apply_rope(k, emb.cos().float(), emb.sin().float())
+        s = query @ k.repeat_interleave(3, 1).transpose(-1, -2) * dim ** -0.5
+        want = (torch.softmax(s, -1) @ v.repeat_interleave(3, 1)).transpose(1, 2)
+        _check(got, want, False)

@@ -529,7 +529,7 @@ POINTER_TYPES = {  # argument name -> pointee type for signatures; other `*_ptr`
     "ko_val": "fp16", "vo_val": "fp16", "vs_ptr": "fp16", "vz_ptr": "fp16", "pos_ptr": "i32", "k_ptr": "fp16",
     "v_ptr": "fp16", "codes_ptr": "u8", "ent_b": "i32", "ent_h": "i32", "ent_c": "i32", "ent_n": "i32",
     "val_ptr": "fp16", "inv_ptr": "i32", "scale_ptr": "fp16",
-    **{f"{side}c{i}": "u8" for side in "kv" for i in range(4)},  # mixed widths: one codes tensor per width
+    **{f"{side}c{i}": "u8" for side in "kv" for i in range(8)},  # mixed widths: one codes tensor per width
     "kmeta_ptr": "i32", "vmeta_ptr": "i32", "kinv_ptr": "i32", "vinv_ptr": "i32",
 }
 FLOAT_SCALARS = {"scaling", "rope_scale", "softcap"}
@@ -621,7 +621,7 @@ def aot_available() -> tuple[bool, str]:
 
 
 REDUCE_LAUNCH = {"num_warps": 4, "num_stages": 1}
-WIDTH_KERNELS = ("nuq_split", "mixed_split")  # kernels compiled per bit width
+WIDTH_KERNELS = ("nuq_split",)  # kernels compiled per bit width
 
 
 def split_launch(dim: int) -> dict:
@@ -640,8 +640,8 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
     return {
         "nuq_split": (_nuq_split_kernel, {**shape, **step, "BITS_K": bits, "BITS_V": bits, "KO": 1, "VO": 1,
                                           "BLOCK": NUQ_BLOCK}, split_launch(dim)),
-        "mixed_split": (triton_mixed._mixed_split_kernel, {**shape, **step, "LK": 1 << bits, "LV": 1 << bits,
-                                                            "KO": 1, "VO": 1, "BLOCK": NUQ_BLOCK}, triton_mixed.launch(dim)),
+        "mixed_split": (triton_mixed._mixed_split_kernel, {**shape, **step, "KO": 1, "VO": 1, "BLOCK": NUQ_BLOCK},
+                        triton_mixed.launch(dim)),
         "dense_split": (_dense_split_kernel, {**shape, **step, "BLOCK": NUQ_BLOCK}, split_launch(dim)),
         "reduce": (_reduce_kernel, shape, REDUCE_LAUNCH),
     }
@@ -649,8 +649,8 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
 
 def aot_rows(dims=(64, 128), bits=(2, 3, 4), groups=((4, 1),), archs=(80, 90), kernels=None) -> list[dict]:
     """Compile stats of the decode kernels for every (head_dim, bits, (G, Q), arch); `kernels` filters by name.
-    The bit width changes nuq_split (its width) and mixed_split (its largest width: 2**bits levels per channel in
-    shared memory); the other kernels are compiled once per head_dim and group."""
+    The bit width only changes nuq_split (mixed_split reads any widths 1..8 at run time; the other kernels are
+    compiled once per head_dim and group)."""
     rows = []
     for dim in dims:
         for g, q in groups:

@@ -9,8 +9,10 @@ run's kernel view (kernels.layout.mixed_view: width groups, their columns, level
 - permuted order: per head, its channels sorted by width (widths contiguous, as on the CPU); channel j of head h
   has a natural channel chan[h, j], a width, a slot (which codes tensor), a bit offset inside the token row and
   the row's bytes. Codes are read two bytes at a time (a code of <= 8 bits spans at most two), any alignment;
-- levels: per head a table [D, L] fp32 (L = 2**max width) in permuted order, gathered in shared memory; key
-  tables hold level * scale + zero (the per-channel range folded in, the same fp32 ops as NuqCodec.decode);
+- levels: per head one compact fp32 table, each channel's 2**width decoded levels in permuted order (key tables
+  hold level * scale + zero: the per-channel range folded in, the same fp32 ops as NuqCodec.decode), read by
+  per-element gathers from L1. Not shared memory: the shipped presets hold up to 7 widths and up to ~6000 levels
+  per head (24 KB fp32 a side), which a gather table staged through registers cannot hold without spills;
 - RoPE on pre-RoPE keys without moving channels: q . RoPE(k) = sum_j k_j (A_j cos_j + B_j sin_j) with
   A_j = q[chan_j], B_j = +-q[partner of chan_j] and the angle of chan_j mod D/2, so scores are two tl.dots,
   A @ (k * cos) + B @ (k * sin), and RoPE pairs need not share a width;
@@ -18,8 +20,8 @@ run's kernel view (kernels.layout.mixed_view: width groups, their columns, level
   inv[h, channel];
 - values: acc^T [D, GP] in the values' permuted order, written to natural channels with the partials.
 
-No host sync, launch grids from shapes only (CUDA graphs), int64 offsets. Up to MAX_SLOTS widths per codec and
-D * L <= MAX_TABLE levels per head; anything else returns None (the caller takes another path).
+No host sync, launch grids from shapes only (CUDA graphs), int64 offsets. Widths 1..8 (one codes tensor each,
+MAX_SLOTS); anything else returns None (the caller takes another path).
 """
 from __future__ import annotations
 
@@ -37,8 +39,7 @@ if HAVE_TRITON:
 
     from kvpack.kernels.triton_device import (_cos_sin_at, _dot, _mask_scores, _online, _outlier, _outlier_rows)
 
-MAX_SLOTS = 4  # widths per codec the kernel reads (code tensors it takes)
-MAX_TABLE = 4096  # levels per head (D * 2**max width) held in shared memory
+MAX_SLOTS = 8  # widths per codec the kernel reads (one codes tensor each): every width 1..8
 
 
 def launch(dim: int) -> dict:
@@ -51,22 +52,22 @@ def launch(dim: int) -> dict:
 class WidthTables:
     """The permuted channel order of one mixed-width codec on one device, built once per codec.
 
-    meta int32 [H, 4, D]: natural channel, width | slot << 4, bit offset in the token row, token row bytes.
-    inv int32 [H, D]: permuted position of natural channel c. levels fp32 [H, D, L]: decoded levels (keys: times
-    the channel's scale plus its zero). L = 2**max width; slots = number of widths."""
+    meta int32 [H, 5, D]: natural channel, width | slot << 4, bit offset in the token row, token row bytes, first
+    level in the head's table. inv int32 [H, D]: permuted position of natural channel c. levels fp32 [H, L]: per
+    head the 2**width decoded levels of each channel one after another (keys: times the channel's scale plus its
+    zero), L the most any head needs. slots = number of widths."""
 
     meta: torch.Tensor
     inv: torch.Tensor
     levels: torch.Tensor
     slots: int
-    table: int
 
 
 def width_tables(codec, view: MixedNuqView, keys: bool) -> WidthTables | None:
     """The tables of `codec` from a run's view of its width groups, built once per codec and device (kept with the
     codec's other kernel constants: `Codec.to` drops them); None when the widths do not fit the kernel."""
     groups = view.groups
-    if not groups or len(groups) > MAX_SLOTS:
+    if not groups or len(groups) > MAX_SLOTS or any(not 1 <= g.bits <= 8 for g in groups):
         return None
     memo = codec.__dict__.setdefault("_kvpack_triton_tables", {})
     key = (keys, str(groups[0].cols.device), id(groups[0].levels), groups[0].levels._version)
@@ -77,63 +78,72 @@ def width_tables(codec, view: MixedNuqView, keys: bool) -> WidthTables | None:
 
 def _build_tables(view: MixedNuqView, keys: bool) -> WidthTables | None:
     heads, dim = view.heads, view.dim
-    table = 1 << max(g.bits for g in view.groups)
-    if dim * table > MAX_TABLE or any(g.bits > 8 for g in view.groups):
-        return None
     dev = view.groups[0].cols.device
-    meta = torch.zeros(heads, 4, dim, dtype=torch.int64)
-    levels = torch.zeros(heads, dim, table, dtype=torch.float32, device=dev)
+    meta = torch.zeros(heads, 5, dim, dtype=torch.int64)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(heads)]  # per head, per permuted channel: its levels
     fill = [0] * heads
     for slot, g in enumerate(view.groups):
         cols = g.cols.long().cpu()
-        n = cols.numel()
         lev = g.levels.float()
         if keys:
             if g.scale is None or g.zero is None:
                 return None
-            lev = lev * g.scale[:, None] + g.zero[:, None]
+            lev = lev * g.scale[:, None] + g.zero[:, None]  # the fp32 ops of NuqCodec.decode, once
+        lev = lev.cpu()
         for h in range(heads):
             idx = ((cols // dim) == h).nonzero().flatten()  # positions inside the group (token row) of head h
             j = torch.arange(fill[h], fill[h] + idx.numel())
             meta[h, 0, j] = cols[idx] % dim
             meta[h, 1, j] = g.bits | slot << 4
             meta[h, 2, j] = idx * g.bits
-            meta[h, 3, j] = n * g.bits // 8
-            levels[h, j.to(dev), : 1 << g.bits] = lev[idx.to(dev)]
+            meta[h, 3, j] = cols.numel() * g.bits // 8
+            meta[h, 4, j] = sum(p.numel() for p in parts[h]) + torch.arange(idx.numel()) * (1 << g.bits)
+            parts[h].append(lev[idx].reshape(-1))
             fill[h] += idx.numel()
     if fill != [dim] * heads:
         return None
+    flat = [torch.cat(p) for p in parts]
+    levels = torch.zeros(heads, max(f.numel() for f in flat))
+    for h, f in enumerate(flat):
+        levels[h, : f.numel()] = f
     inv = torch.argsort(meta[:, 0], dim=1)
     return WidthTables(meta.to(torch.int32).to(dev).contiguous(), inv.to(torch.int32).to(dev).contiguous(),
-                       levels.contiguous(), len(view.groups), table)
+                       levels.to(dev).contiguous(), len(view.groups))
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _mixed_lookup(meta_row, c0, c1, c2, c3, levels, r, nmask, n0, n_end, D: tl.constexpr, L: tl.constexpr,
-                      BN: tl.constexpr):
+    def _slot_base(slot, c0, c1, c2, c3, c4, c5, c6, c7):
+        """The codes tensor of each channel's width: slot [D] -> pointers [D]."""
+        lo = tl.where(slot == 0, c0, tl.where(slot == 1, c1, tl.where(slot == 2, c2, c3)))
+        hi = tl.where(slot == 4, c4, tl.where(slot == 5, c5, tl.where(slot == 6, c6, c7)))
+        return tl.where(slot < 4, lo, hi)
+
+    @triton.jit
+    def _mixed_lookup(meta_row, c0, c1, c2, c3, c4, c5, c6, c7, lev_row, r, nmask, n0, n_end, D: tl.constexpr):
         """Decoded levels [D, BN] fp32 of token rows r [BN] (int64: (block * B + b) * T + t) in permuted order.
 
-        meta_row: the head's int32 [4, D] meta, read here on every call (L1-resident) rather than kept in registers
-        across the token loop (per-channel values cost one register per row a thread holds, for the whole loop);
-        a mask on the loop position (always true: n0 < n_end) keeps the compiler from hoisting these loads."""
+        meta_row: the head's int32 [5, D] meta; lev_row: its compact level table. The meta is read here on every
+        call (L1-resident) rather than kept in registers across the token loop (per-channel values cost one
+        register per row a thread holds, for the whole loop); a mask on the loop position (always true: n0 < n_end)
+        keeps the compiler from hoisting these loads. Levels are gathered from the head's table (L1-resident: up
+        to a few thousand fp32 per head for the shipped presets, too many to stage through registers)."""
         j = tl.arange(0, D)
         keep = j + n0 < n_end + D
         ws = tl.load(meta_row + D + j, mask=keep, other=0)
         bitoff = tl.load(meta_row + 2 * D + j, mask=keep, other=0)
         rowbytes = tl.load(meta_row + 3 * D + j, mask=keep, other=0)
+        first = tl.load(meta_row + 4 * D + j, mask=keep, other=0)
         width = ws & 15
-        slot = ws >> 4
         shift = (bitoff & 7)[:, None]
-        base = tl.where(slot == 0, c0, tl.where(slot == 1, c1, tl.where(slot == 2, c2, c3)))
+        base = _slot_base(ws >> 4, c0, c1, c2, c3, c4, c5, c6, c7)
         ptr = base[:, None] + (r[None, :] * rowbytes[:, None] + (bitoff >> 3)[:, None])
         m = nmask[None, :]
         lo = tl.load(ptr, mask=m, other=0).to(tl.int32)
         hi = tl.load(ptr + 1, mask=m & (shift + width[:, None] > 8), other=0).to(tl.int32)
         code = ((lo | (hi << 8)) >> shift) & ((1 << width[:, None]) - 1)
-        idx = j[:, None] * L + code
-        return tl.reshape(tl.gather(levels, tl.reshape(idx, [D * BN]), 0), [D, BN])
+        return tl.load(lev_row + first[:, None] + code, mask=m, other=0.0)
 
     @triton.jit
     def _perm_outliers(x, ptr_ptr, pos_ptr, val_ptr, inv_row, cell, nmask, base_c, D: tl.constexpr):
@@ -166,15 +176,15 @@ if HAVE_TRITON:
     @triton.jit
     def _mixed_split_kernel(
             q_ptr, sq_b, sq_h, sq_q, scaling,
-            kc0, kc1, kc2, kc3, kmeta_ptr, klev_ptr, kinv_ptr, TK, ko_ptr, ko_pos, ko_val,
-            vc0, vc1, vc2, vc3, vmeta_ptr, vlev_ptr, vinv_ptr, TV, vs_ptr, vz_ptr, ss_blk, ss_b, ss_h, ss_t,
+            kc0, kc1, kc2, kc3, kc4, kc5, kc6, kc7, kmeta_ptr, klev_ptr, klev_h, kinv_ptr, TK, ko_ptr, ko_pos, ko_val,
+            vc0, vc1, vc2, vc3, vc4, vc5, vc6, vc7, vmeta_ptr, vlev_ptr, vlev_h, vinv_ptr, TV, vs_ptr, vz_ptr, ss_blk, ss_b, ss_h, ss_t,
             vo_ptr, vo_pos, vo_val,
             pos_ptr, sp_b, sp_t, freq_ptr, rope_scale,
             mask_ptr, sm_b, sm_q, sm_k,
             acc_ptr, ml_ptr,
             N, B, H, start, total, split0, per_split, softcap,
             D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, Q: tl.constexpr, G0: tl.constexpr,
-            LK: tl.constexpr, LV: tl.constexpr, KO: tl.constexpr, VO: tl.constexpr, ROPE: tl.constexpr,
+            KO: tl.constexpr, VO: tl.constexpr, ROPE: tl.constexpr,
             MASK: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, DOT16: tl.constexpr,
             BLOCK: tl.constexpr):
         """Partials of one (batch, KV head) x one split of a run pair of mixed-width nuq blocks (keys per channel,
@@ -187,12 +197,12 @@ if HAVE_TRITON:
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         j = tl.arange(0, D)
-        kmeta = kmeta_ptr + h * 4 * D
-        vmeta = vmeta_ptr + h * 4 * D
+        kmeta = kmeta_ptr + h * 5 * D
+        vmeta = vmeta_ptr + h * 5 * D
         kchan = tl.load(kmeta + j)
         q_a, q_b = _load_q_perm(q_ptr, sq_b, sq_h, sq_q, scaling, b, h, kchan, G, GP, Q, G0, HALF, DOT16)
-        klev = tl.load(klev_ptr + h * (D * LK) + tl.arange(0, D * LK))
-        vlev = tl.load(vlev_ptr + h * (D * LV) + tl.arange(0, D * LV))
+        klev = klev_ptr + h * klev_h
+        vlev = vlev_ptr + h * vlev_h
         pos_row = pos_ptr + b64 * sp_b
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l = tl.zeros([GP], dtype=tl.float32)
@@ -205,7 +215,7 @@ if HAVE_TRITON:
             slot = start + n
             # keys [D, BLOCK]: levels (range folded in), outliers, RoPE folded into the query rows; scores
             kr = ((n // TK).to(tl.int64) * B + b64) * TK + n % TK
-            k = _mixed_lookup(kmeta, kc0, kc1, kc2, kc3, klev, kr, nmask, n0, n_end, D, LK, BLOCK)
+            k = _mixed_lookup(kmeta, kc0, kc1, kc2, kc3, kc4, kc5, kc6, kc7, klev, kr, nmask, n0, n_end, D)
             if KO == 1:  # rows (blk, b, t) over h * D + c: pointers per (row, head)
                 k = _perm_outliers(k, ko_ptr, ko_pos, ko_val, kinv_ptr + h * D, kr * H + h64, nmask, h * D, D)
             if KO == 2:  # rows (blk, b, h, t) over c
@@ -231,7 +241,7 @@ if HAVE_TRITON:
             srow = vb * ss_blk + b64 * ss_b + h64 * ss_h + vt * ss_t
             vs = tl.load(vs_ptr + srow, mask=nmask, other=0.0).to(tl.float32)[None, :]
             vz = tl.load(vz_ptr + srow, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            v = _mixed_lookup(vmeta, vc0, vc1, vc2, vc3, vlev, vr, nmask, n0, n_end, D, LV, BLOCK) * vs + vz
+            v = _mixed_lookup(vmeta, vc0, vc1, vc2, vc3, vc4, vc5, vc6, vc7, vlev, vr, nmask, n0, n_end, D) * vs + vz
             if VO == 1:
                 v = _perm_outliers(v, vo_ptr, vo_pos, vo_val, vinv_ptr + h * D, vr * H + h64, nmask, h * D, D)
             if VO == 2:
@@ -275,6 +285,6 @@ def pair_args(k_run, v_run, key_codec, value_codec, pb) -> tuple[list, dict] | N
     ss = list(vv.vscale.stride())
     if vv.vscale.shape[2] == 1:
         ss[2] = 0
-    args = [*kcodes, kt.meta, kt.levels, kt.inv, kv.tokens, *ko,
-            *vcodes, vt.meta, vt.levels, vt.inv, vv.tokens, vv.vscale, vv.vzero, *ss, *vo]
-    return args, dict(LK=kt.table, LV=vt.table, KO=ko_mode, VO=vo_mode)
+    args = [*kcodes, kt.meta, kt.levels, kt.levels.shape[1], kt.inv, kv.tokens, *ko,
+            *vcodes, vt.meta, vt.levels, vt.levels.shape[1], vt.inv, vv.tokens, vv.vscale, vv.vzero, *ss, *vo]
+    return args, dict(KO=ko_mode, VO=vo_mode)

@@ -19,11 +19,14 @@ by position (run, index), not by a second reference to its tensors.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from kvpack.codecs import Codec, Encoded, StorageLayout, sparse
 from kvpack.errors import MethodError
 
+_DERIVED = ("outlier_values", "outlier_indices")  # block lengths follow from "outlier_counts"
 
 
 def signature(enc: Encoded) -> tuple:
@@ -33,7 +36,12 @@ def signature(enc: Encoded) -> tuple:
 
 
 class Run:
-    """Blocks of one layout. buffers[name][:used[name]] holds every block's tensor, block after block."""
+    """Blocks of one layout. buffers[name][:used(name)] holds every block's tensor, block after block.
+
+    Bookkeeping is O(1) per block: a tensor whose blocks all have one dim-0 length keeps that length (an
+    int); the sparse outlier values and indices (whose lengths vary) derive each block's length from the
+    block's `outlier_counts` when asked (`bounds`); any other tensor of varying length keeps a growable
+    int64 tensor of block ends. Appending a block grows no Python container."""
 
     def __init__(self, block_shape: tuple[int, ...], meta: dict, sig: tuple, buffers: dict[str, torch.Tensor],
                  lengths: dict[str, list[int]]):
@@ -41,8 +49,22 @@ class Run:
         self.meta = dict(meta)
         self.signature = sig
         self.buffers = buffers
-        self.lengths = lengths  # per tensor, the dim-0 length of each block
         self.count = len(next(iter(lengths.values()))) if lengths else 0
+        self.edits = 0  # counts changes other than appends (drops, batch maps, compaction), for memos
+        self._used: dict[str, int] = {}  # rows in use per tensor
+        self._rows: dict[str, int] = {}  # dim-0 length of every block, for tensors where it is one number
+        self._ends: dict[str, torch.Tensor] = {}  # int64 [>= count] block end rows, other varying tensors
+        lengths = {n: [int(x) for x in lens] for n, lens in lengths.items()}
+        uniform = {n: all(x == lens[0] for x in lens) for n, lens in lengths.items()}
+        derive = uniform.get("outlier_counts", False)  # counts rows are fixed by the block shape
+        for name, lens in lengths.items():
+            self._used[name] = sum(lens)
+            if derive and name in _DERIVED:
+                continue
+            if uniform[name]:
+                self._rows[name] = lens[0] if lens else 0
+            else:
+                self._ends[name] = torch.tensor(list(accumulate(lens)), dtype=torch.int64)
 
     @classmethod
     def start(cls, enc: Encoded) -> "Run":
@@ -59,16 +81,29 @@ class Run:
         return self.count * self.block_tokens
 
     def used(self, name: str) -> int:
-        """Rows of buffer `name` in use: the blocks' lengths summed incrementally (a decode step appends one block
-        to a run of thousands; re-summing them every step made appends O(blocks))."""
-        lengths = self.lengths[name]
-        memo = self.__dict__.setdefault("_used", {})
-        ref, seen, total = memo.get(name, (None, 0, 0))
-        if ref is not lengths or seen > len(lengths):
-            seen, total = 0, 0
-        total += sum(lengths[seen:])
-        memo[name] = (lengths, len(lengths), total)
-        return total
+        """Rows of buffer `name` in use (O(1))."""
+        return self._used[name]
+
+    def bounds(self, name: str, blocks: int | None = None) -> list[int]:
+        """[0, end of block 0, ..., end of block `blocks` - 1] in rows of tensor `name` (default: every block).
+        O(blocks); for outlier values and indices computed from the stored counts."""
+        blocks = self.count if blocks is None else blocks
+        if name in self._rows:
+            return [i * self._rows[name] for i in range(blocks + 1)]
+        if name in self._ends:
+            return [0, *self._ends[name][:blocks].tolist()]
+        per = self._rows["outlier_counts"]
+        counts = self.buffers["outlier_counts"][: blocks * per].to(torch.int64).view(blocks, per)
+        return [0, *torch.cumsum(counts.sum(1), 0).tolist()]
+
+    @property
+    def lengths(self) -> dict[str, list[int]]:
+        """Dim-0 length of every block, per tensor (derived, O(blocks); `used` and `bounds` are what to call)."""
+        out = {}
+        for name in self.buffers:
+            b = self.bounds(name)
+            out[name] = [b[i + 1] - b[i] for i in range(self.count)]
+        return out
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.buffers[name][: self.used(name)]
@@ -76,9 +111,9 @@ class Run:
     def block(self, index: int) -> Encoded:
         """Block `index` as an Encoded of x [batch, heads, tokens, head_dim] (views of the buffers)."""
         tensors = {}
-        for name, lengths in self.lengths.items():
-            first = sum(lengths[:index])
-            tensors[name] = self.buffers[name][first: first + lengths[index]]
+        for name in self.buffers:
+            b = self.bounds(name, index + 1)
+            tensors[name] = self.buffers[name][b[index]: b[index + 1]]
         return Encoded(tensors, self.block_shape, dict(self.meta))
 
     def encoded(self) -> Encoded:
@@ -96,14 +131,27 @@ class Run:
 
     def append(self, enc: Encoded) -> None:
         for name, t in enc.tensors.items():
-            buf, used = self.buffers[name], self.used(name)
-            if used + t.shape[0] > buf.shape[0]:
-                grow = max(t.shape[0], buf.shape[0] // 8)
+            buf, used, n = self.buffers[name], self.used(name), t.shape[0]
+            if used + n > buf.shape[0]:
+                grow = max(n, buf.shape[0] // 8)
                 extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
                 buf = self.buffers[name] = torch.cat([buf[:used], extra])
-            buf[used:used + t.shape[0]].copy_(t)
-            self.lengths[name].append(t.shape[0])
+            buf[used:used + n].copy_(t)
+            self._note(name, n)
+            self._used[name] = used + n
         self.count += 1
+
+    def _note(self, name: str, n: int) -> None:
+        """Record that the block being appended (index `count`) has `n` rows of tensor `name`."""
+        if name in self._ends:
+            ends = self._ends[name]
+            if self.count >= ends.numel():
+                ends = self._ends[name] = torch.cat([ends[:self.count], ends.new_empty(max(8, self.count // 8))])
+            ends[self.count] = self._used[name] + n
+        elif name in self._rows and self._rows[name] != n:
+            ends = torch.arange(1, self.count + 2, dtype=torch.int64) * self._rows.pop(name)
+            ends[self.count] = self._used[name] + n
+            self._ends[name] = ends
 
     def nbytes(self, name: str, reserved: bool = False) -> int:
         buf = self.buffers[name]
@@ -113,24 +161,31 @@ class Run:
 
     def compact(self) -> None:
         """Drop spare capacity (before saving)."""
+        self.edits += 1
         self.buffers = {n: self.tensor(n).contiguous() for n in self.buffers}
+        self._ends = {n: e[:self.count].clone() for n, e in self._ends.items()}
 
     def drop_first(self, blocks: int) -> None:
-        for name in self.buffers:
-            cut = sum(self.lengths[name][:blocks])
+        self.edits += 1
+        cuts = {n: self.bounds(n, blocks)[-1] for n in self.buffers}
+        for name, cut in cuts.items():
             self.buffers[name] = self.tensor(name)[cut:].clone()
-            self.lengths[name] = self.lengths[name][blocks:]
+            self._used[name] -= cut
+            if name in self._ends:
+                self._ends[name] = self._ends[name][blocks:self.count] - cut
         self.count -= blocks
 
     def drop_last(self, blocks: int) -> None:
-        for name in self.buffers:
-            self.lengths[name] = self.lengths[name][: self.count - blocks]
-        self.count -= blocks
+        self.edits += 1
+        keep = self.count - blocks
+        self._used = {n: self.bounds(n, keep)[-1] for n in self.buffers}
+        self.count = keep
 
     def map_batch(self, fn, layout: StorageLayout) -> None:
         """Apply fn (acting on dim 0 = batch: a beam reorder, a batch selection or repeat) to every block. Tensors
         lead with the batch dim, except the sparse outliers, which are regrouped by batch row through the
         row kind the codec declares."""
+        self.edits += 1
         batch = self.block_shape[0]
         order = fn(torch.arange(batch, device=next(iter(self.buffers.values())).device))  # source row of each new row
         new_batch = int(order.shape[0])
@@ -138,13 +193,13 @@ class Run:
         for name in self.buffers:
             if name in outliers:
                 continue
-            if any(n != batch for n in self.lengths[name]):
+            if self._rows.get(name) != batch:
                 raise ValueError(f"encoded tensor '{name}' does not lead with the batch dim; its codec's layout must "
                                  "declare it (StorageLayout.parts)")
             t = self.tensor(name)
             v = t.reshape(self.count, batch, *t.shape[1:])[:, order]
             self.buffers[name] = v.reshape(self.count * new_batch, *t.shape[1:]).contiguous()
-            self.lengths[name] = [new_batch] * self.count
+            self._rows[name], self._used[name] = new_batch, self.count * new_batch
         if outliers:
             self._map_outliers(order, layout)
         self.block_shape = (new_batch, *self.block_shape[1:])
@@ -162,9 +217,11 @@ class Run:
         index = sparse.segment_index(starts[:, order].flatten(), new_seg.flatten())
         for name in ("outlier_values", "outlier_indices"):
             self.buffers[name] = self.tensor(name)[index].contiguous()
-            self.lengths[name] = new_seg.sum(-1).tolist()
+            self._used[name] = self.buffers[name].shape[0]
+            self._ends.pop(name, None)  # derived from the counts
         self.buffers["outlier_counts"] = per_row[:, order].reshape(-1).to(counts.dtype).contiguous()
-        self.lengths["outlier_counts"] = [len(order) * rows] * self.count
+        self._rows["outlier_counts"] = len(order) * rows
+        self._used["outlier_counts"] = self.buffers["outlier_counts"].shape[0]
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ does not have the expected layout, and attention then takes the generic decode-a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
@@ -149,18 +148,8 @@ class TqView:
 
 
 def run_tensors(run) -> dict[str, torch.Tensor]:
-    """Every block's tensors (run.encoded().tensors), with the used lengths kept incrementally on the run:
-    a decode step appends one block to a run of thousands, and summing every block's length each step
-    would cost O(blocks)."""
-    key = (tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
-    memo = run.__dict__.get("_kvpack_used")
-    if memo is None or memo[0] != key or memo[1] > run.count:
-        memo = (key, 0, dict.fromkeys(run.buffers, 0))
-    _, seen, used = memo
-    if seen < run.count:
-        used = {n: used[n] + sum(run.lengths[n][seen:run.count]) for n in run.buffers}
-    run.__dict__["_kvpack_used"] = (key, run.count, used)
-    return {n: run.buffers[n][: used[n]] for n in run.buffers}
+    """Every block's tensors (run.encoded().tensors); the run keeps its used lengths (O(1) per step)."""
+    return {n: run.buffers[n][: run.used(n)] for n in run.buffers}
 
 
 def run_encoded(run) -> tuple[Encoded, tuple[int, int, int, int], int]:
@@ -191,7 +180,7 @@ def block_chunks(run, max_tokens: int, codec: Codec | None = None, start: int = 
     if start == 0 and stop == count * tokens and (count * tokens <= max_tokens or (codec is None and count == 1)):
         yield 0, enc
         return
-    bounds = {n: [0, *accumulate(run.lengths[n][:count])] for n in enc.tensors}
+    bounds = {n: run.bounds(n, count) for n in enc.tensors}
 
     def blocks(i: int, j: int) -> Encoded:
         tensors = {n: t[bounds[n][i]: bounds[n][j]] for n, t in enc.tensors.items()}
@@ -289,7 +278,7 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
         return out
 
     groups = []
-    for bits, cols, levels, scale, zero in _codec_constants(codec, f"mixed_{dev}", constants, codec.decode_levels):
+    for bits, cols, levels, scale, zero in _codec_constants(codec, f"mixed_{dev}", constants, codec.levels):
         n = cols.numel()
         codes = t.get(f"codes{bits}")
         if n % 8 or codes is None or codes.dtype != torch.uint8 or tuple(codes.shape) != (nblk * batch, tokens * n * bits // 8):
@@ -363,7 +352,7 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
         tokens=tokens, dim=dim, bits=bits, axis=codec.axis,
         levels=_codec_constants(codec, f"levels_{codes.device}",
-                                lambda: codec.decode_levels.to(codes.device).float().contiguous(), codec.decode_levels),
+                                lambda: codec.decode_levels.to(codes.device).float().contiguous(), codec.levels),
         kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
         outliers=_outliers(t, mode),
     )

@@ -122,21 +122,21 @@ def cell_pointers(run, view) -> torch.Tensor:
     """CSR pointers [cells + 1] (int32; int64 past 2**31 entries) of a run's outliers per cell: (row, head) for
     "token_all" rows (mode 1: cell = row * H + h), the row itself for "token_head" rows (mode 2).
 
-    Kept on the run and extended by the appended blocks only, from host-known block lengths: a decode step adds a
-    few small device ops, no host sync and no rebuild."""
+    Kept on the run and extended by the appended blocks only, from the run's host-known used lengths: a decode
+    step adds a few small device ops, no host sync and no rebuild."""
     o = view.outliers
     heads = view.heads if o.mode == 1 else 1
     nnz, rows = o.values.numel(), o.counts.numel()
     dtype = torch.int32 if nnz < 2**31 else torch.int64
     memo = run.__dict__.get("_kvpack_triton_cells")
-    lengths = run.lengths["outlier_values"]
-    if (memo is None or memo["lengths"] is not lengths or memo["src"] != o.counts.data_ptr() or memo["rows"] > rows
+    edits = run.edits  # changes when blocks are dropped or regrouped (appends keep it)
+    if (memo is None or memo["edits"] != edits or memo["src"] != o.counts.data_ptr() or memo["rows"] > rows
             or memo["ptr"].dtype != dtype):
-        memo = {"lengths": lengths, "src": o.counts.data_ptr(), "rows": 0, "entries": 0, "blocks": 0,
+        memo = {"edits": edits, "src": o.counts.data_ptr(), "rows": 0, "entries": 0, "blocks": 0,
                 "ptr": torch.zeros(1, dtype=dtype, device=o.counts.device)}
     if memo["rows"] < rows:
         r0, e0 = memo["rows"], memo["entries"]
-        e1 = e0 + sum(lengths[memo["blocks"]:run.count])
+        e1 = run.used("outlier_values")
         ptr = memo["ptr"]
         if ptr.numel() < rows * heads + 1:
             grown = torch.empty(rows * heads + (rows * heads) // 8 + 64, dtype=dtype, device=ptr.device)

@@ -1,5 +1,6 @@
 """Memory held = memory reported: every tensor reachable from a CompressedCache, each storage once,
-right after a prefill and after decode steps, equals `memory_report().total`; nothing is held twice."""
+right after a prefill and after decode steps, equals what `memory_report()` counts (the cache's tensors
+plus the per-model state of its recipe); nothing is held twice; bookkeeping does not grow per token."""
 from __future__ import annotations
 
 import pytest
@@ -28,9 +29,10 @@ def _recipe(model, name: str) -> Recipe:
 def _check(cache: CompressedCache, when: str) -> None:
     rep = cache.memory_report()
     held = held_bytes(cache)
-    assert rep.total == sum(rep.parts.values())
-    # memory_report counts everything held (within 1%), and nothing more
-    assert abs(held - rep.total) <= 0.01 * held, f"{when}: held {held} B, reported {rep.total} B ({rep.parts})"
+    assert rep.total == sum(rep.parts.values()) and rep.model_total == sum(rep.model_parts.values())
+    # memory_report counts every tensor held (within 1%), and nothing more; Python objects on top
+    tensors = rep.held - rep.parts["bookkeeping"] - rep.model_parts["bookkeeping"]
+    assert abs(held - tensors) <= 0.01 * held, f"{when}: held {held} B, reported {tensors} B ({rep.parts})"
     # no second copy: the stored parts are exactly the run buffers, head and tail, each storage once
     stored = held_storages([layer.k for layer in cache.layers] + [layer.v for layer in cache.layers])
     buffers = {storage_key(b) for layer in cache.layers for s in (layer.k, layer.v) for r in s.body.runs
@@ -70,9 +72,11 @@ def test_report_counts_rope_tables_and_capacity():
     rep = cache.memory_report()
     assert rep.parts["rope"] > 0  # packed attention's cos/sin table of every position
     assert rep.parts["reserved"] > 0  # capacity of the 1-token decode run and the position log
-    assert rep.parts["codebooks"] == sum(c.shared_nbytes() for c in cache.recipe.key_codecs + cache.recipe.value_codecs)
-    assert rep.parts["codebook_copies"] > 0  # e.g. the fp32 levels the codecs decode with
-    assert rep.stored == rep.total - rep.parts["codebook_copies"] - rep.parts["rope"] - rep.parts["reserved"]
+    codecs = {id(c): c for c in cache.recipe.key_codecs + cache.recipe.value_codecs}.values()
+    assert rep.model_parts["codebooks"] == rep.fixed_bytes == sum(c.shared_nbytes() for c in codecs)
+    assert rep.model_parts["codebook_tables"] > 0  # e.g. the fp32 levels the kernels read
+    derived = rep.parts["rope"] + rep.parts["unlisted"] + rep.parts["bookkeeping"] + rep.parts["reserved"]
+    assert rep.stored == rep.total - derived + rep.fixed_bytes
 
 
 def test_store_keeps_no_second_reference_to_the_newest_block():
@@ -91,3 +95,50 @@ def test_store_keeps_no_second_reference_to_the_newest_block():
     store.append(codec.encode(torch.randn(1, 2, 8, 16)), codec)
     assert isinstance(store.runs[-1].block(store.runs[-1].count - 1), Encoded)
     assert len(held_storages(store)) == len(store.runs[-1].buffers) * len(store.runs)
+
+
+def _longest_container(obj, stop: tuple) -> int:
+    """Length of the longest list, tuple, dict or set reachable from `obj` (not entering `stop` or modules)."""
+    from torch import nn
+
+    seen, todo, longest = {id(o) for o in stop}, [obj], 0
+    while todo:
+        o = todo.pop()
+        if o is None or id(o) in seen or isinstance(o, (torch.Tensor, nn.Module, str, bytes, int, float, type)):
+            continue
+        seen.add(id(o))
+        if isinstance(o, dict):
+            longest = max(longest, len(o))
+            todo += list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            longest = max(longest, len(o))
+            todo += list(o)
+        elif hasattr(o, "__dict__"):
+            todo += list(vars(o).values())
+    return longest
+
+
+@torch.no_grad()
+def test_bookkeeping_does_not_grow_per_token():
+    """300 one-token decode steps: no Python container grows with the tokens, the bookkeeping the report counts
+    stays flat, and what the report counts grows with the packed bytes (reserved capacity and RoPE tables aside)."""
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, _recipe(model, "nuq"))
+    ids = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(2))
+    model(ids, **cache_kwargs(cache), use_cache=True)
+    stop = (cache.model_ref, cache.log.source, cache.recipe)
+    reports = {}
+    for step in range(1, 301):
+        model(ids[:, :1], **cache_kwargs(cache), use_cache=True)
+        if step in (20, 300):
+            reports[step] = cache.memory_report()
+            assert _longest_container(cache, stop) < 64, f"a container grows with the tokens (step {step})"
+    early, late = reports[20], reports[300]
+    assert late.tokens - early.tokens == 280
+    assert late.parts["bookkeeping"] - early.parts["bookkeeping"] < 2048, (early.parts, late.parts)
+    assert late.model_total == early.model_total  # per-model state is built once, not per token
+    packed = ("codes", "scales", "outliers", "positions")
+    grew = sum(late.parts[p] - early.parts[p] for p in packed)
+    grew_all = (late.total - late.parts["rope"]) - (early.total - early.parts["rope"])
+    assert grew > 0 and grew_all <= 1.2 * grew, (early.parts, late.parts)
+    _check(cache, "after 300 decode steps")

@@ -1,20 +1,26 @@
-"""What a CompressedCache holds, measured from its tensors, next to an fp16 DynamicCache.
+"""What a CompressedCache holds, measured from its tensors and Python objects, next to an fp16 DynamicCache.
 
-Parts: `codes` (packed codes, or the fp16 values of the fp16 codec), `scales` (per-vector
-scale/zero/min/step), `outliers` (sparse values, indices, pointers), `other` (any tensor a codec
-names otherwise), `sink_window` (the fp16 head and tail), `codebooks` (the recipe's codecs'
-shared state at its stored size: `shared_nbytes()` of each codec once, what a recipe file holds:
-codebooks, levels, ranges, rotations), `codebook_copies` (the rest of what the codecs hold in
-memory: fp32 and padded working copies of that state, the tables kernels derive from it),
-`positions` (the int32 position log, shared by layers), `rope` (cos/sin derived from the positions:
-the packed attention's RoPE tables and the decode path's memo), `reserved` (allocated capacity not
-in use yet: run buffers and position log). `stored` leaves out what is derived (`codebook_copies`,
-`rope`) and `reserved`; `total` is everything held, reserved capacity included: the bytes
-`held_bytes(cache)` finds by walking every tensor reachable from the cache.
+Per cache (`parts`, summed in `total`): `codes` (packed codes, or the fp16 values of the fp16 codec),
+`scales` (per-vector scale/zero/min/step), `outliers` (sparse values, indices, counts), `other` (any
+tensor a codec names otherwise), `sink_window` (the fp16 head and tail), `positions` (the int32
+position log, shared by layers), `rope` (cos/sin derived from the positions: the packed attention's
+RoPE tables and the decode path's memo), `unlisted` (any other tensor the cache holds, e.g. kernel
+views of its runs), `bookkeeping` (the Python objects: layers, streams, runs, dicts, measured with
+`sys.getsizeof`), `reserved` (allocated capacity not in use yet: run buffers and position log).
+
+Per model (`model_parts`, summed in `model_total`; held once by the recipe's codecs, which every cache
+of the recipe shares, so not charged to each cache): `codebooks` (the codecs' shared state at its
+stored size: `shared_nbytes()` of each codec once, what a recipe file holds), `codebook_tables` (the
+rest of the codecs' tensors: tables the kernels derive, copies on other devices) and `bookkeeping`.
+
+`stored` is what the encoding stores for this sequence, the paper's count: the per-cache stored parts
+plus the codebooks (so `bits_per_element` amortizes the codebooks over this sequence, as the quality
+tables do); `total` is everything this cache holds on its own, reserved capacity included.
 A codec may name the part of each of its tensors with `Encoded.meta["parts"] = {name: part}`.
 """
 from __future__ import annotations
 
+import sys
 import types
 from dataclasses import asdict, dataclass, field
 
@@ -24,9 +30,10 @@ from torch import nn
 from kvpack.hf.models import text_config
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-PARTS = ("codes", "scales", "outliers", "other", "sink_window", "codebooks", "codebook_copies", "positions", "rope",
+PARTS = ("codes", "scales", "outliers", "other", "sink_window", "positions", "rope", "unlisted", "bookkeeping",
          "reserved")
-DERIVED = ("codebook_copies", "rope", "reserved")  # held, not part of what the encoding stores
+MODEL_PARTS = ("codebooks", "codebook_tables", "bookkeeping")
+DERIVED = ("rope", "unlisted", "bookkeeping", "reserved")  # held, not part of what the encoding stores
 _SCALE_NAMES = {"min", "step", "scale", "zero", "norm", "mean", "std", "lo", "hi"}
 _OUTLIER_HINTS = ("outlier", "sparse", "ptr", "col", "row", "nnz")
 
@@ -62,7 +69,8 @@ def fp16_cache_nbytes(config, tokens: int, batch: int = 1) -> int:
 
 @dataclass
 class MemoryReport:
-    """Measured bytes of a CompressedCache; `per_token_per_layer` divides by tokens seen and layers."""
+    """Measured bytes of a CompressedCache (`parts`, `total`) and of the per-model state its recipe holds once
+    (`model_parts`, `model_total`); `per_token_per_layer` divides the cache's parts by tokens seen and layers."""
 
     method: str
     tokens: int
@@ -73,6 +81,8 @@ class MemoryReport:
     total: int
     fp16_total: int
     per_layer: list[int] = field(default_factory=list)
+    model_parts: dict[str, int] = field(default_factory=dict)
+    model_total: int = 0
 
     @property
     def per_token_per_layer(self) -> dict[str, float]:
@@ -82,13 +92,24 @@ class MemoryReport:
         return out
 
     @property
+    def fixed_bytes(self) -> int:
+        """Stored bytes every sequence of the model shares (the per-model `codebooks` part)."""
+        return self.model_parts.get("codebooks", 0)
+
+    @property
     def stored(self) -> int:
-        """Bytes of what the encoding stores (every part but derived copies, RoPE tables and reserved capacity)."""
-        return self.total - sum(self.parts.get(p, 0) for p in DERIVED)
+        """Bytes the encoding stores for this sequence: the cache's parts but derived tables, bookkeeping and
+        reserved capacity, plus the codebooks (`fixed_bytes`), as the quality tables count them."""
+        return self.total - sum(self.parts.get(p, 0) for p in DERIVED) + self.fixed_bytes
+
+    @property
+    def held(self) -> int:
+        """Everything held for this one sequence: the cache (`total`) and the per-model state (`model_total`)."""
+        return self.total + self.model_total
 
     @property
     def ratio(self) -> float:
-        """fp16 DynamicCache bytes / bytes held (everything, `total`) at the same length."""
+        """fp16 DynamicCache bytes / bytes this cache holds (`total`, per-model state not charged) at the same length."""
         return self.fp16_total / max(self.total, 1)
 
     @property
@@ -102,11 +123,6 @@ class MemoryReport:
         return 16.0 / self.storage_ratio if self.stored else 0.0
 
     @property
-    def fixed_bytes(self) -> int:
-        """Stored bytes every sequence of the model shares (the `codebooks` part)."""
-        return self.parts.get("codebooks", 0)
-
-    @property
     def marginal_bits_per_element(self) -> float:
         """Stored bits per cached element without the fixed bytes: what each further element costs."""
         return 16.0 * (self.stored - self.fixed_bytes) / max(self.fp16_total, 1)
@@ -114,17 +130,20 @@ class MemoryReport:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(per_token_per_layer=self.per_token_per_layer, ratio=self.ratio, storage_ratio=self.storage_ratio,
-                 stored=self.stored, bits_per_element=self.bits_per_element, fixed_bytes=self.fixed_bytes,
-                 marginal_bits_per_element=self.marginal_bits_per_element)
+                 stored=self.stored, held=self.held, bits_per_element=self.bits_per_element,
+                 fixed_bytes=self.fixed_bytes, marginal_bits_per_element=self.marginal_bits_per_element)
         return d
 
     def __str__(self) -> str:
         ptl = self.per_token_per_layer
         lines = [f"{self.method}: {self.tokens} tokens x {self.layers} layers x batch {self.batch}: "
-                 f"{self.total / 2**20:.2f} MiB held vs fp16 {self.fp16_total / 2**20:.2f} MiB "
+                 f"{self.total / 2**20:.2f} MiB held by the cache vs fp16 {self.fp16_total / 2**20:.2f} MiB "
                  f"({self.ratio:.2f}x smaller; the encoding stores {self.bits_per_element:.3f} bits/element)"]
         lines += [f"  {part:<16} {ptl[part]:10.2f} B/token/layer" for part in PARTS if self.parts.get(part)]
-        lines.append(f"  {'total':<16} {ptl['total']:10.2f} B/token/layer  (everything held, reserved capacity included)")
+        lines.append(f"  {'total':<16} {ptl['total']:10.2f} B/token/layer  (everything the cache holds, reserved "
+                     "capacity included)")
+        model = ", ".join(f"{p} {self.model_parts[p] / 2**10:.1f} KiB" for p in MODEL_PARTS if self.model_parts.get(p))
+        lines.append(f"  per model        {self.model_total / 2**10:10.1f} KiB once for every cache of the recipe ({model})")
         return "\n".join(lines)
 
 
@@ -198,8 +217,49 @@ def _rope_objects(cache) -> list:
     return [getattr(packed, "rope", None), getattr(log, "memo", None)]
 
 
+def python_bytes(obj, seen: set[int] | None = None, stop: tuple = ()) -> int:
+    """`sys.getsizeof` summed over the Python objects reachable from `obj` (containers, instances and their
+    `__dict__`, numbers, strings; a tensor counts its Python object, not its storage), each once. Walks as
+    `held_storages` does: not into nn.Modules, classes, functions, modules or the objects in `stop`."""
+    seen = set() if seen is None else seen
+    stops = {id(o) for o in stop}
+    total = 0
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if o is None or id(o) in seen or id(o) in stops or isinstance(o, (type, nn.Module, types.ModuleType,
+                                                                          types.FunctionType, types.MethodType,
+                                                                          types.BuiltinFunctionType)):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, (torch.Tensor, str, bytes, int, float, bool, complex, torch.dtype, torch.device)):
+            continue
+        if isinstance(o, dict):
+            todo += list(o.keys()) + list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            todo += list(o)
+        else:
+            if hasattr(o, "__dict__"):
+                total += sys.getsizeof(vars(o))
+                todo += list(vars(o).values())
+            for slot in getattr(type(o), "__slots__", ()):
+                todo.append(getattr(o, slot, None))
+    return total
+
+
+def model_state(cache) -> list:
+    """The per-model objects a cache reaches: its recipe and every codec of its layers (with their copies on
+    other devices, `Codec.to`), shared by every cache of the recipe."""
+    codecs = [*cache.recipe.key_codecs, *cache.recipe.value_codecs]
+    for layer in cache.layers:
+        codecs += [getattr(layer, "key_codec", None), getattr(layer, "value_codec", None)]
+    return [cache.recipe, *(c for c in codecs if c is not None)]
+
+
 def memory_report(cache) -> MemoryReport:
-    """Measure `cache` (a CompressedCache) tensor by tensor: everything it holds, capacity included."""
+    """Measure `cache` (a CompressedCache) tensor by tensor and object by object: what it holds on its own,
+    capacity included, and the per-model state its recipe holds once (see the module docstring)."""
     parts = dict.fromkeys(PARTS, 0)
     per_layer = []
     counted: set[tuple] = set()  # storages counted so far: nothing is counted twice
@@ -230,22 +290,35 @@ def memory_report(cache) -> MemoryReport:
         parts["positions"] = used
         parts["reserved"] += _storage_bytes(positions, counted) - used
         batch = positions.shape[0]
-    stop = (cache, getattr(cache, "model_ref", None), getattr(getattr(cache, "log", None), "source", None))
+    model = getattr(cache, "model_ref", None)
+    shared = model_state(cache)
+    source = getattr(getattr(cache, "log", None), "source", None)
+    # per model first: the codecs' tensors (the kernels' views of a run point at them too)
+    model_held = {k: n for k, n in held_storages(shared, stop=(model,)).items() if k not in counted}
+    counted |= set(model_held)
+    stop = (cache, model, source, *shared)
     seen: set[int] = set()
-    for kind, objs in (("codebooks", [cache.recipe]), ("rope", _rope_objects(cache))):
-        for obj in objs:
-            for key, nbytes in held_storages(obj, seen, stop).items():
-                if key not in counted:
-                    counted.add(key)
-                    parts[kind] += nbytes
-    # what the codecs hold beyond their stored state (fp32 / padded copies, kernel tables) is derived
+    for obj in _rope_objects(cache):
+        for key, nbytes in held_storages(obj, seen, stop).items():
+            if key not in counted:
+                counted.add(key)
+                parts["rope"] += nbytes
+    for key, nbytes in held_storages(cache, seen, stop[1:]).items():  # anything else the cache holds
+        if key not in counted:
+            counted.add(key)
+            parts["unlisted"] += nbytes
+    parts["bookkeeping"] = python_bytes(cache, stop=(model, source, *shared))
+    model_parts = dict.fromkeys(MODEL_PARTS, 0)
+    held = sum(model_held.values())
     unique = {id(c): c for c in (*cache.recipe.key_codecs, *cache.recipe.value_codecs)}
-    shared = min(parts["codebooks"], sum(c.shared_nbytes() for c in unique.values()))
-    parts["codebook_copies"], parts["codebooks"] = parts["codebooks"] - shared, shared
+    model_parts["codebooks"] = min(held, sum(c.shared_nbytes() for c in unique.values()))
+    model_parts["codebook_tables"] = held - model_parts["codebooks"]
+    model_parts["bookkeeping"] = python_bytes(shared, stop=(model,))
     tokens = cache.get_seq_length()
     total = sum(parts.values())
     return MemoryReport(
         method=cache.recipe.method, tokens=tokens, batch=batch, layers=len(cache.layers), parts=parts,
         reserved=parts["reserved"], total=total,
         fp16_total=fp16_cache_nbytes(cache.model_ref.config, tokens, max(batch, 1)), per_layer=per_layer,
+        model_parts=model_parts, model_total=sum(model_parts.values()),
     )

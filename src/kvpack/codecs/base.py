@@ -105,11 +105,16 @@ class Codec(ABC):
         return torch.device("cpu")
 
     def to(self, device: torch.device | str) -> "Codec":
-        """This codec with every tensor it holds on `device` (a new object when anything moves). Parameters
-        stay float32 (fp16-rounded values), whatever the model's dtype: decode returns float32."""
+        """This codec with every tensor it holds on `device`: a new object when anything moves, made once per
+        device and kept with this codec (every cache of a recipe shares it: per-model state exists once per
+        device). Tensors keep their dtype, whatever the model's: decode returns float32."""
         device = torch.device(device)
         if self.device == device:
             return self
+        twins = self.__dict__.setdefault("_device_copies", {})  # shared by this codec and all its copies
+        twins.setdefault(str(self.device), self)
+        if str(device) in twins:
+            return twins[str(device)]
         moved = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
@@ -118,6 +123,7 @@ class Codec(ABC):
                 setattr(moved, name, tuple(v.to(device) for v in value))
             elif name.startswith("_kvpack_"):  # per-device constants the kernels derived
                 delattr(moved, name)
+        twins[str(moved.device)] = twins[str(device)] = moved
         return moved
 
     def slice_tokens(self, enc: Encoded, start: int, stop: int) -> Encoded | None:

@@ -39,6 +39,11 @@ def _fp16(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.as_tensor(t).to(torch.float16).float()
 
 
+def _half(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t rounded to fp16 and kept in fp16: the codec's shared state is held at its stored precision."""
+    return None if t is None else torch.as_tensor(t).to(torch.float16).contiguous()
+
+
 PAD = 4.0  # codebook padding beyond the normalized range [-1, 1]: midpoints next to it exceed 1
 
 
@@ -88,7 +93,7 @@ class NuqCodec(Codec):
             bits = torch.as_tensor(channel_bits).to(torch.int64).reshape(heads * head_dim)
             if groups != heads * head_dim or not 0 <= int(bits.min()) <= int(bits.max()) <= 8 or n != 1 << int(bits.max()):
                 raise ValueError("per-channel bit widths (0..8) need one codebook per channel of 2**max(bits) entries")
-            self.channel_bits = bits
+            self.channel_bits = bits.to(torch.uint8)
             unused = torch.arange(n) >= (1 << bits)[:, None]
             levels = levels.masked_fill(unused, PAD)  # entries past a channel's 2**b levels are never chosen
         elif n < 2 or n & (n - 1):
@@ -98,26 +103,31 @@ class NuqCodec(Codec):
             raise ValueError(f"axis must be in {AXES}, span in {SPANS}, outlier_scope in {SCOPES}")
         if not 0 <= outlier_frac < 0.5:
             raise ValueError(f"outlier fraction must be in [0, 0.5), got {outlier_frac}")
-        self.levels = levels
+        self.levels = _half(levels)  # fp16 [groups, n], sorted; entries past a channel's width hold PAD
         self.bits = n.bit_length() - 1 if self.channel_bits is not None else check_bits(n.bit_length() - 1, 1, 8)
         self.axis, self.span, self.outlier_scope = axis, span, outlier_scope
         self.heads, self.head_dim = heads, head_dim
         self.outlier_frac = float(outlier_frac)
-        self.qnorm = None if qnorm is None else _fp16(qnorm).reshape(groups, 2)
-        self.decode_levels = levels if self.qnorm is None else levels * self.qnorm[:, :1] + self.qnorm[:, 1:]
+        self.qnorm = None if qnorm is None else _half(qnorm).reshape(groups, 2)
         if axis == "channel":
             if zero is None or scale is None:
                 raise ValueError("per-channel nuq needs offline zero/scale [heads, head_dim] (see `range_to_zero_scale`)")
-            self.zero = _fp16(zero).reshape(heads, 1, head_dim)
-            scale = _fp16(scale).reshape(heads, 1, head_dim)
+            self.zero = _half(zero).reshape(heads, 1, head_dim)
+            scale = _half(scale).reshape(heads, 1, head_dim)
             self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         if outlier_scope == "matrix" and outlier_frac > 0:
             if out_lo is None or out_hi is None:
                 raise ValueError("per-matrix outliers need offline thresholds out_lo/out_hi [heads]")
-            self.out_lo = _fp16(out_lo).reshape(heads, 1, 1)
-            self.out_hi = _fp16(out_hi).reshape(heads, 1, 1)
+            self.out_lo = _half(out_lo).reshape(heads, 1, 1)
+            self.out_hi = _half(out_hi).reshape(heads, 1, 1)
         width = f"{self.mean_bits:g}" if self.channel_bits is not None else f"{self.bits}"
         self.name = name or f"nuq{width}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+
+    @property
+    def decode_levels(self) -> torch.Tensor:
+        """fp32 [groups, n]: the levels decoding uses (Q-Norm applied), computed when asked, not held."""
+        levels = self.levels.float()
+        return levels if self.qnorm is None else levels * self.qnorm[:, :1].float() + self.qnorm[:, 1:].float()
 
     @property
     def mean_bits(self) -> float:
@@ -161,7 +171,7 @@ class NuqCodec(Codec):
         total = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "levels")
         if self.channel_bits is None:
             return total + self.levels.numel() * 2
-        return total + int((1 << self.channel_bits).sum()) * 2
+        return total + int((1 << self.channel_bits.long()).sum()) * 2
 
     # ----- normalization -----
     def _check(self, x: torch.Tensor) -> None:
@@ -242,9 +252,10 @@ class NuqCodec(Codec):
     def quantize_normalized(self, u: torch.Tensor) -> torch.Tensor:
         """Codes of normalized u [..., H, T, D] (clamped to [-1, 1]) under each element's codebook."""
         u = u.clamp(-1, 1)
+        levels = self.levels.float()
         if self.codebooks == "layer":
-            return assign(u, self.levels[0])
-        return self.from_groups(assign_batched(self.to_groups(u), self.levels), tuple(u.shape))
+            return assign(u, levels[0])
+        return self.from_groups(assign_batched(self.to_groups(u), levels), tuple(u.shape))
 
     def dequantize_normalized(self, codes: torch.Tensor) -> torch.Tensor:
         """Decoded normalized values of codes [..., H, T, D] (Q-Norm applied)."""
@@ -291,11 +302,13 @@ class NuqCodec(Codec):
 
     # ----- code packing -----
     def _width_columns(self) -> dict[int, torch.Tensor]:
-        """Bit width -> the (head * head_dim + channel) columns stored at that width (0-bit ones store nothing)."""
+        """Bit width -> int32 [n]: the (head * head_dim + channel) columns stored at that width (0-bit ones store
+        nothing); computed once per device (the kernels read the same tensors)."""
         key = (self.channel_bits.data_ptr(), self.channel_bits.device)
         memo = self.__dict__.get("_columns")
         if memo is None or memo[0] != key:
-            columns = {int(b): (self.channel_bits == b).nonzero().flatten() for b in self.channel_bits.unique() if b > 0}
+            columns = {int(b): (self.channel_bits == b).nonzero().flatten().to(torch.int32)
+                       for b in self.channel_bits.unique() if b > 0}
             memo = self.__dict__["_columns"] = (key, columns)
         return memo[1]
 
@@ -330,7 +343,8 @@ class NuqCodec(Codec):
         shape = enc.shape
         t = enc.tensors
         codes = self._unpack(t, shape)
-        zero, scale = (self.zero, self.scale) if self.axis == "channel" else (t["zero"].float(), t["scale"].float())
+        zero, scale = (self.zero, self.scale) if self.axis == "channel" else (t["zero"], t["scale"])
+        zero, scale = zero.float(), scale.float()
         x = self.dequantize_normalized(codes) * scale + zero
         return sparse.apply_outliers(x, t, self.outlier_rows)
 

@@ -391,12 +391,14 @@ def mixed_encode(codec, x: torch.Tensor):
         return None
     const = codec.__dict__.get("_kvpack_mixed_encode")
     if const is None:
-        mid = ((codec.levels[:, 1:] + codec.levels[:, :-1]) / 2).float().contiguous()
         cols = {b: c.to(torch.int32).contiguous() for b, c in columns.items()}
         kz = None if codec.axis != "channel" else (codec.zero.reshape(-1).float().contiguous(),
                                                    codec.scale.reshape(-1).float().contiguous())
-        const = codec.__dict__["_kvpack_mixed_encode"] = (mid, cols, kz)
-    mid, cols, kz = const
+        const = codec.__dict__["_kvpack_mixed_encode"] = (cols, kz)
+    cols, kz = const
+    # fp32 midpoints [H * D, 2**max - 1], padded per channel: built per call (~10 us), not held with the model
+    levels = codec.levels.float()
+    mid = torch.add(levels[:, 1:], levels[:, :-1]).mul_(0.5)
     x = x.float().contiguous()
     tensors = {f"codes{b}": torch.empty(batch, tokens * c.numel() * b // 8, dtype=torch.uint8) for b, c in cols.items()}
     groups = torch.tensor([v for b, c in cols.items() for v in (b, c.numel(), _ptr(c), _ptr(tensors[f"codes{b}"]))],
@@ -439,7 +441,8 @@ def nuq_encode(codec, x: torch.Tensor):
         return None
     mid = codec.__dict__.get("_kvpack_midpoints")
     if mid is None:
-        mid = ((codec.levels[:, 1:] + codec.levels[:, :-1]) / 2).float().contiguous()
+        levels = codec.levels.float()
+        mid = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
         codec.__dict__["_kvpack_midpoints"] = mid
     x = x.float().contiguous()
     codes = torch.empty(batch, heads, tokens * dim * codec.bits // 8, dtype=torch.uint8)

@@ -125,8 +125,8 @@ if HAVE_TRITON:
 
 
 def _midpoints(codec: NuqCodec, device) -> tuple[torch.Tensor, int]:
-    levels = codec.levels.to(device)
-    mid = ((levels[:, 1:] + levels[:, :-1]) / 2).float().contiguous()
+    levels = codec.levels.to(device).float()
+    mid = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
     return mid, (mid.shape[1] if mid.shape[0] > 1 else 0)
 
 

@@ -2,7 +2,9 @@
 
 Compiles with Triton's CUDA backend and its bundled ptxas, then records per kernel and target what ptxas
 allocated: registers per thread, spill stores/loads (bytes), stack frame, shared memory, num_warps,
-num_stages. "after": the split-K flash-decoding kernels of kvpack.kernels.triton_decode (as launched);
+num_stages. "after": the split-K flash-decoding kernels of kvpack.kernels.triton_decode (as launched), among
+them mixed_split (kvpack.kernels.triton_mixed: per-channel mixed widths, the kvpack presets; widths are run-time
+data, so it is compiled once per head_dim and query group);
 "before": the per-run kernels of kvpack.kernels.triton_attention (launch defaults: 4 warps, 3 stages) at
 the same head_dim, bits and query rows (RVQ: 8 x 2048 codes, groups of 32, at 4 query rows only: at 32
 rows ptxas needs minutes per kernel). No timings: no GPU was lent, GPU speed is not measured.
@@ -93,7 +95,8 @@ def main() -> None:
                  "GPU speed not measured: no GPU was lent."),
         "env": {"triton": triton.__version__, "python": platform.python_version()},
         "register_budget": 128,
-        "after": {"kernels": "kvpack.kernels.triton_decode (split-K flash-decoding, one launch per segment + reduce)",
+        "after": {"kernels": ("kvpack.kernels.triton_decode (split-K flash-decoding, one launch per segment + reduce; "
+                              "mixed_split: kvpack.kernels.triton_mixed, the kvpack presets)"),
                   "summary": summary(after), "rows": after},
         "before": {"kernels": "kvpack.kernels.triton_attention (per-run key_scores / value_accum)",
                    "summary": summary(before), "rows": before},

@@ -9,7 +9,7 @@ import typer
 from kvpack.cli.options import (CalibData, CalibWindows, Data, JsonOut, Methods, Model, Progress, Recalibrate,
                                 RecipeDir, Seqlen, fail, log, split_methods)
 from kvpack.errors import KVPackError
-from kvpack.evaluate import passkey
+from kvpack.evaluate import passkey, retrieval
 from kvpack.evaluate.results import PPL_COLUMNS, text_table, write_rows
 from kvpack.evaluate.run import run_eval
 
@@ -32,20 +32,31 @@ def eval_command(
     cache: str = typer.Option("simulated", help="simulated | real (stream windows through CompressedCache) | both."),
     chunk: int = typer.Option(1, help="With --cache real: tokens fed per forward (1 = the exact decode path)."),
     resume: bool = typer.Option(False, help="Keep rows already in --json for the same model/data/seqlen/windows; run only the rest."),
-    task: str = typer.Option("perplexity", help="perplexity | passkey (a 5-digit key in filler text, through the real cache)."),
-    lengths: str = typer.Option("1024,2048,4096,8000", help="--task passkey: prompt lengths in tokens."),
-    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="--task passkey: where the key sits (0 = start, 1 = end)."),
-    trials: int = typer.Option(2, help="--task passkey: keys per length and depth."),
-    plot: Optional[Path] = typer.Option(None, help="--task passkey: heat map PNG."),
+    task: str = typer.Option("perplexity", help="perplexity | passkey (a 5-digit key in filler text, through the real cache) "
+                                                "| retrieval (RULER-style tasks in natural text, exact match, through the real cache)."),
+    lengths: Optional[str] = typer.Option(None, help="--task passkey/retrieval: prompt lengths in tokens (default 1024,2048,4096,8000 / 2048,4096,8192)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="--task passkey/retrieval: where the key sits (0 = start, 1 = end)."),
+    trials: Optional[int] = typer.Option(None, help="--task passkey: keys per length and depth (default 2); --task retrieval: "
+                                                    "trials per task, length and method, spread over the depths (default 20)."),
+    plot: Optional[Path] = typer.Option(None, help="--task passkey/retrieval: heat map PNG."),
+    tasks: str = typer.Option(",".join(retrieval.TASKS), help="--task retrieval: which tasks."),
+    seed: int = typer.Option(0, help="--task retrieval: the seed every prompt is generated from."),
+    haystack: str = typer.Option("c4[500:]", help="--task retrieval: the natural text around the needles: a data spec "
+                                                  "(c4[500:], wikitext2, PATH) or 'guide' (the text shipped with kvpack)."),
     finetuned: Optional[Path] = typer.Option(None, help="A `kvpack finetune` output: merge its adapter into the model for every row; its method uses the tuned codebooks."),
 ) -> None:
     """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run;
     or passkey retrieval accuracy (--task passkey)."""
     if task == "passkey":
-        _passkey(model, methods, lengths, depths, trials, calib_data, calib_windows, seqlen, recipe, progress, json_out, plot)
+        _passkey(model, methods, lengths or "1024,2048,4096,8000", depths, 2 if trials is None else trials, calib_data,
+                 calib_windows, seqlen, recipe, progress, json_out, plot)
+        return
+    if task == "retrieval":
+        _retrieval(model, methods, tasks, lengths or "2048,4096,8192", depths, 20 if trials is None else trials, seed,
+                   haystack, calib_data, calib_windows, seqlen, recipe, progress, json_out, plot)
         return
     if task != "perplexity":
-        fail(KVPackError(f"unknown --task '{task}' (perplexity | passkey)"))
+        fail(KVPackError(f"unknown --task '{task}' (perplexity | passkey | retrieval)"))
     try:
         rows = run_eval(model, data, split_methods(methods), seqlen, max_windows, pre_rope, key_axis,
                         calib_data, calib_windows, recipe, progress, cache=cache, chunk=chunk,
@@ -74,3 +85,22 @@ def _passkey(model, methods, lengths, depths, trials, calib_data, calib_windows,
         log(f"wrote {json_out} and {summary}")
     if plot:
         log(f"wrote {passkey.heatmap(rows, plot)}")
+
+
+def _retrieval(model, methods, tasks, lengths, depths, trials, seed, haystack, calib_data, calib_windows, seqlen, recipe,
+               progress, json_out, plot) -> None:
+    """Run the missing trials (rows already in --json are kept), print the table, write the pivot and the heat map."""
+    try:
+        rows = retrieval.run_retrieval_eval(model, split_methods(methods), split_methods(tasks),
+                                            [int(x) for x in lengths.split(",")], [float(x) for x in depths.split(",")],
+                                            trials, seed, haystack, json_out, calib_data, calib_windows, seqlen, recipe,
+                                            progress, log=log)
+    except (KVPackError, ValueError) as exc:
+        fail(exc)
+    typer.echo(retrieval.table(rows))
+    if json_out:
+        summary = Path(json_out).with_name(Path(json_out).stem + "-table.json")
+        write_rows(summary, retrieval.pivot(rows))
+        log(f"wrote {json_out} and {summary}")
+    if plot:
+        log(f"wrote {retrieval.heatmap(rows, plot)}")

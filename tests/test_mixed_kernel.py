@@ -72,3 +72,32 @@ def test_mixed_width_blocks_cut_per_token_when_byte_aligned():
     odd = NuqCodec(torch.linspace(-1, 1, 8).expand(heads * dim, -1), "channel", heads, dim, zero=torch.zeros(heads, dim), scale=torch.ones(heads, dim),
                    channel_bits=torch.tensor([3] * 3 + [2] * 29))
     assert odd.slice_tokens(odd.encode(x), 3, 9) is None  # 3 x 3 bits per token: not byte-aligned
+
+
+@pytest.mark.parametrize("block_tokens,threads", [(16, 1), (64, 2)])
+@torch.no_grad()
+def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, text_file):
+    """Blocks holding whole vectors of 16 tokens take the kernels' fast tile path (AVX-512: codes unpacked and
+    transposed 16 tokens at a time); the run's last tile is partial; split over threads the value partials merge."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global:fisher-s2", data=str(text_file), windows=3,
+                              seqlen=64, progress=False)
+    ids = torch.randint(3, 120, (2, 200), generator=torch.Generator().manual_seed(3))
+    cache = CompressedCache(model, recipe, block_tokens=block_tokens)
+    model(ids[:, :180], **cache_kwargs(cache))
+    for t in range(180, 183):
+        model(ids[:, t:t + 1], **cache_kwargs(cache))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layer in cache.layers:
+            q = torch.randn(2, model.config.num_attention_heads, 2, 16, generator=torch.Generator().manual_seed(4))
+            paths = []
+            ref = dispatch.layer_attention(layer, q, backend="torch", rope=cache.packed.rope)
+            got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+            assert paths == [("layer", "cpu")]
+    finally:
+        torch.set_num_threads(before)

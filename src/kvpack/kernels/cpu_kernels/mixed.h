@@ -110,6 +110,18 @@ inline const uint8_t* group_row(const Group& g, i64 b, i64 n, int T) {
   return g.codes + (n / T) * g.sblk + b * g.sb + (n % T) * g.st;
 }
 
+inline void prefetch(const void* p, i64 bytes) {
+  const char* c = (const char*)p;
+  for (i64 o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
+// The codes of the tile at n0 (each vector's rows are contiguous), fetched ahead: a tile's rows cross pages,
+// where the hardware prefetchers stop.
+inline void prefetch_tile(const Mixed& m, i64 b, i64 n0, i64 N, int T) {
+  for (i64 nv = n0; nv < std::min(N, n0 + TILE); nv += W)
+    for (int i = 0; i < m.ng; ++i) prefetch(group_row(m.g[i], b, nv, T), m.g[i].st * std::min<i64>(W, N - nv));
+}
+
 // Codes of tokens n0 .. n0 + W - 1 (clamped to N - 1) of one group, any layout: 8 codes (BITS bytes) at a time.
 template <int BITS>
 inline void codes_generic(const Group& g, i64 b, i64 n0, i64 N, int T, int base, int v, code_t* ct) {
@@ -125,38 +137,55 @@ inline void codes_generic(const Group& g, i64 b, i64 n0, i64 N, int T, int base,
 
 #if KVPACK_AVX512
 // 16 tokens of one group whose rows follow each other (one block): the stream of 16 n codes unpacked to bytes
-// (u [16][n]), then per 64 channels a 16 x 16 transpose of 4-byte words and a byte shuffle to [channel][token].
+// (vpermb + vpmultishiftqb, 64 codes at a time) into u [16][S] at columns base .. base + n (masked stores).
 template <int BITS>
-inline void codes_fast(const uint8_t* src, int n, int base, int v, uint8_t* u, code_t* ct) {
+inline void unpack16(const uint8_t* src, int n, int S, int base, uint8_t* u) {
   alignas(64) static const struct Consts {
-    uint8_t perm[64], shift[64], bt[64];
+    uint8_t perm[64], shift[64];
     Consts() {
       for (int k = 0; k < 8; ++k)
         for (int e = 0; e < 8; ++e) {
           perm[8 * k + e] = (uint8_t)(k * BITS + e);
           shift[8 * k + e] = (uint8_t)(e * BITS);
         }
-      for (int c = 0; c < 4; ++c)
-        for (int t = 0; t < 16; ++t) bt[c * 16 + t] = (uint8_t)(4 * t + c);
     }
   } K;
   const __m512i perm = _mm512_load_si512(K.perm), shift = _mm512_load_si512(K.shift);
   const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
   const __mmask64 lm = BITS == 8 ? ~0ULL : ((1ULL << (8 * BITS)) - 1);
   const int chunks = 16 * n / 64;
+  int t0 = 0;
   for (int q = 0; q < chunks; ++q) {
     __m512i x = _mm512_maskz_loadu_epi8(lm, src + (i64)q * 8 * BITS);
-    x = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, x));
-    _mm512_storeu_si512(u + 64 * q, _mm512_and_si512(x, mask));
+    x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, x)), mask);
+    const int s0 = 64 * q;  // stream position of byte 0
+    while ((t0 + 1) * n <= s0) ++t0;  // token of byte 0
+    for (int t = t0; t < 16 && t * n < s0 + 64; ++t) {
+      const int lo = std::max(s0, t * n) - s0, hi = std::min(s0 + 64, (t + 1) * n) - s0;
+      const __mmask64 mk = (hi == 64 ? ~0ULL : ((1ULL << hi) - 1)) & ~((1ULL << lo) - 1);
+      _mm512_mask_storeu_epi8(u + (i64)t * S + base + (s0 - t * n), mk, x);
+    }
   }
+}
+
+// u [16][S] (token-major bytes) -> the tile's [channel][token] lines: per 64 channels a 16 x 16 transpose of
+// 4-byte words, then a byte shuffle to 4 channels x 16 tokens.
+inline void transpose16(const uint8_t* u, int S, int v, code_t* ct) {
+  alignas(64) static const struct Consts {
+    uint8_t bt[64];
+    Consts() {
+      for (int c = 0; c < 4; ++c)
+        for (int t = 0; t < 16; ++t) bt[c * 16 + t] = (uint8_t)(4 * t + c);
+    }
+  } K;
   const __m512i bt = _mm512_load_si512(K.bt);
-  for (int c0 = 0; c0 < n; c0 += 64) {
-    const int w = std::min(64, n - c0);
+  for (int c0 = 0; c0 < S; c0 += 64) {
+    const int w = std::min(64, S - c0);
     const __mmask64 cm = w == 64 ? ~0ULL : ((1ULL << w) - 1);
     __m512i r[16];
-    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi8(cm, u + t * n + c0);
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi8(cm, u + (i64)t * S + c0);
     simd::transpose(r);
-    for (int k = 0; k < w / 4; ++k) _mm512_store_si512(cslot(ct, base + c0 + 4 * k, v), _mm512_permutexvar_epi8(bt, r[k]));
+    for (int k = 0; k < w / 4; ++k) _mm512_store_si512(cslot(ct, c0 + 4 * k, v), _mm512_permutexvar_epi8(bt, r[k]));
   }
 }
 #else
@@ -174,20 +203,6 @@ inline void codes_fast8(const Group& g, i64 b, i64 n0, i64 N, int T, int base, i
 }
 #endif
 
-template <int BITS>
-inline void group_codes(const Group& g, i64 b, i64 n0, i64 N, int T, int base, int v, uint8_t* u, code_t* ct) {
-#if KVPACK_AVX512
-  if (n0 + W <= N && n0 / T == (n0 + W - 1) / T && g.st * 8 == (i64)g.n * BITS) {
-    codes_fast<BITS>(group_row(g, b, n0, T), g.n, base, v, u, ct);
-    return;
-  }
-  codes_generic<BITS>(g, b, n0, N, T, base, v, ct);
-#else
-  (void)u;
-  codes_fast8<BITS>(g, b, n0, N, T, base, v, ct);
-#endif
-}
-
 #define MIXED_BITS_SWITCH(bits, CALL) \
   switch (bits) {                     \
     case 1: CALL(1); break;           \
@@ -200,28 +215,71 @@ inline void group_codes(const Group& g, i64 b, i64 n0, i64 N, int T, int base, i
     default: CALL(8); break;          \
   }
 
-// Codes of every group for the tile vectors [0, vecs) starting at token n0.
+// Codes of every group for the tile vectors [0, vecs) starting at token n0; u: scratch of TILE x slots bytes.
+// AVX-512: every vector's codes are unpacked first and transposed after, so that the transposes' loads do not wait
+// on the unpacking's byte-masked stores (no store-to-load forwarding across several stores).
 inline void tile_codes(const Mixed& m, const Plan& p, i64 b, i64 n0, int vecs, i64 N, int T, uint8_t* u, code_t* ct) {
-  for (int i = 0; i < m.ng; ++i)
-    for (int v = 0; v < vecs; ++v) {
-#define CALL(B) group_codes<B>(m.g[i], b, n0 + v * W, N, T, p.base[i], v, u, ct)
+#if KVPACK_AVX512
+  bool fast[VECS];
+  for (int v = 0; v < vecs; ++v) {
+    const i64 nv = n0 + (i64)v * W;
+    fast[v] = nv + W <= N && nv / T == (nv + W - 1) / T;  // W rows one after another in one block
+    for (int i = 0; i < m.ng; ++i) fast[v] = fast[v] && m.g[i].st * 8 == (i64)m.g[i].n * m.g[i].bits;
+    uint8_t* uv = u + (i64)v * W * p.slots;
+    for (int i = 0; i < m.ng; ++i) {
+      if (fast[v]) {
+#define CALL(B) unpack16<B>(group_row(m.g[i], b, nv, T), m.g[i].n, p.slots, p.base[i], uv)
+        MIXED_BITS_SWITCH(m.g[i].bits, CALL)
+#undef CALL
+      } else {
+#define CALL(B) codes_generic<B>(m.g[i], b, nv, N, T, p.base[i], v, ct)
+        MIXED_BITS_SWITCH(m.g[i].bits, CALL)
+#undef CALL
+      }
+    }
+  }
+  for (int v = 0; v < vecs; ++v)
+    if (fast[v]) transpose16(u + (i64)v * W * p.slots, p.slots, v, ct);
+#else
+  (void)u;
+  for (int v = 0; v < vecs; ++v)
+    for (int i = 0; i < m.ng; ++i) {
+#define CALL(B) codes_fast8<B>(m.g[i], b, n0 + (i64)v * W, N, T, p.base[i], v, ct)
       MIXED_BITS_SWITCH(m.g[i].bits, CALL)
 #undef CALL
     }
+#endif
 }
 
-// Outliers of token n (lane l): calls fix(channel h * D + c, value).
-template <typename F>
-inline void token_outliers(const Mixed& m, i64 b, i64 n, int B, int H, int T, int D, F fix) {
-  const i64 blk = n / T, t = n % T;
-  if (m.omode == 1) {  // rows (blk, b, t) over H * D
-    const i64 row = (blk * B + b) * T + t;
-    for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix((int)count_at(m.oi, m.ois, j), h2f(m.ov[j]));
-  } else {  // rows (blk, b, h, t) over D
-    for (int h = 0; h < H; ++h) {
-      const i64 row = ((blk * B + b) * H + h) * T + t;
-      for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix(h * D + (int)count_at(m.oi, m.ois, j), h2f(m.ov[j]));
+// Outliers of tokens n0 .. n0 + count - 1: fix(token offset, channel h * D + c, value) for each.
+template <typename I, typename F>
+inline void range_outliers_as(const Mixed& m, i64 b, i64 n0, int count, int B, int H, int T, int D, F fix) {
+  const I* idx = (const I*)m.oi;
+  i64 blk = n0 / T, t = n0 % T;
+  for (int l = 0; l < count; ++l) {
+    if (m.omode == 1) {  // rows (blk, b, t) over H * D
+      const i64 row = (blk * B + b) * T + t;
+      for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix(l, (int)idx[j], h2f(m.ov[j]));
+    } else {  // rows (blk, b, h, t) over D
+      for (int h = 0; h < H; ++h) {
+        const i64 row = ((blk * B + b) * H + h) * T + t;
+        for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix(l, h * D + (int)idx[j], h2f(m.ov[j]));
+      }
     }
+    if (++t == T) {
+      t = 0;
+      ++blk;
+    }
+  }
+}
+
+template <typename F>
+inline void range_outliers(const Mixed& m, i64 b, i64 n0, int count, int B, int H, int T, int D, F fix) {
+  switch (m.ois) {
+    case 1: range_outliers_as<uint8_t>(m, b, n0, count, B, H, T, D, fix); break;
+    case 2: range_outliers_as<int16_t>(m, b, n0, count, B, H, T, D, fix); break;
+    case 4: range_outliers_as<int32_t>(m, b, n0, count, B, H, T, D, fix); break;
+    default: range_outliers_as<int64_t>(m, b, n0, count, B, H, T, D, fix); break;
   }
 }
 
@@ -273,7 +331,7 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
     kbuf.resize((size_t)HD * W + 16);
     rbuf.resize((size_t)2 * std::max(half, 1) * W + 16);
     cbuf.resize((size_t)(plan.slots + 4) * TILE + 64);
-    ubuf.resize((size_t)16 * HD + 64);
+    ubuf.resize((size_t)TILE * HD + 64);
     float* kd = kbuf.data() + (16 - ((uintptr_t)kbuf.data() / 4) % 16) % 16;
     float* cs = rbuf.data() + (16 - ((uintptr_t)rbuf.data() / 4) % 16) % 16;
     float* sn = cs + (i64)std::max(half, 1) * W;
@@ -283,19 +341,23 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
     for (i64 it = begin; it < end; ++it) {
       const i64 b = it / tiles, n0 = (it % tiles) * TILE;
       const int vecs = (int)std::min<i64>(VECS, (N - n0 + W - 1) / W);
+      if (n0 + TILE < N) prefetch_tile(m, b, n0 + TILE, N, T);
       tile_codes(m, plan, b, n0, vecs, N, T, ubuf.data(), ct);
       for (int v = 0; v < vecs; ++v) {
         const i64 nv = n0 + (i64)v * W;
         const int lanes = (int)std::min<i64>(W, N - nv);
+        if (half && nv + W < N)  // the next vector's cos/sin rows
+          for (i64 n = nv + W; n < std::min(N, nv + 2 * W); ++n) {
+            prefetch(rope.cos + b * rope.sb + n * rope.st, half * 4);
+            prefetch(rope.sin + b * rope.sb + n * rope.st, half * 4);
+          }
         for (int i = 0; i < m.ng; ++i) {
           const Group& g = m.g[i];
 #define CALL(BB) decode_group<BB>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.base[i], v, ct, kd)
           MIXED_BITS_SWITCH(g.bits, CALL)
 #undef CALL
         }
-        if (m.ov)
-          for (int l = 0; l < lanes; ++l)
-            token_outliers(m, b, nv + l, B, H, T, D, [&](int ch, float x) { kd[(i64)ch * W + l] = x; });
+        if (m.ov) range_outliers(m, b, nv, lanes, B, H, T, D, [&](int l, int ch, float x) { kd[(i64)ch * W + l] = x; });
         if (half) rope_tile(rope, b, nv, N, half, cs, sn);
         for (int h = 0; h < H; ++h) {
           const float* kh = kd + (i64)h * D * W;
@@ -376,7 +438,7 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
     static thread_local std::vector<uint8_t> ubuf;
     wbuf.resize((size_t)H * G * TILE + 16);
     cbuf.resize((size_t)(plan.slots + 4) * TILE + 64);
-    ubuf.resize((size_t)16 * HD + 64);
+    ubuf.resize((size_t)TILE * HD + 64);
     float* w = wbuf.data() + (16 - ((uintptr_t)wbuf.data() / 4) % 16) % 16;
     code_t* ct = (code_t*)((uint8_t*)cbuf.data() + (64 - (uintptr_t)cbuf.data() % 64) % 64);
     i64 begin, end;
@@ -384,23 +446,42 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
     for (i64 it = begin; it < end; ++it) {
       const i64 b = it / tiles, n0 = (it % tiles) * TILE;
       const int count = (int)std::min<i64>(TILE, N - n0), vecs = (count + W - 1) / W;
+      if (n0 + TILE < N) prefetch_tile(m, b, n0 + TILE, N, T);
       tile_codes(m, plan, b, n0, vecs, N, T, ubuf.data(), ct);
       float* fx = fix_all + b * H * G * (D + 1);
       for (int h = 0; h < H; ++h) {  // w = p * scale per token; the zeros' share sum p * zero per row
         const float* pp = p + b * pb + h * ph + n0;
-        for (int j = 0; j < vecs * W; ++j) {
-          const i64 n = n0 + j;
-          float s = 0.0f, z = 0.0f;
-          if (j < count) {
-            s = m.vs.at(n / T, b, h, n % T);
-            z = m.vz.at(n / T, b, h, n % T);
+        vf zacc[GT > 0 ? GT : MAXG];
+        for (int g = 0; g < G; ++g) zacc[g] = simd::zero();
+        for (int v = 0; v < vecs; ++v) {
+          const i64 nv = n0 + (i64)v * W;
+          if (nv + W <= N && nv / T == (nv + W - 1) / T && m.vs.st == 1 && m.vz.st == 1) {  // one block: W scales
+            const i64 blk = nv / T, t = nv % T;
+            const vf sv = simd::load_half(m.vs.base + blk * m.vs.sblk + b * m.vs.sb + h * m.vs.sh + t);
+            const vf zv = simd::load_half(m.vz.base + blk * m.vz.sblk + b * m.vz.sb + h * m.vz.sh + t);
+            for (int g = 0; g < G; ++g) {
+              const vf pv = simd::load(pp + g * pg + v * W);
+              simd::storea(w + ((i64)h * G + g) * TILE + v * W, simd::mul(pv, sv));
+              zacc[g] = simd::fmadd(pv, zv, zacc[g]);
+            }
+            continue;
           }
-          for (int g = 0; g < G; ++g) {
-            const float pv = j < count ? pp[g * pg + j] : 0.0f;
-            w[((i64)h * G + g) * TILE + j] = pv * s;
-            fx[((i64)h * G + g) * (D + 1) + D] += pv * z;
+          for (int l = 0; l < W; ++l) {
+            const int j = v * W + l;
+            const i64 n = n0 + j;
+            float sc = 0.0f, z = 0.0f;
+            if (j < count) {
+              sc = m.vs.at(n / T, b, h, n % T);
+              z = m.vz.at(n / T, b, h, n % T);
+            }
+            for (int g = 0; g < G; ++g) {
+              const float pv = j < count ? pp[g * pg + j] : 0.0f;
+              w[((i64)h * G + g) * TILE + j] = pv * sc;
+              fx[((i64)h * G + g) * (D + 1) + D] += pv * z;
+            }
           }
         }
+        for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + D] += simd::hsum(zacc[g]);
       }
       float* acc = acc_all + b * HD * G * W;
       for (int i = 0; i < m.ng; ++i) {
@@ -410,16 +491,14 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
 #undef CALL
       }
       if (m.ov)
-        for (int j = 0; j < count; ++j) {
+        range_outliers(m, b, n0, count, B, H, T, D, [&](int j, int ch, float x) {
           const i64 n = n0 + j;
-          token_outliers(m, b, n, B, H, T, D, [&](int ch, float x) {
-            const int h = ch / D, c = ch % D, s = plan.slot_of[ch];
-            const int code = (int)cslot(ct, s, j / W)[j % W];
-            const float deq = plan.tab0[plan.tab_of[ch] + code] * m.vs.at(n / T, b, h, n % T) + m.vz.at(n / T, b, h, n % T);
-            const float delta = x - deq;
-            for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + c] += p[b * pb + h * ph + g * pg + n] * delta;
-          });
-        }
+          const int h = ch / D, c = ch % D;
+          const int code = (int)cslot(ct, plan.slot_of[ch], j / W)[j % W];
+          const float deq = plan.tab0[plan.tab_of[ch] + code] * m.vs.at(n / T, b, h, n % T) + m.vz.at(n / T, b, h, n % T);
+          const float delta = x - deq;
+          for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + c] += p[b * pb + h * ph + g * pg + n] * delta;
+        });
     }
   }
   for (int tid = 0; tid < threads; ++tid) {

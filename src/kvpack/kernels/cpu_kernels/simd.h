@@ -35,6 +35,7 @@ inline void store_n(float* p, vf v, int m) {  // the first m lanes
   if (m == W) _mm512_storeu_ps(p, v);
   else _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1), v);
 }
+inline vf load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline vi index(const code_t* p) { return _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)p)); }
 
 // Level lookup, one table per channel: lane l gets tab[idx[l]]. tab: 16 floats (BITS <= 4, padded), 2**BITS beyond.
@@ -108,6 +109,7 @@ inline void store_n(float* p, vf v, int m) {
     _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(m), lanes), v);
   }
 }
+inline vf load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline vi index(const code_t* p) { return _mm256_load_si256((const __m256i*)p); }
 
 template <int BITS>

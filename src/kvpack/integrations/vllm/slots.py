@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
-
-CHUNK = 4096  # tokens per chunk when (un)packing bitstreams: bounds the [tokens, bits] temporaries
-
+from kvpack.integrations.vllm import fastdecode
 
 @dataclass
 class SlotPart:
@@ -38,15 +37,18 @@ class SlotPart:
     scale_pairs: int = 0  # fp16 (zero, scale) pairs per token (nuq, per-token ranges)
     outlier_slots: int = 0
     index_bytes: int = 1
-    _bit_col: torch.Tensor = field(init=False, repr=False, default=None)
-    _bit_shift: torch.Tensor = field(init=False, repr=False, default=None)
+    _byte: torch.Tensor = field(init=False, repr=False, default=None)  # [H * D] first byte of each code
+    _shift: torch.Tensor = field(init=False, repr=False, default=None)  # [H * D] bit offset within it
+    _mask: torch.Tensor = field(init=False, repr=False, default=None)  # [H * D] 2**width - 1
 
     def __post_init__(self) -> None:
         if self.kind == "nuq":
             w = self.widths.to(torch.int64)
-            self._bit_col = torch.repeat_interleave(torch.arange(w.numel()), w)
-            starts = torch.cumsum(w, 0) - w
-            self._bit_shift = torch.arange(int(w.sum())) - torch.repeat_interleave(starts, w)
+            if int(w.max()) > 8:
+                raise ValueError("slot codes are at most 8 bits wide")
+            start = torch.cumsum(w, 0) - w
+            self._byte, self._shift = start // 8, (start % 8).to(torch.int32)
+            self._mask = ((1 << w) - 1).to(torch.int32)
 
     @property
     def channels(self) -> int:
@@ -63,28 +65,22 @@ class SlotPart:
         return self.code_bytes + 4 * self.scale_pairs + self.outlier_slots * (2 + self.index_bytes)
 
     # ----- bitstream -----
+    # Channel c's code sits at bit offset o_c of the token's little-endian bitstream; with widths <= 8 it spans
+    # at most two bytes, so packing adds (code << o_c % 8) into bytes o_c // 8 and o_c // 8 + 1 (no overlaps),
+    # and unpacking reads those two bytes back: O(tokens x channels), no per-bit work.
     def _pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [T, H * D] (int) -> uint8 [T, code_bytes]."""
-        out = torch.zeros(codes.shape[0], self.code_bytes, dtype=torch.uint8)
-        weights = (1 << torch.arange(8, dtype=torch.int32))
-        pad = self.code_bytes * 8 - self._bit_shift.numel()
-        for s in range(0, codes.shape[0], CHUNK):
-            c = codes[s:s + CHUNK].to(torch.int32)
-            bits = (c[:, self._bit_col] >> self._bit_shift.to(torch.int32)) & 1
-            bits = torch.nn.functional.pad(bits, (0, pad)).view(c.shape[0], self.code_bytes, 8)
-            out[s:s + CHUNK] = (bits * weights).sum(-1).to(torch.uint8)
-        return out
+        shifted = codes.to(torch.int32) << self._shift
+        out = torch.zeros(codes.shape[0], self.code_bytes + 1, dtype=torch.int32)
+        out.index_add_(1, self._byte, shifted & 0xFF)
+        out.index_add_(1, self._byte + 1, shifted >> 8)
+        return out[:, : self.code_bytes].to(torch.uint8)
 
     def _unpack_codes(self, packed: torch.Tensor) -> torch.Tensor:
         """uint8 [T, code_bytes] -> int64 codes [T, H * D]."""
-        total = self._bit_shift.numel()
-        out = torch.zeros(packed.shape[0], self.channels, dtype=torch.int64)
-        shifts = torch.arange(8, dtype=torch.uint8)
-        for s in range(0, packed.shape[0], CHUNK):
-            p = packed[s:s + CHUNK]
-            bits = ((p.unsqueeze(-1) >> shifts) & 1).view(p.shape[0], -1)[:, :total].to(torch.int64)
-            out[s:s + CHUNK].index_add_(1, self._bit_col, bits << self._bit_shift)
-        return out
+        p = torch.nn.functional.pad(packed, (0, 1)).to(torch.int32)
+        pairs = p[:, self._byte] | (p[:, self._byte + 1] << 8)
+        return ((pairs >> self._shift) & self._mask).to(torch.int64)
 
     # ----- slot codec -----
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -127,16 +123,15 @@ class SlotPart:
         if self.kind == "raw":
             return slot.contiguous().view(self.dtype).reshape(T, self.heads, self.head_dim).float()
         at = self.code_bytes
-        codes = self._unpack_codes(slot[:, :at]).view(T, self.heads, self.head_dim).transpose(0, 1)
-        x = self.codec.dequantize_normalized(codes)  # [H, T, D]
+        zero = scale = None
         if self.scale_pairs:
             pairs = slot[:, at: at + 4 * self.scale_pairs].contiguous().view(torch.float16).float()
-            at += 4 * self.scale_pairs
-            zero = pairs[:, : self.scale_pairs].transpose(0, 1).unsqueeze(-1)  # [1|H, T, 1]
-            scale = pairs[:, self.scale_pairs:].transpose(0, 1).unsqueeze(-1)
+            zero, scale = pairs[:, : self.scale_pairs].contiguous(), pairs[:, self.scale_pairs:].contiguous()  # [T, P]
+        if fastdecode.available():
+            x = self._decode_compiled(slot, zero, scale)
         else:
-            zero, scale = self.codec.zero, self.codec.scale
-        x = (x * scale + zero).transpose(0, 1).reshape(T, self.channels)
+            x = self._decode_torch(slot, zero, scale)
+        at += 4 * self.scale_pairs
         if self.outlier_slots:
             n = self.outlier_slots
             vals = slot[:, at: at + 2 * n].contiguous().view(torch.float16).float()
@@ -145,6 +140,45 @@ class SlotPart:
             index = (raw.view(torch.int16) if self.index_bytes == 2 else raw).to(torch.int64)
             x = torch.cat([x, x.new_zeros(T, 1)], 1).scatter_(1, index, vals)[:, : self.channels]
         return x.reshape(T, self.heads, self.head_dim)
+
+    def _decode_torch(self, slot: torch.Tensor, zero: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+        """Codes and ranges -> float32 [T, H * D] with torch (the reference for `_decode_compiled`)."""
+        T = slot.shape[0]
+        codes = self._unpack_codes(slot[:, : self.code_bytes]).view(T, self.heads, self.head_dim).transpose(0, 1)
+        x = self.codec.dequantize_normalized(codes)  # [H, T, D]
+        if zero is None:
+            zero, scale = self.codec.zero, self.codec.scale
+        else:
+            zero, scale = zero.transpose(0, 1).unsqueeze(-1), scale.transpose(0, 1).unsqueeze(-1)  # [P, T, 1]
+        return (x * scale + zero).transpose(0, 1).reshape(T, self.channels)
+
+    def _decode_compiled(self, slot: torch.Tensor, zero: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+        t = self._tables()
+        out = np.empty((slot.shape[0], self.channels), dtype=np.float32)
+        if zero is None:
+            zero = scale = torch.empty(slot.shape[0], 0)
+        fastdecode.decode_codes(slot.numpy(), self.code_bytes, t["byte"], t["shift"], t["mask"], t["level_base"],
+                                t["levels"], t["chan_zero"], t["chan_scale"], zero.numpy(), scale.numpy(),
+                                t["pair_div"], out)
+        return torch.from_numpy(out)
+
+    def _tables(self) -> dict:
+        """Per-channel lookup tables of the compiled decoder, built once."""
+        if self.__dict__.get("_fast") is None:
+            levels = self.codec.decode_levels.float()
+            groups = levels.shape[0]
+            c = torch.arange(self.channels)
+            group = c * 0 if groups == 1 else (c // self.head_dim if groups == self.heads else c)
+            per_channel = self.codec.axis == "channel"
+            self.__dict__["_fast"] = {
+                "byte": self._byte.numpy().astype(np.int64), "shift": self._shift.numpy(), "mask": self._mask.numpy(),
+                "level_base": (group * levels.shape[1]).numpy().astype(np.int64),
+                "levels": levels.flatten().contiguous().numpy(),
+                "chan_zero": (self.codec.zero.flatten().float().numpy() if per_channel else np.zeros(0, np.float32)),
+                "chan_scale": (self.codec.scale.flatten().float().numpy() if per_channel else np.zeros(0, np.float32)),
+                "pair_div": self.head_dim if self.scale_pairs == self.heads else self.channels,
+            }
+        return self.__dict__["_fast"]
 
 
 def nuq_part(codec: NuqCodec, key_outlier_slots: int | None) -> SlotPart:

@@ -1,0 +1,59 @@
+"""Shared by the vLLM benchmarks: run one engine configuration in its own process and collect its JSON result.
+
+A benchmark script calls `run_configs(__file__, ...)`; each configuration re-runs the script with `--one NAME`,
+which starts a vLLM engine, does the measurement and prints `RESULT {json}`. One process per engine: memory is
+returned between configurations and a failed configuration is recorded with its error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def engine_kwargs(spec: dict) -> dict:
+    """LLM(...) keyword arguments of a configuration {dtype, kv_cache_dtype?, kvpack?}."""
+    extra = {"dtype": spec["dtype"]}
+    if "kvpack" in spec:
+        extra["additional_config"] = {"kvpack": spec["kvpack"]}
+    if "kv_cache_dtype" in spec:
+        extra["kv_cache_dtype"] = spec["kv_cache_dtype"]
+    return extra
+
+
+def capacity(llm) -> dict:
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+            "capacity_tokens": cache.num_gpu_blocks * cache.block_size}
+
+
+def run_child(script: str, name: str, args: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    """Run `script --one name *args` and return its RESULT (or the error), with seconds and vLLM's capacity line."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, script, "--one", name, *args], env=dict(os.environ, **(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    text = proc.stdout + proc.stderr
+    row = {"config": name, "seconds": round(time.time() - start, 1)}
+    result = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not result:
+        errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
+        row["error"] = errors[-1][-400:] if errors else f"exit {proc.returncode}"
+        return row
+    row.update(json.loads(result[-1][len("RESULT "):]))
+    logged = CAPACITY_LINE.findall(text)
+    row["vllm_log_tokens"] = int(logged[-1].replace(",", "")) if logged else None
+    return row
+
+
+def environment() -> dict:
+    import torch
+    import vllm
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__, "cpu_avx512": bool(torch.cpu._is_avx512_supported()),
+            "cpu_amx": bool(torch.cpu._is_amx_tile_supported()), "cores": os.cpu_count(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,110 @@
+"""Quality inside vLLM: WikiText-2 perplexity from `prompt_logprobs`, vLLM's own cache vs kvpack pages, same run.
+
+The windows are the GPTQ/KVQuant protocol's (the test text tokenized once, non-overlapping windows of `seqlen`),
+the first `--windows` of them: with the defaults (2 x 2048) the same windows as results/cache-real-vs-sim.json,
+whose transformers real-cache deltas are copied next to the vLLM ones. Every token of a window is read back from
+the pages (kvpack writes a chunk's tokens before attending to them), as in a simulated-quantization run.
+
+    .venv-vllm/bin/python benchmarks/vllm_quality.py                       # -> results/vllm-quality.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_engine import capacity, engine_kwargs, environment, run_child  # noqa: E402
+
+METHODS = ["kvpack-4bit", "kvpack-3bit", "kvpack-2bit", "kvquant-4bit-1pct", "kvquant-3bit-1pct"]
+REAL_CACHE = Path("results/cache-real-vs-sim.json")
+
+
+def configs(dtypes: list[str], methods: list[str]) -> dict:
+    out = {}
+    for dtype in dtypes:
+        out[f"vllm-{dtype}"] = {"dtype": dtype}
+        out.update({f"{m}-{dtype}": {"dtype": dtype, "kvpack": {"method": m}} for m in methods})
+    return out
+
+
+def one(model: str, spec: dict, data: str, seqlen: int, windows: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvpack.data import load_windows
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = load_windows(tok, data, seqlen, windows)
+    llm = LLM(model=model, max_model_len=seqlen + 16, enforce_eager=True, **engine_kwargs(spec))
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    prompts = [TokensPrompt(prompt_token_ids=w.tolist()) for w in ids]
+    nll, count = [], 0
+    for window, out in zip(ids.tolist(), llm.generate(prompts, params, use_tqdm=False)):
+        lps = out.prompt_logprobs
+        total = -sum(lps[i][window[i]].logprob for i in range(1, len(window)))
+        nll.append(total / (len(window) - 1))
+        count += len(window) - 1
+    result = {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll, "tokens_scored": count, **capacity(llm)}
+    llm.llm_engine.engine_core.shutdown()
+    return result
+
+
+def real_cache_deltas() -> dict:
+    """method -> transformers real-cache perplexity delta (%) vs fp16 from results/cache-real-vs-sim.json."""
+    if not REAL_CACHE.is_file():
+        return {}
+    rows = json.loads(REAL_CACHE.read_text())
+    base = next((r["real_ppl"] for r in rows if r.get("method") == "fp16"), None)
+    return {r["method"]: {"real_ppl": r["real_ppl"], "delta_pct": 100 * (r["real_ppl"] / base - 1),
+                          "windows": r["windows"], "seqlen": r["seqlen"]} for r in rows if base and "real_ppl" in r}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--data", default="wikitext2")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--kv-gib", type=int, default=2)
+    parser.add_argument("--out", default="results/vllm-quality.json")
+    args = parser.parse_args()
+    if args.model is None:
+        from kvpack.hf.models import model_path
+
+        args.model = str(model_path("smollm2-135m"))
+    table = configs(args.dtypes.split(","), args.methods.split(","))
+    if args.one:
+        print("RESULT " + json.dumps(one(args.model, table[args.one], args.data, args.seqlen, args.windows)), flush=True)
+        return
+    rows = []
+    child_args = ["--model", args.model, "--data", args.data, "--seqlen", str(args.seqlen), "--windows",
+                  str(args.windows), "--dtypes", args.dtypes, "--methods", args.methods]
+    for name, spec in table.items():
+        row = {**run_child(__file__, name, child_args, env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}), **spec}
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("config", "ppl", "seconds", "error")}), flush=True)
+    reference = real_cache_deltas()
+    for row in rows:
+        base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
+        if base and row.get("ppl"):
+            row["delta_pct_vs_vllm_same_dtype"] = 100 * (row["ppl"] / base - 1)
+        method = row.get("kvpack", {}).get("method")
+        if method in reference and "delta_pct_vs_vllm_same_dtype" in row:
+            row["transformers_real_cache"] = reference[method]
+            row["delta_gap_pp"] = row["delta_pct_vs_vllm_same_dtype"] - reference[method]["delta_pct"]
+    out = {"benchmark": "vllm-quality", "command": "python benchmarks/vllm_quality.py " + " ".join(sys.argv[1:]),
+           "model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
+           "real_cache_reference": str(REAL_CACHE), **environment(), "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -90,7 +90,7 @@ class RvqView:
         return self.nblk * self.tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class MixedGroup:
     """The channels of one width in a run of mixed-width NuqCodec blocks."""
 

@@ -28,6 +28,7 @@ from kvpack.cache.memory import fp16_cache_nbytes
 from kvpack.cache.memory import fp16_cache_nbytes, held_bytes
 from kvpack.evaluate.results import environment
 from kvpack.hf.models import load_model, text_config
+from kvpack.kernels import cpu as cpu_kernels
 from kvpack.methods.names import parse_method
 from kvpack.recipes.resolve import resolve_recipe
 from kvpack.cache.cache import CompressedCache
@@ -53,6 +54,15 @@ def _device_name(device: torch.device) -> str:
         return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def _isa(device: torch.device) -> dict:
+    """The CPU's widest vector instruction set, the one the packed kernels were built for (KVPACK_CPU_ISA), and
+    torch's CPU capability (what its SDPA dispatches to)."""
+    if device.type != "cpu":
+        return {}
+    return {"cpu_instruction_set": cpu_kernels.instruction_set(), "kernel_isa": cpu_kernels.kernel_isa(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _prompt(tokenizer, data: str, tokens: int, vocab: int, device) -> tuple[torch.Tensor, str]:
@@ -195,6 +205,7 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2
                     "method": t.method, "baseline": not t.compressed,
                     "storage_dtype": base.dtype_name(t.storage_dtype) if not t.compressed else "packed",
                     "model_dtype": base.dtype_name(t.model.dtype), "device": dev.type, "device_name": _device_name(dev),
+                    **_isa(dev),
                     "context": context, "batch": t.batch, **timing_fields(tm), **m,
                     "cache_update_s": t.update_s, "prefill_model_s": model_s, "prefill_tokens_through_model": filled
                     if replay_from is None else through_model, "prefill_update_s_all_caches": update_s,

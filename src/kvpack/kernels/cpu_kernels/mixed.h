@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
 #include "simd.h"
 
 namespace {  // one translation unit (cpu_kernels.cpp) includes this

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -40,7 +41,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = Path(__file__).with_name("cpu_kernels")  # the per-family headers SOURCE includes
 ISA_FLAGS = {"native": [], "avx512": [], "avx2": ["-mno-avx512f"]}  # KVPACK_CPU_ISA: the widest vectors built
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI_VERSION = 11
+ABI_VERSION = int(re.search(r"#define KVPACK_ABI_VERSION (\d+)", (HEADERS / "abi.h").read_text()).group(1))
 
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
@@ -160,6 +161,13 @@ def load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         _ERROR = str(exc)
     return _LIB
+
+
+def kernel_isa() -> str | None:
+    """The vector instruction set the loaded library was built for ("AVX512" or "AVX2"; KVPACK_CPU_ISA=avx2 builds
+    AVX2 code on an AVX-512 CPU), or None without the library."""
+    lib = load()
+    return None if lib is None else {512: "AVX512", 256: "AVX2"}.get(lib.kvpack_isa(), "unknown")
 
 
 def available() -> bool:

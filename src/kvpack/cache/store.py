@@ -46,8 +46,7 @@ class Run:
     def __init__(self, block_shape: tuple[int, ...], meta: dict, sig: tuple, buffers: dict[str, torch.Tensor],
                  lengths: dict[str, list[int]]):
         self.block_shape = tuple(block_shape)  # one block's x: [batch, heads, tokens, head_dim]
-        self.meta = dict(meta)
-        self.signature = sig
+        self.meta = dict(meta)  # `sig` (signature of the first block) is implied by the buffers, shape and meta
         self.buffers = buffers
         self.count = len(next(iter(lengths.values()))) if lengths else 0
         self.edits = 0  # counts changes other than appends (drops, batch maps, compaction), for memos
@@ -71,6 +70,21 @@ class Run:
         """A run of one block; it takes over the block's tensors when they own exactly their storage."""
         return cls(enc.shape, enc.meta, signature(enc), {n: _owned(t) for n, t in enc.tensors.items()},
                    {n: [t.shape[0]] for n, t in enc.tensors.items()})
+
+    @property
+    def signature(self) -> tuple:
+        """Layout key of this run's blocks (`signature`), derived from its buffers, block shape and meta."""
+        parts = tuple((n, tuple(self.buffers[n].shape[1:]), self.buffers[n].dtype) for n in sorted(self.buffers))
+        return parts, self.block_shape, repr(sorted(self.meta.items()))
+
+    def accepts(self, enc: Encoded) -> bool:
+        """Whether block `enc` has this run's layout (== `signature(enc) == self.signature`, without building it)."""
+        if tuple(enc.shape) != self.block_shape or enc.tensors.keys() != self.buffers.keys():
+            return False
+        if repr(sorted(enc.meta.items())) != repr(sorted(self.meta.items())):
+            return False
+        return all(t.dtype == self.buffers[n].dtype and t.shape[1:] == self.buffers[n].shape[1:]
+                   for n, t in enc.tensors.items())
 
     @property
     def block_tokens(self) -> int:
@@ -203,7 +217,6 @@ class Run:
         if outliers:
             self._map_outliers(order, layout)
         self.block_shape = (new_batch, *self.block_shape[1:])
-        self.signature = (self.signature[0], self.block_shape, self.signature[2])
 
     def _map_outliers(self, order: torch.Tensor, layout: StorageLayout) -> None:
         """Regroup the sparse outliers of every block by the new batch rows `order` (vectorized over blocks)."""
@@ -248,7 +261,7 @@ class BlockStore:
             raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
         last = self.runs[-1] if self.runs else None
         # Blocks of one layout stack along dim 0 and decode as one (the Codec contract, StorageLayout).
-        if last is not None and last.signature == signature(enc) and self._newest_in(last):
+        if last is not None and last.accepts(enc) and self._newest_in(last):
             last.append(enc)
         else:
             last = Run.start(enc)

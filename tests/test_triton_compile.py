@@ -1,6 +1,6 @@
-"""Ahead-of-time compile of the split-K decode kernels (nuq, mixed widths, fp16, reduce) for sm_80 and sm_90 (no GPU
-needed): Triton's passes and the bundled ptxas. Asserts what a GPU would get: no register spills, at most 128
-registers per thread, tl.dot on tensor cores (mma), shared memory within 48 KiB.
+"""Ahead-of-time compile of the split-K decode kernels (nuq, mixed widths, TurboQuant, fp16, reduce) for sm_80 and
+sm_90 (no GPU needed): Triton's passes and the bundled ptxas. Asserts what a GPU would get: no register spills, at
+most 128 registers per thread, tl.dot on tensor cores (mma), shared memory within 48 KiB.
 
 The compile runs in a subprocess without TRITON_INTERPRET (the interpreter tests in the same session replace
 triton's JIT functions). Skipped, saying why, where triton or its CUDA backend/ptxas is unavailable.
@@ -55,6 +55,7 @@ def test_every_kernel_and_target_compiled(rows):
             for bits in CASES["bits"]:
                 assert ("nuq_split", target, dim, bits) in seen
             assert ("mixed_split", target, dim, None) in seen  # the kvpack presets (per-channel widths)
+            assert ("tq_split", target, dim, None) in seen  # TurboQuant
             assert ("dense_split", target, dim, None) in seen and ("reduce", target, dim, None) in seen
 
 

@@ -49,7 +49,7 @@ from kvpack.kernels.rope import RopeSlice  # noqa: E402
 if "kvpack.kernels.triton_attention" in sys.modules:  # imported without the interpreter: decorate again
     importlib.reload(sys.modules["kvpack.kernels.triton_attention"])
 for _name in ("kvpack.kernels.triton_encode", "kvpack.kernels.triton_device", "kvpack.kernels.triton_mixed",
-              "kvpack.kernels.triton_decode"):  # in dependency order
+              "kvpack.kernels.triton_tq", "kvpack.kernels.triton_decode"):  # in dependency order
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 from kvpack.kernels import triton_attention, triton_decode, triton_encode  # noqa: E402

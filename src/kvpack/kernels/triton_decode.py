@@ -6,9 +6,12 @@ decoded history:
     out = layer_attention(layer, query, mask, scaling, softcap, positions, inv_freq, rope_scaling)
     # query [B, Hq, Q, D] -> out [B, Q, Hq, D] in query's dtype (transformers' layout), or None
 
-The layer's tokens are segments: the fp16 sink (head), runs of KVQuant (nuq) blocks, the fp16
-recent window (tail). Per segment one launch of grid (B * Hkv, splits); a program takes `per_split`
-tokens of one (batch, KV head) in blocks of BLOCK tokens and keeps an online softmax over them:
+The layer's tokens are segments: the fp16 sink (head), runs of packed blocks, the fp16 recent window
+(tail). A run pair (keys, values) has a kernel here for single-width KVQuant (nuq, below), in
+triton_mixed.py for per-channel mixed widths (the kvpack presets) and in triton_tq.py for TurboQuant;
+any other run makes the call return None. Per segment one launch of grid (B * Hkv, splits); a
+program takes `per_split` tokens of one (batch, KV head) in blocks of BLOCK tokens and keeps an
+online softmax over them (nuq):
 
 - keys: int32 code words loaded per token row (a row of D codes is D * bits / 32 words), codes
   unpacked by shifts into channel-major tiles [D/2, BLOCK] (what tl.dot takes), levels looked up
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpack.kernels import triton_mixed
+from kvpack.kernels import triton_mixed, triton_tq
 from kvpack.kernels.layout import NuqView, nuq_view
 from kvpack.kernels.triton_attention import HAVE_TRITON, available
 from kvpack.kernels.triton_device import cell_pointers as _cell_pointers
@@ -285,7 +288,8 @@ if HAVE_TRITON:
         tl.store(optr[:, None] + d[None, :], out, mask=(g < G)[:, None])
 
 
-    SPLIT_KERNELS = {"nuq": _nuq_split_kernel, "mixed": triton_mixed._mixed_split_kernel, "dense": _dense_split_kernel}
+    SPLIT_KERNELS = {"nuq": _nuq_split_kernel, "mixed": triton_mixed._mixed_split_kernel, "tq": triton_tq._tq_split_kernel,
+                     "dense": _dense_split_kernel}
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -384,6 +388,8 @@ def _segments(k_stream, v_stream, key_codec, value_codec, pb: Problem) -> list[t
         kind = "nuq"
         if pair is None:
             pair, kind = triton_mixed.pair_args(k_run, v_run, key_codec, value_codec, pb), "mixed"
+        if pair is None:
+            pair, kind = triton_tq.pair_args(k_run, v_run, key_codec, value_codec, pb), "tq"
         if pair is None:
             return None
         segs.append((kind, k_run.tokens, *pair))
@@ -491,15 +497,20 @@ def _launch(pb: Problem, segs: list, per: int) -> torch.Tensor:
         pos, sp_b, sp_t, freq = dummy.to(torch.int32), 0, 0, dummy
     mask_t, sm_b, sm_q, sm_k, mask_kind = pb.mask
     head = [q, q.stride(0), q.stride(1), q.stride(2), pb.scaling]
-    tail = [pos, sp_b, sp_t, freq, pb.rope_scaling, mask_t, sm_b, sm_q, sm_k, acc, ml]
-    common = dict(D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, ROPE=pb.positions is not None,
-                  MASK=mask_kind, CAUSAL=pb.causal, SOFTCAP=pb.softcap > 0, DOT16=pb.dot16)
+    rope = [pos, sp_b, sp_t, freq, pb.rope_scaling]
+    tail = [mask_t, sm_b, sm_q, sm_k, acc, ml]
+    common = dict(D=pb.dim, G=pb.groups, GP=pb.gp, Q=pb.queries, G0=pb.per_head, MASK=mask_kind, CAUSAL=pb.causal,
+                  SOFTCAP=pb.softcap > 0, DOT16=pb.dot16)
     start = split0 = 0
     for (kind, tokens, args, consts), splits in zip(segs, counts):
         sizes = [tokens, pb.batch, pb.heads, start, pb.total, split0, per, pb.softcap]
         kernel = SPLIT_KERNELS[kind]
-        launch = dict(triton_mixed.launch(pb.dim) if kind == "mixed" else split_launch(pb.dim), BLOCK=NUQ_BLOCK)
-        kernel[(bh, splits)](*head, *args, *tail, *sizes, **consts, **common, **launch)
+        launch = dict(triton_mixed.launch(pb.dim) if kind in ("mixed", "tq") else split_launch(pb.dim), BLOCK=NUQ_BLOCK)
+        if kind == "tq":  # its own (rotated) query first; keys post-RoPE: no RoPE arguments
+            kernel[(bh, splits)](*args, *tail, *sizes, **consts, **common, **launch)
+        else:
+            kernel[(bh, splits)](*head, *args, *rope, *tail, *sizes, **consts, **common, ROPE=pb.positions is not None,
+                                 **launch)
         start += tokens
         split0 += splits
     out = torch.empty(pb.batch, pb.queries, pb.heads * pb.per_head, pb.dim, dtype=q.dtype, device=dev)
@@ -530,7 +541,7 @@ POINTER_TYPES = {  # argument name -> pointee type for signatures; other `*_ptr`
     "v_ptr": "fp16", "codes_ptr": "u8", "ent_b": "i32", "ent_h": "i32", "ent_c": "i32", "ent_n": "i32",
     "val_ptr": "fp16", "inv_ptr": "i32", "scale_ptr": "fp16",
     **{f"{side}c{i}": "u8" for side in "kv" for i in range(8)},  # mixed widths: one codes tensor per width
-    "kmeta_ptr": "i32", "vmeta_ptr": "i32", "kinv_ptr": "i32", "vinv_ptr": "i32",
+    "kmeta_ptr": "i32", "vmeta_ptr": "i32", "kinv_ptr": "i32", "vinv_ptr": "i32", "kn_ptr": "fp16", "vn_ptr": "fp16",
 }
 FLOAT_SCALARS = {"scaling", "rope_scale", "softcap"}
 
@@ -642,6 +653,8 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
                                           "BLOCK": NUQ_BLOCK}, split_launch(dim)),
         "mixed_split": (triton_mixed._mixed_split_kernel, {**shape, **step, "KO": 1, "VO": 1, "BLOCK": NUQ_BLOCK},
                         triton_mixed.launch(dim)),
+        "tq_split": (triton_tq._tq_split_kernel, {**shape, **{k: v for k, v in step.items() if k != "ROPE"},
+                                                  "BLOCK": NUQ_BLOCK}, triton_mixed.launch(dim)),
         "dense_split": (_dense_split_kernel, {**shape, **step, "BLOCK": NUQ_BLOCK}, split_launch(dim)),
         "reduce": (_reduce_kernel, shape, REDUCE_LAUNCH),
     }
@@ -649,8 +662,8 @@ def kernel_configs(dim: int, bits: int, groups: int = 16, queries: int = 1) -> d
 
 def aot_rows(dims=(64, 128), bits=(2, 3, 4), groups=((4, 1),), archs=(80, 90), kernels=None) -> list[dict]:
     """Compile stats of the decode kernels for every (head_dim, bits, (G, Q), arch); `kernels` filters by name.
-    The bit width only changes nuq_split (mixed_split reads any widths 1..8 at run time; the other kernels are
-    compiled once per head_dim and group)."""
+    The bit width only changes nuq_split (mixed_split and tq_split read their widths at run time; the other
+    kernels are compiled once per head_dim and group)."""
     rows = []
     for dim in dims:
         for g, q in groups:

@@ -67,10 +67,14 @@ def test_target_follows_its_depth(tok, hay):
 
 
 def test_variable_chain_is_in_order(tok, hay):
+    from kvpack.evaluate.retrieval.tasks import vartrack
+
     trial = make_trial(tok, hay, "vartrack", 1500, 0, [0.3], seed=2)
     text = tok.decode(trial.ids)
-    first, second, third = trial.expected
-    assert text.index(f"VAR {first} =") < text.index(f"VAR {second} = VAR {first}") < text.index(f"VAR {third} = VAR {second}")
+    first, second = trial.expected
+    assert text.index(f"VAR {first} =") < text.index(f"VAR {second} = VAR {first}")
+    names = vartrack(__import__("random").Random(0), 0.0, tok, hops=3).expected
+    assert len(names) == 4 and len(set(names)) == 4
     assert trial.mode == "all" and trial.unit != r"\d+"
 
 
@@ -168,6 +172,22 @@ def test_runs_through_the_real_cache_and_resumes(tok, tmp_path, monkeypatch):
     assert "Wilson" in retrieval.table(more)
     assert {"task", "length", "fp16", "kvquant"} <= set(retrieval.pivot(more)[0])
     assert retrieval.heatmap(more, tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_minutes_stop_between_trial_indices(tok, monkeypatch):
+    monkeypatch.setattr(run_module, "answer", lambda *a, **k: " 1234567.")
+    rows = retrieval.run_retrieval(None, tok, {"fp16": None, "other": object()}, ["single_needle", "multikey"], [900],
+                                   [0.5], trials=5, haystack="guide", minutes=1e-9)
+    assert len(rows) == 4 and all(r["trials"] == 1 for r in rows)  # the first index in every cell, then stop
+
+
+def test_other_depths_or_seeds_are_other_cells(tok, monkeypatch):
+    monkeypatch.setattr(run_module, "answer", lambda *a, **k: " 1234567.")
+    rows = retrieval.run_retrieval(None, tok, {"fp16": None}, ["single_needle"], [900], [0.0], trials=1, haystack="guide")
+    rows = retrieval.run_retrieval(None, tok, {"fp16": None}, ["single_needle"], [900], [1.0], trials=1, haystack="guide", rows=rows)
+    rows = retrieval.run_retrieval(None, tok, {"fp16": None}, ["single_needle"], [900], [1.0], trials=1, haystack="guide",
+                                   rows=rows, seed=1)
+    assert [(r["depths"], r["seed"], r["trials"]) for r in rows] == [([0.0], 0, 1), ([1.0], 0, 1), ([1.0], 1, 1)]
 
 
 def test_correct_answers_score_one(tok, monkeypatch):

@@ -22,12 +22,14 @@ def table(rows: list[dict]) -> str:
 
 
 def pivot(rows: list[dict]) -> list[dict]:
-    """One row per task and length: a 'accuracy (interval)' string per method, and the trials of each."""
+    """One row per task and length: an 'accuracy (interval)' string per method, the trials of each, and the model,
+    haystack and seed of the cells."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
         cells = {r["method"]: r for r in rows if r["task"] == task and r["length"] == length}
         line = {"task": task, "length": length, "trials": "/".join(str(cells[m]["trials"]) for m in methods if m in cells)}
+        line.update({k: next(iter(cells.values()))[k] for k in ("model", "haystack", "seed") if k in next(iter(cells.values()))})
         for method in methods:
             line[method] = f"{cells[method]['accuracy']:.2f} ({cells[method]['ci_low']:.2f}-{cells[method]['ci_high']:.2f})" if method in cells else None
         out.append(line)

@@ -22,7 +22,7 @@ from kvpack.evaluate.retrieval.tasks import make_trial
 from kvpack.evaluate.retrieval.text import Haystack
 from kvpack.evaluate.results import read_rows, write_rows
 
-KEYS = ("task", "method", "length", "seed", "haystack", "model")
+KEYS = ("task", "method", "length", "seed", "haystack", "model", "depths")  # a cell; its trials come from these
 
 
 def summarize(row: dict) -> dict:
@@ -48,9 +48,10 @@ def _cell(rows: list[dict], key: dict) -> dict:
 def run_retrieval(model, tokenizer, recipes: dict, tasks: list[str], lengths: list[int], depths: list[float],
                   trials: int, seed: int = 0, haystack: str = "c4[500:]", model_name: str = "model",
                   rows: list[dict] | None = None, save: Callable[[list[dict]], None] | None = None,
-                  progress: bool = False, extra: dict | None = None) -> list[dict]:
+                  progress: bool = False, extra: dict | None = None, minutes: float | None = None) -> list[dict]:
     """Rows, one per (task, method, length) cell (recipe None = fp16 DynamicCache), extending `rows`; each holds
-    per-trial results {index, depth, position, expected, answer, correct} and its accuracy with a Wilson 95% interval."""
+    per-trial results {index, depth, position, expected, answer, correct} and its accuracy with a Wilson 95% interval.
+    With `minutes`, no new trial index starts after that time, so the cells stay balanced."""
     rows = list(rows or [])
     hay = Haystack(tokenizer, haystack)
     todo = []
@@ -58,22 +59,26 @@ def run_retrieval(model, tokenizer, recipes: dict, tasks: list[str], lengths: li
         for task in tasks:
             for length in lengths:
                 missing = [m for m in recipes if index not in {r["index"] for r in _cell(rows, dict(
-                    task=task, method=m, length=length, seed=seed, haystack=haystack, model=model_name))["results"]}]
+                    task=task, method=m, length=length, seed=seed, haystack=haystack, model=model_name,
+                    depths=list(depths)))["results"]}]
                 if missing:
                     todo.append((task, length, index, missing))
     bar = tqdm(total=sum(len(t[3]) for t in todo), desc="retrieval", unit="answer", disable=not progress)
-    for task, length, index, methods in todo:
+    stop = time.monotonic() + 60 * minutes if minutes else None
+    for n, (task, length, index, methods) in enumerate(todo):
+        if stop is not None and n and index != todo[n - 1][2] and time.monotonic() > stop:
+            break
         trial = make_trial(tokenizer, hay, task, length, index, depths, seed)
         ids = torch.tensor([trial.ids])
         for method in methods:
             start = time.perf_counter()
             text = answer(model, tokenizer, ids, recipes[method], trial.new_tokens)
-            row = _cell(rows, dict(task=task, method=method, length=length, seed=seed, haystack=haystack, model=model_name))
+            row = _cell(rows, dict(task=task, method=method, length=length, seed=seed, haystack=haystack, model=model_name,
+                                   depths=list(depths)))
             row["results"].append({"index": index, "depth": trial.depth, "position": round(trial.position, 4),
                                    "expected": trial.expected, "answer": text,
                                    "correct": exact_match(text, trial.expected, trial.mode, trial.unit)})
             row["seconds"] = round(row.get("seconds", 0.0) + time.perf_counter() - start, 2)
-            row["depths"] = list(depths)
             row.update(extra or {})
             summarize(row)
             bar.update(1)
@@ -86,7 +91,8 @@ def run_retrieval(model, tokenizer, recipes: dict, tasks: list[str], lengths: li
 
 def run_retrieval_eval(model_spec: str, methods: list[str], tasks: list[str], lengths: list[int], depths: list[float],
                        trials: int, seed: int, haystack: str, json_out: Path | None, calib_data: str,
-                       calib_windows: int, calib_seqlen: int, recipe_dir, progress: bool, log=print) -> list[dict]:
+                       calib_windows: int, calib_seqlen: int, recipe_dir, progress: bool, log=print,
+                       minutes: float | None = None) -> list[dict]:
     """Load the model, resolve each method's recipe (fp16 first, always), run the missing trials; rows with the environment."""
     from kvpack.evaluate.results import environment
     from kvpack.hf.models import load_model
@@ -105,4 +111,4 @@ def run_retrieval_eval(model_spec: str, methods: list[str], tasks: list[str], le
         log(f"{json_out}: keeping {done} answers in {len(rows)} cells; running the missing trials")
     save = (lambda rs: write_rows(json_out, rs)) if json_out else None
     return run_retrieval(model, tokenizer, recipes, tasks, lengths, depths, trials, seed, haystack, model_spec,
-                         rows, save, progress, extra={"env": environment()})
+                         rows, save, progress, extra={"env": environment()}, minutes=minutes)

@@ -13,8 +13,9 @@ Tasks (answers are 7-digit numbers unless said):
   multikey       the same with 3 distractor needles (other keys, other numbers); retrieve the one asked for;
   multiquery     2 asked keys among 2 distractors; retrieve both numbers;
   kv_lookup      the whole body is "word-word: N" lines; retrieve the number of one key;
-  vartrack       a chain VAR A = 12345 ... VAR B = VAR A ... VAR C = VAR B in natural text; name every variable
-                 that holds the value (answers are 5-letter names).
+  vartrack       a chain VAR A = 12345 ... VAR B = VAR A (one hop by default) in natural text; name every variable
+                 that holds the value (answers are 5-letter names; the answer prefix ends in "VAR" so a small
+                 model answers with names).
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def _name(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
 
 
-def vartrack(rng: random.Random, depth: float, tokenizer, hops: int = 2) -> Spec:
+def vartrack(rng: random.Random, depth: float, tokenizer, hops: int = 1) -> Spec:
     names: list[str] = []
     while len(names) < hops + 1:
         name = _name(rng)
@@ -156,7 +157,7 @@ def vartrack(rng: random.Random, depth: float, tokenizer, hops: int = 2) -> Spec
     instruction = ("Memorize and track the chain of variable assignments hidden in the following text.\n")
     return Spec(instruction, f"Find all variables that are assigned the value {value} in the text above.",
                 f"According to the chain of variable assignments in the text above, {hops + 1} variables are "
-                f"assigned the value {value}, they are:", needles, names, "all", 6 * (hops + 1), unit=r"\b[A-Z]{5}\b")
+                f"assigned the value {value}, they are: VAR", needles, names, "all", 6 * (hops + 1), unit=r"\b[A-Z]{5}\b")
 
 
 TASKS: dict[str, Callable[..., Spec]] = {"single_needle": single_needle, "multikey": multikey,

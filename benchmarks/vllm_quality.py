@@ -22,11 +22,12 @@ METHODS = ["kvpack-4bit", "kvpack-3bit", "kvpack-2bit", "kvquant-4bit-1pct", "kv
 REAL_CACHE = Path("results/cache-real-vs-sim.json")
 
 
-def configs(dtypes: list[str], methods: list[str]) -> dict:
+def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None = None) -> dict:
+    extra = {} if key_outlier_slots is None else {"key_outlier_slots": key_outlier_slots}
     out = {}
     for dtype in dtypes:
         out[f"vllm-{dtype}"] = {"dtype": dtype}
-        out.update({f"{m}-{dtype}": {"dtype": dtype, "kvpack": {"method": m}} for m in methods})
+        out.update({f"{m}-{dtype}": {"dtype": dtype, "kvpack": {"method": m, **extra}} for m in methods})
     return out
 
 
@@ -73,19 +74,22 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kv-gib", type=int, default=2)
+    parser.add_argument("--key-outlier-slots", type=int, default=None, help="kvpack option (default: the codec's)")
     parser.add_argument("--out", default="results/vllm-quality.json")
     args = parser.parse_args()
     if args.model is None:
         from kvpack.hf.models import model_path
 
         args.model = str(model_path("smollm2-135m"))
-    table = configs(args.dtypes.split(","), args.methods.split(","))
+    table = configs(args.dtypes.split(","), args.methods.split(","), args.key_outlier_slots)
     if args.one:
         print("RESULT " + json.dumps(one(args.model, table[args.one], args.data, args.seqlen, args.windows)), flush=True)
         return
     rows = []
     child_args = ["--model", args.model, "--data", args.data, "--seqlen", str(args.seqlen), "--windows",
                   str(args.windows), "--dtypes", args.dtypes, "--methods", args.methods]
+    if args.key_outlier_slots is not None:
+        child_args += ["--key-outlier-slots", str(args.key_outlier_slots)]
     for name, spec in table.items():
         row = {**run_child(__file__, name, child_args, env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}), **spec}
         rows.append(row)

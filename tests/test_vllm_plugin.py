@@ -1,6 +1,6 @@
 """kvpack inside a real vLLM engine on the CPU (runs in .venv-vllm: `make test-vllm`; skipped without vLLM).
 
-Each engine takes ~30-60 s to start on a 2-core machine, so the tests share a few: vLLM's own cache, kvpack's
+Each engine takes ~30-60 s to start on an idle 2-core machine, so the tests share a few: vLLM's own cache, kvpack's
 lossless `fp16` slots and the packed `kvpack-3bit` pages, all on the default model (SmolLM2-135M, float32).
 Start-up errors are checked without an engine: they are raised while the engine config is built.
 """
@@ -17,10 +17,15 @@ vllm = pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+LONG = ("The history of the printing press begins in the fifteenth century, when movable type changed how books "
+        "were made, sold and read across Europe. Within a few decades printers in dozens of cities produced pamphlets, "
+        "bibles, calendars and grammars, and the price of a book fell so far that merchants, students and craftsmen "
+        "could own one. Historians still argue about which consequences mattered most:")
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
-           "Once upon a time, in a small village by the sea, there lived an old fisherman who"]
+           "Once upon a time, in a small village by the sea, there lived an old fisherman who", LONG]
 MAX_TOKENS = 24
-ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+# max_num_batched_tokens=32: the long prompt is prefilled in chunks that attend to earlier chunks' pages
+ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_batched_tokens=32)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +129,29 @@ def test_sliding_window_model_is_refused(tmp_path, model_dir):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (other / name).write_bytes(open(os.path.join(model_dir, name), "rb").read())
     assert "sliding-window" in config_error(str(other), {"method": "fp16"})
+
+
+def test_preemption_with_packed_pages(model_dir):
+    """A KV budget of a few pages forces vLLM to preempt and recompute requests; every request still finishes."""
+    from vllm import LLM, SamplingParams
+
+    saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    try:
+        llm = LLM(model=model_dir, **ENGINE, kv_cache_memory_bytes=3 << 20, disable_log_stats=False,
+                  additional_config={"kvpack": {"method": "kvpack-3bit"}})
+    finally:
+        if saved is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        assert cache.num_gpu_blocks * cache.block_size < 6 * 2 * cache.block_size  # not all 6 x 2 pages fit
+        outs = llm.generate(PROMPTS[:3] * 2, SamplingParams(max_tokens=120, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [120] * 6
+        preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        assert preempted > 0
+        # same prompt, same greedy tokens (batch composition may flip a late near-tie in float32)
+        assert outs[0].outputs[0].token_ids[:64] == outs[3].outputs[0].token_ids[:64]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -2,12 +2,11 @@
 
 First version, said plainly: every step gathers every request's slots, decodes them to float32 with torch
 (`slots.SlotPart.decode`), re-applies RoPE for pre-RoPE pages, puts the exact sink tokens back, and runs torch
-SDPA per request (causal within the new tokens). Nothing decoded is kept between steps: the pages are the cache.
+attention per request (causal within the new tokens). Nothing decoded is kept between steps: the pages are the cache.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.pages import PagePool
@@ -49,19 +48,20 @@ def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor
     qsl, seq_lens = metadata.query_start_loc, metadata.seq_lens
     requests = seq_lens.numel()
     keys, values = gather_kv(layout, pool, layer, seq_lens, metadata.block_table[:requests])
+    heads = keys.shape[1]
+    keys, values = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()  # [Hkv, S, D]
     at = 0
     for r in range(requests):
         qs, qe, length = int(qsl[r]), int(qsl[r + 1]), int(seq_lens[r])
         q_len = qe - qs
-        if q_len == 0:
-            at += length
-            continue
-        q = query[qs:qe].float().transpose(0, 1).unsqueeze(0)  # [1, Hq, q, D]
-        k = keys[at: at + length].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        v = values[at: at + length].transpose(0, 1).unsqueeze(0)
-        mask = None
-        if q_len > 1:
-            mask = torch.arange(length).unsqueeze(0) <= (length - q_len + torch.arange(q_len)).unsqueeze(1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        output[qs:qe] = out[0].transpose(0, 1).to(output.dtype)
+        if q_len:
+            group = query.shape[1] // heads
+            # [Hkv, group * q, D]: the query heads sharing a KV head, token-major inside the group
+            q = query[qs:qe].float().view(q_len, heads, group, -1).permute(1, 0, 2, 3).reshape(heads, q_len * group, -1)
+            scores = torch.matmul(q, keys[:, at: at + length].transpose(1, 2)) * scale  # [Hkv, q * group, L]
+            if q_len > 1:
+                allowed = torch.arange(length).unsqueeze(0) <= (length - q_len + torch.arange(q_len)).unsqueeze(1)
+                scores = scores.masked_fill(~allowed.repeat_interleave(group, 0), float("-inf"))
+            out = torch.matmul(torch.softmax(scores, -1), values[:, at: at + length])  # [Hkv, q * group, D]
+            output[qs:qe] = out.view(heads, q_len, group, -1).permute(1, 0, 2, 3).reshape(q_len, heads * group, -1).to(output.dtype)
         at += length

@@ -3,7 +3,8 @@
 One layer of SmolLM2's shape (3 KV heads x 64, 9 query heads) filled with `--contexts` tokens per batch row:
 keys drawn around the layer's calibrated key ranges (pre-RoPE; the kernel rotates them from positions and
 inv_freq, theta 1e5), values N(0, 1), encoded by the shipped recipes' codecs (kvpack-3bit: per-channel mixed
-widths, kernels/triton_mixed.py; kvquant-3bit-1pct: one width, kernels/triton_decode.py). Per (method, context,
+widths, kernels/triton_mixed.py; kvquant-3bit-1pct: one width, kernels/triton_decode.py), or by TurboQuant
+(turboquant-<bits>: keys post-RoPE, kernels/triton_tq.py). Per (method, context,
 batch): the kernel call as the cache makes it (Python included), the same call replayed from a CUDA graph (None
 if capture fails: that is a finding), and torch SDPA over bf16 keys/values already rotated (flash with GQA where
 torch takes it, else its default over repeated heads), each the median of `--iters` CUDA-event timings; and the
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpack.cache.stream import TokenStream
+from kvpack.codecs.turboquant import TurboQuantCodec
 from kvpack.hf.rope import apply_rope
 from kvpack.kernels import triton_decode
 from kvpack.recipes.bundled import SHIPPED_DIR
@@ -33,14 +35,27 @@ from kvpack.recipes.recipe import Recipe
 THETA, HQ = 1e5, 9
 
 
-def build(method: str, layer: int, batch: int, tokens: int, device: torch.device, block: int = 2048):
-    """(key codec, value codec, keys stream, values stream, positions int32 [B, tokens], inv_freq [D / 2])."""
+def codecs(method: str, layer: int, device: torch.device):
+    """(key codec, value codec, KV heads, head_dim, keys stored pre-RoPE) of a shipped recipe's layer, or of
+    `turboquant-<bits>` (no calibration; keys post-RoPE, as that family stores them)."""
+    if method.startswith("turboquant-"):
+        bits = float(method.split("-", 1)[1])
+        return TurboQuantCodec(bits, 64, seed=1).to(device), TurboQuantCodec(bits, 64, seed=2).to(device), 3, 64, False
     recipe = Recipe.load(SHIPPED_DIR / method)
     key, value = recipe.key_codecs[layer].to(device), recipe.value_codecs[layer].to(device)
-    heads, dim = key.heads, key.head_dim
+    return key, value, key.heads, key.head_dim, True
+
+
+def build(method: str, layer: int, batch: int, tokens: int, device: torch.device, block: int = 2048):
+    """(key codec, value codec, keys stream, values stream, positions int32 [B, tokens] or None (keys post-RoPE),
+    inv_freq [D / 2])."""
+    key, value, heads, dim, pre_rope = codecs(method, layer, device)
     g = torch.Generator(device=device).manual_seed(layer)
     ks, vs = TokenStream(key, 1, 0), TokenStream(value, 1, 0)
-    zero, scale = key.zero.view(heads, 1, dim), key.scale.view(heads, 1, dim)
+    if pre_rope:
+        zero, scale = key.zero.view(heads, 1, dim), key.scale.view(heads, 1, dim)
+    else:
+        zero, scale = torch.zeros((), device=device), torch.ones((), device=device)
     done = 0
     while done < tokens:
         n = min(block, tokens - done)
@@ -49,12 +64,15 @@ def build(method: str, layer: int, batch: int, tokens: int, device: torch.device
         done += n
     positions = torch.arange(tokens, dtype=torch.int32, device=device).expand(batch, -1).contiguous()
     inv_freq = THETA ** (-torch.arange(0, dim, 2, device=device).float() / dim)
-    return key, value, ks, vs, positions, inv_freq
+    return key, value, ks, vs, positions if pre_rope else None, inv_freq
 
 
 def rotated(ks, vs, positions, inv_freq, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded keys (RoPE applied) and values [B, H, N, D] in `dtype`: what an uncompressed cache holds."""
+    """Decoded keys (RoPE applied unless positions is None) and values [B, H, N, D] in `dtype`: what an
+    uncompressed cache holds."""
     k, v = ks.read(torch.float32), vs.read(torch.float32)
+    if positions is None:
+        return k.to(dtype), v.to(dtype)
     ang = positions[:, :, None].double() * inv_freq.double()
     emb = torch.cat([ang, ang], -1)
     return apply_rope(k, emb.cos().float(), emb.sin().float()).to(dtype), v.to(dtype)
@@ -119,7 +137,7 @@ def graphed(fn):
 
 def run(method: str, tokens: int, batch: int, device: torch.device, iters: int, check: bool) -> dict:
     key, value, ks, vs, pos, inv = build(method, 10, batch, tokens, device)
-    heads, dim = key.heads, key.head_dim
+    dim = ks.head.shape[-1]
     q = torch.randn(batch, HQ, 1, dim, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     def kernel():
@@ -135,6 +153,7 @@ def run(method: str, tokens: int, batch: int, device: torch.device, iters: int, 
     replay, why = graphed(kernel)
     row |= {"graph_ms": timed(replay, iters) if replay else None, "graph_error": why or None}
     row["kernel_vs_baseline"] = row["kernel_ms"] / row["baseline_ms"]
+    row["graph_vs_baseline"] = row["graph_ms"] / row["baseline_ms"] if row["graph_ms"] else None
     if check:
         want = base().transpose(1, 2).float()
         row["max_abs_err_vs_decoded"] = float((out.float() - want).abs().max())
@@ -146,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="8192,32768,65536,131072")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--methods", default="kvpack-3bit,kvquant-3bit-1pct")
+    parser.add_argument("--methods", default="kvpack-3bit,kvquant-3bit-1pct,turboquant-3.5")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (logic check, e.g. under TRITON_INTERPRET=1)")

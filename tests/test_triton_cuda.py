@@ -1,5 +1,5 @@
 """The split-K decode kernels compiled for a real GPU (skipped without CUDA): the shipped kvpack-3bit (mixed widths)
-and kvquant-3bit-1pct (one width) codecs against decode-then-attend, with exact fp32 dots and with fp16 tensor-core
+and kvquant-3bit-1pct (one width) codecs and TurboQuant 3.5 bits against decode-then-attend, with exact fp32 dots and with fp16 tensor-core
 dots, and one decode step captured in a CUDA graph and replayed.
 
 Runs in a subprocess without TRITON_INTERPRET (the interpreter tests of the same session replace triton's JIT
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SCRIPT = r"""
 import json, sys, torch
 from kvpack.cache.stream import TokenStream
+from kvpack.codecs.turboquant import TurboQuantCodec
 from kvpack.hf.rope import apply_rope
 from kvpack.kernels import triton_decode
 from kvpack.recipes.bundled import SHIPPED_DIR
@@ -28,23 +29,30 @@ from kvpack.recipes.recipe import Recipe
 
 dev = torch.device("cuda")
 out = {}
-for method in ("kvpack-3bit", "kvquant-3bit-1pct"):
-    recipe = Recipe.load(SHIPPED_DIR / method)
-    key, value = recipe.key_codecs[10].to(dev), recipe.value_codecs[10].to(dev)
-    heads, dim = key.heads, key.head_dim
+for method in ("kvpack-3bit", "kvquant-3bit-1pct", "turboquant-3.5"):
     g = torch.Generator(device=dev).manual_seed(0)
+    heads, dim = 3, 64
+    if method.startswith("turboquant"):  # keys post-RoPE
+        key, value = TurboQuantCodec(3.5, dim, seed=1).to(dev), TurboQuantCodec(3.5, dim, seed=2).to(dev)
+        zero, scale = torch.zeros((), device=dev), torch.ones((), device=dev)
+    else:  # keys pre-RoPE, around the calibrated ranges
+        recipe = Recipe.load(SHIPPED_DIR / method)
+        key, value = recipe.key_codecs[10].to(dev), recipe.value_codecs[10].to(dev)
+        zero, scale = key.zero.view(heads, 1, dim), key.scale.view(heads, 1, dim)
     ks, vs = TokenStream(key, 1, 5), TokenStream(value, 1, 5)
     for n in (200, 1, 1, 90):
-        ks.append(key.zero.view(heads, 1, dim) + key.scale.view(heads, 1, dim) * torch.randn(2, heads, n, dim, generator=g, device=dev))
+        ks.append(zero + scale * torch.randn(2, heads, n, dim, generator=g, device=dev))
         vs.append(torch.randn(2, heads, n, dim, generator=g, device=dev))
     total = ks.stored
-    pos = (torch.arange(total, device=dev, dtype=torch.int32) + 4).expand(2, -1).contiguous()
-    inv = 1e5 ** (-torch.arange(0, dim, 2, device=dev).float() / dim)
     q = torch.randn(2, heads * 3, 1, dim, generator=g, device=dev)
     k, v = ks.read(torch.float32), vs.read(torch.float32)
-    ang = pos[:, :, None].double() * inv.double()
-    emb = torch.cat([ang, ang], -1)
-    k = apply_rope(k, emb.cos().float(), emb.sin().float())
+    pos = inv = None
+    if not method.startswith("turboquant"):
+        pos = (torch.arange(total, device=dev, dtype=torch.int32) + 4).expand(2, -1).contiguous()
+        inv = 1e5 ** (-torch.arange(0, dim, 2, device=dev).float() / dim)
+        ang = pos[:, :, None].double() * inv.double()
+        emb = torch.cat([ang, ang], -1)
+        k = apply_rope(k, emb.cos().float(), emb.sin().float())
     s = q @ k.repeat_interleave(3, 1).transpose(-1, -2) * dim ** -0.5
     want = (torch.softmax(s, -1) @ v.repeat_interleave(3, 1)).transpose(1, 2)
     row = {}

@@ -5,53 +5,8 @@ the current platform's config check and attention selection so that an engine wh
 `kvpack` entry is checked at start-up (clear errors, raised where `LLM(...)` / `vllm serve` is called) and gets
 kvpack's backend (`backend.KvpackBackend`); every other engine goes through vLLM's own code untouched. Selection
 is per engine config rather than `register_backend(CPU_ATTN, ...)`, which would replace the CPU backend for every
-engine of the process. Module imports stay light: vLLM and torch are imported inside the functions.
+engine of the process. vLLM itself is imported only where it is used (it is an optional dependency).
 """
-from __future__ import annotations
+from kvpack.integrations.vllm.plugin import BACKEND_PATH, register
 
-BACKEND_PATH = "kvpack.integrations.vllm.backend.KvpackBackend"
-
-
-def _entry(vllm_config):
-    from kvpack.integrations.vllm.config import kvpack_entry
-
-    return None if vllm_config is None else kvpack_entry(getattr(vllm_config, "additional_config", None))
-
-
-def register() -> None:
-    """The plug-in (idempotent: vLLM may load plug-ins several times per process)."""
-    from vllm.platforms import current_platform
-
-    platform = type(current_platform)
-    if getattr(platform, "_kvpack_wrapped", False):
-        return
-    select, check = platform.get_attn_backend_cls, platform.check_and_update_config
-
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None, **kwargs):
-        from vllm.config import get_current_vllm_config_or_none
-
-        vllm_config = get_current_vllm_config_or_none()
-        if _entry(vllm_config) is None:
-            return select(selected_backend, attn_selector_config=attn_selector_config, num_heads=num_heads, **kwargs)
-        from kvpack.integrations.vllm.layout import active_layout
-        from kvpack.integrations.vllm.selection import check_selection
-
-        check_selection(attn_selector_config)
-        layout = active_layout(vllm_config)
-        if not getattr(cls, "_kvpack_logged", False):
-            from vllm.logger import init_logger
-
-            init_logger("vllm.kvpack").info("kvpack pages: %s", layout.describe())
-            cls._kvpack_logged = True
-        return BACKEND_PATH
-
-    def check_and_update_config(cls, vllm_config) -> None:
-        check(vllm_config)
-        if _entry(vllm_config) is not None:
-            from kvpack.integrations.vllm.layout import build_layout
-
-            build_layout(vllm_config)  # every start-up error here, in the process that called LLM(...)
-
-    platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
-    platform.check_and_update_config = classmethod(check_and_update_config)
-    platform._kvpack_wrapped = True
+__all__ = ["BACKEND_PATH", "register"]

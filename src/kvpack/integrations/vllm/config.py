@@ -71,6 +71,12 @@ def parse_entry(entry: Any) -> KvpackVllmConfig:
 def check_engine(vllm_config) -> None:
     """Raise KvpackVllmError unless this engine's model and options fit kvpack pages (decoder-only full attention,
     no MLA, no sliding window, no hybrid layers, one worker, vLLM's default cache dtype, a supported dtype)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise KvpackVllmError(f"kvpack's vLLM pages run on vLLM's CPU platform in this version; this engine runs on "
+                              f"'{current_platform.device_name}'. The CUDA backend (Triton kernels over the same "
+                              "pages) is not written yet: remove the kvpack entry to use vLLM's own cache there.")
     model_config = vllm_config.model_config
     if model_config is None:
         raise KvpackVllmError("kvpack needs a model config; start vLLM with a model.")

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
 
 from kvpack.errors import KVPackError
 from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError
@@ -29,8 +30,6 @@ def model_shim(hf_config) -> SimpleNamespace:
 
 def checkpoint_fingerprint(model_dir: str | Path) -> str | None:
     """sha256 of layer 0's k_proj weight (fp16 bytes) in the safetensors of `model_dir`, or None if not found."""
-    from safetensors import safe_open
-
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for name in K_PROJ_NAMES:

@@ -214,6 +214,17 @@ def test_correct_answers_score_one(tok, monkeypatch):
     assert all(r["accuracy"] == 0.0 for r in rows if r["method"] == "wrong")
 
 
+def test_lost_counts_the_baseline_trials_a_method_misses():
+    def cell(method, correct):
+        row = {"task": "t", "length": 10, "method": method, "results": [{"index": i, "depth": 0.0, "correct": c}
+                                                                        for i, c in enumerate(correct)]}
+        return retrieval.run.summarize(row)
+
+    rows = [cell("fp16", [True, True, False, True]), cell("m", [True, False, True, False])]
+    line = retrieval.pivot(rows)[0]
+    assert line["fp16"] == "0.75 (0.30-0.95)" and line["m"].endswith(", lost 2/3") and line["trials"] == "4/4"
+
+
 def test_cli_task_retrieval(tok, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -9,6 +9,16 @@ def cell_text(row: dict) -> str:
     return f"{row['accuracy']:.2f} ({row['ci_low']:.2f}-{row['ci_high']:.2f}) n={row['trials']}"
 
 
+def lost(row: dict, base: dict | None) -> tuple[int, int] | None:
+    """(trials the baseline answered right and `row` got wrong, trials the baseline answered right), over the trial
+    indices both ran; None without a baseline or for the baseline itself."""
+    if base is None or base is row:
+        return None
+    mine = {r["index"]: r["correct"] for r in row["results"]}
+    right = [r["index"] for r in base["results"] if r["correct"] and r["index"] in mine]
+    return sum(not mine[i] for i in right), len(right)
+
+
 def table(rows: list[dict]) -> str:
     """Plain text: one line per task and length, one column per method."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -21,9 +31,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pivot(rows: list[dict]) -> list[dict]:
-    """One row per task and length: an 'accuracy (interval)' string per method, the trials of each, and the model,
-    haystack and seed of the cells."""
+def pivot(rows: list[dict], baseline: str = "fp16") -> list[dict]:
+    """One row per task and length: an 'accuracy (interval), lost k/n' string per method (k of the n trials the
+    baseline answered right that this method got wrong), the trials of each, and the model, haystack and seed."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
@@ -31,7 +41,11 @@ def pivot(rows: list[dict]) -> list[dict]:
         line = {"task": task, "length": length, "trials": "/".join(str(cells[m]["trials"]) for m in methods if m in cells)}
         line.update({k: next(iter(cells.values()))[k] for k in ("model", "haystack", "seed") if k in next(iter(cells.values()))})
         for method in methods:
-            line[method] = f"{cells[method]['accuracy']:.2f} ({cells[method]['ci_low']:.2f}-{cells[method]['ci_high']:.2f})" if method in cells else None
+            if method not in cells:
+                line[method] = None
+                continue
+            row, pair = cells[method], lost(cells[method], cells.get(baseline))
+            line[method] = f"{row['accuracy']:.2f} ({row['ci_low']:.2f}-{row['ci_high']:.2f})" + (f", lost {pair[0]}/{pair[1]}" if pair else "")
         out.append(line)
     return out
 

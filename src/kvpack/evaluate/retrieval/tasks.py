@@ -157,7 +157,7 @@ def vartrack(rng: random.Random, depth: float, tokenizer, hops: int = 1) -> Spec
     instruction = ("Memorize and track the chain of variable assignments hidden in the following text.\n")
     return Spec(instruction, f"Find all variables that are assigned the value {value} in the text above.",
                 f"According to the chain of variable assignments in the text above, {hops + 1} variables are "
-                f"assigned the value {value}, they are: VAR", needles, names, "all", 6 * (hops + 1), unit=r"\b[A-Z]{5}\b")
+                f"assigned the value {value}, they are: VAR", needles, names, "all", 8 * (hops + 1) + 4, unit=r"\b[A-Z]{5}\b")
 
 
 TASKS: dict[str, Callable[..., Spec]] = {"single_needle": single_needle, "multikey": multikey,

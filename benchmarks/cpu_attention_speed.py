@@ -47,13 +47,15 @@ def build(args) -> None:
     (out / "meta.json").write_text(json.dumps({"methods": methods, "context": args.context, "model": args.model}))
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
+def _median_ms(fn, reps: int) -> tuple[float, float]:
+    """Median (wall ms, this thread's CPU ms) of `reps` calls: on a busy machine the CPU time is the steadier."""
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        wall.append(1000 * (time.perf_counter() - t0))
+        cpu.append(1000 * (time.thread_time() - c0))
+    return statistics.median(wall), statistics.median(cpu)
 
 
 @torch.no_grad()
@@ -95,20 +97,24 @@ def run_timing(args) -> None:
         if paths != [("layer", "cpu")]:
             print(f"warning: {m} took {paths}")
     results = {k: [] for k in calls}
+    cpu_ms = {k: [] for k in calls}
     for fns in calls.values():
         for f in fns:
             f()
     for _ in range(args.rounds):
         for k, fns in calls.items():
-            results[k].append(statistics.mean(_median_ms(f, args.reps) for f in fns))
+            times = [_median_ms(f, args.reps) for f in fns]
+            results[k].append(statistics.mean(t[0] for t in times))
+            cpu_ms[k].append(statistics.mean(t[1] for t in times))
     best = min(statistics.median(results[k]) for k in calls if k.startswith("sdpa"))
+    best_cpu = min(statistics.median(cpu_ms[k]) for k in calls if k.startswith("sdpa"))
     rows = []
     for k, v in results.items():
-        ms = statistics.median(v)
+        ms, cms = statistics.median(v), statistics.median(cpu_ms[k])
         rows.append({"method": k, "context": meta["context"], "attention_ms": ms, "ratio": ms / best,
-                     "threads": torch.get_num_threads(), "isa": cpu.isa() if hasattr(cpu, "isa") else None,
-                     "loadavg": os.getloadavg()[0]})
-        print(f"{k:24s} {ms:8.3f} ms  {ms / best:5.2f}x")
+                     "attention_cpu_ms": cms, "cpu_ratio": cms / best_cpu, "threads": torch.get_num_threads(),
+                     "kernel_isa": cpu.kernel_isa(), "loadavg": os.getloadavg()[0]})
+        print(f"{k:24s} {ms:8.3f} ms {ms / best:6.2f}x   CPU {cms:8.3f} ms {cms / best_cpu:6.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -73,5 +73,9 @@ python benchmarks/rvq_total_bytes.py --table results/quality-wikitext2.json \
   --methods fp16,rvq-d8-c2048-g32,rvq-d8-c2048-g32:share-all,kvpack-3bit --json results/rvq-total-bytes.json
 kvpack bench --contexts 2048,8192 --methods kvquant-3bit-1pct,kvpack-3bit,turboquant-3.5bit --timing-threads 1 \
   --json results/bench-cpu-kvpack.json
+for isa in avx512 avx2; do  # the mixed-width kernels built for each instruction set (avx512 needs such a CPU)
+  KVPACK_CPU_ISA=$isa kvpack bench --contexts 8192,32768 --timing-threads 1 --rounds 5 --model-prefill-tokens 2048 \
+    --methods dynamic-fp32,dynamic-bf16,kvquant-3bit-1pct,kvpack-4bit,kvpack-3bit,kvpack-2bit --json results/bench-cpu-kvpack-$isa.json
+done
 
 kvpack report

@@ -31,7 +31,7 @@ def _check(cache: CompressedCache, when: str) -> None:
     held = held_bytes(cache)
     assert rep.total == sum(rep.parts.values()) and rep.model_total == sum(rep.model_parts.values())
     # memory_report counts every tensor held (within 1%), and nothing more; Python objects on top
-    tensors = rep.held - rep.parts["bookkeeping"] - rep.model_parts["bookkeeping"]
+    tensors = rep.tensor_bytes
     assert abs(held - tensors) <= 0.01 * held, f"{when}: held {held} B, reported {tensors} B ({rep.parts})"
     # no second copy: the stored parts are exactly the run buffers, head and tail, each storage once
     stored = held_storages([layer.k for layer in cache.layers] + [layer.v for layer in cache.layers])

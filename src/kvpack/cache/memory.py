@@ -108,6 +108,12 @@ class MemoryReport:
         return self.total + self.model_total
 
     @property
+    def tensor_bytes(self) -> int:
+        """Bytes of the tensors counted (the cache's and the per-model state's, without Python objects): what
+        `held_bytes(cache)` finds by walking every tensor reachable from the cache."""
+        return self.held - self.parts.get("bookkeeping", 0) - self.model_parts.get("bookkeeping", 0)
+
+    @property
     def ratio(self) -> float:
         """fp16 DynamicCache bytes / bytes this cache holds (`total`, per-model state not charged) at the same length."""
         return self.fp16_total / max(self.total, 1)
@@ -130,7 +136,7 @@ class MemoryReport:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(per_token_per_layer=self.per_token_per_layer, ratio=self.ratio, storage_ratio=self.storage_ratio,
-                 stored=self.stored, held=self.held, bits_per_element=self.bits_per_element,
+                 stored=self.stored, held=self.held, tensor_bytes=self.tensor_bytes, bits_per_element=self.bits_per_element,
                  fixed_bytes=self.fixed_bytes, marginal_bits_per_element=self.marginal_bits_per_element)
         return d
 

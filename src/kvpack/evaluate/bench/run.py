@@ -98,8 +98,8 @@ def _memory(target: Target, device: torch.device) -> dict:
            "peak_step_bytes": weights_bytes(target.model) + transient, "step_transient_bytes": transient}
     if target.compressed:
         report = cache.memory_report()
-        out.update(held_bytes=held_bytes(cache), report_bytes=report.total, cache_bytes=report.total,
-                   report_parts=report.parts)
+        out.update(held_bytes=held_bytes(cache), report_bytes=report.tensor_bytes, cache_bytes=report.total,
+                   report_parts=report.parts, model_bytes=report.model_total)
     else:
         out.update(held_bytes=dynamic_cache_bytes(cache), cache_bytes=dynamic_cache_bytes(cache), report_bytes=None)
     out["memory_ratio"] = out["bytes_16bit"] / max(out["cache_bytes"], 1)

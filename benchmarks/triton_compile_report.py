@@ -10,6 +10,7 @@ the same head_dim, bits and query rows (RVQ: 8 x 2048 codes, groups of 32, at 4 
 rows ptxas needs minutes per kernel). No timings: no GPU was lent, GPU speed is not measured.
 
     .venv/bin/python benchmarks/triton_compile_report.py [--out results/triton-compile.json]
+    .venv/bin/python benchmarks/triton_compile_report.py --before-from results/triton-compile.json  # after rows only
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/triton-compile.json")
     parser.add_argument("--skip-before", action="store_true", help="only the split-K kernels")
+    parser.add_argument("--before-from", help="take the 'before' rows (per-run kernels, unchanged) from this earlier "
+                        "report instead of compiling them again (their G=32, head_dim 128 compiles take ptxas minutes "
+                        "each)")
     args = parser.parse_args()
     ok, why = td.aot_available()
     if not ok:
@@ -89,7 +93,13 @@ def main() -> None:
     after = td.aot_rows(dims=DIMS, bits=BITS, groups=GROUPS, archs=ARCHS)
     for row in after:
         print(json.dumps(row), flush=True)
-    before = [] if args.skip_before else before_rows()
+    before_note = "compiled in this run"
+    if args.before_from:
+        earlier = json.loads(Path(args.before_from).read_text())
+        before = earlier["before"]["rows"]
+        before_note = f"carried over from {args.before_from} (triton {earlier['env']['triton']}): kernels unchanged"
+    else:
+        before = [] if args.skip_before else before_rows()
     result = {
         "note": ("Ahead-of-time compile, no GPU: registers per thread and spills as the bundled ptxas allocates them. "
                  "GPU speed not measured: no GPU was lent."),
@@ -99,7 +109,7 @@ def main() -> None:
                               "mixed_split: kvpack.kernels.triton_mixed, the kvpack presets)"),
                   "summary": summary(after), "rows": after},
         "before": {"kernels": "kvpack.kernels.triton_attention (per-run key_scores / value_accum)",
-                   "summary": summary(before), "rows": before},
+                   "source": before_note, "summary": summary(before), "rows": before},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -16,7 +16,7 @@ scaled, rotated, reduced. RVQ outliers are not handled here (reference path).
 
 Importing this module never needs triton; `available()` says whether the kernels can run.
 `layer_attention` (kernels.triton_decode) is the one-call-per-layer split-K path that supersedes these
-two per-run entry points for nuq caches.
+two per-run entry points for nuq, mixed-width nuq (kvpack presets) and TurboQuant caches.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ run's kernel view (kernels.layout.mixed_view: width groups, their columns, level
 
 - storage: one packed tensor per width w, codes{w} [blocks * B, T * n_w * w / 8], token-major; a token row holds
   the n_w codes of that width of every head in column order, so one head's channels of one width are contiguous;
-- permuted order: per head, its channels sorted by width (widths contiguous, as on the CPU); channel j of head h
+- permuted order: per head, its channels sorted by width (each width contiguous); channel j of head h
   has a natural channel chan[h, j], a width, a slot (which codes tensor), a bit offset inside the token row and
   the row's bytes. Codes are read two bytes at a time (a code of <= 8 bits spans at most two), any alignment;
 - levels: per head one compact fp32 table, each channel's 2**width decoded levels in permuted order (key tables

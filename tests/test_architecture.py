@@ -12,7 +12,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kvpack"
 # Optional dependencies, imported where they are used so kvpack works without them.
-OPTIONAL = {"matplotlib", "triton", "lmcache", "datasets", "hqq", "optimum", "vllm", "PIL"}
+OPTIONAL = {"matplotlib", "triton", "lmcache", "datasets", "hqq", "optimum", "vllm", "PIL", "numba"}
 # kvpack modules that import an optional dependency at module level, so they are imported on demand.
 OPTIONAL_MODULES = {"kvpack.integrations.lmcache.serde", "kvpack.integrations.lmcache"}
 

@@ -82,3 +82,42 @@ def test_raw_slots_are_the_model_dtype():
     x = torch.randn(5, 3, 64).to(torch.bfloat16)
     rows, _ = part.encode(x)
     assert part.nbytes == 384 and torch.equal(part.decode(rows), x.float())
+
+
+def test_page_pool_holds_every_key_outlier_through_chunked_writes():
+    """Two requests written in prefill chunks and single tokens through vLLM-like slot mappings: with a pool of
+    3 entries per token (2 used on average), keys read back exactly as NuqCodec stores them (sinks exact)."""
+    from kvpack.integrations.vllm.config import KvpackVllmConfig
+    from kvpack.integrations.vllm.layout import EngineLayout
+    from kvpack.integrations.vllm.pages import PagePool
+    from kvpack.integrations.vllm.read import gather_kv
+    from kvpack.integrations.vllm.write import write_tokens
+
+    recipe = Recipe.load(SHIPPED_DIR / "kvpack-3bit")
+    n = 16
+    layers = [LayerSlots(nuq_part(k, 0), nuq_part(v, None), 1, torch.float32, 3 * n)
+              for k, v in zip(recipe.key_codecs, recipe.value_codecs)]
+    layout = EngineLayout(KvpackVllmConfig(method="kvpack-3bit"), recipe, layers, torch.float32, None, n)
+    c = layout.page_content_bytes()
+    pool = PagePool(torch.zeros(30 * 20 * n * c, dtype=torch.uint8).view(30, 20, 1, n, c)[0], layers)
+    kc, g = recipe.key_codecs[3], torch.Generator().manual_seed(0)
+
+    def keys(t: int) -> torch.Tensor:
+        k = inside_range_keys(kc, t)
+        idx = torch.randint(0, t * 192, (t * 2,), generator=g)  # 2 outliers per token on average
+        k.view(-1)[idx] += 30 * kc.scale.reshape(-1)[idx % 192]
+        return k
+
+    lens, table = [40, 23], torch.tensor([[3, 7, 1, 0], [5, 2, 0, 0]])
+    ks, vs = [keys(t) for t in lens], [torch.randn(t, 3, 64, generator=g) for t in lens]
+    clamped = 0
+    for req, chunks in ((0, [(0, 25)] + [(p, p + 1) for p in range(25, 40)]), (1, [(0, 23)])):
+        for a, b in chunks:
+            pos = torch.arange(a, b)
+            slots = table[req, pos // n] * n + pos % n
+            clamped += write_tokens(layout, pool, 3, ks[req][a:b], vs[req][a:b], slots, pos)
+    got, _ = gather_kv(layout, pool, 3, torch.tensor(lens), table)
+    ref = torch.cat([kc.decode(kc.encode(k.transpose(0, 1))).transpose(0, 1) for k in ks])
+    ref[0], ref[40] = ks[0][0], ks[1][0]
+    assert clamped == 0
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-6)

@@ -15,7 +15,9 @@ from kvpack.errors import KVPackError
 
 CONFIG_KEY = "kvpack"
 LOSSLESS = "fp16"  # K/V kept in the model's dtype, one slot per token: the plug-in's lossless check
-KNOWN_KEYS = ("method", "recipe", "key_outlier_slots")
+KNOWN_KEYS = ("method", "recipe", "key_outliers", "key_outlier_slots")
+KEY_OUTLIERS = ("page", "token")  # a per-page pool shared by the page's tokens, or fixed slots per token
+DEFAULT_KEY_OUTLIER_SLOTS = {"page": 4, "token": 4}  # per token: pool entries on average (4 B) / slots (3 B)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Models whose vLLM implementation rotates keys with the "neox" (rotate_half) convention, which a pre-RoPE
 # recipe inverts exactly; others need a post-RoPE recipe.
@@ -32,7 +34,8 @@ class KvpackVllmConfig:
 
     method: str | None = None
     recipe: str | None = None
-    key_outlier_slots: int | None = None  # None: 2 x the codec's outlier fraction of a token's key elements
+    key_outliers: str = "page"
+    key_outlier_slots: int | None = None  # per token (page: pool entries on average); None: DEFAULT_KEY_OUTLIER_SLOTS
 
     @property
     def lossless(self) -> bool:
@@ -62,10 +65,13 @@ def parse_entry(entry: Any) -> KvpackVllmConfig:
     slots = entry.get("key_outlier_slots")
     if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or not 0 <= slots <= 64):
         raise KvpackVllmError(f'"key_outlier_slots" must be an integer in 0..64, got {slots!r}.')
+    key_outliers = entry.get("key_outliers", "page")
+    if key_outliers not in KEY_OUTLIERS:
+        raise KvpackVllmError(f'"key_outliers" must be one of {KEY_OUTLIERS}, got {key_outliers!r}.')
     if method is not None and not isinstance(method, str):
         raise KvpackVllmError(f'"method" must be a method name string, got {method!r}.')
     return KvpackVllmConfig(method=method.strip() if method else None, recipe=str(recipe) if recipe else None,
-                            key_outlier_slots=slots)
+                            key_outliers=key_outliers, key_outlier_slots=slots)
 
 
 def check_engine(vllm_config) -> None:

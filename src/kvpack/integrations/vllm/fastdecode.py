@@ -6,18 +6,22 @@ with torch around it (see `slots.SlotPart.decode`). Without numba, `slots` falls
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import numpy as np
 
-try:
+
+@functools.cache
+def _kernel():
+    """The compiled decoder, built on first use. numba is imported here, not at module import: vLLM's worker
+    start-up scans every loaded module for Triton kernels to rebind (triton_utils/dispatcher.py) and fails on
+    llvmlite's objects, and the plug-in's modules are loaded before that scan."""
     from numba import njit, prange
-except ImportError:  # pragma: no cover - numba ships with vLLM's CPU build
-    njit = None
 
-
-if njit is not None:
     @njit(parallel=True, cache=True, fastmath=False)
-    def _decode(rows, code_bytes, byte, shift, mask, level_base, levels, chan_zero, chan_scale, tok_zero, tok_scale,
-                pair_div, out):  # pragma: no cover - compiled
+    def decode(rows, code_bytes, byte, shift, mask, level_base, levels, chan_zero, chan_scale, tok_zero, tok_scale,
+               pair_div, out):  # pragma: no cover - compiled
         T, n = out.shape
         per_token = tok_zero.shape[1] > 0
         for t in prange(T):
@@ -34,9 +38,11 @@ if njit is not None:
                 else:
                     out[t, c] = u * chan_scale[c] + chan_zero[c]
 
+    return decode
+
 
 def available() -> bool:
-    return njit is not None
+    return importlib.util.find_spec("numba") is not None
 
 
 def decode_codes(rows: np.ndarray, code_bytes: int, byte: np.ndarray, shift: np.ndarray, mask: np.ndarray,
@@ -44,5 +50,5 @@ def decode_codes(rows: np.ndarray, code_bytes: int, byte: np.ndarray, shift: np.
                  tok_zero: np.ndarray, tok_scale: np.ndarray, pair_div: int, out: np.ndarray) -> None:
     """rows uint8 [T, >= code_bytes] -> out float32 [T, n]: levels[level_base[c] + code] * scale + zero, with
     per-channel (chan_*) or per-token (tok_* [T, pairs], channel c uses pair c // pair_div) ranges."""
-    _decode(rows, code_bytes, byte, shift, mask, level_base, levels, chan_zero, chan_scale, tok_zero, tok_scale,
-            pair_div, out)
+    _kernel()(rows, code_bytes, byte, shift, mask, level_base, levels, chan_zero, chan_scale, tok_zero, tok_scale,
+              pair_div, out)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codecs.nuq import NuqCodec
-from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError, check_engine, kvpack_entry, parse_entry
+from kvpack.integrations.vllm.config import (DEFAULT_KEY_OUTLIER_SLOTS, KvpackVllmConfig, KvpackVllmError, check_engine,
+                                             kvpack_entry, parse_entry)
 from kvpack.integrations.vllm.recipe import load_recipe
 from kvpack.integrations.vllm.rope import RopeTable
 from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, per_token_bytes, raw_part
@@ -50,7 +51,8 @@ class EngineLayout:
             "pre_rope": self.rope is not None, "sink_tokens": self.sink_tokens,
             "slot_bytes_per_layer": [layer.slot_bytes for layer in self.layers],
             "sink_bytes_per_layer": self.layers[0].sink_bytes,
-            "key_outlier_slots": self.layers[0].key.outlier_slots, "value_outlier_slots": self.layers[0].value.outlier_slots,
+            "key_outliers": self.config.key_outliers, "key_outlier_slots_per_token": self.layers[0].key.outlier_slots,
+            "key_pool_entries_per_page": self.layers[0].key_pool, "value_outlier_slots": self.layers[0].value.outlier_slots,
             "page_content_bytes": self.page_content_bytes(),
             "model_dtype_bytes_per_token_layer": 2 * self.layers[0].key.channels * self.dtype.itemsize,
         }
@@ -92,13 +94,23 @@ def build_layout(vllm_config) -> EngineLayout:
     if settings.sink_tokens > block_size:
         raise KvpackVllmError(f"'{settings.name}' keeps {settings.sink_tokens} sink tokens, more than one page "
                               f"({block_size} tokens); raise block_size.")
+    per_token = config.key_outlier_slots
+    if per_token is None:
+        per_token = DEFAULT_KEY_OUTLIER_SLOTS[config.key_outliers]
     layers = []
     for i, (kc, vc) in enumerate(zip(recipe.key_codecs, recipe.value_codecs)):
-        key, value = nuq_part(_nuq(kc, "key", i), config.key_outlier_slots), nuq_part(_nuq(vc, "value", i), None)
+        kc = _nuq(kc, "key", i)
+        pooled = config.key_outliers == "page" and kc.axis == "channel" and kc.outlier_frac > 0
+        key = nuq_part(kc, 0 if pooled else per_token)
+        value = nuq_part(_nuq(vc, "value", i), None)
         if key.heads != heads or key.head_dim != dim:
             raise KvpackVllmError(f"The recipe is for {key.heads} KV heads of {key.head_dim} channels; this engine has "
                                   f"{heads} x {dim}. Use a recipe calibrated for this model.")
-        layers.append(LayerSlots(key, value, settings.sink_tokens, dtype))
+        if pooled and (block_size > 256 or key.channels > 256):
+            raise KvpackVllmError(f"Per-page key-outlier pools index {block_size}-token pages and {key.channels} "
+                                  'channels with one byte each (at most 256): lower block_size or set '
+                                  '"key_outliers": "token".')
+        layers.append(LayerSlots(key, value, settings.sink_tokens, dtype, per_token * block_size if pooled else 0))
     rope = RopeTable(hf, model_config.max_model_len) if settings.pre_rope else None
     return EngineLayout(config, recipe, layers, dtype, rope, block_size)
 

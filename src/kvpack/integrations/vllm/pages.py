@@ -3,7 +3,8 @@
 vLLM allocates one buffer for all layers and gives each layer a view `[blocks, 1, block_size, C]` of C bytes per
 token (C: the mean over layers, `EngineLayout.page_content_bytes`). Layers whose slots differ in size would not
 fit one C, so `PagePool` lays the buffer out itself, layer after layer: layer l holds `blocks` pages of
-`block_size * slot_bytes(l)` slot bytes followed by its sink records `blocks * sink_bytes(l)`. Every layer is a
+`block_size * slot_bytes(l)` slot bytes followed by its sink records `blocks * sink_bytes(l)` and its key-outlier
+pools `blocks * pool_bytes(l)`. Every layer is a
 kvpack layer of the same model (the plug-in refuses hybrid models and draft models), so nothing else uses the
 buffer, and block ids mean the same pages for every layer, as vLLM's prefix caching and preemption expect.
 """
@@ -16,7 +17,8 @@ from kvpack.integrations.vllm.slots import LayerSlots
 
 
 class PagePool:
-    """Per-layer slot rows `[blocks * block_size, slot_bytes]` and sink rows `[blocks, sink_bytes]` (uint8 views)."""
+    """Per-layer slot rows `[blocks * block_size, slot_bytes]`, sink rows `[blocks, sink_bytes]` and key-outlier pool
+    rows `[blocks, pool_bytes]` (uint8 views)."""
 
     def __init__(self, kv_cache: torch.Tensor, layers: list[LayerSlots]):
         if kv_cache.dim() != 4 or kv_cache.shape[1] != 1:
@@ -31,6 +33,7 @@ class PagePool:
                 "page size was planned with. Set block_size explicitly (e.g. 128) or report this.")
         self.slots: list[torch.Tensor] = []
         self.sinks: list[torch.Tensor] = []
+        self.pools: list[torch.Tensor] = []
         at = 0
         for layer in layers:
             n = self.blocks * self.block_size * layer.slot_bytes
@@ -38,6 +41,9 @@ class PagePool:
             at += n
             m = self.blocks * layer.sink_bytes
             self.sinks.append(buffer[at: at + m].view(self.blocks, layer.sink_bytes))
+            at += m
+            m = self.blocks * layer.pool_bytes
+            self.pools.append(buffer[at: at + m].view(self.blocks, layer.pool_bytes))
             at += m
         self.used_bytes = at
         self.buffer_bytes = buffer.numel()

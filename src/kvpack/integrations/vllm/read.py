@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvpack.integrations.vllm.layout import EngineLayout
+from kvpack.integrations.vllm.outlier_pool import apply_pool
 from kvpack.integrations.vllm.pages import PagePool
 
 
@@ -29,6 +30,8 @@ def gather_kv(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.
     rows = pool.slots[layer][slot]
     kb = parts.key.nbytes
     keys, values = parts.key.decode(rows[:, :kb]), parts.value.decode(rows[:, kb:])
+    if parts.key_pool:
+        keys = apply_pool(keys, pool.pools[layer], parts.key_pool, pool.block_size, blocks, pos)
     if layout.rope is not None:
         keys = layout.rope.rotate(keys, pos)
     if parts.sink_tokens:

@@ -211,15 +211,24 @@ def raw_part(heads: int, head_dim: int, dtype: torch.dtype) -> SlotPart:
     return SlotPart("raw", heads, head_dim, dtype)
 
 
+POOL_HEADER, POOL_ENTRY = 2, 4  # per-page key-outlier pool: uint16 count; fp16 value, uint8 offset, uint8 channel
+
+
 @dataclass
 class LayerSlots:
-    """The slot of one layer: key part, value part, and the per-block sink record (the first `sink_tokens`
-    positions of a sequence kept exactly, post-RoPE keys and values in the model's dtype)."""
+    """The slot of one layer: key part, value part, the per-block sink record (the first `sink_tokens`
+    positions of a sequence kept exactly, post-RoPE keys and values in the model's dtype), and the per-block
+    key-outlier pool of `key_pool` entries (0: key outliers in per-token slots; see `outlier_pool`)."""
 
     key: SlotPart
     value: SlotPart
     sink_tokens: int
     sink_dtype: torch.dtype
+    key_pool: int = 0
+
+    @property
+    def pool_bytes(self) -> int:
+        return POOL_HEADER + POOL_ENTRY * self.key_pool if self.key_pool else 0
 
     @property
     def slot_bytes(self) -> int:
@@ -230,8 +239,8 @@ class LayerSlots:
         return self.sink_tokens * 2 * self.key.channels * self.sink_dtype.itemsize
 
     def block_bytes(self, block_size: int) -> int:
-        """Bytes of one page of `block_size` tokens of this layer (slots + sink record)."""
-        return block_size * self.slot_bytes + self.sink_bytes
+        """Bytes of one page of `block_size` tokens of this layer (slots, sink record, key-outlier pool)."""
+        return block_size * self.slot_bytes + self.sink_bytes + self.pool_bytes
 
 
 def per_token_bytes(layers: list[LayerSlots], block_size: int, align: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kvpack.integrations.vllm.layout import EngineLayout
+from kvpack.integrations.vllm.outlier_pool import write_pool
 from kvpack.integrations.vllm.pages import PagePool
 
 
@@ -23,6 +24,9 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
     k_rows, overflow = parts.key.encode(k_store)
     v_rows, _ = parts.value.encode(value)
     pool.slots[layer][slots] = torch.cat([k_rows, v_rows], 1)
+    if parts.key_pool:
+        overflow += write_pool(pool.pools[layer], parts.key_pool, pool.block_size, slots, parts.key, k_store,
+                               pos < parts.sink_tokens)
     if parts.sink_tokens:
         sink = pos < parts.sink_tokens
         if bool(sink.any()):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpack.kernels import triton_mixed, triton_tq
+from kvpack.kernels import triton_device, triton_mixed, triton_tq
 from kvpack.kernels.layout import NuqView, nuq_view
 from kvpack.kernels.triton_attention import HAVE_TRITON, available
 from kvpack.kernels.triton_device import cell_pointers as _cell_pointers
@@ -50,8 +50,10 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kvpack.kernels.triton_device import (_cos_sin_at, _dot, _lookup, _mask_scores, _outlier, _outlier_rows,
-                                              _softmax_step, _store_partial)
+    _cos_sin_at, _dot, _lookup, _mask_scores = (triton_device._cos_sin_at, triton_device._dot, triton_device._lookup,
+                                                triton_device._mask_scores)
+    _outlier, _outlier_rows = triton_device._outlier, triton_device._outlier_rows
+    _softmax_step, _store_partial = triton_device._softmax_step, triton_device._store_partial
 
 BLOCK_N = 32  # granularity of tokens per split (a multiple of every split kernel's BLOCK); no kernel's inner block
 NUQ_BLOCK = 16  # tokens per inner block of every split kernel: nuq, mixed, fp16 (tl.dot's smallest N; see split_launch)

@@ -31,13 +31,15 @@ import torch
 
 from kvpack.kernels.layout import MixedNuqView, mixed_view
 from kvpack.kernels.triton_attention import HAVE_TRITON
+from kvpack.kernels import triton_device
 from kvpack.kernels.triton_device import cell_pointers
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kvpack.kernels.triton_device import (_cos_sin_at, _dot, _mask_scores, _online, _outlier, _outlier_rows)
+    _cos_sin_at, _dot, _mask_scores = triton_device._cos_sin_at, triton_device._dot, triton_device._mask_scores
+    _online, _outlier, _outlier_rows = triton_device._online, triton_device._outlier, triton_device._outlier_rows
 
 MAX_SLOTS = 8  # widths per codec the kernel reads (one codes tensor each): every width 1..8
 

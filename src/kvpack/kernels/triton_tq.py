@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpack.kernels import triton_device, triton_mixed
 from kvpack.kernels.layout import TqView, tq_view
 from kvpack.kernels.triton_attention import HAVE_TRITON
 
@@ -29,8 +30,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from kvpack.kernels.triton_device import _dot, _mask_scores, _online
-    from kvpack.kernels.triton_mixed import _mixed_lookup
+    _dot, _mask_scores, _online = triton_device._dot, triton_device._mask_scores, triton_device._online
+    _mixed_lookup = triton_mixed._mixed_lookup
 
 
 @dataclass

@@ -25,9 +25,10 @@ def describe(rows: list[dict]) -> str:
     # only what every row shares (a column shows what differs)
     parts = [fmt.format(first[key]) for key, fmt in labels
              if first.get(key) is not None and all(r.get(key) == first[key] for r in rows)]
-    if parts and parts[0].startswith("model ") and first.get("model") is not None:
-        parts[0] += f" ({describe_weights(first['model'])})" if describe_weights(first["model"]) != first["model"] else ""
-    return ("Measured on " + ", ".join(parts) + ".") if parts else ""
+    text = ("Measured on " + ", ".join(parts) + ".") if parts else ""
+    if parts and parts[0].startswith("model ") and describe_weights(first["model"]) != first["model"]:
+        text += f" Weights: {describe_weights(first['model'])}."
+    return text
 
 
 def parse_options(text: str) -> dict[str, str]:

@@ -121,7 +121,7 @@ if HAVE_TRITON:
             v = _mixed_lookup(vmeta_ptr, vc0, vc1, vc1, vc1, vc1, vc1, vc1, vc1, vlev_ptr, vr, nmask, n0, n_end, D)
             acc = _dot(v * vn[None, :], p, acc, DOT16)
         cell = (split0 + sp).to(tl.int64) * (B * H) + pid
-        for i0 in tl.static_range(0, D, 16):  # acc^T back to channels, M @ acc^T, 16 rows of M at a time (smem)
+        for i0 in range(0, D, 16):  # acc^T back to channels, M @ acc^T, 16 rows of M at a time (smem)
             rows = i0 + tl.arange(0, 16)
             part = _dot(tl.load(vrot_ptr + rows[:, None] * D + j[None, :]), acc, tl.zeros([16, GP], dtype=tl.float32),
                         DOT16)

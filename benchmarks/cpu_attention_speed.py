@@ -111,9 +111,9 @@ def run_timing(args) -> None:
     rows = []
     for k, v in results.items():
         ms, cms = statistics.median(v), statistics.median(cpu_ms[k])
-        rows.append({"method": k, "context": meta["context"], "attention_ms": ms, "ratio": ms / best,
+        rows.append({"method": k, "code": args.label, "context": meta["context"], "attention_ms": ms, "ratio": ms / best,
                      "attention_cpu_ms": cms, "cpu_ratio": cms / best_cpu, "threads": torch.get_num_threads(),
-                     "kernel_isa": cpu.kernel_isa(), "loadavg": os.getloadavg()[0]})
+                     "kernel_isa": getattr(cpu, "kernel_isa", lambda: None)(), "loadavg": os.getloadavg()[0]})
         print(f"{k:24s} {ms:8.3f} ms {ms / best:6.2f}x   CPU {cms:8.3f} ms {cms / best_cpu:6.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default="")
+    p.add_argument("--label", default="", help="what code was timed (stored in each row)")
     args = p.parse_args()
     build(args) if args.action == "build" else run_timing(args)
 

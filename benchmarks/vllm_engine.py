@@ -33,9 +33,13 @@ def capacity(llm) -> dict:
 
 
 def run_child(script: str, name: str, args: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
-    """Run `script --one name *args` and return its RESULT (or the error), with seconds and vLLM's capacity line."""
+    """Run `script --one name *args` (environment `env` on top of this one; a None value unsets the variable) and
+    return its RESULT (or the error), with seconds and vLLM's capacity line."""
     start = time.time()
-    proc = subprocess.run([sys.executable, script, "--one", name, *args], env=dict(os.environ, **(env or {})),
+    child_env = dict(os.environ, **{k: v for k, v in (env or {}).items() if v is not None})
+    for key in [k for k, v in (env or {}).items() if v is None]:  # None: unset (vLLM reads "" as a number)
+        child_env.pop(key, None)
+    proc = subprocess.run([sys.executable, script, "--one", name, *args], env=child_env,
                           capture_output=True, text=True, timeout=timeout)
     text = proc.stdout + proc.stderr
     row = {"config": name, "seconds": round(time.time() - start, 1)}

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--data", default="wikitext2")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kv-gib", type=int, default=2)
     parser.add_argument("--key-outlier-slots", type=int, default=None, help="kvpack option (default: the codec's)")
@@ -94,6 +94,10 @@ def main() -> None:
         row = {**run_child(__file__, name, child_args, env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}), **spec}
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("config", "ppl", "seconds", "error")}), flush=True)
+        write(args, rows)  # after every configuration: a long run leaves what it measured
+
+
+def write(args, rows: list[dict]) -> None:
     reference = real_cache_deltas()
     for row in rows:
         base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
@@ -107,7 +111,7 @@ def main() -> None:
            "model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
            "real_cache_reference": str(REAL_CACHE), **environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+
 
 
 if __name__ == "__main__":

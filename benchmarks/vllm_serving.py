@@ -92,7 +92,7 @@ def main() -> None:
             env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
             if scenario == "tight":
                 child += ["--kv-bytes", str(tight)]
-                env = {"VLLM_CPU_KVCACHE_SPACE": ""}
+                env = {"VLLM_CPU_KVCACHE_SPACE": None}  # it would override kv_cache_memory_bytes
             row = {"scenario": scenario, **run_child(__file__, name, child, env=env), **CONFIGS[name]}
             if scenario == "tight":
                 row["kv_cache_memory_bytes"] = tight

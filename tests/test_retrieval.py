@@ -3,7 +3,6 @@ through the real cache on a tiny random model (whose answers are noise: accuracy
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -231,7 +230,7 @@ def test_cli_task_retrieval(tok, tmp_path, monkeypatch):
     from kvpack.cli.app import app
 
     model = make_tiny_model("llama", vocab_size=128)
-    monkeypatch.setattr(sys.modules["kvpack.hf.models"], "load_model", lambda spec: (model, tok))
+    monkeypatch.setattr(run_module, "load_model", lambda spec: (model, tok))
     out = tmp_path / "retrieval-tiny.json"
     args = ["eval", "--task", "retrieval", "--model", "tiny", "--methods", "int4", "--tasks", "single_needle",
             "--lengths", "450", "--depths", "0,1", "--trials", "1", "--haystack", "guide", "--json", str(out),

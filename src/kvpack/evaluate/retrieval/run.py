@@ -20,7 +20,10 @@ from kvpack.evaluate.passkey import answer
 from kvpack.evaluate.retrieval.score import exact_match, wilson
 from kvpack.evaluate.retrieval.tasks import make_trial
 from kvpack.evaluate.retrieval.text import Haystack
-from kvpack.evaluate.results import read_rows, write_rows
+from kvpack.evaluate.results import environment, read_rows, write_rows
+from kvpack.hf.models import load_model
+from kvpack.methods.names import parse_method
+from kvpack.recipes.resolve import resolve_recipe
 
 KEYS = ("task", "method", "length", "seed", "haystack", "model", "depths")  # a cell; its trials come from these
 
@@ -94,11 +97,6 @@ def run_retrieval_eval(model_spec: str, methods: list[str], tasks: list[str], le
                        calib_windows: int, calib_seqlen: int, recipe_dir, progress: bool, log=print,
                        minutes: float | None = None) -> list[dict]:
     """Load the model, resolve each method's recipe (fp16 first, always), run the missing trials; rows with the environment."""
-    from kvpack.evaluate.results import environment
-    from kvpack.hf.models import load_model
-    from kvpack.methods.names import parse_method
-    from kvpack.recipes.resolve import resolve_recipe
-
     model, tokenizer = load_model(model_spec)
     recipes = {}
     for name in dict.fromkeys(["fp16", *methods]):

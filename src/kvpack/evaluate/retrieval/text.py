@@ -11,6 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from kvpack.data import load_corpus
 from kvpack.errors import DataError
 
 GUIDE = Path(__file__).resolve().parents[2] / "texts" / "kv-cache-guide.txt"
@@ -43,8 +44,6 @@ def load_sentences(spec: str) -> tuple[str, ...]:
     if spec == "guide":
         text = GUIDE.read_text(encoding="utf-8")
     else:
-        from kvpack.data import load_corpus
-
         text = load_corpus(spec).text
     sentences = _sentences(text)
     if len(sentences) < 8:

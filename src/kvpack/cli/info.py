@@ -23,15 +23,16 @@ def _version(package: str) -> str:
 def machine_info(build: bool = False) -> dict:
     """Versions, CPU, compiler, kernel status and device as a dict (build: compile the C++ kernels if needed)."""
     path = cpu.library_path()
-    built_before = path.exists()
-    if build or built_before:
-        cpu.load()
+    if build or path.exists():
+        kernels = "ready" if cpu.available() else cpu.error()
+    else:
+        kernels = "not built yet (built on first use, or `kvpack info --build`)"
     return {
         "kvpack": _version("kvpack"), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": _version("transformers"), "triton": _version("triton"),
         "cpu": cpu.cpu_model(), "instruction_set": cpu.instruction_set(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(), "compiler": cpu.compiler(),
-        "cpu_kernels": "ready" if cpu._LIB is not None else (cpu._ERROR or "not built yet (built on first use, or `kvpack info --build`)"),
+        "cpu_kernels": kernels,
         "cpu_kernels_library": str(path),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "triton_kernels": "ready" if triton_attention.available() else "unavailable (needs triton and a CUDA device)",

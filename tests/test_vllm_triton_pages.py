@@ -1,0 +1,162 @@
+"""kvpack's Triton page kernels (the vLLM backend's CUDA read path) under Triton's interpreter on the CPU, against the
+torch read path (`read.attend`: gather, decode, attend) over the same pages.
+
+Pages are written by the real write path (`write.write_tokens`) from layouts of the shipped recipes (kvpack-3bit:
+mixed widths, per-channel codebooks, pre-RoPE, a sink, the per-page key-outlier pool; kvquant-3bit-1pct: one
+codebook, per-token key outlier slots, bf16 sinks) and the lossless fp16 method; three requests through one block
+table, decode and chunked-prefill queries, GQA, split-K with the merge and a single split. No vLLM needed.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import SimpleNamespace
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+
+
+def _fresh_triton() -> None:
+    """As tests/test_triton_interpret.py: give triton's own JIT library functions interpreted twins when an earlier
+    import decorated them without the interpreter."""
+    if "triton.language" not in sys.modules:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    twins: dict = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("triton.language"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                if id(value) not in twins:
+                    twins[id(value)] = InterpretedFunction(value.fn)
+                setattr(module, attr, twins[id(value)])
+
+
+_fresh_triton()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+for _name in ("kvpack.integrations.vllm.triton_pages", "kvpack.integrations.vllm.cuda_read"):  # decorate again
+    if _name in sys.modules:
+        importlib.reload(sys.modules[_name])
+from kvpack.integrations.vllm import cuda_read, triton_pages  # noqa: E402
+from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
+from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
+from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
+from kvpack.integrations.vllm.read import attend  # noqa: E402
+from kvpack.integrations.vllm.rope import RopeTable  # noqa: E402
+from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part  # noqa: E402
+from kvpack.integrations.vllm.write import write_tokens  # noqa: E402
+from kvpack.recipes.bundled import SHIPPED_DIR  # noqa: E402
+from kvpack.recipes.recipe import Recipe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BLOCK = 16
+LAYERS = 2  # the first layers of a recipe: enough for per-layer tables
+HEADS, DIM = 3, 64  # the shipped recipes' model (SmolLM2-135M): 3 KV heads of 64 channels
+LENS = [40, 23, 5]  # tokens cached per request after the step
+TABLE = torch.tensor([[3, 7, 1, 0], [5, 2, 0, 0], [4, 0, 0, 0]])  # block table (request 2: one page)
+
+
+def rope_table(dim: int, max_len: int = 256) -> RopeTable:
+    """A RopeTable (rotate_half, base 10000) without a model config."""
+    rope = object.__new__(RopeTable)
+    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.arange(max_len).float()[:, None] * inv[None, :]
+    emb = torch.cat([angles, angles], 1)
+    rope.cos, rope.sin = emb.cos(), emb.sin()
+    return rope
+
+
+def make_layout(kind: str) -> EngineLayout:
+    if kind == "fp16":
+        layers = [LayerSlots(raw_part(HEADS, DIM, torch.float16), raw_part(HEADS, DIM, torch.float16), 0,
+                             torch.float16)] * LAYERS
+        return EngineLayout(KvpackVllmConfig(method="fp16"), None, layers, torch.float16, None, BLOCK)
+    name, dtype, outliers = {"kvpack": ("kvpack-3bit", torch.float32, "page"),
+                             "kvquant": ("kvquant-3bit-1pct", torch.bfloat16, "token")}[kind]
+    recipe = Recipe.load(SHIPPED_DIR / name)
+    layers = []
+    for kc, vc in list(zip(recipe.key_codecs, recipe.value_codecs))[:LAYERS]:
+        pooled = outliers == "page"
+        layers.append(LayerSlots(nuq_part(kc, 0 if pooled else 4), nuq_part(vc, None), recipe.settings.sink_tokens,
+                                 dtype, 4 * BLOCK if pooled else 0))
+    config = KvpackVllmConfig(method=name, key_outliers=outliers)
+    return EngineLayout(config, recipe, layers, dtype, rope_table(DIM), BLOCK)
+
+
+def fill(layout: EngineLayout, layer: int, q_lens: list[int], seed: int = 0) -> PagePool:
+    """Pages of LENS tokens per request written as vLLM would: prompts in chunks, then decode steps; the last
+    q_lens tokens of each request are written last (the step's new tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    c = layout.page_content_bytes()
+    pool = PagePool(torch.zeros(LAYERS * 8 * BLOCK * c, dtype=torch.uint8).view(LAYERS, 8, 1, BLOCK, c)[0], layout.layers)
+    for req, (length, q) in enumerate(zip(LENS, q_lens)):
+        k = torch.randn(length, HEADS, DIM, generator=g) * 2
+        k[torch.rand(length, HEADS, DIM, generator=g) < 0.02] *= 15  # key outliers
+        v = torch.randn(length, HEADS, DIM, generator=g)
+        cut = length - q
+        for a, b in [(0, min(cut, 25)), (min(cut, 25), cut), (cut, length)]:
+            if b > a:
+                pos = torch.arange(a, b)
+                slots = TABLE[req, pos // BLOCK] * BLOCK + pos % BLOCK
+                write_tokens(layout, pool, layer, k[a:b].to(layout.dtype), v[a:b].to(layout.dtype), slots, pos)
+    return pool
+
+
+def step(q_lens: list[int]) -> SimpleNamespace:
+    qsl = torch.tensor([0] + q_lens).cumsum(0)
+    return SimpleNamespace(query_start_loc=qsl, seq_lens=torch.tensor(LENS), block_table=TABLE)
+
+
+@pytest.mark.parametrize("kind", ["kvpack", "kvquant", "fp16"])
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [1, 7, 5]], ids=["decode", "chunked-prefill"])
+def test_page_kernels_match_the_torch_read_path(kind, q_lens):
+    layout = make_layout(kind)
+    layer = 1
+    pool = fill(layout, layer, q_lens)
+    if layout.layers[layer].key_pool:  # the pool holds outliers of every page
+        counts = pool.pools[layer][:, :2].contiguous().view(torch.int16)
+        assert int((counts[[3, 7, 1, 5, 2, 4]] > 0).sum()) == 6
+    meta = step(q_lens)
+    group = 3
+    query = torch.randn(sum(q_lens), HEADS * group, DIM, generator=torch.Generator().manual_seed(5))
+    ref = torch.zeros_like(query)
+    attend(layout, pool, layer, query, meta, DIM ** -0.5, ref)
+    twin = cuda_read.device_layout(layout, query.device)
+    for splits in ([None, 3] if q_lens == [1, 1, 1] else [None]):
+        out = torch.full_like(query, float("nan"))
+        cuda_read.attend(twin, pool, layer, query, meta, DIM ** -0.5, out, splits=splits)
+        assert torch.isfinite(out).all()
+        assert (out - ref).abs().max() < 1e-3, (kind, q_lens, splits, float((out - ref).abs().max()))
+
+
+def test_gqa_group_of_one_and_bf16_output():
+    layout = make_layout("kvquant")
+    pool = fill(layout, 0, [1, 2, 1], seed=3)
+    meta = step([1, 2, 1])
+    query = torch.randn(4, HEADS, DIM, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    ref = torch.zeros(4, HEADS, DIM)
+    attend(layout, pool, 0, query, meta, 0.1, ref)
+    out = torch.zeros_like(query)
+    cuda_read.attend(cuda_read.device_layout(layout, query.device), pool, 0, query, meta, 0.1, out)
+    assert (out.float() - ref).abs().max() < 2e-2  # bf16 output rounding
+
+
+def test_launch_plan_and_refusals():
+    shape = triton_pages.plan(requests=4, kv_heads=8, group=4, max_query_len=1, max_seq_len=8192, tokens=4,
+                              heads=32, dim=128, bn=32)
+    assert shape["BM"] == 16 and shape["BQ"] == 4 and shape["splits"] > 1
+    assert shape["split_len"] % 32 == 0 and shape["split_len"] * shape["splits"] >= 8192
+    prefill = triton_pages.plan(requests=1, kv_heads=8, group=4, max_query_len=2048, max_seq_len=2048, tokens=2048,
+                                heads=32, dim=128, bn=32)
+    assert prefill["BM"] == 64 and prefill["qblocks"] == 2048 // 16
+    assert triton_pages.tile_tokens(128) == 32 and triton_pages.tile_tokens(48) == 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        triton_pages.tile_tokens(8)

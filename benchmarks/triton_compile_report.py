@@ -11,6 +11,13 @@ rows ptxas needs minutes per kernel). No timings: no GPU was lent, GPU speed is 
 
     .venv/bin/python benchmarks/triton_compile_report.py [--out results/triton-compile.json]
     .venv/bin/python benchmarks/triton_compile_report.py --before-from results/triton-compile.json  # after rows only
+    .venv/bin/python benchmarks/triton_compile_report.py --pages-only  # the vLLM page kernels, other rows kept
+
+"vllm_pages": the kernels of kvpack.integrations.vllm.triton_pages (attention straight from the vLLM plug-in's
+packed pages: decode = one query token, split-K; prefill = query blocks of 32 rows; merge),
+for 8 KV heads x 4 query heads each, pages of 16 tokens, bf16 model, three slot layouts: nuq3 keys with per-channel
+ranges and the per-page key-outlier pool, pre-RoPE, one sink (kvpack-3bit's shape); the same with 4 key outlier
+slots per token instead of the pool (key_outliers="token"); raw fp16 slots (the lossless "fp16" method).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import triton  # noqa: E402
 
 from kvpack.kernels import triton_attention as legacy  # noqa: E402
 from kvpack.kernels import triton_decode as td  # noqa: E402
+from kvpack.integrations.vllm import triton_pages as tp  # noqa: E402
 
 DIMS = (64, 128)
 BITS = (2, 3, 4)
@@ -67,6 +75,56 @@ def before_rows() -> list[dict]:
     return rows
 
 
+PAGE_HEADS, PAGE_GROUP, PAGE_BLOCK = 8, 4, 16
+
+
+def page_layers(dim: int) -> dict:
+    """The three page layouts of the report at head_dim `dim` (synthetic codecs: compiles depend on the slot
+    layout, not on the calibrated values)."""
+    import torch
+
+    from kvpack.codecs.nuq import NuqCodec
+    from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part
+
+    h = PAGE_HEADS
+    levels = torch.linspace(-1, 1, 8)
+    kc = NuqCodec(levels, "channel", h, dim, 0.01, zero=torch.zeros(h, dim), scale=torch.ones(h, dim))
+    vc = NuqCodec(levels, "token", h, dim, 0.01, span="all")
+    return {
+        "nuq3-pool": (LayerSlots(nuq_part(kc, 0), nuq_part(vc, None), 1, torch.bfloat16, 4 * PAGE_BLOCK), True),
+        "nuq3-token-slots": (LayerSlots(nuq_part(kc, 4), nuq_part(vc, None), 1, torch.bfloat16), True),
+        "fp16-raw": (LayerSlots(raw_part(h, dim, torch.bfloat16), raw_part(h, dim, torch.bfloat16), 0,
+                                torch.bfloat16), False),
+    }
+
+
+def pages_rows() -> list[dict]:
+    import torch
+
+    rows = []
+    for dim in DIMS:
+        for method, (layer, pre_rope) in page_layers(dim).items():
+            tables = tp.layer_tables(layer, torch.device("cpu"))
+            for name, (fn, sig, consts, launch) in tp.aot_configs(tables, PAGE_GROUP, PAGE_BLOCK, pre_rope).items():
+                if name == "pages_merge" and method != "nuq3-pool":  # the merge does not read pages
+                    continue
+                for arch in ARCHS:
+                    stats = tp.aot_stats(fn, sig, consts, arch, **launch)
+                    rows.append({"kernel": name, "method": None if name == "pages_merge" else method,
+                                 "target": f"sm_{arch}", "head_dim": dim, "groups": PAGE_GROUP,
+                                 "rows": consts.get("BM"), "block_tokens": consts.get("BN"),
+                                 "pool_chunk": consts.get("PE") if consts.get("POOL") else None, **stats})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def pages_section(rows: list[dict]) -> dict:
+    return {"kernels": ("kvpack.integrations.vllm.triton_pages (attention from the vLLM plug-in's packed pages: "
+                        "decode split-K, prefill query blocks, merge)"),
+            "summary": summary([{**r, "kernel": r["kernel"] + (f"[{r['method']}]" if r["method"] else "")}
+                                for r in rows]), "rows": rows}
+
+
 def summary(rows: list[dict]) -> dict:
     """Per kernel: register range, worst spill stores, targets, whether every compile is free of spills."""
     out: dict = {}
@@ -86,10 +144,18 @@ def main() -> None:
     parser.add_argument("--before-from", help="take the 'before' rows (per-run kernels, unchanged) from this earlier "
                         "report instead of compiling them again (their G=32, head_dim 128 compiles take ptxas minutes "
                         "each)")
+    parser.add_argument("--pages-only", action="store_true", help="compile only the vLLM page kernels and update "
+                        "their section of --out, keeping its other rows")
     args = parser.parse_args()
     ok, why = td.aot_available()
     if not ok:
         raise SystemExit(f"cannot compile for sm_80/sm_90 here: {why}")
+    if args.pages_only:
+        result = json.loads(Path(args.out).read_text())
+        result["vllm_pages"] = pages_section(pages_rows())
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({"vllm_pages": result["vllm_pages"]["summary"]}, indent=1))
+        return
     after = td.aot_rows(dims=DIMS, bits=BITS, groups=GROUPS, archs=ARCHS)
     for row in after:
         print(json.dumps(row), flush=True)
@@ -110,6 +176,7 @@ def main() -> None:
                   "summary": summary(after), "rows": after},
         "before": {"kernels": "kvpack.kernels.triton_attention (per-run key_scores / value_accum)",
                    "source": before_note, "summary": summary(before), "rows": before},
+        "vllm_pages": pages_section(pages_rows()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -156,7 +156,44 @@ def test_launch_plan_and_refusals():
     assert shape["split_len"] % 32 == 0 and shape["split_len"] * shape["splits"] >= 8192
     prefill = triton_pages.plan(requests=1, kv_heads=8, group=4, max_query_len=2048, max_seq_len=2048, tokens=2048,
                                 heads=32, dim=128, bn=32)
-    assert prefill["BM"] == 64 and prefill["qblocks"] == 2048 // 16
+    assert prefill["BM"] == 32 and prefill["qblocks"] == 2048 // 8
     assert triton_pages.tile_tokens(128) == 32 and triton_pages.tile_tokens(48) == 16
     with pytest.raises(ValueError, match="multiple of 16"):
         triton_pages.tile_tokens(8)
+
+
+COMPILE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from kvpack.kernels import triton_decode as td
+ok, why = td.aot_available()
+if not ok:
+    print(json.dumps({"skip": why})); sys.exit(0)
+import torch
+import triton_compile_report as report
+from kvpack.integrations.vllm import triton_pages as tp
+layer, pre_rope = report.page_layers(64)["nuq3-pool"]
+tables = tp.layer_tables(layer, torch.device("cpu"))
+rows = {name: tp.aot_stats(fn, sig, consts, 90, **launch)
+        for name, (fn, sig, consts, launch) in tp.aot_configs(tables, 4, 16, pre_rope).items()}
+print(json.dumps(rows))
+"""
+
+
+def test_page_kernels_compile_for_sm90_without_spills():
+    """The interpreter does not compile: ahead-of-time compile (no GPU; a subprocess without TRITON_INTERPRET)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in rows:
+        pytest.skip(rows["skip"])
+    for name, stats in rows.items():
+        assert stats["spill_stores"] == 0 and stats["registers"] <= 255, (name, stats)
+    assert rows["pages_decode"]["tl_dot"] and rows["pages_prefill"]["tl_dot"]

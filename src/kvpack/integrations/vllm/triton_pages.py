@@ -37,6 +37,7 @@ if HAVE_TRITON:
 RAW_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # how raw fields and sink records are read
 MAX_BN = 32  # tokens per tile (at most; a power of two dividing the page size, at least 16)
 MIN_DOT = 16  # tl.dot needs 16 rows / columns
+POOL_CHUNK = 32  # pool entries per one-hot tl.dot (64: ~70 more registers per thread)
 
 
 def _pow2(n: int) -> int:
@@ -121,13 +122,20 @@ def tile_tokens(block_size: int) -> int:
     return bn
 
 
+def num_warps(dim: int) -> int:
+    """Warps of the attend kernel: 4 at head_dim <= 64, 8 above (ptxas: no spills either way, see
+    benchmarks/triton_compile_report.py)."""
+    return 4 if dim <= 64 else 8
+
+
 def plan(requests: int, kv_heads: int, group: int, max_query_len: int, max_seq_len: int, tokens: int,
          heads: int, dim: int, bn: int, splits: int | None = None, sms: int = 132) -> dict:
-    """Launch shape from host ints: rows per program (BM = BQ query tokens x GP heads), query blocks per request,
+    """Launch shape from host ints: rows per program (BM = BQ query tokens x GP heads; 16 for decode, 32 for
+    prefill: 64 rows spill registers), query blocks per request,
     splits of the context (enough programs to fill `sms` SMs twice, at least 4 tiles per split, partials under
     256 MiB) and the split length (a multiple of BN)."""
     gp = _pow2(group)
-    bm = max(MIN_DOT, gp) if max_query_len <= 1 else max(64, gp)
+    bm = max(MIN_DOT, gp) if max_query_len <= 1 else max(32, gp)
     bq = bm // gp
     qblocks = max(1, math.ceil(max_query_len / bq))
     if splits is None:
@@ -340,7 +348,7 @@ def kernel_constants(t: LayerTables, group: int, gp: int, bq: int, bm: int, bn: 
                      precision: str = "ieee") -> dict:
     """The constexprs of `_pages_attend_kernel` for a layer (what selects a compiled variant)."""
     k, v = t.key, t.value
-    pe = max(MIN_DOT, min(64, _pow2(t.pool_entries))) if t.pool_entries else MIN_DOT
+    pe = max(MIN_DOT, min(POOL_CHUNK, _pow2(t.pool_entries))) if t.pool_entries else MIN_DOT
     return dict(H=t.heads, D=t.head_dim, HALF=t.head_dim // 2, GROUP=group, GP=gp, BQ=bq, BM=bm, BN=bn, PE=pe,
                 K_RAW=k.raw, V_RAW=v.raw, KIND=t.raw_kind, ITEM=t.item, K_PAIRS=k.pairs, V_PAIRS=v.pairs,
                 K_OUT=k.outliers, V_OUT=v.outliers, K_IDXB=k.index_bytes, V_IDXB=v.index_bytes, POOL=t.pool_entries,
@@ -393,7 +401,7 @@ def attend_pages(query: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1), block_table.stride(0),
         float(scale) * math.log2(math.e), block_size, shape["split_len"], shape["qblocks"],
         tables.slot_bytes, k.nbytes, tables.sink_bytes, tables.pool_bytes, k.code_bytes, v.code_bytes,
-        k.pair_div, v.pair_div, num_warps=4, num_stages=1, **consts)
+        k.pair_div, v.pair_div, num_warps=num_warps(dim), num_stages=1, **consts)
     if not direct:
         _pages_merge_kernel[(tokens, heads)](part, lse, output, output.stride(0), output.stride(1), shape["splits"],
                                              HQ=heads, D=dim, SP=_pow2(shape["splits"]), num_warps=4, num_stages=1)
@@ -403,7 +411,7 @@ def attend_pages(query: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------- ahead of time
 ATTEND_POINTERS = {"q_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "lse_ptr": "*fp32", "slot_ptr": "*u8",
                    "sink_ptr": "*u8", "pool_ptr": "*u8", "bt_ptr": "*i32", "qsl_ptr": "*i32", "len_ptr": "*i32",
-                   "kint_ptr": "*i32", "vint_ptr": "*i32", "out_ptr_merge": "*bf16"}
+                   "kint_ptr": "*i32", "vint_ptr": "*i32"}
 
 
 def _signature(fn, constexprs: dict, pointers: dict) -> dict:
@@ -429,7 +437,7 @@ def aot_configs(tables: LayerTables, group: int, block_size: int = 16, pre_rope:
         shape = plan(1, tables.heads, group, q_len, 8192, q_len, group * tables.heads, tables.head_dim, bn, 1)
         consts = kernel_constants(tables, group, shape["GP"], shape["BQ"], shape["BM"], bn, pre_rope, direct)
         out[name] = (_pages_attend_kernel, _signature(_pages_attend_kernel, consts, ATTEND_POINTERS), consts,
-                     {"num_warps": 4, "num_stages": 1})
+                     {"num_warps": num_warps(tables.head_dim), "num_stages": 1})
     consts = dict(HQ=group * tables.heads, D=tables.head_dim, SP=16)
     out["pages_merge"] = (_pages_merge_kernel, _signature(_pages_merge_kernel, consts, {"out_ptr": "*bf16"}), consts,
                           {"num_warps": 4, "num_stages": 1})

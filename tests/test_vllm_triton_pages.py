@@ -91,12 +91,14 @@ def make_layout(kind: str) -> EngineLayout:
     return EngineLayout(config, recipe, layers, dtype, rope_table(DIM), BLOCK)
 
 
-def fill(layout: EngineLayout, layer: int, q_lens: list[int], seed: int = 0) -> PagePool:
+def fill(layout: EngineLayout, layer: int, q_lens: list[int], seed: int = 0, new_tokens: bool = True):
     """Pages of LENS tokens per request written as vLLM would: prompts in chunks, then decode steps; the last
-    q_lens tokens of each request are written last (the step's new tokens)."""
+    q_lens tokens of each request are written last (the step's new tokens). new_tokens=False: those are left out
+    and returned as (pool, key, value, slot_mapping, positions) of the step."""
     g = torch.Generator().manual_seed(seed)
     c = layout.page_content_bytes()
     pool = PagePool(torch.zeros(LAYERS * 8 * BLOCK * c, dtype=torch.uint8).view(LAYERS, 8, 1, BLOCK, c)[0], layout.layers)
+    new: list[tuple] = []
     for req, (length, q) in enumerate(zip(LENS, q_lens)):
         k = torch.randn(length, HEADS, DIM, generator=g) * 2
         k[torch.rand(length, HEADS, DIM, generator=g) < 0.02] *= 15  # key outliers
@@ -106,8 +108,14 @@ def fill(layout: EngineLayout, layer: int, q_lens: list[int], seed: int = 0) -> 
             if b > a:
                 pos = torch.arange(a, b)
                 slots = TABLE[req, pos // BLOCK] * BLOCK + pos % BLOCK
-                write_tokens(layout, pool, layer, k[a:b].to(layout.dtype), v[a:b].to(layout.dtype), slots, pos)
-    return pool
+                args = (k[a:b].to(layout.dtype), v[a:b].to(layout.dtype), slots, pos)
+                if a == cut and not new_tokens:
+                    new.append(args)
+                else:
+                    write_tokens(layout, pool, layer, *args)
+    if new_tokens:
+        return pool
+    return (pool, *(torch.cat(parts) for parts in zip(*new)))
 
 
 def step(q_lens: list[int]) -> SimpleNamespace:
@@ -135,6 +143,26 @@ def test_page_kernels_match_the_torch_read_path(kind, q_lens):
         cuda_read.attend(twin, pool, layer, query, meta, DIM ** -0.5, out, splits=splits)
         assert torch.isfinite(out).all()
         assert (out - ref).abs().max() < 1e-3, (kind, q_lens, splits, float((out - ref).abs().max()))
+
+
+def test_forward_writes_the_step_then_attends():
+    """cuda_read.forward (the backend's CUDA step, here on CPU tensors): the device twin's write path stores the
+    same bytes as write_tokens, then the kernels attend over them, padding slots (-1) skipped."""
+    layout = make_layout("kvpack")
+    q_lens = [1, 7, 5]
+    full = fill(layout, 0, q_lens)
+    pool, key, value, slots, pos = fill(layout, 0, q_lens, new_tokens=False)
+    pad = lambda x, v: torch.cat([x, torch.full((2, *x.shape[1:]), v, dtype=x.dtype)])  # noqa: E731
+    meta = step(q_lens)
+    meta.slot_mapping, meta.positions, meta.num_actual_tokens = pad(slots, -1), pad(pos, 0), 15
+    query = torch.randn(15, HEADS * 3, DIM, generator=torch.Generator().manual_seed(2))
+    out = torch.zeros_like(query)
+    cuda_read.forward(layout, pool, 0, query, pad(key, 0), pad(value, 0), meta, 0.125, out)
+    assert torch.equal(pool.slots[0], full.slots[0]) and torch.equal(pool.pools[0], full.pools[0])
+    assert torch.equal(pool.sinks[0], full.sinks[0])
+    ref = torch.zeros_like(query)
+    attend(layout, full, 0, query[:13], meta, 0.125, ref[:13])
+    assert (out[:13] - ref[:13]).abs().max() < 1e-3 and torch.isfinite(out).all()
 
 
 def test_gqa_group_of_one_and_bf16_output():

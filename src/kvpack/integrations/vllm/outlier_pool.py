@@ -23,8 +23,8 @@ def find_outliers(part: SlotPart, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     xh = x.float().transpose(0, 1)
     u, mask, _, scale = part.codec.normalize(xh)
     if mask is None:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty, torch.zeros(0)
+        empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return empty, empty, torch.zeros(0, device=x.device)
     T = x.shape[0]
     m = mask.transpose(0, 1).reshape(T, -1)
     err = ((u.abs() - 1).clamp(min=0) * scale.abs()).transpose(0, 1).reshape(T, -1)
@@ -59,12 +59,13 @@ def write_pool(pool: torch.Tensor, entries: int, block_size: int, slots: torch.T
     token, channel, value, tok_page = token[order], channel[order], value[order], sorted_page
     first = torch.ones_like(tok_page, dtype=torch.bool)
     first[1:] = tok_page[1:] != tok_page[:-1]
-    group_start = torch.cummax(torch.where(first, torch.arange(tok_page.numel()), 0), 0).values
-    rank = counts[tok_page] + torch.arange(tok_page.numel()) - group_start
+    steps = torch.arange(tok_page.numel(), device=tok_page.device)
+    group_start = torch.cummax(torch.where(first, steps, 0), 0).values
+    rank = counts[tok_page] + steps - group_start
     fits = rank < entries
     p, r = tok_page[fits], rank[fits]
     base = HEADER + ENTRY * r
-    pool[p.unsqueeze(1), (base.unsqueeze(1) + torch.arange(2))] = value[fits].to(torch.float16).view(torch.uint8).view(-1, 2)
+    pool[p.unsqueeze(1), (base.unsqueeze(1) + torch.arange(2, device=base.device))] = value[fits].to(torch.float16).view(torch.uint8).view(-1, 2)
     pool[p, base + 2] = offset[token[fits]].to(torch.uint8)
     pool[p, base + 3] = channel[fits].to(torch.uint8)
     touched, added = torch.unique(tok_page, return_counts=True)

@@ -71,7 +71,7 @@ class SlotPart:
     def _pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [T, H * D] (int) -> uint8 [T, code_bytes]."""
         shifted = codes.to(torch.int32) << self._shift
-        out = torch.zeros(codes.shape[0], self.code_bytes + 1, dtype=torch.int32)
+        out = torch.zeros(codes.shape[0], self.code_bytes + 1, dtype=torch.int32, device=codes.device)
         out.index_add_(1, self._byte, shifted & 0xFF)
         out.index_add_(1, self._byte + 1, shifted >> 8)
         return out[:, : self.code_bytes].to(torch.uint8)
@@ -103,13 +103,13 @@ class SlotPart:
                 mask = torch.zeros_like(xh, dtype=torch.bool)
             m = mask.transpose(0, 1).reshape(T, self.channels)
             clamp_err = (u.abs() - 1).clamp(min=0) * scale.abs()  # what clamping an outlier would cost
-            err = clamp_err.transpose(0, 1).reshape(T, self.channels).where(m, torch.tensor(-1.0))
+            err = clamp_err.transpose(0, 1).reshape(T, self.channels).where(m, -1.0)
             k = min(self.outlier_slots, self.channels)
             top, idx = err.topk(k, dim=1)
             used = top >= 0
             overflow = int(m.sum()) - int(used.sum())
-            vals = flat.gather(1, idx).where(used, torch.tensor(0.0)).to(torch.float16)
-            index = idx.where(used, torch.tensor(self.channels))
+            vals = flat.gather(1, idx).where(used, 0.0).to(torch.float16)
+            index = idx.where(used, self.channels)
             if k < self.outlier_slots:  # more slots than channels: pad with unused slots
                 vals = torch.nn.functional.pad(vals, (0, self.outlier_slots - k))
                 index = torch.nn.functional.pad(index, (0, self.outlier_slots - k), value=self.channels)
@@ -127,7 +127,7 @@ class SlotPart:
         if self.scale_pairs:
             pairs = slot[:, at: at + 4 * self.scale_pairs].contiguous().view(torch.float16).float()
             zero, scale = pairs[:, : self.scale_pairs].contiguous(), pairs[:, self.scale_pairs:].contiguous()  # [T, P]
-        if fastdecode.available():
+        if fastdecode.available() and slot.device.type == "cpu":
             x = self._decode_compiled(slot, zero, scale)
         else:
             x = self._decode_torch(slot, zero, scale)

@@ -390,7 +390,7 @@ def attend_pages(query: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
         part = lse = torch.empty(1, device=dev)
     else:
         part = torch.empty(tokens, heads, shape["splits"], dim, device=dev)
-        lse = torch.empty(tokens, heads, shape["splits"], device=dev)
+        lse = torch.full((tokens, heads, shape["splits"]), float("-inf"), device=dev)  # rows of no request: 0
     one = torch.zeros(1, device=dev)
     k, v = tables.key, tables.value
     consts = kernel_constants(tables, group, shape["GP"], shape["BQ"], shape["BM"], bn, pre_rope, direct, precision)

@@ -16,7 +16,8 @@
 //   Outliers (per token row: count, channel, fp16 value) replace elements before RoPE.
 // RoPE ("rotate_half", channel i paired with i + rot/2): cos/sin rows [rot/2] per run token (fp32).
 //
-// One family per header in cpu_kernels/ (common, nuq, rvq, tq, mixed, fp16, softmax, encode; simd: the vector width);
+// One family per header in cpu_kernels/ (common, nuq, rvq, tq, mixed, fp16, softmax, encode, pages: kvpack's vLLM
+// pages; simd: the vector width);
 // this file holds the segment reader and the C API. The ABI version lives in cpu_kernels/abi.h (read by cpu.py).
 #include "cpu_kernels/abi.h"
 #include "cpu_kernels/common.h"
@@ -27,6 +28,7 @@
 #include "cpu_kernels/tq.h"
 #include "cpu_kernels/mixed.h"
 #include "cpu_kernels/encode.h"
+#include "cpu_kernels/pages.h"
 
 namespace {
 
@@ -383,6 +385,45 @@ int kvpack_mixed_encode(const i64* a) {
   if (code == 0 && mask)
     *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
   return code;
+}
+
+// Attention over kvpack's vLLM pages (pages.h). Array: query ptr (float32 [T, Hq, D] contiguous), out ptr (float32
+// [T, Hq, D]), requests R, H (KV heads), G (query heads per KV head), D, threads, scale (float bits), query_start_loc
+// ptr (int64 [R + 1]), seq_lens ptr (int64 [R]), block table ptr (int32), its row stride, block size, slot rows ptr,
+// slot bytes, sink records ptr, sink tokens, sink dtype (0 float32, 1 float16, 2 bfloat16), key-outlier pools ptr,
+// pool entries, RoPE cos ptr (0: none), sin ptr, their row stride, rotated channels; then the key part and the value
+// part, each: kind, raw type, offset, code bytes, byte, shift, mask, base, levels ptrs, pairs, pair_div, outlier
+// slots, index bytes.
+int kvpack_pages_attention(const i64* a) {
+  Reader r{a};
+  pages::Args A{};
+  A.query = (const float*)r.ptr();
+  A.out = (float*)r.ptr();
+  A.R = (int)r.next(); A.H = (int)r.next(); A.G = (int)r.next(); A.D = (int)r.next(); A.threads = (int)r.next();
+  const uint32_t scale_bits = (uint32_t)r.next();
+  std::memcpy(&A.scale, &scale_bits, 4);
+  A.qsl = (const i64*)r.ptr();
+  A.seq_lens = (const i64*)r.ptr();
+  A.table = (const int32_t*)r.ptr();
+  A.ts = r.next();
+  A.bs = (int)r.next();
+  A.slots = (const uint8_t*)r.ptr();
+  A.slot_bytes = r.next();
+  A.sinks = (const uint8_t*)r.ptr();
+  A.sink_tokens = (int)r.next(); A.sink_type = (int)r.next();
+  A.pool = (const uint8_t*)r.ptr();
+  A.pool_entries = (int)r.next();
+  A.cos = (const float*)r.ptr();
+  A.sin = (const float*)r.ptr();
+  A.rope_stride = r.next();
+  A.rot = (int)r.next();
+  for (pages::Part* p : {&A.key, &A.value}) {
+    p->kind = (int)r.next(); p->raw_type = (int)r.next(); p->offset = r.next(); p->code_bytes = (int)r.next();
+    p->byte = (const int32_t*)r.ptr(); p->shift = (const int32_t*)r.ptr(); p->mask = (const int32_t*)r.ptr();
+    p->base = (const int32_t*)r.ptr(); p->levels = (const float*)r.ptr();
+    p->pairs = (int)r.next(); p->pair_div = (int)r.next(); p->outliers = (int)r.next(); p->index_bytes = (int)r.next();
+  }
+  return pages::attention(A);
 }
 
 }  // extern "C"

@@ -1,6 +1,8 @@
 """Read path: attention over each request's packed pages, found through vLLM's block table.
 
-First version, said plainly: every step gathers every request's slots, decodes them to float32 with torch
+`attend` runs the compiled path (`kernel.attend`: one C++ call per layer and step that attends straight from the
+page bytes) and falls back to `attend_torch` when kvpack's C++ kernels are unavailable (`kvpack.kernels.cpu.error()`).
+`attend_torch`, the reference: every step gathers every request's slots, decodes them to float32
 (`slots.SlotPart.decode`), re-applies RoPE for pre-RoPE pages, puts the exact sink tokens back, and runs torch
 attention per request (causal within the new tokens). Nothing decoded is kept between steps: the pages are the cache.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kvpack.integrations.vllm import kernel
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.outlier_pool import apply_pool
 from kvpack.integrations.vllm.pages import PagePool
@@ -46,6 +49,13 @@ def gather_kv(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.
 
 def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, metadata, scale: float,
            output: torch.Tensor) -> None:
+    """output [T, Hq, D] <- attention of query [T, Hq, D] over each request's pages: the compiled path, else torch."""
+    if not kernel.attend(layout, pool, layer, query, metadata, scale, output):
+        attend_torch(layout, pool, layer, query, metadata, scale, output)
+
+
+def attend_torch(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, metadata, scale: float,
+                 output: torch.Tensor) -> None:
     """output [T, Hq, D] <- attention of query [T, Hq, D] over each request's pages (causal, bottom-right aligned:
     query i of a request with q new tokens and L cached sits at position L - q + i)."""
     qsl, seq_lens = metadata.query_start_loc, metadata.seq_lens

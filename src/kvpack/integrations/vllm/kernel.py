@@ -1,0 +1,125 @@
+"""Compiled read path: attention straight from the packed pages, one C++ call per layer and step
+(`kvpack_pages_attention`, kernels/cpu_kernels/pages.h, built and loaded by `kvpack.kernels.cpu`).
+
+What `read.attend_torch` computes (its reference and fallback), without decoding the whole cache to float32: per
+(request, KV head, block of query tokens) the kernel decodes tiles of keys and values from their slots, writes the
+page pools' key outliers over them, rotates keys to their positions, puts the exact sink tokens back, and runs an
+online-softmax attention for the G query heads sharing the KV head. The per-channel tables (code byte, shift, mask,
+level row; key levels with the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvpack.integrations.vllm.layout import EngineLayout
+from kvpack.integrations.vllm.pages import PagePool
+from kvpack.integrations.vllm.slots import LayerSlots, SlotPart
+from kvpack.kernels import cpu
+
+RAW_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _function():
+    lib = cpu.load()
+    if lib is None:
+        return None
+    fn = lib.kvpack_pages_attention
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+def available() -> bool:
+    """The compiled read path can run (the C++ kernels built for this CPU; see `kvpack.kernels.cpu.error()`)."""
+    return _function() is not None
+
+
+def _part(part: SlotPart, offset: int, slot_bytes: int) -> tuple[list, list[int]] | None:
+    """(tensors kept alive, the part's 13 arguments), or None if the kernel cannot read it."""
+    if part.kind == "raw":
+        if part.dtype not in RAW_TYPES:
+            return None
+        return [], [0, RAW_TYPES[part.dtype], offset, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]
+    # codes are read 4 bytes at a time from their first byte: the slot must hold 3 more bytes after the codes
+    if slot_bytes - (offset + part.code_bytes) < 3:
+        return None
+    codec = part.codec
+    levels = codec.decode_levels.float()
+    groups, width = levels.shape
+    c = torch.arange(part.channels)
+    group = c * 0 if groups == 1 else (c // part.head_dim if groups == part.heads else c)
+    table = levels[group]  # [H * D, L]
+    if codec.axis == "channel":  # fold the per-channel range in: level * scale + zero, as SlotPart.decode computes it
+        table = table * codec.scale.flatten().float().unsqueeze(1) + codec.zero.flatten().float().unsqueeze(1)
+    tensors = [part._byte.to(torch.int32).contiguous(), part._shift.to(torch.int32).contiguous(),
+               part._mask.to(torch.int32).contiguous(), (c * width).to(torch.int32), table.contiguous().flatten()]
+    pair_div = part.head_dim if part.scale_pairs == part.heads else part.channels
+    args = [1, 0, offset, part.code_bytes, *(t.data_ptr() for t in tensors), part.scale_pairs, pair_div,
+            part.outlier_slots, part.index_bytes]
+    return tensors, args
+
+
+def _layer(parts: LayerSlots, dtype: torch.dtype) -> list[int] | None:
+    """The layer's constant arguments (both parts), built once and kept on the LayerSlots with their tensors."""
+    cached = parts.__dict__.get("_pages_kernel")
+    if cached is None:
+        key = _part(parts.key, 0, parts.slot_bytes)
+        value = _part(parts.value, parts.key.nbytes, parts.slot_bytes)
+        ok = (key is not None and value is not None and parts.key.head_dim % 16 == 0 and parts.key.head_dim <= 256
+              and (not parts.sink_tokens or parts.sink_dtype in RAW_TYPES))
+        cached = parts.__dict__["_pages_kernel"] = (key[0] + value[0], key[1] + value[1]) if ok else (None, None)
+    return cached[1]
+
+
+def _rope(layout: EngineLayout) -> list[int]:
+    rope = layout.rope
+    if rope is None:
+        return [0, 0, 0, 0]
+    cos, sin = rope.cos, rope.sin
+    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32):
+        rope.cos, rope.sin = cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1]]
+
+
+def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, metadata, scale: float,
+           output: torch.Tensor) -> bool:
+    """`read.attend_torch` in one C++ call; False (nothing written) when the kernel is unavailable or cannot read
+    this layer, so the caller falls back."""
+    fn = _function()
+    if fn is None or query.device.type != "cpu":
+        return False
+    parts = layout.layers[layer]
+    constant = _layer(parts, layout.dtype)
+    if constant is None:
+        return False
+    qsl = metadata.query_start_loc.to(torch.int64).contiguous()
+    seq_lens = metadata.seq_lens.to(torch.int64).contiguous()
+    requests = seq_lens.numel()
+    if requests == 0:
+        return True
+    heads, dim = parts.key.heads, parts.key.head_dim
+    tokens, hq = query.shape[0], query.shape[1]
+    if hq % heads or query.shape[2] != dim:
+        return False
+    table = metadata.block_table[:requests]
+    if table.dtype != torch.int32 or table.stride(-1) != 1:
+        table = table.to(torch.int32).contiguous()
+    q = query if query.dtype == torch.float32 and query.is_contiguous() else query.float().contiguous()
+    direct = output.dtype == torch.float32 and output.is_contiguous()
+    out = output if direct else torch.empty(tokens, hq, dim, dtype=torch.float32)
+    sink = parts.sink_tokens
+    args = [q.data_ptr(), out.data_ptr(), requests, heads, hq // heads, dim, max(1, torch.get_num_threads()),
+            cpu._float_bits(scale), qsl.data_ptr(), seq_lens.data_ptr(), table.data_ptr(), table.stride(0),
+            pool.block_size, pool.slots[layer].data_ptr(), parts.slot_bytes,
+            pool.sinks[layer].data_ptr() if sink else 0, sink, RAW_TYPES.get(parts.sink_dtype, 0),
+            pool.pools[layer].data_ptr() if parts.key_pool else 0, parts.key_pool, *_rope(layout), *constant]
+    array = cpu._int64s(args)
+    code = fn(array.buffer_info()[0])
+    if code != 0:
+        raise RuntimeError(f"kvpack_pages_attention rejected its arguments (code {code})")
+    if not direct:
+        used = int(qsl[-1])
+        output[:used] = out[:used].to(output.dtype)
+    return True

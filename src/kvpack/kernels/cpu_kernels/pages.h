@@ -1,0 +1,300 @@
+// kvpack CPU kernels: attention straight from kvpack's vLLM pages (kvpack.integrations.vllm: slots.py, pages.py,
+// outlier_pool.py), what read.attend_torch computes, without decoding the whole cache to float32.
+//
+// A layer's pages: slot rows [blocks * block_size, slot_bytes] (key part | value part), sink records
+// [blocks, sink_tokens, 2 (K, V), Hkv * D] in the model's dtype (post-RoPE keys), key-outlier pools
+// [blocks, pool_bytes] (uint16 count, then entries: fp16 value, uint8 token offset in the page, uint8 channel).
+// A part is "raw" (the model's dtype) or "nuq": one little-endian bitstream of codes over the H * D channels at
+// their widths (<= 8 bits: channel c spans bytes byte[c], byte[c] + 1), then fp16 (zero[P], scale[P]) per token
+// (per-token ranges), then `outliers` slots (fp16 values, then uint8 / int16 channel indices; H * D: unused).
+// Per-channel parts come with a level table that already holds level * scale + zero: one gather per 8 channels.
+//
+// Work item = (request, KV head, block of up to QB query tokens); its rows are the block's tokens x the G query
+// heads sharing the KV head (row = token * G + g), pre-multiplied by the softmax scale. Keys and values are read
+// in tiles of TK positions through the block table (flash-attention style, one pass, online softmax): decode the
+// tile's keys (pre-RoPE), write the page pool's outliers over them, rotate them to their positions (rotate_half
+// RoPE), put the exact sink tokens back, transpose; scores of all rows against the tile (rows x W keys in
+// registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "simd.h"
+#include "softmax.h"
+
+namespace {  // one translation unit (cpu_kernels.cpp) includes this
+namespace pages {
+
+using simd::W;
+using simd::vf;
+constexpr int TK = 32;        // key positions per tile (a multiple of W and 8)
+constexpr int MAXROWS = 128;  // query rows per work item
+constexpr int MAXD = 256;
+
+struct Part {
+  int kind;      // 0: raw (the model's dtype), 1: nuq
+  int raw_type;  // raw: 0 float32, 1 float16, 2 bfloat16
+  i64 offset;    // first byte of the part in the slot
+  int code_bytes;
+  const int32_t* byte;   // [H * D] first byte of channel c's code
+  const int32_t* shift;  // [H * D] its bit offset in that byte
+  const int32_t* mask;   // [H * D] 2**width - 1
+  const int32_t* base;   // [H * D] its level row in `levels`
+  const float* levels;   // per-channel ranges: level * scale + zero; per-token ranges: the levels
+  int pairs, pair_div;   // per-token fp16 (zero, scale) pairs; channel c uses pair c / pair_div
+  int outliers, index_bytes;
+};
+
+inline uint16_t u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline float elem(const uint8_t* p, int type, i64 i) {  // element i of a row in the model's dtype
+  if (type == 0) {
+    float f;
+    std::memcpy(&f, p + 4 * i, 4);
+    return f;
+  }
+  const uint16_t h = u16(p + 2 * i);
+  if (type == 1) return h2f(h);
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Channels [h * D, h * D + D) of one token's part -> dst[D] (keys: pre-RoPE, pool outliers not yet applied).
+inline void decode(const Part& P, const uint8_t* slot, int h, int D, float* dst) {
+  const uint8_t* s = slot + P.offset;
+  const int c0 = h * D;
+  if (P.kind == 0) {
+    if (P.raw_type == 0) {
+      std::memcpy(dst, s + 4 * (i64)c0, 4 * (size_t)D);
+    } else {
+      for (int i = 0; i < D; ++i) dst[i] = elem(s, P.raw_type, c0 + i);
+    }
+    return;
+  }
+  for (int i = 0; i < D; i += 8) {
+    const int c = c0 + i;
+    // 4 bytes from byte[c]: the caller guarantees >= 3 bytes of the slot after the codes
+    const __m256i word = _mm256_i32gather_epi32((const int*)s, _mm256_loadu_si256((const __m256i*)(P.byte + c)), 1);
+    const __m256i code = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_loadu_si256((const __m256i*)(P.shift + c))),
+                                          _mm256_loadu_si256((const __m256i*)(P.mask + c)));
+    const __m256i row = _mm256_add_epi32(code, _mm256_loadu_si256((const __m256i*)(P.base + c)));
+    _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(P.levels, row, 4));
+  }
+  const uint8_t* at = s + P.code_bytes;
+  if (P.pairs) {
+    const int p = c0 / P.pair_div;
+    const __m256 zero = _mm256_set1_ps(h2f(u16(at + 2 * p))), scale = _mm256_set1_ps(h2f(u16(at + 2 * (P.pairs + p))));
+    for (int i = 0; i < D; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(dst + i), scale), zero));
+    at += 4 * P.pairs;
+  }
+  const uint8_t* index = at + 2 * P.outliers;
+  for (int k = 0; k < P.outliers; ++k) {
+    const int c = P.index_bytes == 2 ? (int)(int16_t)u16(index + 2 * k) : (int)index[k];
+    if (c >= c0 && c < c0 + D) dst[c - c0] = h2f(u16(at + 2 * k));
+  }
+}
+
+struct Args {
+  const float* query;  // [T, Hq, D] float32
+  float* out;          // [T, Hq, D] float32
+  int R, H, G, D, threads;
+  float scale;
+  const i64* qsl;        // [R + 1]
+  const i64* seq_lens;   // [R]
+  const int32_t* table;  // block table, row stride `ts`
+  i64 ts;
+  int bs;  // block size
+  const uint8_t* slots;
+  i64 slot_bytes;
+  const uint8_t* sinks;  // [blocks, sink_tokens, 2, H * D] in sink_type
+  int sink_tokens, sink_type;
+  const uint8_t* pool;  // [blocks, 2 + 4 * pool_entries]
+  int pool_entries;
+  const float* cos;  // [positions, rot] (nullptr: keys stored post-RoPE)
+  const float* sin;
+  i64 rope_stride;
+  int rot;
+  Part key, value;
+};
+
+struct Scratch {
+  std::vector<float> q, o, s, m, l, k, kt, v;
+  explicit Scratch(int D)
+      : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D) {}
+};
+
+// Keys (post-RoPE, transposed to kt[D][TK], zero past n) and values v[n][D] of positions k0 .. k0 + n - 1.
+void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
+  const int D = A.D, C = A.H * A.D;
+  const int32_t* table = A.table + r * A.ts;
+  float* K = S.k.data();
+  float* V = S.v.data();
+  for (int j = 0; j < n; ++j) {
+    const i64 p = k0 + j;
+    const uint8_t* slot = A.slots + ((i64)table[p / A.bs] * A.bs + p % A.bs) * A.slot_bytes;
+    decode(A.key, slot, h, D, K + j * D);
+    decode(A.value, slot, h, D, V + j * D);
+  }
+  if (A.pool_entries) {  // outlier_pool.apply_pool: entries of this head's channels at the tile's positions
+    const i64 pool_bytes = 2 + 4 * (i64)A.pool_entries;
+    for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {
+      const uint8_t* pool = A.pool + (i64)table[page] * pool_bytes;
+      const int count = std::min<int>((int16_t)u16(pool), A.pool_entries);
+      for (int e = 0; e < count; ++e) {
+        const uint8_t* entry = pool + 2 + 4 * e;
+        const i64 p = page * A.bs + entry[2];
+        const int c = (int)entry[3] - h * D;
+        if (p >= k0 && p < k0 + n && c >= 0 && c < D) K[(p - k0) * D + c] = h2f(u16(entry));
+      }
+    }
+  }
+  if (A.cos) {
+    const int half = A.rot / 2;
+    for (int j = 0; j < n; ++j) {
+      const float* cs = A.cos + (k0 + j) * A.rope_stride;
+      const float* sn = A.sin + (k0 + j) * A.rope_stride;
+      float* x = K + j * D;
+      for (int i = 0; i < half; ++i) {
+        const float lo = x[i], hi = x[i + half];
+        x[i] = lo * cs[i] - hi * sn[i];
+        x[i + half] = hi * cs[i + half] + lo * sn[i + half];
+      }
+    }
+  }
+  if (A.sink_tokens && k0 < A.sink_tokens) {  // sinks sit in the request's first page
+    const int es = A.sink_type == 0 ? 4 : 2;
+    const i64 sink_bytes = (i64)A.sink_tokens * 2 * C * es;
+    for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
+      const uint8_t* rec = A.sinks + (i64)table[0] * sink_bytes + (k0 + j) * 2 * C * es;
+      for (int d = 0; d < D; ++d) {
+        K[j * D + d] = elem(rec, A.sink_type, h * D + d);
+        V[j * D + d] = elem(rec + (i64)C * es, A.sink_type, h * D + d);
+      }
+    }
+  }
+  float* kt = S.kt.data();
+  for (int d = 0; d < D; ++d) {
+    for (int j = 0; j < n; ++j) kt[d * TK + j] = K[j * D + d];
+    for (int j = n; j < TK; ++j) kt[d * TK + j] = 0.0f;
+  }
+}
+
+// s[row][0 .. TK) = q[row] . k_j for RB rows from `row`.
+template <int RB>
+inline void scores(const float* q, const float* kt, int D, float* s) {
+  constexpr int NV = TK / W;
+  vf acc[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = simd::zero();
+  for (int d = 0; d < D; ++d) {
+    vf k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = simd::load(kt + d * TK + v * W);
+    for (int i = 0; i < RB; ++i) {
+      const vf x = simd::set1(q[i * D + d]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = simd::fmadd(x, k[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NV; ++v) simd::store_n(s + i * TK + v * W, acc[i][v], W);
+}
+
+void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
+  const int D = A.D, G = A.G, Hq = A.H * A.G, rows = nq * G;
+  const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
+  const i64 first = L - ql + q0;  // position of the block's first query token
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float* q = S.q.data();
+  float* o = S.o.data();
+  for (int t = 0; t < nq; ++t)
+    for (int g = 0; g < G; ++g) {
+      const float* src = A.query + ((qs + q0 + t) * Hq + h * G + g) * D;
+      float* dst = q + (t * G + g) * D;
+      for (int d = 0; d < D; ++d) dst[d] = src[d] * A.scale;
+    }
+  std::fill(o, o + rows * D, 0.0f);
+  std::fill(S.m.begin(), S.m.begin() + rows, ninf);
+  std::fill(S.l.begin(), S.l.begin() + rows, 0.0f);
+  const i64 end = first + nq;  // keys the block's last query sees
+  for (i64 k0 = 0; k0 < end; k0 += TK) {
+    const int n = (int)std::min<i64>(TK, end - k0);
+    tile(A, r, h, k0, n, S);
+    const int row0 = (int)std::max<i64>(0, (k0 - first) * G);  // rows whose queries see none of the tile: skipped
+    int row = row0 - row0 % G;
+    for (; row + 4 <= rows; row += 4) scores<4>(q + row * D, S.kt.data(), D, S.s.data() + row * TK);
+    for (; row < rows; ++row) scores<1>(q + row * D, S.kt.data(), D, S.s.data() + row * TK);
+    for (row = row0 - row0 % G; row < rows; ++row) {
+      const i64 limit = first + row / G;  // the query's position: keys <= it
+      const int valid = (int)std::min<i64>(n, limit - k0 + 1);
+      if (valid <= 0) continue;
+      float* s = S.s.data() + row * TK;
+      float top = S.m[row];
+      for (int j = 0; j < valid; ++j) top = std::max(top, s[j]);
+      for (int j = valid; j < TK; ++j) s[j] = ninf;
+      const float alpha = S.m[row] == ninf ? 0.0f : std::exp(S.m[row] - top);
+      S.m[row] = top;
+      const __m256 tv = _mm256_set1_ps(top);
+      __m256 sum = _mm256_setzero_ps();
+      for (int j = 0; j < TK; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), tv));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      S.l[row] = S.l[row] * alpha + hsum8(sum);
+      float* orow = o + row * D;
+      const vf a = simd::set1(alpha);
+      for (int d = 0; d < D; d += W) {
+        vf acc = simd::mul(simd::load(orow + d), a);
+        for (int j = 0; j < valid; ++j) acc = simd::fmadd(simd::set1(s[j]), simd::load(S.v.data() + j * D + d), acc);
+        simd::store_n(orow + d, acc, W);
+      }
+    }
+  }
+  for (int t = 0; t < nq; ++t)
+    for (int g = 0; g < G; ++g) {
+      const int row = t * G + g;
+      const float inv = 1.0f / S.l[row];
+      float* dst = A.out + ((qs + q0 + t) * Hq + h * G + g) * D;
+      for (int d = 0; d < D; ++d) dst[d] = o[row * D + d] * inv;
+    }
+}
+
+int attention(const Args& A) {
+  if (A.D % 16 || A.D > MAXD || A.G < 1 || A.G > MAXROWS || A.bs < 1) return -1;
+  const int per_item = std::max(1, MAXROWS / A.G);  // query tokens per work item
+  std::vector<i64> items;                           // (request, head, first query) packed
+  for (int r = 0; r < A.R; ++r) {
+    const i64 ql = A.qsl[r + 1] - A.qsl[r];
+    if (ql > A.seq_lens[r]) return -2;
+    for (i64 q0 = 0; q0 < ql; q0 += per_item)
+      for (int h = 0; h < A.H; ++h) {
+        items.push_back(r);
+        items.push_back(h);
+        items.push_back(q0);
+      }
+  }
+  const i64 count = (i64)items.size() / 3;
+#pragma omp parallel num_threads(A.threads)
+  {
+    Scratch S(A.D);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 i = 0; i < count; ++i) {
+      const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
+      const i64 q0 = items[3 * i + 2], ql = A.qsl[r + 1] - A.qsl[r];
+      item(A, r, h, q0, (int)std::min<i64>(per_item, ql - q0), S);
+    }
+  }
+  return 0;
+}
+
+}  // namespace pages
+}  // namespace

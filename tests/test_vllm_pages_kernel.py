@@ -1,0 +1,193 @@
+"""The compiled read path over kvpack's vLLM pages (`kernel.attend`, C++ `kvpack_pages_attention`) against the
+torch reference `read.attend_torch`, on pages written by the real write path: the default model's recipes
+(kvpack-2/3/4bit: per-channel widths, per-page key-outlier pools; kvquant-3bit-1pct: one width, per-token key
+outlier slots) and the lossless fp16 slots, several requests of different lengths whose pages are scattered over
+the pool, chunked prefill and decode in one step, sinks, GQA, pre-RoPE keys. Runs in .venv-vllm; skipped without
+vLLM or without kvpack's C++ kernels."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvpack.integrations.vllm import kernel  # noqa: E402
+from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
+from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
+from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
+from kvpack.integrations.vllm.read import attend, attend_torch  # noqa: E402
+from kvpack.integrations.vllm.rope import RopeTable  # noqa: E402
+from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part  # noqa: E402
+from kvpack.integrations.vllm.write import write_tokens  # noqa: E402
+from kvpack.recipes.bundled import SHIPPED_DIR  # noqa: E402
+from kvpack.recipes.recipe import Recipe  # noqa: E402
+
+HEADS, DIM, BLOCK, LAYERS_USED = 3, 64, 16, (0, 17)
+
+
+def needs_kernel():
+    if not kernel.available():
+        from kvpack.kernels import cpu
+
+        pytest.skip(f"kvpack's C++ kernels are unavailable: {cpu.error()}")
+
+
+def rope_table(max_len: int = 512, theta: float = 100000.0) -> RopeTable:
+    """A RopeTable with llama's rotate_half frequencies (no model config needed)."""
+    table = RopeTable.__new__(RopeTable)
+    inv = 1.0 / theta ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
+    ang = torch.arange(max_len, dtype=torch.float32).unsqueeze(1) * inv
+    ang = torch.cat([ang, ang], 1)
+    table.cos, table.sin = ang.cos(), ang.sin()
+    return table
+
+
+def make_layout(method: str, dtype: torch.dtype, key_outliers: str = "page", sinks: int | None = None) -> EngineLayout:
+    if method == "fp16":
+        layers = [LayerSlots(raw_part(HEADS, DIM, dtype), raw_part(HEADS, DIM, dtype), 0, dtype)] * 30
+        return EngineLayout(KvpackVllmConfig(method="fp16"), None, layers, dtype, None, BLOCK)
+    recipe = Recipe.load(SHIPPED_DIR / method)
+    sink = recipe.settings.sink_tokens if sinks is None else sinks
+    layers = []
+    for kc, vc in zip(recipe.key_codecs, recipe.value_codecs):
+        pooled = key_outliers == "page" and kc.outlier_frac > 0
+        layers.append(LayerSlots(nuq_part(kc, 0 if pooled else 4), nuq_part(vc, None), sink, dtype,
+                                 4 * BLOCK if pooled else 0))
+    rope = rope_table() if recipe.settings.pre_rope else None
+    return EngineLayout(KvpackVllmConfig(method=method, key_outliers=key_outliers), recipe, layers, dtype, rope, BLOCK)
+
+
+def make_pool(layout: EngineLayout, blocks: int = 40) -> PagePool:
+    c = layout.page_content_bytes()
+    layers = len(layout.layers)  # vLLM's one buffer for all layers; layer 0's view of it
+    buffer = torch.zeros(layers * blocks * BLOCK * c, dtype=torch.uint8).view(layers, blocks, 1, BLOCK, c)
+    return PagePool(buffer[0], layout.layers)
+
+
+def keys_like(layout: EngineLayout, layer: int, tokens: int, g: torch.Generator) -> torch.Tensor:
+    """Post-RoPE-free keys [T, H, D] around the recipe's calibrated ranges, with ~2 outliers per token."""
+    if layout.recipe is None:
+        return torch.randn(tokens, HEADS, DIM, generator=g)
+    kc = layout.recipe.key_codecs[layer]
+    u = torch.rand(tokens, HEADS, DIM, generator=g) * 1.9 - 0.95
+    k = u * kc.scale.squeeze(1) + kc.zero.squeeze(1)
+    idx = torch.randint(0, tokens * HEADS * DIM, (2 * tokens,), generator=g)
+    k.view(-1)[idx] += 20 * kc.scale.reshape(-1)[idx % (HEADS * DIM)]
+    return k
+
+
+def fill(layout: EngineLayout, pool: PagePool, layer: int, lens: list[int], cached: list[int], table: torch.Tensor,
+         g: torch.Generator) -> None:
+    """Write tokens [0, cached[r]) of every request, in prefill chunks of 7 and then single tokens."""
+    for r, (length, done) in enumerate(zip(lens, cached)):
+        k = keys_like(layout, layer, length, g)
+        v = torch.randn(length, HEADS, DIM, generator=g)
+        if layout.rope is not None:
+            k = layout.rope.rotate(k, torch.arange(length))  # vLLM hands post-RoPE keys
+        k, v = k.to(layout.dtype), v.to(layout.dtype)
+        at = 0
+        while at < done:
+            step = 7 if at < done // 2 else 1
+            b = min(done, at + step)
+            pos = torch.arange(at, b)
+            write_tokens(layout, pool, layer, k[at:b], v[at:b], table[r, pos // BLOCK] * BLOCK + pos % BLOCK, pos)
+            at = b
+
+
+def step(layout: EngineLayout, pool: PagePool, layer: int, lens: list[int], new: list[int], q_heads: int,
+         g: torch.Generator):
+    """Pages holding every request's earlier tokens and this step's new ones; the step's query and metadata."""
+    per = -(-max(lens) // BLOCK)
+    order = torch.randperm(pool.blocks, generator=g)[: len(lens) * per]
+    table = order.view(len(lens), per).to(torch.int32)
+    fill(layout, pool, layer, lens, lens, table, g)  # the step's new tokens are written before attention
+    qsl = torch.tensor([0] + new).cumsum(0)
+    query = torch.randn(int(qsl[-1]) + 2, q_heads, DIM, generator=g).to(layout.dtype)  # 2 padding tokens
+    meta = SimpleNamespace(query_start_loc=qsl, seq_lens=torch.tensor(lens), block_table=table)
+    return query, meta
+
+
+def compare(layout: EngineLayout, lens: list[int], new: list[int], q_heads: int = 9, seed: int = 0) -> None:
+    needs_kernel()
+    g = torch.Generator().manual_seed(seed)
+    for layer in LAYERS_USED:
+        pool = make_pool(layout)
+        query, meta = step(layout, pool, layer, lens, new, q_heads, g)
+        n = int(meta.query_start_loc[-1])
+        ref = torch.full(query.shape, 7.0, dtype=layout.dtype)
+        out = torch.full(query.shape, 7.0, dtype=layout.dtype)
+        attend_torch(layout, pool, layer, query, meta, DIM ** -0.5, ref)
+        assert kernel.attend(layout, pool, layer, query, meta, DIM ** -0.5, out)
+        assert torch.equal(out[n:], ref[n:])  # padding rows untouched
+        err = (out[:n].float() - ref[:n].float()).abs().max() / ref[:n].float().abs().max()
+        tol = 1e-4 if layout.dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
+        assert err < tol, f"layer {layer}: relative error {err:.2e}"
+
+
+LENS, NEW = [40, 23, 1, 70, 17], [1, 9, 1, 1, 17]  # decode, chunked prefill (cached + new), a fresh prompt
+
+
+@pytest.mark.parametrize("method", ["kvpack-3bit", "kvpack-4bit", "kvpack-2bit"])
+def test_compiled_equals_torch_on_recipe_pages(method):
+    compare(make_layout(method, torch.float32), LENS, NEW)
+
+
+def test_compiled_equals_torch_per_token_key_outliers_and_sinks():
+    layout = make_layout("kvquant-3bit-1pct", torch.float32, key_outliers="token", sinks=5)
+    assert layout.layers[0].key.outlier_slots == 4 and layout.layers[0].sink_tokens == 5
+    compare(layout, LENS, NEW, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_equals_torch_on_fp16_slots(dtype):
+    compare(make_layout("fp16", dtype), LENS, NEW, seed=2)
+
+
+def test_compiled_bf16_model_and_no_gqa():
+    compare(make_layout("kvpack-3bit", torch.bfloat16), LENS, NEW, seed=3)
+    compare(make_layout("kvpack-3bit", torch.float32), LENS, NEW, q_heads=HEADS, seed=4)
+
+
+def test_long_prefill_spans_several_work_items():
+    """A 150-token prompt: more query tokens than one work item holds (128 rows / 3 heads), keys over many tiles."""
+    compare(make_layout("kvpack-3bit", torch.float32), [150, 60], [150, 1], seed=5)
+
+
+def test_pool_outliers_and_rope_matter():
+    """The kernel reads the pools and rotates keys: dropping the pools or RoPE changes its output."""
+    needs_kernel()
+    layout = make_layout("kvpack-3bit", torch.float32)
+    g = torch.Generator().manual_seed(6)
+    pool = make_pool(layout)
+    query, meta = step(layout, pool, 5, LENS, NEW, 9, g)
+    full = torch.zeros_like(query)
+    assert kernel.attend(layout, pool, 5, query, meta, DIM ** -0.5, full)
+    counts = pool.pools[5][:, :2].contiguous().view(torch.int16)
+    assert int(counts.sum()) > 0
+    saved = pool.pools[5].clone()
+    pool.pools[5][:, :2] = 0
+    no_pool = torch.zeros_like(query)
+    kernel.attend(layout, pool, 5, query, meta, DIM ** -0.5, no_pool)
+    pool.pools[5].copy_(saved)
+    assert not torch.allclose(full, no_pool, rtol=1e-4, atol=1e-5)
+    rope, layout.rope = layout.rope, None
+    no_rope = torch.zeros_like(query)
+    kernel.attend(layout, pool, 5, query, meta, DIM ** -0.5, no_rope)
+    layout.rope = rope
+    assert not torch.allclose(full, no_rope, rtol=1e-2, atol=1e-3)
+
+
+def test_attend_selects_the_compiled_path(monkeypatch):
+    needs_kernel()
+    layout = make_layout("kvpack-3bit", torch.float32)
+    pool = make_pool(layout)
+    query, meta = step(layout, pool, 0, [12], [3], 9, torch.Generator().manual_seed(7))
+    calls = []
+    monkeypatch.setattr("kvpack.integrations.vllm.read.attend_torch", lambda *a: calls.append(a))
+    attend(layout, pool, 0, query, meta, DIM ** -0.5, torch.zeros_like(query))
+    assert calls == []
+    monkeypatch.setattr(kernel, "_function", lambda: None)
+    attend(layout, pool, 0, query, meta, DIM ** -0.5, torch.zeros_like(query))
+    assert len(calls) == 1

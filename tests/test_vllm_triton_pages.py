@@ -225,3 +225,86 @@ def test_page_kernels_compile_for_sm90_without_spills():
     for name, stats in rows.items():
         assert stats["spill_stores"] == 0 and stats["registers"] <= 255, (name, stats)
     assert rows["pages_decode"]["tl_dot"] and rows["pages_prefill"]["tl_dot"]
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA wiring
+def _platform(kind: str, calls: list | None = None):
+    class FakePlatform:
+        device_name = kind
+
+        def is_cpu(self):
+            return kind == "cpu"
+
+        def is_cuda(self):
+            return kind == "cuda"
+
+        @classmethod
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            calls.append(selected_backend)
+            return selected_backend.get_path()
+
+        @classmethod
+        def check_and_update_config(cls, vllm_config):
+            calls.append("vllm check")
+
+    return FakePlatform()
+
+
+def test_platforms_accepted_and_refused():
+    from kvpack.integrations.vllm.config import KvpackVllmError, check_platform
+
+    cache = lambda n: SimpleNamespace(cache_config=SimpleNamespace(block_size=n))  # noqa: E731
+    check_platform(_platform("cpu"), cache(1))
+    check_platform(_platform("cuda"), cache(16))
+    check_platform(_platform("cuda"), cache(None))  # vLLM picks the default (16) later
+    with pytest.raises(KvpackVllmError, match="multiple of 16"):
+        check_platform(_platform("cuda"), cache(8))
+    for kind in ("rocm", "xpu", "tpu"):
+        with pytest.raises(KvpackVllmError, match=f"'{kind}'.*ROCm, XPU and TPU are not implemented"):
+            check_platform(_platform(kind), cache(16))
+
+
+def test_cuda_metadata_is_device_side_with_host_bounds():
+    cm = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 8, 13], dtype=torch.int32),
+                         query_start_loc_cpu=torch.tensor([0, 1, 8, 13], dtype=torch.int32),
+                         seq_lens=torch.tensor(LENS, dtype=torch.int32), num_actual_tokens=15, max_query_len=7,
+                         max_seq_len=40, block_table_tensor=TABLE.to(torch.int32), slot_mapping=torch.arange(15))
+    fields = cuda_read.metadata_fields(cm)
+    expected = torch.cat([torch.tensor([39]), torch.arange(16, 23), torch.arange(0, 5), torch.zeros(2, dtype=torch.long)])
+    assert torch.equal(fields["positions"], expected)
+    assert (fields["max_query_len"], fields["max_seq_len"]) == (7, 40)
+    assert cuda_read.step_bounds(SimpleNamespace(**fields)) == (7, 40)
+
+
+def test_cuda_platform_selects_kvpack_through_the_custom_backend(monkeypatch):
+    """The plug-in on a (fake) CUDA platform: a kvpack engine gets KvpackBackend registered as CUSTOM and selected
+    through the platform's own selection; other engines get the platform's choice; the config check builds the
+    layout after vLLM's own. (On the real CPU platform: tests/test_vllm_plugin.py.)"""
+    pytest.importorskip("vllm")
+    import vllm.config
+    import vllm.platforms
+    from vllm.v1.attention.backends import registry
+
+    from kvpack.integrations.vllm import plugin
+    from kvpack.integrations.vllm.backend import KvpackBackend  # imported on the real platform
+
+    calls: list = []
+    fake = _platform("cuda", calls)
+    monkeypatch.setattr(vllm.platforms, "_current_platform", fake)
+    monkeypatch.setattr(registry, "_ATTN_OVERRIDES", {})
+    config = SimpleNamespace(additional_config={"kvpack": {"method": "kvpack-3bit"}})
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config_or_none", lambda: config)
+    monkeypatch.setattr(plugin, "active_layout", lambda c: SimpleNamespace(describe=lambda: {}))
+    monkeypatch.setattr(plugin, "build_layout", lambda c: calls.append("kvpack layout"))
+    plugin.register()
+    selector = SimpleNamespace(attn_type="decoder")
+    assert type(fake).get_attn_backend_cls(None, attn_selector_config=selector) == plugin.BACKEND_PATH
+    assert calls == [registry.AttentionBackendEnum.CUSTOM]
+    type(fake).check_and_update_config(config)
+    assert calls[1:] == ["vllm check", "kvpack layout"]
+    config.additional_config = {}
+    flash = registry.AttentionBackendEnum.FLASH_ATTN
+    assert type(fake).get_attn_backend_cls(flash, attn_selector_config=selector) == flash.get_path()
+    type(fake).check_and_update_config(config)
+    assert calls[3:] == [flash, "vllm check"]
+    assert [s.base for s in KvpackBackend.get_supported_kernel_block_sizes()] == [16]

@@ -8,6 +8,9 @@ back through the block table.
   `sink_tokens` positions of a sequence also go, exactly, into the sink record of their page.
 - Read path (`read.attend`): every request's tokens are gathered from its pages, decoded, re-rotated and
   attended with torch SDPA; all tokens, the new ones included, are read back from the pages.
+- CUDA (query on a CUDA device): `cuda_read.forward` writes with the same torch code on the device and attends
+  with the Triton page kernels (`triton_pages`); its metadata holds device tensors only (`cuda_read.metadata_fields`).
+  Imported only there, so the CPU path loads no Triton kernel.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from kvpack.integrations.vllm.write import write_tokens
 
 
 class KvpackBackend(AttentionBackend):
-    """Attention over kvpack pages (CPU; registered per engine by the kvpack plug-in)."""
+    """Attention over kvpack pages (CPU: torch; CUDA: Triton kernels; selected per engine by the kvpack plug-in)."""
 
     accept_output_buffer: bool = True
     forward_includes_kv_cache_update: bool = True
@@ -48,7 +51,9 @@ class KvpackBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(1)]
+        from vllm.platforms import current_platform
+
+        return [MultipleOf(16)] if current_platform.is_cuda() else [MultipleOf(1)]  # CUDA: tiles of 16 tokens
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -75,7 +80,8 @@ class KvpackBackend(AttentionBackend):
 
 @dataclass
 class KvpackMetadata:
-    """Per step: token counts, per-request query ranges and lengths (CPU int64), block table, slots, positions."""
+    """Per step: token counts, per-request query ranges and lengths (CPU int64; on CUDA device int32), block table,
+    slots, positions (CPU; on CUDA on the device), and on CUDA the host bounds of the step."""
 
     num_actual_tokens: int
     query_start_loc: torch.Tensor  # [requests + 1]
@@ -83,6 +89,8 @@ class KvpackMetadata:
     block_table: torch.Tensor  # [requests, max blocks]
     slot_mapping: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens] position of each new token in its sequence
+    max_query_len: int = 0  # CUDA: longest query, longest context (host ints for launch shapes)
+    max_seq_len: int = 0
 
 
 class KvpackMetadataBuilder(AttentionMetadataBuilder[KvpackMetadata]):
@@ -92,6 +100,10 @@ class KvpackMetadataBuilder(AttentionMetadataBuilder[KvpackMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KvpackMetadata:
         cm = common_attn_metadata
+        if self.device.type == "cuda":
+            from kvpack.integrations.vllm import cuda_read
+
+            return KvpackMetadata(**cuda_read.metadata_fields(cm))
         qsl = cm.query_start_loc_cpu.to(torch.int64)
         seq_lens = cm.seq_lens.to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
@@ -138,6 +150,12 @@ class KvpackImpl(AttentionImpl):
             self.layer_index = extract_layer_index(layer.layer_name)
         pool = pool_for(kv_cache, self.layout.layers)
         n = attn_metadata.num_actual_tokens
+        if query.is_cuda:
+            from kvpack.integrations.vllm import cuda_read
+
+            cuda_read.forward(self.layout, pool, self.layer_index, query[:n], key[:n], value[:n], attn_metadata,
+                              self.scale, output[:n])
+            return output
         write_tokens(self.layout, pool, self.layer_index, key[:n], value[:n], attn_metadata.slot_mapping[:n],
                      attn_metadata.positions[:n])
         attend(self.layout, pool, self.layer_index, query[:n], attn_metadata, self.scale, output[:n])

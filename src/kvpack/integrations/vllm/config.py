@@ -74,15 +74,34 @@ def parse_entry(entry: Any) -> KvpackVllmConfig:
                             key_outliers=key_outliers, key_outlier_slots=slots)
 
 
+def check_platform(platform, vllm_config=None) -> None:
+    """kvpack pages run on vLLM's CPU platform (torch) and on CUDA (Triton kernels, page size a multiple of 16
+    tokens); ROCm, XPU, TPU and others are refused."""
+    if platform.is_cpu():
+        return
+    if not platform.is_cuda():
+        raise KvpackVllmError(f"kvpack's vLLM pages run on vLLM's CPU and CUDA platforms; this engine runs on "
+                              f"'{platform.device_name}' ({type(platform).__name__}), which they do not support "
+                              "(ROCm, XPU and TPU are not implemented): remove the kvpack entry to use vLLM's own "
+                              "cache there.")
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise KvpackVllmError("kvpack's CUDA pages are read by Triton kernels; install triton (vLLM's CUDA wheels "
+                              "bring it) or remove the kvpack entry.")
+    cache = getattr(vllm_config, "cache_config", None)
+    block_size = getattr(cache, "block_size", None)
+    if block_size and block_size % 16:
+        raise KvpackVllmError(f"kvpack's CUDA kernels read pages in tiles of 16 tokens; block_size={block_size} is "
+                              "not a multiple of 16. Set block_size to 16, 32, 64 or 128.")
+
+
 def check_engine(vllm_config) -> None:
     """Raise KvpackVllmError unless this engine's model and options fit kvpack pages (decoder-only full attention,
     no MLA, no sliding window, no hybrid layers, one worker, vLLM's default cache dtype, a supported dtype)."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise KvpackVllmError(f"kvpack's vLLM pages run on vLLM's CPU platform in this version; this engine runs on "
-                              f"'{current_platform.device_name}'. The CUDA backend (Triton kernels over the same "
-                              "pages) is not written yet: remove the kvpack entry to use vLLM's own cache there.")
+    check_platform(current_platform, vllm_config)
     model_config = vllm_config.model_config
     if model_config is None:
         raise KvpackVllmError("kvpack needs a model config; start vLLM with a model.")

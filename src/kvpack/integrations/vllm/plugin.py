@@ -1,4 +1,5 @@
-"""The plug-in: wrap the platform's config check and attention selection (see the package docstring)."""
+"""The plug-in: wrap the platform's config check and attention selection (see the package docstring). On CPU the
+selection returns kvpack's backend directly; on CUDA it goes through vLLM's CUSTOM backend slot (`select_cuda`)."""
 from __future__ import annotations
 
 from kvpack.integrations.vllm.config import kvpack_entry
@@ -10,6 +11,17 @@ BACKEND_PATH = "kvpack.integrations.vllm.backend.KvpackBackend"
 
 def _entry(vllm_config):
     return None if vllm_config is None else kvpack_entry(getattr(vllm_config, "additional_config", None))
+
+
+def select_cuda(select, attn_selector_config, num_heads=None, **kwargs) -> str:
+    """On CUDA: kvpack's backend registered as vLLM's CUSTOM attention backend (for this engine's selection only:
+    other engines of the process select their own), then selected through the platform's own code, which checks
+    it against the device (head size, dtype, block size, compute capability) like any CUDA backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    return select(AttentionBackendEnum.CUSTOM, attn_selector_config=attn_selector_config, num_heads=num_heads,
+                  **kwargs)
 
 
 def register() -> None:
@@ -34,6 +46,8 @@ def register() -> None:
 
             init_logger("vllm.kvpack").info("kvpack pages: %s", layout.describe())
             cls._kvpack_logged = True
+        if current_platform.is_cuda():
+            return select_cuda(select, attn_selector_config, num_heads, **kwargs)
         return BACKEND_PATH
 
     def check_and_update_config(cls, vllm_config) -> None:

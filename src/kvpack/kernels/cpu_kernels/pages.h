@@ -127,11 +127,63 @@ struct Args {
   Part key, value;
 };
 
+// One page's pool entries of one head, bucketed by key tile (stable: a later entry still overrides an earlier one).
+struct PageOutliers {
+  i64 page = -1;
+  int head = -1;
+  i64 first_tile = 0;
+  std::vector<int> start;  // [tiles + 1] entries of tile first_tile + i: [start[i], start[i + 1])
+  std::vector<i64> pos;
+  std::vector<int> channel;
+  std::vector<float> value;
+};
+
 struct Scratch {
   std::vector<float> q, o, s, m, l, k, kt, v;
+  PageOutliers cached[2];  // tiles run in order, so at most two pages are live
+  std::vector<int> tile_of;
   explicit Scratch(int D)
       : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D) {}
+
+  const PageOutliers& outliers(const struct Args& A, const int32_t* table, i64 page, int h);
 };
+
+const PageOutliers& Scratch::outliers(const Args& A, const int32_t* table, i64 page, int h) {
+  PageOutliers& po = cached[page & 1];
+  if (po.page == page && po.head == h && po.start.size()) return po;  // (valid within one work item)
+  po.page = page;
+  po.head = h;
+  const i64 begin = page * A.bs, end = begin + A.bs;
+  po.first_tile = begin / TK;
+  const int tiles = (int)((end - 1) / TK - po.first_tile + 1);
+  po.start.assign(tiles + 2, 0);
+  const uint8_t* pool = A.pool + (i64)table[page] * (2 + 4 * (i64)A.pool_entries);
+  const int count = std::max(0, std::min<int>((int16_t)u16(pool), A.pool_entries));
+  tile_of.assign(count, -1);
+  for (int e = 0; e < count; ++e) {
+    const uint8_t* entry = pool + 2 + 4 * e;
+    const int c = (int)entry[3] - h * A.D;
+    if (c < 0 || c >= A.D) continue;
+    tile_of[e] = (int)((begin + entry[2]) / TK - po.first_tile);
+    if (tile_of[e] < tiles) ++po.start[tile_of[e] + 1];
+  }
+  for (int t = 0; t < tiles; ++t) po.start[t + 1] += po.start[t];
+  po.start[tiles + 1] = po.start[tiles];
+  const int total = po.start[tiles];
+  po.pos.resize(total);
+  po.channel.resize(total);
+  po.value.resize(total);
+  std::vector<int> at(po.start.begin(), po.start.begin() + tiles);
+  for (int e = 0; e < count; ++e) {
+    if (tile_of[e] < 0 || tile_of[e] >= tiles) continue;
+    const uint8_t* entry = pool + 2 + 4 * e;
+    const int i = at[tile_of[e]]++;
+    po.pos[i] = begin + entry[2];
+    po.channel[i] = (int)entry[3] - h * A.D;
+    po.value[i] = h2f(u16(entry));
+  }
+  return po;
+}
 
 // Keys (post-RoPE, transposed to kt[D][TK], zero past n) and values v[n][D] of positions k0 .. k0 + n - 1.
 void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
@@ -145,16 +197,13 @@ void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
     decode(A.key, slot, h, D, K + j * D);
     decode(A.value, slot, h, D, V + j * D);
   }
-  if (A.pool_entries) {  // outlier_pool.apply_pool: entries of this head's channels at the tile's positions
-    const i64 pool_bytes = 2 + 4 * (i64)A.pool_entries;
+  if (A.pool_entries) {  // outlier_pool.apply_pool: the page pools' entries of this head at the tile's positions
     for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {
-      const uint8_t* pool = A.pool + (i64)table[page] * pool_bytes;
-      const int count = std::min<int>((int16_t)u16(pool), A.pool_entries);
-      for (int e = 0; e < count; ++e) {
-        const uint8_t* entry = pool + 2 + 4 * e;
-        const i64 p = page * A.bs + entry[2];
-        const int c = (int)entry[3] - h * D;
-        if (p >= k0 && p < k0 + n && c >= 0 && c < D) K[(p - k0) * D + c] = h2f(u16(entry));
+      const PageOutliers& po = S.outliers(A, table, page, h);
+      const i64 tile = k0 / TK - po.first_tile;
+      for (int e = po.start[tile]; e < po.start[tile + 1]; ++e) {
+        const i64 p = po.pos[e];
+        if (p >= k0 && p < k0 + n) K[(p - k0) * D + po.channel[e]] = po.value[e];
       }
     }
   }
@@ -213,6 +262,7 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
   const i64 first = L - ql + q0;  // position of the block's first query token
   const float ninf = -std::numeric_limits<float>::infinity();
+  S.cached[0].page = S.cached[1].page = -1;  // another request's pages (block ids are reused)
   float* q = S.q.data();
   float* o = S.o.data();
   for (int t = 0; t < nq; ++t)

@@ -17,7 +17,7 @@ from kvpack.integrations.vllm import kernel  # noqa: E402
 from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
 from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
-from kvpack.integrations.vllm.read import attend, attend_torch  # noqa: E402
+from kvpack.integrations.vllm.read import attend, attend_torch, gather_kv  # noqa: E402
 from kvpack.integrations.vllm.rope import RopeTable  # noqa: E402
 from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part  # noqa: E402
 from kvpack.integrations.vllm.write import write_tokens  # noqa: E402
@@ -79,8 +79,10 @@ def keys_like(layout: EngineLayout, layer: int, tokens: int, g: torch.Generator)
 
 
 def fill(layout: EngineLayout, pool: PagePool, layer: int, lens: list[int], cached: list[int], table: torch.Tensor,
-         g: torch.Generator) -> None:
-    """Write tokens [0, cached[r]) of every request, in prefill chunks of 7 and then single tokens."""
+         g: torch.Generator, compiled: bool = True) -> int:
+    """Write tokens [0, cached[r]) of every request, in prefill chunks of 7 and then single tokens; the key
+    outliers clamped."""
+    clamped = 0
     for r, (length, done) in enumerate(zip(lens, cached)):
         k = keys_like(layout, layer, length, g)
         v = torch.randn(length, HEADS, DIM, generator=g)
@@ -92,8 +94,10 @@ def fill(layout: EngineLayout, pool: PagePool, layer: int, lens: list[int], cach
             step = 7 if at < done // 2 else 1
             b = min(done, at + step)
             pos = torch.arange(at, b)
-            write_tokens(layout, pool, layer, k[at:b], v[at:b], table[r, pos // BLOCK] * BLOCK + pos % BLOCK, pos)
+            clamped += write_tokens(layout, pool, layer, k[at:b], v[at:b], table[r, pos // BLOCK] * BLOCK + pos % BLOCK,
+                                    pos, compiled=compiled)
             at = b
+    return clamped
 
 
 def step(layout: EngineLayout, pool: PagePool, layer: int, lens: list[int], new: list[int], q_heads: int,
@@ -191,3 +195,38 @@ def test_attend_selects_the_compiled_path(monkeypatch):
     monkeypatch.setattr(kernel, "_function", lambda: None)
     attend(layout, pool, 0, query, meta, DIM ** -0.5, torch.zeros_like(query))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method,key_outliers", [("kvpack-3bit", "page"), ("kvpack-2bit", "page"),
+                                                 ("kvpack-4bit", "token"), ("kvquant-3bit-1pct", "page")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_write_stores_the_torch_bytes(method, key_outliers, dtype):
+    """The C++ writer (`kernel.write`) stores exactly the bytes of SlotPart.encode + write_pool: slots, pools, sink
+    records, and counts the same clamped key outliers (pools of 1 entry per token on average: some overflow).
+    bf16 inputs tie on clamping errors, where torch's topk orders the value outlier slots as it likes: the slots then
+    decode identically."""
+    needs_kernel()
+    layout = make_layout(method, dtype, key_outliers=key_outliers)
+    if key_outliers == "page":
+        for i, layer in enumerate(layout.layers):
+            layout.layers[i] = LayerSlots(layer.key, layer.value, layer.sink_tokens, dtype, BLOCK)
+    for layer in LAYERS_USED:
+        table = torch.randperm(40, generator=torch.Generator().manual_seed(layer))[:10].view(5, 2).to(torch.int32)
+        pools, clamped = [], []
+        for compiled in (False, True):
+            pool = make_pool(layout)
+            clamped.append(fill(layout, pool, layer, [30, 17, 1, 32, 9], [30, 17, 1, 32, 9], table,
+                                torch.Generator().manual_seed(9), compiled=compiled))
+            pools.append(pool)
+        ref, got = pools
+        lens = torch.tensor([30, 17, 1, 32, 9])
+        for a, b in zip(gather_kv(layout, got, layer, lens, table), gather_kv(layout, ref, layer, lens, table)):
+            assert torch.equal(a, b)
+        if dtype == torch.float32:
+            assert torch.equal(got.slots[layer], ref.slots[layer])
+        assert torch.equal(got.pools[layer], ref.pools[layer])
+        assert torch.equal(got.sinks[layer], ref.sinks[layer])
+        assert clamped[1] == clamped[0]
+        if key_outliers == "page":
+            assert clamped[0] > 0 and int(ref.pools[layer][:, :2].contiguous().view(torch.int16).sum()) > 0
+        assert int(ref.slots[layer].count_nonzero()) > 0

@@ -426,4 +426,34 @@ int kvpack_pages_attention(const i64* a) {
   return pages::attention(A);
 }
 
+// The write path over kvpack's vLLM pages (pages.h, pages::write). Array: pre-RoPE keys ptr, values ptr (float32
+// [T, H * D] contiguous), T, H, D, threads, slot ids ptr (int64 [T]), positions ptr (int64 [T]), slot rows ptr, slot
+// bytes, block size, key-outlier pools ptr (0: none), pool entries, sink tokens; then the key part and the value part,
+// each: axis_token, offset, code bytes, byte, shift, mask ptrs (int32 [C]), midpoints ptr (float32 [C, M]), M, zero,
+// scale ptrs (float32 [C], keys), has outliers, outliers per side, ranges per token, outlier slots, index bytes.
+// Returns the key outliers clamped for lack of a slot / pool entry (>= 0), or < 0 if the arguments are refused.
+i64 kvpack_pages_write(const i64* a) {
+  Reader r{a};
+  pages::WriteArgs A{};
+  A.kx = (const float*)r.ptr();
+  A.vx = (const float*)r.ptr();
+  A.T = (int)r.next(); A.H = (int)r.next(); A.D = (int)r.next(); A.threads = (int)r.next();
+  A.slots = (const i64*)r.ptr();
+  A.pos = (const i64*)r.ptr();
+  A.rows = (uint8_t*)r.ptr();
+  A.slot_bytes = r.next();
+  A.bs = (int)r.next();
+  A.pool = (uint8_t*)r.ptr();
+  A.pool_entries = (int)r.next(); A.sink_tokens = (int)r.next();
+  for (pages::EncPart* p : {&A.key, &A.value}) {
+    p->axis_token = (int)r.next(); p->offset = r.next(); p->code_bytes = (int)r.next();
+    p->byte = (const int32_t*)r.ptr(); p->shift = (const int32_t*)r.ptr(); p->mask = (const int32_t*)r.ptr();
+    p->mid = (const float*)r.ptr(); p->M = (int)r.next();
+    p->zero = (const float*)r.ptr(); p->scale = (const float*)r.ptr();
+    p->outliers = (int)r.next(); p->k_side = (int)r.next(); p->pairs = (int)r.next(); p->slots = (int)r.next();
+    p->index_bytes = (int)r.next();
+  }
+  return pages::write(A);
+}
+
 }  // extern "C"

@@ -13,6 +13,7 @@ import ctypes
 
 import torch
 
+from kvpack.codecs.nuq import outliers_per_side
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.pages import PagePool
 from kvpack.integrations.vllm.slots import LayerSlots, SlotPart
@@ -123,3 +124,74 @@ def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor
         used = int(qsl[-1])
         output[:used] = out[:used].to(output.dtype)
     return True
+
+
+# ----- write path -----
+def _encoder(part: SlotPart, offset: int) -> tuple[list, list[int]] | None:
+    """(tensors kept alive, the 15 encoder arguments of a nuq part), or None if the C++ writer does not cover it."""
+    codec = part.codec
+    if part.kind != "nuq" or codec._matrix_outliers or part.channels > 4096 or codec.levels.shape[1] > 256:
+        return None
+    token = codec.axis == "token"
+    if not token and part.scale_pairs:
+        return None
+    levels = codec.levels.float()
+    groups = levels.shape[0]
+    c = torch.arange(part.channels)
+    group = c * 0 if groups == 1 else (c // part.head_dim if groups == part.heads else c)
+    mid = ((levels[:, 1:] + levels[:, :-1]) / 2)[group].contiguous()  # as kmeans.assign / assign_batched
+    if token:
+        zero = scale = None
+        per = part.channels // part.scale_pairs
+        k_side = outliers_per_side(codec.outlier_frac, per) if codec.outlier_frac > 0 else 0
+    else:
+        zero, scale = codec.zero.flatten().float().contiguous(), codec.scale.flatten().float().contiguous()
+        k_side = 0
+    tensors = [part._byte.to(torch.int32).contiguous(), part._shift.to(torch.int32).contiguous(),
+               part._mask.to(torch.int32).contiguous(), mid]
+    keep = tensors + [t for t in (zero, scale) if t is not None]
+    args = [int(token), offset, part.code_bytes, *(t.data_ptr() for t in tensors), mid.shape[1],
+            0 if zero is None else zero.data_ptr(), 0 if scale is None else scale.data_ptr(), int(codec.outlier_frac > 0),
+            k_side, part.scale_pairs if token else 1, part.outlier_slots, part.index_bytes]
+    return keep, args
+
+
+def _writer(parts: LayerSlots) -> list[int] | None:
+    cached = parts.__dict__.get("_pages_writer")
+    if cached is None:
+        key, value = _encoder(parts.key, 0), _encoder(parts.value, parts.key.nbytes)
+        ok = (key is not None and value is not None and parts.key.codec.axis == "channel"
+              and parts.value.codec.axis == "token" and parts.key.head_dim <= 256)
+        cached = parts.__dict__["_pages_writer"] = (key[0] + value[0], key[1] + value[1]) if ok else (None, None)
+    return cached[1]
+
+
+def write(layout: EngineLayout, pool: PagePool, layer: int, k_store: torch.Tensor, value: torch.Tensor,
+          slots: torch.Tensor, positions: torch.Tensor) -> int | None:
+    """Slots and key-outlier pools of tokens [T, H, D] (keys pre-RoPE as stored, no padding) in one C++ call, as
+    `SlotPart.encode` + `outlier_pool.write_pool` write them; the key outliers clamped, or None (the caller writes
+    with torch) when the kernels are unavailable or do not cover this layer's parts. Sink records are not written."""
+    lib = cpu.load()
+    if lib is None or k_store.device.type != "cpu":
+        return None
+    parts = layout.layers[layer]
+    constant = _writer(parts)
+    if constant is None:
+        return None
+    fn = lib.kvpack_pages_write
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int64
+    tokens, heads, dim = k_store.shape
+    k = k_store.float().contiguous().view(tokens, -1)
+    v = value.float().contiguous().view(tokens, -1)
+    s = slots.to(torch.int64).contiguous()
+    p = positions.to(torch.int64).contiguous()
+    pooled = parts.key_pool > 0
+    args = [k.data_ptr(), v.data_ptr(), tokens, heads, dim, max(1, torch.get_num_threads()), s.data_ptr(), p.data_ptr(),
+            pool.slots[layer].data_ptr(), parts.slot_bytes, pool.block_size,
+            pool.pools[layer].data_ptr() if pooled else 0, parts.key_pool, parts.sink_tokens, *constant]
+    array = cpu._int64s(args)
+    clamped = fn(array.buffer_info()[0])
+    if clamped < 0:
+        raise RuntimeError(f"kvpack_pages_write rejected its arguments (code {clamped})")
+    return int(clamped)

@@ -1,17 +1,21 @@
-"""Write path: encode the tokens vLLM hands the backend into their page slots (decode steps and prefill chunks)."""
+"""Write path: encode the tokens vLLM hands the backend into their page slots (decode steps and prefill chunks).
+
+Slots and key-outlier pools are written by one C++ call (`kernel.write`) when kvpack's kernels are available and
+cover the layer's parts, else with torch (`SlotPart.encode`, `outlier_pool.write_pool`: the reference)."""
 from __future__ import annotations
 
 import torch
 
+from kvpack.integrations.vllm import kernel
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.outlier_pool import write_pool
 from kvpack.integrations.vllm.pages import PagePool
 
 
 def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, value: torch.Tensor,
-                 slot_mapping: torch.Tensor, positions: torch.Tensor) -> int:
+                 slot_mapping: torch.Tensor, positions: torch.Tensor, compiled: bool = True) -> int:
     """Store key/value [T, Hkv, D] (post-RoPE, model dtype) at `slot_mapping` [T] (-1: padding, skipped), tokens
-    at `positions` [T]. Returns the key outliers clamped for lack of a slot."""
+    at `positions` [T]. Returns the key outliers clamped for lack of a slot. `compiled=False`: the torch reference."""
     slots = slot_mapping.to(torch.int64)
     keep = slots >= 0
     if not bool(keep.all()):
@@ -21,12 +25,14 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
     pos = positions[keep]
     parts = layout.layers[layer]
     k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key
-    k_rows, overflow = parts.key.encode(k_store)
-    v_rows, _ = parts.value.encode(value)
-    pool.slots[layer][slots] = torch.cat([k_rows, v_rows], 1)
-    if parts.key_pool:
-        overflow += write_pool(pool.pools[layer], parts.key_pool, pool.block_size, slots, parts.key, k_store,
-                               pos < parts.sink_tokens)
+    overflow = kernel.write(layout, pool, layer, k_store, value, slots, pos) if compiled else None
+    if overflow is None:
+        k_rows, overflow = parts.key.encode(k_store)
+        v_rows, _ = parts.value.encode(value)
+        pool.slots[layer][slots] = torch.cat([k_rows, v_rows], 1)
+        if parts.key_pool:
+            overflow += write_pool(pool.pools[layer], parts.key_pool, pool.block_size, slots, parts.key, k_store,
+                                   pos < parts.sink_tokens)
     if parts.sink_tokens:
         sink = pos < parts.sink_tokens
         if bool(sink.any()):

@@ -348,3 +348,181 @@ int attention(const Args& A) {
 
 }  // namespace pages
 }  // namespace
+
+// ------------------------------------------------------------------------------------------------ write path
+// SlotPart.encode + outlier_pool.write_pool in one call (integrations/vllm/write.py): per token (in parallel) the
+// codes at their bit offsets, the per-token fp16 ranges and the outlier slots of each part; then, in token order,
+// the keys' outliers appended to their pages' pools (a page's first token resets its pool; sinks take no entries).
+// Normalization as NuqCodec.normalize: keys u = (x - zero_c) / scale_c, outliers |u| > 1; values: per token (or
+// token and head) the k smallest / largest elements are outliers, the range is [k-th smallest, k-th largest]
+// rounded to fp16 (a zero half-range becomes 2**-24); codes: the number of the channel's level midpoints < clamp(u).
+namespace {
+namespace pages {
+
+struct EncPart {
+  int axis_token;  // 0: per-channel ranges (keys), 1: per-token ranges (values)
+  i64 offset;
+  int code_bytes;
+  const int32_t* byte;
+  const int32_t* shift;
+  const int32_t* mask;
+  const float* mid;  // [C, M] level midpoints of each channel's codebook
+  int M;
+  const float* zero;   // keys: [C]
+  const float* scale;  // keys: [C]
+  int outliers;        // outlier_frac > 0
+  int k_side;          // values: outliers per side of each range
+  int pairs;           // values: ranges per token (1: all heads, H: per head)
+  int slots, index_bytes;  // outlier slots in the slot
+};
+
+// Stable sort of channel ids by err, largest first (few elements: insertion sort, no allocation).
+inline void by_error(std::vector<int>& order, const float* err) {
+  for (size_t i = 1; i < order.size(); ++i) {
+    const int c = order[i];
+    size_t j = i;
+    for (; j > 0 && err[order[j - 1]] < err[c]; --j) order[j] = order[j - 1];
+    order[j] = c;
+  }
+}
+
+inline uint16_t f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+inline void put16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
+
+// One token's part: x[C] -> slot bytes at slot + P.offset; returns outliers that found no slot (clamped).
+inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t* slot, float* u, float* err,
+                        std::vector<float>& sorted, std::vector<int>& order) {
+  uint8_t* s = slot + P.offset;
+  std::memset(s, 0, P.code_bytes);
+  float zeros[MAXD], scales[MAXD];  // per pair (values)
+  if (!P.axis_token) {
+    for (int c = 0; c < C; ++c) u[c] = (x[c] - P.zero[c]) / P.scale[c];
+    for (int c = 0; c < C; ++c) err[c] = P.outliers && std::fabs(u[c]) > 1.0f ? (std::fabs(u[c]) - 1.0f) * std::fabs(P.scale[c]) : -1.0f;
+  } else {
+    const int n = C / P.pairs;
+    for (int p = 0; p < P.pairs; ++p) {
+      const float* v = x + p * n;
+      float lo, hi;
+      sorted.assign(v, v + n);
+      if (P.outliers) {
+        std::nth_element(sorted.begin(), sorted.begin() + P.k_side, sorted.end());
+        lo = sorted[P.k_side];
+        std::nth_element(sorted.begin(), sorted.begin() + (n - 1 - P.k_side), sorted.end());
+        hi = sorted[n - 1 - P.k_side];
+      } else {
+        lo = *std::min_element(v, v + n);
+        hi = *std::max_element(v, v + n);
+      }
+      const float zero = h2f(f2h((hi + lo) / 2)), half = h2f(f2h((hi - lo) / 2));
+      const float scale = half > 0 ? half : 5.9604644775390625e-08f;  // 2**-24
+      zeros[p] = zero;
+      scales[p] = scale;
+      for (int i = 0; i < n; ++i) {
+        const int c = p * n + i;
+        u[c] = (v[i] - zero) / scale;
+        err[c] = P.outliers && (v[i] < lo || v[i] > hi) ? std::max(std::fabs(u[c]) - 1.0f, 0.0f) * std::fabs(scale) : -1.0f;
+      }
+    }
+    uint8_t* at = s + P.code_bytes;
+    for (int p = 0; p < P.pairs; ++p) {
+      put16(at + 2 * p, f2h(zeros[p]));
+      put16(at + 2 * (P.pairs + p), f2h(scales[p]));
+    }
+  }
+  for (int c = 0; c < C; ++c) {  // codes
+    const float uc = std::min(1.0f, std::max(-1.0f, u[c]));
+    const float* m = P.mid + (i64)c * P.M;
+    int below = 0;  // searchsorted (left) on sorted midpoints = how many are < uc; branch-free, vectorized
+    for (int j = 0; j < P.M; ++j) below += m[j] < uc;
+    const int code = below & P.mask[c];
+    const uint32_t shifted = (uint32_t)code << P.shift[c];
+    s[P.byte[c]] |= (uint8_t)(shifted & 0xFF);
+    if (shifted >> 8) s[P.byte[c] + 1] |= (uint8_t)(shifted >> 8);
+  }
+  if (!P.slots) return 0;
+  // outlier slots: the largest clamping errors first (ties: lower channel first)
+  order.clear();
+  for (int c = 0; c < C; ++c)
+    if (err[c] >= 0) order.push_back(c);
+  by_error(order, err);
+  const int used = std::min<int>((int)order.size(), P.slots);
+  uint8_t* vals = s + P.code_bytes + 4 * (P.axis_token ? P.pairs : 0);
+  uint8_t* index = vals + 2 * P.slots;
+  for (int k = 0; k < P.slots; ++k) {
+    const int c = k < used ? order[k] : C;
+    put16(vals + 2 * k, k < used ? f2h(x[c]) : 0);
+    if (P.index_bytes == 2) put16(index + 2 * k, (uint16_t)c);
+    else index[k] = (uint8_t)c;
+  }
+  (void)D;
+  return (int)order.size() - used;
+}
+
+struct WriteArgs {
+  const float* kx;  // [T, C] pre-RoPE keys (float32)
+  const float* vx;  // [T, C] values
+  int T, H, D, threads;
+  const i64* slots;  // [T] slot ids (no padding)
+  const i64* pos;    // [T] positions
+  uint8_t* rows;     // slot rows of the layer
+  i64 slot_bytes;
+  int bs;
+  uint8_t* pool;  // key-outlier pools (nullptr: none)
+  int pool_entries, sink_tokens;
+  EncPart key, value;
+};
+
+i64 write(const WriteArgs& A) {
+  const int C = A.H * A.D;
+  if (C > 4096 || A.D > MAXD) return -1;
+  i64 overflow = 0;
+#pragma omp parallel num_threads(A.threads) reduction(+ : overflow)
+  {
+    std::vector<float> u(C), err(C), sorted;
+    std::vector<int> order;
+#pragma omp for schedule(static)
+    for (int t = 0; t < A.T; ++t) {
+      uint8_t* slot = A.rows + A.slots[t] * A.slot_bytes;
+      overflow += encode_token(A.key, A.kx + (i64)t * C, C, A.D, slot, u.data(), err.data(), sorted, order);
+      encode_token(A.value, A.vx + (i64)t * C, C, A.D, slot, u.data(), err.data(), sorted, order);  // values: 2k slots
+    }
+  }
+  if (!A.pool || !A.pool_entries || !A.key.outliers) return overflow;
+  const i64 pool_bytes = 2 + 4 * (i64)A.pool_entries;
+  for (int t = 0; t < A.T; ++t)  // a page's first token: a fresh pool
+    if (A.slots[t] % A.bs == 0) put16(A.pool + (A.slots[t] / A.bs) * pool_bytes, 0);
+  std::vector<float> u(C), err(C);
+  std::vector<int> order;
+  for (int t = 0; t < A.T; ++t) {
+    if (A.pos[t] < A.sink_tokens) continue;
+    const float* x = A.kx + (i64)t * C;
+    order.clear();
+    for (int c = 0; c < C; ++c) {
+      u[c] = (x[c] - A.key.zero[c]) / A.key.scale[c];
+      if (std::fabs(u[c]) > 1.0f) {
+        err[c] = (std::fabs(u[c]) - 1.0f) * std::fabs(A.key.scale[c]);
+        order.push_back(c);
+      }
+    }
+    if (order.empty()) continue;
+    by_error(order, err.data());
+    uint8_t* pool = A.pool + (A.slots[t] / A.bs) * pool_bytes;
+    int count = (int16_t)u16(pool);
+    for (int c : order) {
+      if (count >= A.pool_entries) {
+        ++overflow;
+        continue;
+      }
+      uint8_t* entry = pool + 2 + 4 * (i64)count;
+      put16(entry, f2h(x[c]));
+      entry[2] = (uint8_t)(A.slots[t] % A.bs);
+      entry[3] = (uint8_t)c;
+      ++count;
+    }
+    put16(pool, (uint16_t)count);
+  }
+  return overflow;
+}
+
+}  // namespace pages
+}  // namespace

@@ -257,6 +257,35 @@ inline void scores(const float* q, const float* kt, int D, float* s) {
     for (int v = 0; v < NV; ++v) simd::store_n(s + i * TK + v * W, acc[i][v], W);
 }
 
+// o[D] <- alpha * o + sum_j p[j] v[j] (j < n): all D / W accumulators of the row at once (independent FMA chains).
+template <int NV>
+inline void pv_fixed(float* o, const float* p, const float* v, int n, float alpha) {
+  constexpr int D = NV * W;
+  vf acc[NV];
+  const vf a = simd::set1(alpha);
+  for (int i = 0; i < NV; ++i) acc[i] = simd::mul(simd::load(o + i * W), a);
+  for (int j = 0; j < n; ++j) {
+    const vf w = simd::set1(p[j]);
+    for (int i = 0; i < NV; ++i) acc[i] = simd::fmadd(w, simd::load(v + j * D + i * W), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) simd::store_n(o + i * W, acc[i], W);
+}
+
+inline void pv(float* o, const float* p, const float* v, int n, int D, float alpha) {
+  switch (D / W) {
+    case 4: pv_fixed<4>(o, p, v, n, alpha); return;
+    case 8: pv_fixed<8>(o, p, v, n, alpha); return;
+    case 16: pv_fixed<16>(o, p, v, n, alpha); return;
+    default: break;
+  }
+  const vf a = simd::set1(alpha);
+  for (int d = 0; d < D; d += W) {
+    vf acc = simd::mul(simd::load(o + d), a);
+    for (int j = 0; j < n; ++j) acc = simd::fmadd(simd::set1(p[j]), simd::load(v + j * D + d), acc);
+    simd::store_n(o + d, acc, W);
+  }
+}
+
 void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   const int D = A.D, G = A.G, Hq = A.H * A.G, rows = nq * G;
   const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
@@ -287,9 +316,13 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
       const int valid = (int)std::min<i64>(n, limit - k0 + 1);
       if (valid <= 0) continue;
       float* s = S.s.data() + row * TK;
-      float top = S.m[row];
-      for (int j = 0; j < valid; ++j) top = std::max(top, s[j]);
       for (int j = valid; j < TK; ++j) s[j] = ninf;
+      __m256 mx = _mm256_set1_ps(S.m[row]);
+      for (int j = 0; j < TK; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+      mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+      mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, _MM_SHUFFLE(2, 3, 0, 1)));
+      const float top = _mm256_cvtss_f32(mx);
       const float alpha = S.m[row] == ninf ? 0.0f : std::exp(S.m[row] - top);
       S.m[row] = top;
       const __m256 tv = _mm256_set1_ps(top);
@@ -300,13 +333,7 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
         sum = _mm256_add_ps(sum, e);
       }
       S.l[row] = S.l[row] * alpha + hsum8(sum);
-      float* orow = o + row * D;
-      const vf a = simd::set1(alpha);
-      for (int d = 0; d < D; d += W) {
-        vf acc = simd::mul(simd::load(orow + d), a);
-        for (int j = 0; j < valid; ++j) acc = simd::fmadd(simd::set1(s[j]), simd::load(S.v.data() + j * D + d), acc);
-        simd::store_n(orow + d, acc, W);
-      }
+      pv(o + row * D, s, S.v.data(), valid, D, alpha);
     }
   }
   for (int t = 0; t < nq; ++t)

@@ -299,3 +299,42 @@ def test_rvq_values_by_code_histograms(outliers):
     ref = attention.layer_attention(layer, query, None, backend="torch", rope=cache.packed.rope)
     fast = attention.layer_attention(layer, query, None, backend="auto", rope=cache.packed.rope)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_rope_tables_match_the_rotary_module_at_long_positions():
+    """The kernels' cos/sin, composed from hi/lo tables, equal the rotary module's to float rounding of the angles at
+    positions up to 40K, and the tables grow with the square root of the positions, not with them."""
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, RECIPES["nuq4"](model))
+    positions = torch.tensor([[0, 1, 63, 64, 65, 1000, 8191, 20000, 32767, 40000]], dtype=torch.int32)
+    cache.log_positions(0, positions)
+    at = cache.packed.rope.get(0, 0, positions.shape[1])
+    tables = at.kernel_tables()
+    assert tables is not None and tables.hi.shape[0] > 40000 >> tables.shift
+    cos, sin = at.full()
+    half = tables.rot // 2
+    got_cos, got_sin = tables.compose(positions[0])
+    assert (got_cos - cos[0, :, :half]).abs().max() < 2e-3 and (got_sin - sin[0, :, :half]).abs().max() < 2e-3
+    small = positions[0] < 2048
+    assert (got_cos[small] - cos[0, small, :half]).abs().max() < 1e-5
+    assert cache.packed.rope.nbytes() < 4 * tables.rot * ((40000 >> tables.shift) + 1 + (1 << tables.shift)) * 1.3
+
+
+def test_packed_cpu_attention_at_large_positions_matches_decoding():
+    """Keys logged at positions 30000+ (custom position ids): the C++ kernel's composed RoPE agrees with the decode
+    path's module cos/sin."""
+    if not cpu.available():
+        pytest.skip(f"C++ kernels unavailable here: {cpu.error()}")
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, RECIPES["nuq4"](model))
+    ids = torch.randint(3, 120, (1, 40))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, position_ids=torch.arange(30000, 30040).unsqueeze(0))
+    layer = cache.layers[0]
+    heads, dim = layer.k.body.runs[0].block_shape[1], layer.k.body.runs[0].block_shape[3]
+    query = torch.randn(1, heads * 2, 1, dim)
+    paths: list = []
+    got = attention.layer_attention(layer, query, None, backend="auto", rope=cache.packed.rope, paths=paths)
+    want = attention.layer_attention(layer, query, None, backend="torch", rope=cache.packed.rope)
+    assert ("layer", "cpu") in paths
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

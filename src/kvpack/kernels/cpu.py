@@ -336,8 +336,12 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
         layer.k.body.runs[0].block_shape[1] if layer.k.body.runs else layer.k.tail.shape[1])
     if hq % heads or (hq // heads) * queries > 64 or dim % 8 or dim > 1024:
         return None
-    if rope is not None and (not rope.half or rope.rot % 16):
-        return None
+    tables = None
+    if rope is not None:  # pre-RoPE keys: the kernel composes cos/sin at each position from the split tables
+        tables = rope.kernel_tables()
+        positions = rope.positions
+        if tables is None or tables.rot % 16 or positions.dtype != torch.int32 or positions.stride(-1) != 1:
+            return None
     tokens = layer.k.stored
     mask_args = _mask_args(mask, queries, tokens)
     keys = _segments(layer.k, layer.key_codec, True, heads, dim, rotary_keys=rope is not None)
@@ -345,11 +349,11 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
     if mask_args is None or keys is None or values is None:
         return None
     q = query if query.dtype == torch.float32 and query.stride(-1) == 1 else query.float().contiguous()
-    if rope is None:
-        rope_args = [0, 0, 0, 0, 0]
+    if tables is None:
+        rope_args = [0, 0, 0, 0, 0, 0]
     else:
-        cos, sin = rope.halves()
-        rope_args = [_ptr(cos), _ptr(sin), cos.stride(0), cos.stride(1), rope.rot]
+        rope_args = [_ptr(positions), positions.stride(0) if positions.shape[0] > 1 else 0, _ptr(tables.hi),
+                     _ptr(tables.lo), tables.shift, tables.rot]
     out = torch.empty(batch, queries, hq, dim, dtype=torch.float32)
     args = [_ptr(q), q.stride(0), q.stride(1), q.stride(2), batch, heads, hq // heads, queries, dim, tokens,
             max(1, torch.get_num_threads()), _float_bits(scaling), _ptr(out), _float_bits(softcap or 0.0), *mask_args,

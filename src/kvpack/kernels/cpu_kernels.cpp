@@ -211,7 +211,8 @@ int kvpack_isa() { return simd::ISA_BITS; }
 //   B, H (KV heads), G0 (query heads per KV head), Q (query tokens), D, K (stored tokens), threads,
 //   scaling (float bits), out ptr (float32 [B, Q, Hq, D] contiguous), softcap (float bits, 0 = none),
 //   mask ptr (0 = none), kind (1 bool / 2 float32), strides b, q, k, causal (no mask, Q > 1),
-//   rope cos ptr (0: keys not rotated), sin ptr, strides b, token, rot,
+//   rope: positions ptr (int32 [B, slots], 0: keys not rotated), its batch stride, hi table ptr, lo table ptr,
+//   shift, rot (see Rope),
 //   number of key segments, each: tokens, kind, arguments (see run_segment); then the value segments.
 int kvpack_layer(const i64* a) {
   Reader r{a};
@@ -228,12 +229,13 @@ int kvpack_layer(const i64* a) {
   std::memcpy(&softcap, &cap_bits, 4);
   Mask m{};
   m.ptr = r.ptr(); m.kind = (int)r.next(); m.sb = r.next(); m.sq = r.next(); m.sk = r.next(); m.causal = (int)r.next();
-  const float* cos = (const float*)r.ptr();
-  const float* sin = (const float*)r.ptr();
-  const i64 rsb = r.next(), rst = r.next();
-  const int rot = (int)r.next();
+  const int32_t* pos = (const int32_t*)r.ptr();
+  const i64 pb = r.next();
+  const float* hi = (const float*)r.ptr();
+  const float* lo = (const float*)r.ptr();
+  const int shift = (int)r.next(), rot = (int)r.next();
   const int G = G0 * Q;
-  if (G > MAXG || D > 1024 || D % 8 || rot % 16 || rot > D) return -1;
+  if (G > MAXG || D > 1024 || D % 8 || rot % 16 || rot > D || shift < 0 || shift > 16) return -1;
   // q [B, H, G, D], row g = g0 * Q + query token, pre-scaled
   std::vector<float> q((size_t)B * H * G * D);
   for (int b = 0; b < B; ++b)
@@ -251,7 +253,7 @@ int kvpack_layer(const i64* a) {
   for (int s = 0; s < nk; ++s) {
     const i64 n = r.next();
     Common c{B, H, G, D, threads, q.data(), (i64)H * G * D, (i64)G * D, D, scores.data() + off, (i64)H * G * K,
-             (i64)G * K, K, Rope{cos ? cos + off * rst : nullptr, cos ? sin + off * rst : nullptr, rsb, rst, cos ? rot : 0}};
+             (i64)G * K, K, Rope{pos ? pos + off : nullptr, pb, hi, lo, shift, pos ? rot : 0}};
     const int code = run_segment(r, c, true);
     if (code) return code;
     off += n;
@@ -265,7 +267,7 @@ int kvpack_layer(const i64* a) {
   for (int s = 0; s < nv; ++s) {
     const i64 n = r.next();
     Common c{B, H, G, D, threads, scores.data() + off, (i64)H * G * K, (i64)G * K, K, out.data(), (i64)H * G * D,
-             (i64)G * D, D, Rope{nullptr, nullptr, 0, 0, 0}};
+             (i64)G * D, D, Rope{nullptr, 0, nullptr, nullptr, 0, 0}};
     const int code = run_segment(r, c, false);
     if (code) return code;
     off += n;

@@ -35,7 +35,7 @@ import torch
 
 from kvpack.hf.rope import apply_rope
 from kvpack.kernels import cpu, reference, triton_attention, triton_decode
-from kvpack.kernels.rope import RopeSlice, RopeTable
+from kvpack.kernels.rope import RopeAt, RopeTable
 BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_MAX_QUERIES = 16
 WINDOW_TOKENS = 2048  # stored tokens decoded at a time by blockwise_attention
@@ -64,15 +64,14 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return False
 
 
-def key_run_scores(run, codec, q: torch.Tensor, rope: RopeSlice | None, out: torch.Tensor, backend: str = "auto") -> str:
+def key_run_scores(run, codec, q: torch.Tensor, rope: RopeAt | None, out: torch.Tensor, backend: str = "auto") -> str:
     """Scores of q [B, H, G, D] against one run's keys into out [B, H, G, run tokens]; returns the path used.
 
     On the CPU the C++ kernels read whole layers (`cpu.layer_attention`); a layer they decline comes here and
     is read by the torch reference. rope: cos/sin of the run's tokens (None when keys are stored post-RoPE)."""
-    if rope is not None and not rope.half:
-        backend = "torch"
     if _use_triton(backend, q.device):
-        if triton_attention.key_scores(run, codec, q, rope, out):
+        rs = None if rope is None else rope.materialize()  # the per-run Triton kernels read cos/sin rows
+        if (rs is None or rs.half) and triton_attention.key_scores(run, codec, q, rs, out):
             return "triton"
     reference.key_scores(run, codec, q, rope, out)
     return "torch"

@@ -39,7 +39,7 @@ def _decoded(run, codec: Codec, max_tokens: int | None):
 
 
 def key_scores(run, codec: Codec, q: torch.Tensor, rope, out: torch.Tensor, max_tokens: int | None = None) -> None:
-    """out[b, h, g, n] = q[b, h, g] . RoPE(k_n): q [B, H, G, D] fp32, rope a RopeSlice of the run's tokens or None."""
+    """out[b, h, g, n] = q[b, h, g] . RoPE(k_n): q [B, H, G, D] fp32, rope cos/sin of the run's tokens (kernels.rope.RopeAt) or None."""
     for start, k in _decoded(run, codec, max_tokens):
         stop = start + k.shape[-2]
         if rope is not None:

@@ -17,11 +17,29 @@ namespace {
 
 constexpr int MAXG = 64;  // query rows per KV head handled in registers/stack
 
+// RoPE at each key's logged position, from two small tables (angle addition: position p = (r << shift) + j):
+// cos/sin(p) = hi[r] (x) lo[j], so tables grow with the square root of the context, not with it.
 struct Rope {
-  const float* cos;  // nullptr: keys are not rotated (post-RoPE storage)
-  const float* sin;
-  i64 sb, st;  // strides of batch and run token, in floats
-  int rot;     // rotated channels (even), channel c < rot/2 paired with c + rot/2
+  const int32_t* pos;  // nullptr: keys are not rotated (post-RoPE storage); else positions [B, slots] at this segment
+  i64 pb;              // batch stride of pos
+  const float* hi;     // [rows][rot]: cos (first rot/2), sin (last rot/2) at position r << shift (times the scaling)
+  const float* lo;     // [1 << shift][rot]: cos, sin at position j, over the rotary scaling
+  int shift;
+  int rot;  // rotated channels (even), channel c < rot/2 paired with c + rot/2
+
+  // cos (buf[0, rot/2)) and sin (buf[rot/2, rot)) at the position of slot n of batch row b.
+  inline void row(i64 b, i64 n, float* buf) const {
+    const int half = rot / 2;
+    const i64 p = pos[b * pb + n];
+    const float* h = hi + (p >> shift) * rot;
+    const float* l = lo + (p & ((1 << shift) - 1)) * rot;
+    for (int i = 0; i < half; i += 8) {
+      const __m256 hc = _mm256_loadu_ps(h + i), hs = _mm256_loadu_ps(h + half + i);
+      const __m256 lc = _mm256_loadu_ps(l + i), ls = _mm256_loadu_ps(l + half + i);
+      _mm256_storeu_ps(buf + i, _mm256_fmsub_ps(hc, lc, _mm256_mul_ps(hs, ls)));
+      _mm256_storeu_ps(buf + half + i, _mm256_fmadd_ps(hs, lc, _mm256_mul_ps(hc, ls)));
+    }
+  }
 };
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -98,7 +116,7 @@ inline void dot_rope(const float* k, const float* q, i64 qg, int G, int D, const
   __m256 acc[MAXG];
   for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
   int start = 0;
-  if (rope.cos != nullptr) {
+  if (rope.pos != nullptr) {
     const int half = rope.rot / 2;
     for (int i = 0; i < half; i += 8) {
       const __m256 lo = _mm256_loadu_ps(k + i), hi = _mm256_loadu_ps(k + i + half);

@@ -8,15 +8,14 @@ namespace {
 // fp16 keys x[b, h, t, :] (head / tail of a layer): scores with RoPE; values: out += p * v.
 void fp16_keys(const float* q, i64 qb, i64 qh, i64 qg, const uint16_t* x, i64 xb, i64 xh, i64 xt, int B, int H,
                int n, int D, int G, Rope rope, float* out, i64 ob, i64 oh, i64 og) {
-  alignas(32) float k[1024];
+  alignas(32) float k[1024], rb[1024];
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h)
       for (int t = 0; t < n; ++t) {
         const uint16_t* row = x + b * xb + h * xh + t * xt;
         for (int i = 0; i < D; i += 8) _mm256_store_ps(k + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))));
-        const float* cs = rope.cos ? rope.cos + b * rope.sb + t * rope.st : nullptr;
-        const float* sn = rope.cos ? rope.sin + b * rope.sb + t * rope.st : nullptr;
-        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, cs, sn, out + b * ob + h * oh + t, og);
+        if (rope.pos) rope.row(b, t, rb);
+        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, rb, rb + rope.rot / 2, out + b * ob + h * oh + t, og);
       }
 }
 

@@ -291,18 +291,17 @@ inline void decode_group(const float* tab, int n, const int32_t* cols, int base,
     simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, simd::index(cslot((code_t*)ct, base + j, v))));
 }
 
-// cos/sin of the W tokens from n (rows clamped to N - 1) transposed: cs[i * W + lane], sn likewise, i < half.
-inline void rope_tile(const Rope& rope, i64 b, i64 n, i64 N, int half, float* cs, float* sn) {
-  const float* c0 = rope.cos + b * rope.sb;
-  const float* s0 = rope.sin + b * rope.sb;
+// cos/sin of the W tokens from n (rows clamped to N - 1) transposed: cs[i * W + lane], sn likewise, i < half;
+// rows is scratch [W][rot].
+inline void rope_tile(const Rope& rope, i64 b, i64 n, i64 N, int half, float* rows, float* cs, float* sn) {
+  for (int l = 0; l < W; ++l) rope.row(b, std::min(n + l, N - 1), rows + (i64)l * rope.rot);
   for (int i0 = 0; i0 < half; i0 += W) {
     const int w = std::min(W, half - i0);
     for (int pass = 0; pass < 2; ++pass) {
-      const float* src = pass ? s0 : c0;
       float* dst = pass ? sn : cs;
       vf r[W];
       for (int l = 0; l < W; ++l) {
-        const float* row = src + std::min(n + l, N - 1) * rope.st + i0;
+        const float* row = rows + (i64)l * rope.rot + (pass ? half : 0) + i0;
 #if KVPACK_AVX512
         r[l] = _mm512_maskz_loadu_ps((__mmask16)((1u << w) - 1), row);
 #else
@@ -321,7 +320,7 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   const int G = GT > 0 ? GT : Gr;
   const int HD = H * D;
   const i64 N = (i64)nblk * T, tiles = (N + TILE - 1) / TILE, items = (i64)B * tiles;
-  const int half = rope.cos ? rope.rot / 2 : 0, rot = rope.cos ? rope.rot : 0;
+  const int half = rope.pos ? rope.rot / 2 : 0, rot = rope.pos ? rope.rot : 0;
   Plan plan;
   make_plan(m, HD, true, &plan);
 #pragma omp parallel num_threads(threads)
@@ -330,12 +329,13 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
     static thread_local std::vector<code_t> cbuf;
     static thread_local std::vector<uint8_t> ubuf;
     kbuf.resize((size_t)HD * W + 16);
-    rbuf.resize((size_t)2 * std::max(half, 1) * W + 16);
+    rbuf.resize((size_t)4 * std::max(half, 1) * W + 16);
     cbuf.resize((size_t)(plan.slots + 4) * TILE + 64);
     ubuf.resize((size_t)TILE * HD + 64);
     float* kd = kbuf.data() + (16 - ((uintptr_t)kbuf.data() / 4) % 16) % 16;
     float* cs = rbuf.data() + (16 - ((uintptr_t)rbuf.data() / 4) % 16) % 16;
     float* sn = cs + (i64)std::max(half, 1) * W;
+    float* rows = sn + (i64)std::max(half, 1) * W;
     code_t* ct = (code_t*)((uint8_t*)cbuf.data() + (64 - (uintptr_t)cbuf.data() % 64) % 64);
     i64 begin, end;
     share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
@@ -347,11 +347,6 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
       for (int v = 0; v < vecs; ++v) {
         const i64 nv = n0 + (i64)v * W;
         const int lanes = (int)std::min<i64>(W, N - nv);
-        if (half && nv + W < N)  // the next vector's cos/sin rows
-          for (i64 n = nv + W; n < std::min(N, nv + 2 * W); ++n) {
-            prefetch(rope.cos + b * rope.sb + n * rope.st, half * 4);
-            prefetch(rope.sin + b * rope.sb + n * rope.st, half * 4);
-          }
         for (int i = 0; i < m.ng; ++i) {
           const Group& g = m.g[i];
 #define CALL(BB) decode_group<BB>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.base[i], v, ct, kd)
@@ -359,7 +354,7 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
 #undef CALL
         }
         if (m.ov) range_outliers(m, b, nv, lanes, B, H, T, D, [&](int l, int ch, float x) { kd[(i64)ch * W + l] = x; });
-        if (half) rope_tile(rope, b, nv, N, half, cs, sn);
+        if (half) rope_tile(rope, b, nv, N, half, rows, cs, sn);
         for (int h = 0; h < H; ++h) {
           const float* kh = kd + (i64)h * D * W;
           const float* qq = q + b * qb + h * qh;

@@ -112,10 +112,11 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
   const int G = GT > 0 ? GT : Gr;
   const int chunk = 128;
   const i64 N = (i64)nblk * T, per_block = (T + chunk - 1) / chunk, items = (i64)B * nblk * per_block;
-  const int half = rope.cos ? rope.rot / 2 : 0, rot = rope.cos ? rope.rot : 0;
+  const int half = rope.pos ? rope.rot / 2 : 0, rot = rope.pos ? rope.rot : 0;
 #pragma omp parallel num_threads(threads)
   {
     alignas(32) float part[MAXG * 8 * 8];  // [g][token of 8][lane]
+    alignas(32) float rb[1024];  // cos, sin of one token
     i64 begin, end;
     share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
     for (i64 it = begin; it < end; ++it) {
@@ -133,8 +134,9 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
             const int t = tb + j;
             const i64 n = blk * T + t;
             const uint8_t* row = codes.row(blk, b, h, t);
-            const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
-            const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
+            if (half) rope.row(b, n, rb);
+            const float* cs = rb;
+            const float* sn = rb + half;
             __m256 acc[GT > 0 ? GT : MAXG];
             for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
             {  // fused: dequantize a channel chunk and its RoPE partner, rotate, dot
@@ -192,8 +194,9 @@ void nuq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
       if (outl) {  // outliers of the chunk's tokens: add (value - dequantized) * (R^T q_g)_c to their scores
         for (int t = t0; t < t1; ++t) {
           const i64 n = blk * T + t;
-          const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
-          const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
+          if (half) rope.row(b, n, rb);
+          const float* cs = half ? rb : nullptr;
+          const float* sn = half ? rb + half : nullptr;
           key_corrections<BITS>(*outl, b, blk, t, n, N, B, H, T, D, codes, levels, levels_per_head, kscale, kzero,
                                 q + b * qb, qh, qg, G, rot, cs, sn, out + b * ob + n, oh, og);
         }

@@ -51,7 +51,7 @@ void rvq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
   const std::vector<i64> ptr = row_pointers(r.counts, r.count_size, (i64)nblk * B * H * T);
 #pragma omp parallel num_threads(threads)
   {
-    alignas(32) float k[1024], kp[1024];
+    alignas(32) float k[1024], kp[1024], rb[1024];
     i64 begin, end;
     share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
     for (i64 it = begin; it < end; ++it) {
@@ -63,9 +63,8 @@ void rvq_keys(const float* q, i64 qb, i64 qh, i64 qg, Codes codes, int nblk, int
           const i64 row = ((blk * B + b) * H + h) * T + t;
           for (i64 j = ptr[row]; j < ptr[row + 1]; ++j) k[count_at(r.channels, r.channel_size, j)] = h2f(r.values[j]);
         }
-        const float* cs = rope.cos ? rope.cos + b * rope.sb + n * rope.st : nullptr;
-        const float* sn = rope.cos ? rope.sin + b * rope.sb + n * rope.st : nullptr;
-        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, cs, sn, out + b * ob + h * oh + n, og);
+        if (rope.pos) rope.row(b, n, rb);
+        dot_rope(k, q + b * qb + h * qh, qg, G, D, rope, rb, rb + rope.rot / 2, out + b * ob + h * oh + n, og);
       }
     }
   }

@@ -282,7 +282,7 @@ class NuqCodec(Codec):
             parts = {"codes": packed_token_range(t["codes"], start, stop, tokens, self.head_dim, self.bits)}
         else:  # per width, [..., tokens * n codes]: cut where both ends fall on a byte
             parts = {f"codes{b}": packed_token_range(t[f"codes{b}"], start, stop, tokens, cols.numel(), b)
-                     for b, cols in self._width_columns().items()}
+                     for b, cols in self.width_columns().items()}
         if any(p is None for p in parts.values()):
             return None
         out = dict(parts)
@@ -293,7 +293,7 @@ class NuqCodec(Codec):
         return Encoded(out, shape)
 
     def layout(self) -> StorageLayout:
-        parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self._width_columns()])}
+        parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self.width_columns()])}
         if self.axis == "token":
             parts |= {"zero": "scales", "scale": "scales"}
         if self.outlier_frac > 0:
@@ -301,7 +301,7 @@ class NuqCodec(Codec):
         return StorageLayout(parts, self.outlier_rows if self.outlier_frac > 0 else None)
 
     # ----- code packing -----
-    def _width_columns(self) -> dict[int, torch.Tensor]:
+    def width_columns(self) -> dict[int, torch.Tensor]:
         """Bit width -> int32 [n]: the (head * head_dim + channel) columns stored at that width (0-bit ones store
         nothing); computed once per device (the kernels read the same tensors)."""
         key = (self.channel_bits.data_ptr(), self.channel_bits.device)
@@ -317,14 +317,14 @@ class NuqCodec(Codec):
             return {"codes": packing.pack(codes.reshape(*codes.shape[:-2], -1), self.bits)}
         flat = codes.movedim(-3, -2).reshape(*codes.shape[:-3], codes.shape[-2], -1)  # [..., T, H*D]
         return {f"codes{b}": packing.pack(flat[..., cols].reshape(*flat.shape[:-2], -1), b)
-                for b, cols in self._width_columns().items()}
+                for b, cols in self.width_columns().items()}
 
     def _unpack(self, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         *lead, heads, tokens, dim = shape
         if self.channel_bits is None:
             return packing.unpack(t["codes"], self.bits, tokens * dim).reshape(shape)
         flat = torch.zeros(*lead, tokens, heads * dim, dtype=torch.int64, device=self.levels.device)
-        for b, cols in self._width_columns().items():
+        for b, cols in self.width_columns().items():
             flat[..., cols] = packing.unpack(t[f"codes{b}"], b, tokens * cols.numel()).reshape(*lead, tokens, -1)
         return flat.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
 

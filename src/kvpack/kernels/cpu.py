@@ -247,8 +247,11 @@ def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
     """Arguments of one run of mixed-width nuq blocks (kind SEG_MIXED): every width group, value ranges, outliers."""
     args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups)]
     for g in view.groups:
+        c = g.codec  # fp16 levels [H * D, 2**max] (rows by channel), Q-Norm [H * D, 2], ranges [H * D]: once per model
+        keyed = c.axis == "channel"
         args += [g.bits, g.cols.numel(), _ptr(g.codes), g.codes.stride(0), g.codes.stride(1), g.cols.numel() * g.bits // 8,
-                 _ptr(g.cols), _ptr(g.levels), _ptr(g.scale), _ptr(g.zero)]
+                 _ptr(g.cols), _ptr(c.levels), c.levels.shape[1], _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
+                 _ptr(c.zero) if keyed else 0]
     if keys or view.vscale is None:
         args += [0, 0, 0, 0, 0, 0]
     else:
@@ -395,20 +398,16 @@ def mixed_encode(codec, x: torch.Tensor):
     batch, heads, tokens, dim = x.shape
     if load() is None or heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
         return None
-    columns = codec._width_columns()
+    columns = codec.width_columns()
     if int(codec.channel_bits.min()) < 1 or any(c.numel() % 8 for c in columns.values()) or codec.levels.shape[1] > 256:
         return None
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None
-    const = codec.__dict__.get("_kvpack_mixed_encode")
-    if const is None:
-        cols = {b: c.to(torch.int32).contiguous() for b, c in columns.items()}
-        kz = None if codec.axis != "channel" else (codec.zero.reshape(-1).float().contiguous(),
-                                                   codec.scale.reshape(-1).float().contiguous())
-        const = codec.__dict__["_kvpack_mixed_encode"] = (cols, kz)
-    cols, kz = const
-    # fp32 midpoints [H * D, 2**max - 1], padded per channel: built per call (~10 us), not held with the model
+    cols = columns  # int32, contiguous: the codec's own
+    # fp32 ranges [H * D] and midpoints [H * D, 2**max - 1] (padded per channel): built per call (~10 us), not held
+    kz = None if codec.axis != "channel" else (codec.zero.reshape(-1).float().contiguous(),
+                                               codec.scale.reshape(-1).float().contiguous())
     levels = codec.levels.float()
     mid = torch.add(levels[:, 1:], levels[:, :-1]).mul_(0.5)
     x = x.float().contiguous()

@@ -92,14 +92,27 @@ class RvqView:
 
 @dataclass(slots=True)
 class MixedGroup:
-    """The channels of one width in a run of mixed-width NuqCodec blocks."""
+    """The channels of one width in a run of mixed-width NuqCodec blocks. Levels, Q-Norm and ranges stay in the
+    codec, fp16, held once per model: the C++ kernels expand them per call, `levels`/`scale`/`zero` on demand."""
 
     bits: int
     codes: torch.Tensor  # uint8 [nblk, B, tokens * n * bits / 8]: n codes per token, byte-aligned (n % 8 == 0)
-    cols: torch.Tensor  # int32 [n], channel h * head_dim + c of each member
-    levels: torch.Tensor  # fp32 [n, 2**bits], decoded levels (Q-Norm applied)
-    scale: torch.Tensor | None  # keys: fp32 [n] per-channel ranges
-    zero: torch.Tensor | None
+    cols: torch.Tensor  # int32 [n], channel h * head_dim + c of each member (the codec's own `width_columns`)
+    codec: NuqCodec
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """fp32 [n, 2**bits]: the members' decoded levels (Q-Norm applied)."""
+        return self.codec.decode_levels[self.cols.long(), : 1 << self.bits]
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """keys: fp32 [n] per-channel scale (None for values)."""
+        return None if self.codec.axis != "channel" else self.codec.scale.reshape(-1).float()[self.cols.long()]
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        return None if self.codec.axis != "channel" else self.codec.zero.reshape(-1).float()[self.cols.long()]
 
 
 @dataclass
@@ -264,26 +277,18 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
     mode = sparse_mode(codec)
     if "outlier_values" in t and mode is None:
         return None
-    dev = codec.levels.device
-
-    def constants() -> list[tuple]:
-        levels = codec.decode_levels.float()
-        flat_scale = codec.scale.reshape(-1).float() if codec.axis == "channel" else None
-        flat_zero = codec.zero.reshape(-1).float() if codec.axis == "channel" else None
-        out = []
-        for bits, cols in codec._width_columns().items():
-            out.append((bits, cols.to(torch.int32).contiguous(), levels[cols, : 1 << bits].contiguous(),
-                        None if flat_scale is None else flat_scale[cols].contiguous(),
-                        None if flat_zero is None else flat_zero[cols].contiguous()))
-        return out
-
+    half = torch.float16
+    fp16 = [codec.levels] + ([codec.scale, codec.zero] if codec.axis == "channel" else []) + (
+        [codec.qnorm] if codec.qnorm is not None else [])
+    if codec.levels.shape[0] != heads * dim or any(t.dtype != half or not t.is_contiguous() for t in fp16):
+        return None
     groups = []
-    for bits, cols, levels, scale, zero in _codec_constants(codec, f"mixed_{dev}", constants, codec.levels):
+    for bits, cols in codec.width_columns().items():
         n = cols.numel()
         codes = t.get(f"codes{bits}")
         if n % 8 or codes is None or codes.dtype != torch.uint8 or tuple(codes.shape) != (nblk * batch, tokens * n * bits // 8):
             return None
-        groups.append(MixedGroup(bits, codes.contiguous().view(nblk, batch, -1), cols, levels, scale, zero))
+        groups.append(MixedGroup(bits, codes.contiguous().view(nblk, batch, -1), cols, codec))
     view = MixedNuqView(groups=groups, nblk=nblk, batch=batch, heads=heads, tokens=tokens, dim=dim, axis=codec.axis,
                         vscale=None, vzero=None, outliers=_outliers(t, mode))
     if codec.axis == "token":

@@ -33,10 +33,12 @@ struct Group {
   int bits, n;
   const uint8_t* codes;  // token (blk, b, t) at codes + blk * sblk + b * sb + t * st
   i64 sblk, sb, st;
-  const int32_t* cols;   // [n] channel (h * D + c) of each member
-  const float* levels;   // [n, 2**bits] decoded levels of each member
-  const float* scale;    // keys: [n] per-channel scale and zero; values: nullptr
-  const float* zero;
+  const int32_t* cols;      // [n] channel (h * D + c) of each member
+  const uint16_t* levels;   // fp16 [H * D, lstride]: the codec's levels, one row per channel
+  int lstride;
+  const uint16_t* qnorm;    // fp16 [H * D, 2]: decoded level = level * a + b (Q-Norm); nullptr: none
+  const uint16_t* scale;    // keys: fp16 [H * D] per-channel scale and zero; values: nullptr
+  const uint16_t* zero;
 };
 
 struct Mixed {
@@ -81,14 +83,16 @@ inline void make_plan(const Mixed& m, int HD, bool keys, Plan* p) {
   for (int i = 0; i < m.ng; ++i) {
     const Group& g = m.g[i];
     const int L = 1 << g.bits, P = table_size(g.bits);
-    for (int j = 0; j < g.n; ++j) {
-      float* dst = t + p->toff[i] + (i64)j * P;
-      const float* lv = g.levels + (i64)j * L;
-      for (int e = 0; e < P; ++e) {
-        const float level = lv[std::min(e, L - 1)];
-        dst[e] = keys ? std::fma(level, g.scale[j], g.zero[j]) : level;
-      }
+    for (int j = 0; j < g.n; ++j) {  // expanded per call from the codec's fp16 state (held once per model)
       const int ch = g.cols[j];
+      float* dst = t + p->toff[i] + (i64)j * P;
+      const uint16_t* lv = g.levels + (i64)ch * g.lstride;
+      const float qa = g.qnorm ? h2f(g.qnorm[2 * ch]) : 1.0f, qb = g.qnorm ? h2f(g.qnorm[2 * ch + 1]) : 0.0f;
+      for (int e = 0; e < P; ++e) {
+        float level = h2f(lv[std::min(e, L - 1)]);
+        if (g.qnorm) level = level * qa + qb;  // as NuqCodec.decode_levels (fp32 mul, then add)
+        dst[e] = keys ? std::fma(level, h2f(g.scale[ch]), h2f(g.zero[ch])) : level;
+      }
       if (ch >= 0 && ch < HD) {
         p->slot_of[ch] = p->base[i] + j;
         p->tab_of[ch] = (int32_t)(p->toff[i] + (i64)j * P);

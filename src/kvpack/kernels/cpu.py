@@ -34,8 +34,8 @@ import torch
 from kvpack.codecs import Encoded, sparse
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
 from kvpack.hf.models import cache_root
-from kvpack.kernels.layout import (MixedNuqView, NuqView, RvqView, TqView, mixed_view, nuq_view, rvq_view, sparse_mode,
-                                   tq_view)
+from kvpack.kernels.layout import (MixedNuqView, NuqView, RvqView, TqView, mixed_view, nuq_view, run_key, rvq_view,
+                                   sparse_mode, tq_view, view_tensors)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = Path(__file__).with_name("cpu_kernels")  # the per-family headers SOURCE includes
@@ -277,6 +277,24 @@ def _run_segment(run, codec, keys: bool, rotary_keys: bool):
     return None
 
 
+def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: int) -> array.array | None:
+    """The packed kernel arguments of one run, kept on the run until its blocks or buffers change (8 bytes an
+    argument, plus the tensors they point at that the run does not own, normally none); None if no kernel reads it."""
+    key = (run_key(run, codec), keys, rotary_keys)
+    memo = run.__dict__.get("_kvpack_args")
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    found = _run_segment(run, codec, keys, rotary_keys)
+    if found is None or found[1] is None or found[0].heads != heads or found[0].dim != dim:
+        return None
+    view, build = found
+    args = _int64s(build())
+    own = {b.untyped_storage().data_ptr() for b in run.buffers.values()}
+    foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
+    run.__dict__["_kvpack_args"] = (key, args, foreign or None)
+    return args
+
+
 def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool = False) -> list[int] | None:
     """[count, segment args...] for a TokenStream, or None if a part has no kernel. `rotary_keys`: the kernel
     applies RoPE to decoded keys (pre-RoPE storage)."""
@@ -291,16 +309,10 @@ def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool
     for run in stream.body.runs:
         if not run.count:
             continue
-        found = _run_segment(run, codec, keys, rotary_keys)
-        if found is None or found[1] is None:
+        segment = _run_arguments(run, codec, keys, rotary_keys, heads, dim)
+        if segment is None:
             return None
-        view, build = found
-        cached = view.__dict__.setdefault("_segment", {})
-        if keys not in cached:
-            cached[keys] = _int64s(build())  # kept between steps: 8 bytes an argument, not a Python int each
-        out += cached[keys]
-        if view.heads != heads or view.dim != dim:
-            return None
+        out += segment
         count += 1
     if stream.tail is not None:
         seg = _fp16_segment(stream.tail)

@@ -225,10 +225,18 @@ def _outliers(t: dict, mode: int | None) -> Outliers | None:
     return Outliers(*(t[k].contiguous() for k in OUTLIER_NAMES), mode=mode)
 
 
+def run_key(run, codec: Codec) -> tuple:
+    """What a view of a run depends on: its codec, blocks and buffers (a view is stale when this changes)."""
+    return id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values())
+
+
 def _cached(run, codec: Codec, kind: str, build):
     """A view stored on the run, one per kind (a caller may ask for several kinds of one run), rebuilt when blocks
-    are added or dropped or buffers reallocated."""
-    key = (id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values()))
+    are added or dropped or buffers reallocated; on the CPU not stored (`kernels.cpu` keeps the kernel's packed
+    arguments instead, far smaller than a view's Python objects)."""
+    if next(iter(run.buffers.values())).device.type == "cpu":
+        return build(run, codec)
+    key = run_key(run, codec)
     memo = run.__dict__.setdefault("_kvpack_views", {})
     hit = memo.get(kind)
     if hit is not None and hit[0] == key:
@@ -236,6 +244,20 @@ def _cached(run, codec: Codec, kind: str, build):
     view = build(run, codec)
     memo[kind] = (key, view)
     return view
+
+
+def view_tensors(view) -> list[torch.Tensor]:
+    """Every tensor a kernel view points at (its fields, width groups and outliers)."""
+    out, todo = [], [view]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, (list, tuple)):
+            todo += list(o)
+        elif isinstance(o, (Outliers, MixedGroup, MixedNuqView, NuqView, RvqView, TqView)):
+            todo += [getattr(o, f) for f in o.__dataclass_fields__ if f != "codec"]
+    return out
 
 
 def nuq_view(run, codec: Codec) -> NuqView | None:

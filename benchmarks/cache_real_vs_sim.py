@@ -112,12 +112,14 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1e-6)
     p.add_argument("--skip", default="", help="comma list of parts to skip: ppl,memory,generation; 'real' = only the simulation and its noise band (noise-band.json)")
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--data", default="wikitext2", help="corpus spec of the perplexity windows (e.g. 'c4[500:]')")
+    p.add_argument("--ppl-out", default="cache-real-vs-sim.json", help="file under --out for the perplexity rows")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     model, tok = load_model()
-    windows = load_windows(tok, "wikitext2", args.seqlen, args.windows)
+    windows = load_windows(tok, args.data, args.seqlen, args.windows)
     text_ids = tokenize(tok, load_corpus("wikitext2").text).unsqueeze(0)
     lengths = [int(x) for x in args.memory_lengths.split(",") if x]
     prompt = text_ids[:, : args.gen_prompt]
@@ -147,13 +149,13 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("method", "windows", "sim_ppl", "min_rel_diff", "max_rel_diff", "spread_pct")}), flush=True)
         if "ppl" not in skip and "real" not in skip:
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)
-            row = {"kind": "ppl", "method": recipe.method, "data": "wikitext2", "seqlen": args.seqlen,
+            row = {"kind": "ppl", "method": recipe.method, "data": args.data, "seqlen": args.seqlen,
                    "windows": args.windows, "tokens": real.tokens, "chunk": args.chunk,
                    "sim_ppl": sim.ppl, "real_ppl": real.ppl, "rel_diff": real.ppl / sim.ppl - 1,
                    "sim_bits": sim.bits_per_element, "real_bits": real.bits_per_element,
                    "noise": {"rel": args.noise, "ppls": noisy, **band},
                    "sim_seconds": sim.seconds, "real_seconds": real.seconds, "calibration": calib, "env": environment()}
-            _append(args.out / "cache-real-vs-sim.json", row)
+            _append(args.out / args.ppl_out, row)
             print(json.dumps({k: row[k] for k in ("method", "sim_ppl", "real_ppl", "rel_diff", "noise", "real_bits")}), flush=True)
         if "memory" not in skip:
             for row in memory_rows(model, recipe, text_ids, lengths):

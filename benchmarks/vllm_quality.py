@@ -19,7 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_engine import capacity, engine_kwargs, environment, run_child  # noqa: E402
 
 METHODS = ["kvpack-4bit", "kvpack-3bit", "kvpack-2bit", "kvquant-4bit-1pct", "kvquant-3bit-1pct"]
-REAL_CACHE = Path("results/cache-real-vs-sim.json")
+REAL_CACHE = {"wikitext2": Path("results/cache-real-vs-sim.json"), "c4[500:]": Path("results/cache-real-vs-sim-c4.json")}
+DATA_ALIASES = {"c4": "c4[500:]"}
+OUT = {"wikitext2": "results/vllm-quality.json", "c4[500:]": "results/vllm-quality-c4.json"}
+# how the C4 reference was made (main venv; chunk 256 instead of 1: kvpack writes a chunk before attending to it)
+REAL_CACHE_COMMAND = ("python benchmarks/cache_real_vs_sim.py --data 'c4[500:]' --ppl-out cache-real-vs-sim-c4.json "
+                      "--methods fp16,kvpack-2bit,kvpack-3bit,kvpack-4bit --seqlen 2048 --windows 2 --chunk 256 "
+                      "--calib-windows 16 --calib-seqlen 2048 --noise-seeds 0 --skip memory,generation")
 
 
 def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None = None) -> dict:
@@ -54,14 +60,18 @@ def one(model: str, spec: dict, data: str, seqlen: int, windows: int) -> dict:
     return result
 
 
-def real_cache_deltas() -> dict:
-    """method -> transformers real-cache perplexity delta (%) vs fp16 from results/cache-real-vs-sim.json."""
-    if not REAL_CACHE.is_file():
+def real_cache_deltas(data: str, seqlen: int, windows: int) -> dict:
+    """method -> transformers real-cache perplexity delta (%) vs fp16 from the corpus's REAL_CACHE file
+    (rows of the same data, seqlen and number of windows only)."""
+    path = REAL_CACHE.get(data)
+    if path is None or not path.is_file():
         return {}
-    rows = json.loads(REAL_CACHE.read_text())
+    rows = [r for r in json.loads(path.read_text()) if r.get("kind", "ppl") == "ppl" and "real_ppl" in r
+            and r.get("data", "wikitext2") == data and r.get("seqlen") == seqlen and r.get("windows") == windows]
     base = next((r["real_ppl"] for r in rows if r.get("method") == "fp16"), None)
     return {r["method"]: {"real_ppl": r["real_ppl"], "delta_pct": 100 * (r["real_ppl"] / base - 1),
-                          "windows": r["windows"], "seqlen": r["seqlen"]} for r in rows if base and "real_ppl" in r}
+                          "windows": r["windows"], "seqlen": r["seqlen"], "chunk": r.get("chunk")}
+            for r in rows if base}
 
 
 def main() -> None:
@@ -75,8 +85,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kv-gib", type=int, default=2)
     parser.add_argument("--key-outlier-slots", type=int, default=None, help="kvpack option (default: the codec's)")
-    parser.add_argument("--out", default="results/vllm-quality.json")
+    parser.add_argument("--out", default=None, help="default: results/vllm-quality.json, -c4.json for --data c4")
     args = parser.parse_args()
+    args.data = DATA_ALIASES.get(args.data, args.data)
+    if args.out is None:
+        args.out = OUT.get(args.data, "results/vllm-quality-" + "".join(c if c.isalnum() else "-" for c in args.data) + ".json")
     if args.model is None:
         from kvpack.hf.models import model_path
 
@@ -98,7 +111,7 @@ def main() -> None:
 
 
 def write(args, rows: list[dict]) -> None:
-    reference = real_cache_deltas()
+    reference = real_cache_deltas(args.data, args.seqlen, args.windows)
     for row in rows:
         base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
         if base and row.get("ppl"):
@@ -109,7 +122,7 @@ def write(args, rows: list[dict]) -> None:
             row["delta_gap_pp"] = row["delta_pct_vs_vllm_same_dtype"] - reference[method]["delta_pct"]
     out = {"benchmark": "vllm-quality", "command": "python benchmarks/vllm_quality.py " + " ".join(sys.argv[1:]),
            "model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
-           "real_cache_reference": str(REAL_CACHE), **environment(), "rows": rows}
+           "real_cache_reference": str(REAL_CACHE.get(args.data)), **environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 

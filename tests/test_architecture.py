@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvpack"
 # Optional dependencies, imported where they are used so kvpack works without them.
 OPTIONAL = {"matplotlib", "triton", "lmcache", "datasets", "hqq", "optimum", "vllm", "PIL", "numba"}
 # kvpack modules that import an optional dependency at module level, so they are imported on demand.
-OPTIONAL_MODULES = {"kvpack.integrations.lmcache.serde", "kvpack.integrations.lmcache"}
+OPTIONAL_MODULES = {"kvpack.integrations.lmcache.serde", "kvpack.integrations.lmcache",
+                    "kvpack.integrations.vllm.cuda_read"}  # the vLLM backend's CUDA path (Triton kernels)
 
 
 def function_level_imports() -> list[str]:

@@ -101,7 +101,7 @@ class KvpackMetadataBuilder(AttentionMetadataBuilder[KvpackMetadata]):
               fast_build: bool = False) -> KvpackMetadata:
         cm = common_attn_metadata
         if self.device.type == "cuda":
-            from kvpack.integrations.vllm import cuda_read
+            import kvpack.integrations.vllm.cuda_read as cuda_read  # CUDA only: its Triton kernels
 
             return KvpackMetadata(**cuda_read.metadata_fields(cm))
         qsl = cm.query_start_loc_cpu.to(torch.int64)
@@ -151,7 +151,7 @@ class KvpackImpl(AttentionImpl):
         pool = pool_for(kv_cache, self.layout.layers)
         n = attn_metadata.num_actual_tokens
         if query.is_cuda:
-            from kvpack.integrations.vllm import cuda_read
+            import kvpack.integrations.vllm.cuda_read as cuda_read  # CUDA only: its Triton kernels
 
             cuda_read.forward(self.layout, pool, self.layer_index, query[:n], key[:n], value[:n], attn_metadata,
                               self.scale, output[:n])

@@ -6,6 +6,7 @@ message naming the problem and the fix; nothing falls back to vLLM's own cache s
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +85,6 @@ def check_platform(platform, vllm_config=None) -> None:
                               f"'{platform.device_name}' ({type(platform).__name__}), which they do not support "
                               "(ROCm, XPU and TPU are not implemented): remove the kvpack entry to use vLLM's own "
                               "cache there.")
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         raise KvpackVllmError("kvpack's CUDA pages are read by Triton kernels; install triton (vLLM's CUDA wheels "
                               "bring it) or remove the kvpack entry.")

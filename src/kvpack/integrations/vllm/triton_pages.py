@@ -22,12 +22,15 @@ assembled from bytes (slots are byte-aligned, not element-aligned). Nothing here
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from dataclasses import dataclass
 
 import torch
 
 from kvpack.integrations.vllm.slots import LayerSlots, SlotPart
+from kvpack.kernels import triton_decode as td
 from kvpack.kernels.triton_attention import HAVE_TRITON
 
 if HAVE_TRITON:
@@ -446,14 +449,9 @@ def aot_configs(tables: LayerTables, group: int, block_size: int = 16, pre_rope:
 
 def aot_stats(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4, num_stages: int = 1) -> dict:
     """Compile for sm_`arch` without a GPU (Triton's passes and bundled ptxas); what ptxas allocated."""
-    import contextlib
-    import io
-
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from kvpack.kernels import triton_decode as td
 
     log = io.StringIO()
     with knobs.nvidia.scope(), contextlib.redirect_stdout(log):

@@ -7,33 +7,11 @@ the per-run kernels (triton_attention) with kernels.reference. Skipped cleanly w
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+from triton_interpreter import use_interpreter
 
-
-def _fresh_triton() -> None:
-    """triton decorates its own library functions (tl.argmin, tl.cdiv, ...) when triton.language is imported; if
-    an earlier import (transformers probes for triton) did that without the interpreter, give those names
-    interpreted twins so kernels run under the interpreter in the same process."""
-    if "triton.language" not in sys.modules:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    twins: dict = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("triton.language"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):  # keyed by id: hashing a JITFunction analyses its dependencies
-                if id(value) not in twins:
-                    twins[id(value)] = InterpretedFunction(value.fn)
-                setattr(module, attr, twins[id(value)])
-
-
-_fresh_triton()
+use_interpreter()  # before triton decorates the kernels
 
 import pytest
 import torch

@@ -13,29 +13,9 @@ import os
 import sys
 from types import SimpleNamespace
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+from triton_interpreter import use_interpreter
 
-
-def _fresh_triton() -> None:
-    """As tests/test_triton_interpret.py: give triton's own JIT library functions interpreted twins when an earlier
-    import decorated them without the interpreter."""
-    if "triton.language" not in sys.modules:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    twins: dict = {}
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("triton.language"):
-            continue
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, JITFunction):
-                if id(value) not in twins:
-                    twins[id(value)] = InterpretedFunction(value.fn)
-                setattr(module, attr, twins[id(value)])
-
-
-_fresh_triton()
+use_interpreter()  # before triton decorates the kernels
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

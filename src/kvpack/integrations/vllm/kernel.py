@@ -54,8 +54,10 @@ def _part(part: SlotPart, offset: int, slot_bytes: int) -> tuple[list, list[int]
     table = levels[group]  # [H * D, L]
     if codec.axis == "channel":  # fold the per-channel range in: level * scale + zero, as SlotPart.decode computes it
         table = table * codec.scale.flatten().float().unsqueeze(1) + codec.zero.flatten().float().unsqueeze(1)
+    table = torch.nn.functional.pad(table, (0, max(0, 16 - width)))  # rows of >= 16 floats: one 16-lane load each
     tensors = [part._byte.to(torch.int32).contiguous(), part._shift.to(torch.int32).contiguous(),
-               part._mask.to(torch.int32).contiguous(), (c * width).to(torch.int32), table.contiguous().flatten()]
+               part._mask.to(torch.int32).contiguous(), (c * table.shape[1]).to(torch.int32),
+               table.contiguous().flatten()]
     pair_div = part.head_dim if part.scale_pairs == part.heads else part.channels
     args = [1, 0, offset, part.code_bytes, *(t.data_ptr() for t in tensors), part.scale_pairs, pair_div,
             part.outlier_slots, part.index_bytes]
@@ -74,14 +76,26 @@ def _layer(parts: LayerSlots, dtype: torch.dtype) -> list[int] | None:
     return cached[1]
 
 
+def lines_of_16(table: torch.Tensor) -> torch.Tensor:
+    """[P, rot] -> [P / 16 + 1, rot, 16]: the rows of 16 consecutive positions side by side (zero-padded past P)."""
+    rows, rot = table.shape
+    padded = torch.zeros(16 * (rows // 16 + 1), rot, dtype=torch.float32)
+    padded[:rows] = table
+    return padded.view(-1, 16, rot).transpose(1, 2).contiguous()
+
+
 def _rope(layout: EngineLayout) -> list[int]:
+    """cos, sin, their row stride, rotated channels, and both as lines of 16 positions (built once per table)."""
     rope = layout.rope
     if rope is None:
-        return [0, 0, 0, 0]
+        return [0, 0, 0, 0, 0, 0]
     cos, sin = rope.cos, rope.sin
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32):
         rope.cos, rope.sin = cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1]]
+    lines = rope.__dict__.get("_lines_of_16")
+    if lines is None or lines[0] is not cos or lines[1] is not sin:
+        lines = rope.__dict__["_lines_of_16"] = (cos, sin, lines_of_16(cos), lines_of_16(sin))
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], lines[2].data_ptr(), lines[3].data_ptr()]
 
 
 def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, metadata, scale: float,

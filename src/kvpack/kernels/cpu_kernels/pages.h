@@ -104,6 +104,120 @@ inline void decode(const Part& P, const uint8_t* slot, int h, int D, float* dst)
   }
 }
 
+// Where each channel's code sits relative to its head's first code byte: what the channel-major path reads.
+struct CodeMap {
+  bool ok = false;
+  std::vector<int> first, span;  // [H] first code byte of the head, bytes read (through the byte after the last)
+  std::vector<int> rel, bits;    // [H * D] first byte relative to the head's, code width
+};
+
+// The part's CodeMap, or one with ok = false where the channel-major path does not apply (raw parts, codes
+// spanning more than 2 bytes, a head's codes over more than 128 bytes).
+inline CodeMap code_map(const Part& P, int H, int D) {
+  CodeMap m;
+  if (P.kind != 1) return m;
+  m.first.resize(H);
+  m.span.resize(H);
+  m.rel.resize((size_t)H * D);
+  m.bits.resize((size_t)H * D);
+  for (int h = 0; h < H; ++h) {
+    int lo = P.byte[h * D], hi = lo;
+    for (int i = 0; i < D; ++i) {
+      lo = std::min(lo, P.byte[h * D + i]);
+      hi = std::max(hi, P.byte[h * D + i]);
+    }
+    m.first[h] = lo;
+    m.span[h] = hi - lo + 2;
+    if (m.span[h] > 128) return m;
+    for (int i = 0; i < D; ++i) {
+      const int c = h * D + i, bits = __builtin_popcount((unsigned)P.mask[c]);
+      if (P.shift[c] + bits > 16 || P.mask[c] != (1 << bits) - 1) return m;
+      m.rel[c] = P.byte[c] - lo;
+      m.bits[c] = bits;
+    }
+  }
+  m.ok = true;
+  return m;
+}
+
+#if KVPACK_AVX512
+// Channel-major decoding (AVX-512): 16 tokens across the lanes. The head's code bytes of the 16 slots are
+// transposed once (16 x 16 dword transpose + a byte shuffle: byte b of the 16 tokens on one 16-byte line), every
+// byte pair widened to 16 words, and then each channel is a shift, a mask and a lookup in its own table (one
+// permute for <= 4 bits).
+inline const uint8_t* byte_line(const uint8_t* lines, int b) { return lines + (b >> 2) * 64 + (b & 3) * 16; }
+
+// lines <- bytes [0, nb) of the 16 rows, byte-major (nb <= 128).
+inline void bytes16(const uint8_t* const* rows, int nb, uint8_t* lines) {
+  alignas(64) static const struct Consts {
+    uint8_t bt[64];
+    Consts() {
+      for (int c = 0; c < 4; ++c)
+        for (int t = 0; t < 16; ++t) bt[c * 16 + t] = (uint8_t)(4 * t + c);
+    }
+  } K;
+  const __m512i bt = _mm512_load_si512(K.bt);
+  for (int c0 = 0; c0 < nb; c0 += 64) {
+    const int w = std::min(64, nb - c0);
+    const __mmask64 cm = w == 64 ? ~0ULL : ((1ULL << w) - 1);
+    __m512i r[16];
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi8(cm, rows[t] + c0);
+    simd::transpose(r);
+    for (int k = 0; k < (w + 3) / 4; ++k) _mm512_store_si512(lines + (c0 / 4 + k) * 64, _mm512_permutexvar_epi8(bt, r[k]));
+  }
+}
+
+// Channels [h * D, h * D + D) of 16 slots' part (rows: the slots) -> dst[i * stride + t] (keys: pre-RoPE, pool
+// outliers not yet applied), as `decode` computes them token by token.
+inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D, float* dst,
+                     i64 stride) {
+  alignas(64) uint8_t lines[128 / 4 * 64];
+  alignas(64) uint32_t words[128 * 16];
+  const uint8_t* at[16];
+  for (int t = 0; t < 16; ++t) at[t] = rows[t] + P.offset + M.first[h];
+  const int nb = M.span[h];
+  bytes16(at, nb, lines);
+  for (int b = 0; b + 1 < nb; ++b) {
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
+    _mm512_store_si512(words + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
+  }
+  const int c0 = h * D;
+  for (int i = 0; i < D; ++i) {
+    const int c = c0 + i;
+    const __m512i idx = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_load_si512(words + M.rel[c] * 16), _mm512_set1_epi32(P.shift[c])),
+        _mm512_set1_epi32(P.mask[c]));
+    const float* tab = P.levels + P.base[c];  // rows padded to >= 16 floats
+    __m512 x;
+    if (M.bits[c] <= 4) x = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab));
+    else if (M.bits[c] == 5) x = _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
+    else x = _mm512_i32gather_ps(idx, tab, 4);
+    _mm512_storeu_ps(dst + i * stride, x);
+  }
+  if (P.pairs) {  // per-token ranges: level * scale + zero
+    const int p = c0 / P.pair_div;
+    alignas(64) float zero[16], scale[16];
+    for (int t = 0; t < 16; ++t) {
+      const uint8_t* r = rows[t] + P.offset + P.code_bytes;
+      zero[t] = h2f(u16(r + 2 * p));
+      scale[t] = h2f(u16(r + 2 * (P.pairs + p)));
+    }
+    const __m512 z = _mm512_load_ps(zero), s = _mm512_load_ps(scale);
+    for (int i = 0; i < D; ++i)
+      _mm512_storeu_ps(dst + i * stride, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(dst + i * stride), s), z));
+  }
+  for (int t = 0; t < 16 && P.outliers; ++t) {  // exact outlier slots over their channels
+    const uint8_t* vals = rows[t] + P.offset + P.code_bytes + 4 * P.pairs;
+    const uint8_t* index = vals + 2 * P.outliers;
+    for (int k = 0; k < P.outliers; ++k) {
+      const int c = P.index_bytes == 2 ? (int)(int16_t)u16(index + 2 * k) : (int)index[k];
+      if (c >= c0 && c < c0 + D) dst[(c - c0) * stride + t] = h2f(u16(vals + 2 * k));
+    }
+  }
+}
+#endif
+
 struct Args {
   const float* query;  // [T, Hq, D] float32
   float* out;          // [T, Hq, D] float32
@@ -124,8 +238,12 @@ struct Args {
   const float* sin;
   i64 rope_stride;
   int rot;
+  const float* cos_tiles;  // [positions / 16, rot, 16]: the same tables, 16 positions per line (channel-major path)
+  const float* sin_tiles;
   Part key, value;
+  CodeMap kmap, vmap;  // filled by attention()
 };
+
 
 // One page's pool entries of one head, bucketed by key tile (stable: a later entry still overrides an earlier one).
 struct PageOutliers {
@@ -139,11 +257,11 @@ struct PageOutliers {
 };
 
 struct Scratch {
-  std::vector<float> q, o, s, m, l, k, kt, v;
+  std::vector<float> q, o, s, m, l, k, kt, v, vt;
   PageOutliers cached[2];  // tiles run in order, so at most two pages are live
   std::vector<int> tile_of;
   explicit Scratch(int D)
-      : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D) {}
+      : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D), vt(D * TK) {}
 
   const PageOutliers& outliers(const struct Args& A, const int32_t* table, i64 page, int h);
 };
@@ -185,8 +303,79 @@ const PageOutliers& Scratch::outliers(const Args& A, const int32_t* table, i64 p
   return po;
 }
 
-// Keys (post-RoPE, transposed to kt[D][TK], zero past n) and values v[n][D] of positions k0 .. k0 + n - 1.
+#if KVPACK_AVX512
+// tile() on the channel-major path: keys decoded straight into kt[D][TK] (16 positions per vector), rotated with
+// the 16-position RoPE lines, values decoded channel-major and transposed to v[TK][D]. Lanes past n hold copies of
+// position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
+void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
+  const int D = A.D, C = A.H * A.D;
+  const int32_t* table = A.table + r * A.ts;
+  const uint8_t* rows[TK];
+  for (int j = 0; j < TK; ++j) {
+    const i64 p = k0 + std::min(j, n - 1);
+    rows[j] = A.slots + ((i64)table[p / A.bs] * A.bs + p % A.bs) * A.slot_bytes;
+  }
+  float* kt = S.kt.data();
+  float* vt = S.vt.data();
+  for (int v = 0; v < n; v += 16) {
+    decode16(A.key, A.kmap, rows + v, h, D, kt + v, TK);
+    decode16(A.value, A.vmap, rows + v, h, D, vt + v, TK);
+  }
+  if (A.pool_entries) {  // outlier_pool.apply_pool: the page pools' entries of this head at the tile's positions
+    for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {
+      const PageOutliers& po = S.outliers(A, table, page, h);
+      const i64 tile = k0 / TK - po.first_tile;
+      for (int e = po.start[tile]; e < po.start[tile + 1]; ++e) {
+        const i64 p = po.pos[e];
+        if (p >= k0 && p < k0 + n) kt[po.channel[e] * TK + (p - k0)] = po.value[e];
+      }
+    }
+  }
+  if (A.cos) {
+    const int half = A.rot / 2;
+    for (int v = 0; v < n; v += 16) {
+      const i64 line = (k0 + v) / 16 * A.rot * 16;
+      const float* cs = A.cos_tiles + line;
+      const float* sn = A.sin_tiles + line;
+      for (int i = 0; i < half; ++i) {
+        float* a = kt + i * TK + v;
+        float* b = kt + (i + half) * TK + v;
+        const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);
+        _mm512_storeu_ps(a, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(cs + i * 16)),
+                                          _mm512_mul_ps(hi, _mm512_loadu_ps(sn + i * 16))));
+        _mm512_storeu_ps(b, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(cs + (i + half) * 16)),
+                                          _mm512_mul_ps(lo, _mm512_loadu_ps(sn + (i + half) * 16))));
+      }
+    }
+  }
+  float* V = S.v.data();
+  for (int v = 0; v < n; v += 16)
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      __m512 x[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_ps(vt + (d0 + i) * TK + v);
+      simd::transpose(x);
+      for (int t = 0; t < 16; ++t) _mm512_storeu_ps(V + (v + t) * D + d0, x[t]);
+    }
+  if (A.sink_tokens && k0 < A.sink_tokens) {  // sinks sit in the request's first page
+    const int es = A.sink_type == 0 ? 4 : 2;
+    const i64 sink_bytes = (i64)A.sink_tokens * 2 * C * es;
+    for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
+      const uint8_t* rec = A.sinks + (i64)table[0] * sink_bytes + (k0 + j) * 2 * C * es;
+      for (int d = 0; d < D; ++d) {
+        kt[d * TK + j] = elem(rec, A.sink_type, h * D + d);
+        V[j * D + d] = elem(rec + (i64)C * es, A.sink_type, h * D + d);
+      }
+    }
+  }
+}
+#endif
+
+// Keys (post-RoPE, transposed to kt[D][TK]) and values v[n][D] of positions k0 .. k0 + n - 1; lanes of kt past n
+// are not scores of any key (the caller masks them).
 void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
+#if KVPACK_AVX512
+  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.cos_tiles)) return tile16(A, r, h, k0, n, S);
+#endif
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;
   float* K = S.k.data();
@@ -345,8 +534,10 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
     }
 }
 
-int attention(const Args& A) {
+int attention(Args& A) {
   if (A.D % 16 || A.D > MAXD || A.G < 1 || A.G > MAXROWS || A.bs < 1) return -1;
+  A.kmap = code_map(A.key, A.H, A.D);
+  A.vmap = code_map(A.value, A.H, A.D);
   const int per_item = std::max(1, MAXROWS / A.G);  // query tokens per work item
   std::vector<i64> items;                           // (request, head, first query) packed
   for (int r = 0; r < A.R; ++r) {

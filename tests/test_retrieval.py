@@ -194,7 +194,7 @@ def test_correct_answers_score_one(tok, monkeypatch):
     hay = Haystack(tok, "guide")
     trials = {}
 
-    def fake_answer(model, tokenizer, ids, recipe, new_tokens):
+    def fake_answer(model, tokenizer, ids, recipe, new_tokens, **kwargs):
         trial = trials[tuple(ids[0].tolist())]
         return " " + ", ".join(trial.expected) + "." if recipe is None else " 1000000."
 

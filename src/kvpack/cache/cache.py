@@ -12,6 +12,13 @@ their stored positions on the way out; positions are logged once for all layers 
 int32), so left padding and custom position ids work. Attention reads decode the stored blocks
 (nothing full-precision is kept between steps); a packed-attention path can read `layer.k.body`
 directly later.
+
+What a prefill chunk (a call with more than one new token) attends: with `prefill="stored"` (the default)
+every token it can see, its own included, read back from storage, so a prompt's own hidden states already
+see the quantized keys and values (what a whole-window simulation computes); with `prefill="exact"` the
+history read back from storage followed by the chunk's own keys and values as they arrived (full
+precision), as serving engines attend a prefill chunk. Either way the chunk is stored the same way, and
+decode steps read the storage.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from kvpack.recipes.resolve import check_settings_fit_model
 from kvpack.cache.memory import memory_report
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+PREFILL_MODES = ("stored", "exact")  # what a multi-token call attends: see CompressedCache.update
 
 
 def _check_streamable(codec, what: str) -> None:
@@ -52,7 +60,8 @@ class CompressedCache(Cache):
     """A transformers Cache storing keys/values compressed by `recipe` (see module docstring)."""
 
     def __init__(self, model, recipe: Recipe, residual_length: int | None = None, block_tokens: int = 128,
-                 packed_attention: bool | None = None, attention_backend: str | None = None):
+                 packed_attention: bool | None = None, attention_backend: str | None = None,
+                 prefill: str = "stored", decoded_chunk_tokens: int = 0):
         config = text_config(model.config)
         check_architecture(config)
         n_layers = config.num_hidden_layers
@@ -72,6 +81,9 @@ class CompressedCache(Cache):
         self.recent_tokens = int(settings.recent_tokens if residual_length is None else residual_length)
         if self.recent_tokens < 0:
             raise ValueError(f"residual_length must be >= 0, got {self.recent_tokens}")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        self.prefill = prefill
         self.left_pad = 0
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         groups = []
@@ -100,7 +112,7 @@ class CompressedCache(Cache):
         self.log = PositionLog(RopeSource(model, attn, layer_types)) if self.pre_rope else None
         install(model)
         # Decode steps read the packed blocks directly (cache/packed.py); None = decode-then-attend.
-        self.packed = attach(self, packed_attention, attention_backend)
+        self.packed = attach(self, packed_attention, attention_backend, decoded_chunk_tokens)
         self._pending: dict[int, tuple] = {}
 
     # -- what the hooks report ---------------------------------------------------------------------
@@ -151,7 +163,8 @@ class CompressedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys/values [B, H, q, D] (post-RoPE, as transformers hands them) and return what
-        attention reads: every stored token, or zero-memory placeholders when packed attention reads the blocks."""
+        attention reads: every stored token, or zero-memory placeholders when packed attention reads the blocks
+        (prefill="exact": a multi-token call gets the stored history and its own keys/values unquantized)."""
         layer = self.layers[layer_idx]
         check_storable(key_states, f"layer {layer_idx} keys")
         check_storable(value_states, f"layer {layer_idx} values")
@@ -161,12 +174,29 @@ class CompressedCache(Cache):
             self.log.append(layer.get_seq_length(), positions)
             self.log.source.verify(layer_idx, positions, cos, sin, key_states)
             keys = invert_rope(keys, cos.float(), sin.float())
+        if self.prefill == "exact" and key_states.shape[-2] > 1:
+            return self._exact_chunk(layer, keys, key_states, value_states)
         layer.append(keys, value_states.float(), self.head_tokens, key_states.dtype)
         if self.packed is not None and self.packed.claim(layer_idx, key_states.shape[-2]):
             return self.packed.placeholders(layer, key_states)
         out = layer.read_all(self.rope_for(layer_idx, layer.first_slot, layer.get_seq_length()) if self.pre_rope else None)
         layer.free_outside_window(self.head_tokens)
         return out
+
+    def _exact_chunk(self, layer: CompressedLayer, keys: torch.Tensor, key_states: torch.Tensor,
+                     value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prefill="exact": store a multi-token chunk, but let it attend the history read back from storage followed
+        by its own keys and values as they arrived (full precision), as serving engines attend a prefill chunk."""
+        prior = None
+        if layer.is_initialized and layer.k.stored:
+            rope = self.rope_for(layer.layer_idx, layer.first_slot, layer.get_seq_length()) if self.pre_rope else None
+            prior = layer.read_all(rope)
+        layer.append(keys, value_states.float(), self.head_tokens, key_states.dtype)
+        layer.free_outside_window(self.head_tokens)
+        if prior is None:
+            return key_states, value_states
+        return (torch.cat([prior[0], key_states.to(prior[0].dtype)], dim=-2),
+                torch.cat([prior[1], value_states.to(prior[1].dtype)], dim=-2))
 
     @property
     def positions(self) -> torch.Tensor | None:

@@ -8,7 +8,9 @@ claimed the layer (any call without autograd), update returned zero-memory NaN p
 the decoded history, and `attend` computes attention from the stored parts: calls of at most
 `max_queries` query tokens (decode steps) through the kernels (kernels.dispatch.layer_attention), longer
 ones (prefill chunks, multi-token steps) window by window over the stored tokens, never decoding more
-than `window_tokens` of them at a time (kernels.dispatch.blockwise_attention). Calls with attention
+than `window_tokens` of them at a time (kernels.dispatch.blockwise_attention). A cache built with
+`decoded_chunk_tokens=N` leaves multi-token calls over at most N stored tokens unclaimed: they decode the
+history and run the model's own attention (more memory, much faster on the CPU, the same stored numbers). Calls with attention
 arguments the kernels do not implement get the exact path instead (`decoded`). Exactness: both compute
 the same numbers as decode-then-attend up to float summation order (tests compare them to ~1e-4).
 """
@@ -30,13 +32,15 @@ class PackedAttention:
     """A CompressedCache's packed-attention state: which layers hand attention over this forward."""
 
     def __init__(self, cache, backend: str = "auto", max_queries: int = DEFAULT_MAX_QUERIES,
-                 window_tokens: int = WINDOW_TOKENS):
+                 window_tokens: int = WINDOW_TOKENS, decoded_chunk_tokens: int = 0):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.cache = cache
         self.backend = backend
         self.max_queries = max_queries  # more query tokens than this: blockwise_attention
         self.window_tokens = window_tokens
+        # multi-token calls over at most this many stored tokens: decode them and run the model's own attention
+        self.decoded_chunk_tokens = decoded_chunk_tokens
         self.rope = RopeTable(cache.log) if cache.pre_rope else None
         self.active = 0  # forwards in flight that route attention here
         self.pending: set[int] = set()
@@ -49,6 +53,8 @@ class PackedAttention:
         """Called by CompressedCache.update: True if attention for this call will read the packed storage."""
         if not self.active or torch.is_grad_enabled():
             return False
+        if queries > self.max_queries and self.cache.layers[layer_idx].k.stored <= self.decoded_chunk_tokens:
+            return False  # decode-then-attend: the same stored numbers, the model's (causal, fused) attention
         self.pending.add(layer_idx)
         return True
 
@@ -116,14 +122,17 @@ def describe_path(path: str) -> str:
     return "per run: " + path.replace("torch", "torch reference (decode a chunk, then attend)")
 
 
-def attach(cache, enabled: bool | None = None, backend: str | None = None) -> PackedAttention | None:
+def attach(cache, enabled: bool | None = None, backend: str | None = None,
+           decoded_chunk_tokens: int = 0) -> PackedAttention | None:
     """Packed attention for `cache` (kvpack.hf.attention routes the model's attention to it); None when disabled.
 
     enabled=None reads KVPACK_PACKED_ATTENTION (default on); backend=None reads KVPACK_ATTENTION_BACKEND
-    (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise).
+    (auto: C++ kernels on CPU, Triton on CUDA, the torch reference otherwise). Multi-token calls (prefill chunks)
+    over at most `decoded_chunk_tokens` stored tokens decode the history and attend with the model's own kernel.
     """
     if enabled is None:
         enabled = os.environ.get("KVPACK_PACKED_ATTENTION", "1") != "0"
     if not enabled:
         return None
-    return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"))
+    return PackedAttention(cache, backend or os.environ.get("KVPACK_ATTENTION_BACKEND", "auto"),
+                           decoded_chunk_tokens=decoded_chunk_tokens)

@@ -45,6 +45,9 @@ def eval_command(
                                                   "(c4[500:], wikitext2, PATH) or 'guide' (the text shipped with kvpack)."),
     minutes: Optional[float] = typer.Option(None, help="--task retrieval: start no new trial after this many minutes "
                                                        "(cells stay balanced; rerun the same command to continue)."),
+    prefill: str = typer.Option("stored", help="--task retrieval: what the prompt's own tokens attend in a compressed cache: "
+                                               "stored (keys/values read back from storage) | exact (their full-precision "
+                                               "ones, as serving engines attend a prefill)."),
     finetuned: Optional[Path] = typer.Option(None, help="A `kvpack finetune` output: merge its adapter into the model for every row; its method uses the tuned codebooks."),
 ) -> None:
     """Perplexity of each method (simulated quantization or the real compressed cache), next to fp16 measured in the same run;
@@ -55,7 +58,7 @@ def eval_command(
         return
     if task == "retrieval":
         _retrieval(model, methods, tasks, lengths or "2048,4096,8192", depths, 20 if trials is None else trials, seed,
-                   haystack, calib_data, calib_windows, seqlen, recipe, progress, json_out, plot, minutes)
+                   haystack, calib_data, calib_windows, seqlen, recipe, progress, json_out, plot, minutes, prefill)
         return
     if task != "perplexity":
         fail(KVPackError(f"unknown --task '{task}' (perplexity | passkey | retrieval)"))
@@ -90,13 +93,13 @@ def _passkey(model, methods, lengths, depths, trials, calib_data, calib_windows,
 
 
 def _retrieval(model, methods, tasks, lengths, depths, trials, seed, haystack, calib_data, calib_windows, seqlen, recipe,
-               progress, json_out, plot, minutes) -> None:
+               progress, json_out, plot, minutes, prefill="stored") -> None:
     """Run the missing trials (rows already in --json are kept), print the table, write the pivot and the heat map."""
     try:
         rows = retrieval.run_retrieval_eval(model, split_methods(methods), split_methods(tasks),
                                             [int(x) for x in lengths.split(",")], [float(x) for x in depths.split(",")],
                                             trials, seed, haystack, json_out, calib_data, calib_windows, seqlen, recipe,
-                                            progress, log=log, minutes=minutes)
+                                            progress, log=log, minutes=minutes, prefill=prefill)
     except (KVPackError, ValueError) as exc:
         fail(exc)
     typer.echo(retrieval.table(rows))

@@ -39,7 +39,7 @@ def pivot(rows: list[dict], baseline: str = "fp16") -> list[dict]:
     for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
         cells = {r["method"]: r for r in rows if r["task"] == task and r["length"] == length}
         line = {"task": task, "length": length, "trials": "/".join(str(cells[m]["trials"]) for m in methods if m in cells)}
-        line.update({k: next(iter(cells.values()))[k] for k in ("model", "haystack", "seed") if k in next(iter(cells.values()))})
+        line.update({k: next(iter(cells.values()))[k] for k in ("model", "haystack", "seed", "prefill") if k in next(iter(cells.values()))})
         for method in methods:
             if method not in cells:
                 line[method] = None

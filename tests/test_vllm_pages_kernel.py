@@ -230,3 +230,22 @@ def test_compiled_write_stores_the_torch_bytes(method, key_outliers, dtype):
         if key_outliers == "page":
             assert clamped[0] > 0 and int(ref.pools[layer][:, :2].contiguous().view(torch.int16).sum()) > 0
         assert int(ref.slots[layer].count_nonzero()) > 0
+
+
+@pytest.mark.parametrize("method,key_outliers,sinks", [("kvpack-3bit", "page", None), ("kvquant-3bit-1pct", "token", 5)])
+def test_dense_decode_equals_gather(method, key_outliers, sinks):
+    """`kernel.dense` (the long-prefill route: every cached token decoded once) returns what the torch reference
+    gathers: post-RoPE keys with pool or slot outliers and exact sinks, values, request after request."""
+    needs_kernel()
+    layout = make_layout(method, torch.float32, key_outliers=key_outliers, sinks=sinks)
+    pool = make_pool(layout)
+    g = torch.Generator().manual_seed(8)
+    lens = [70, 5, 33]
+    _, meta = step(layout, pool, 2, lens, [1, 1, 1], 9, g)
+    seq = torch.tensor(lens, dtype=torch.int64)
+    keys, values = kernel.dense(layout, pool, 2, seq, meta.block_table.to(torch.int32).contiguous(),
+                                kernel._layer(layout.layers[2], layout.dtype))
+    ref_k, ref_v = gather_kv(layout, pool, 2, seq, meta.block_table)
+    assert keys.shape == ref_k.shape == (sum(lens), HEADS, DIM)
+    torch.testing.assert_close(keys, ref_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, ref_v, rtol=1e-6, atol=1e-6)

@@ -396,9 +396,9 @@ int kvpack_mixed_encode(const i64* a) {
 // pool entries, RoPE cos ptr (0: none), sin ptr, their row stride, rotated channels, the same cos and sin as lines of
 // 16 positions ([positions / 16, rot, 16], padded); then the key part and the value
 // part, each: kind, raw type, offset, code bytes, byte, shift, mask, base, levels ptrs, pairs, pair_div, outlier
-// slots, index bytes.
-int kvpack_pages_attention(const i64* a) {
-  Reader r{a};
+// slots, index bytes; then the most query tokens of a request this call attends for (0: no limit; longer requests are
+// skipped, the caller attends for them).
+static pages::Args pages_args(Reader& r) {
   pages::Args A{};
   A.query = (const float*)r.ptr();
   A.out = (float*)r.ptr();
@@ -428,7 +428,22 @@ int kvpack_pages_attention(const i64* a) {
     p->base = (const int32_t*)r.ptr(); p->levels = (const float*)r.ptr();
     p->pairs = (int)r.next(); p->pair_div = (int)r.next(); p->outliers = (int)r.next(); p->index_bytes = (int)r.next();
   }
+  A.max_query = r.next();
+  return A;
+}
+
+int kvpack_pages_attention(const i64* a) {
+  Reader r{a};
+  pages::Args A = pages_args(r);
   return pages::attention(A);
+}
+
+// The decoded K and V of every cached token (pages.h, pages::dense). Array: as kvpack_pages_attention's, with the K
+// and V outputs (float32 [sum(seq_lens), H, D] each) in place of the query and out pointers.
+int kvpack_pages_dense(const i64* a) {
+  Reader r{a};
+  pages::Args A = pages_args(r);
+  return pages::dense(A, (float*)A.query, A.out);
 }
 
 // The write path over kvpack's vLLM pages (pages.h, pages::write). Array: pre-RoPE keys ptr, values ptr (float32

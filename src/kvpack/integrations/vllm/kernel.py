@@ -1,17 +1,22 @@
-"""Compiled read path: attention straight from the packed pages, one C++ call per layer and step
-(`kvpack_pages_attention`, kernels/cpu_kernels/pages.h, built and loaded by `kvpack.kernels.cpu`).
+"""Compiled read path: attention straight from the packed pages (`kvpack_pages_attention`,
+kernels/cpu_kernels/pages.h, built and loaded by `kvpack.kernels.cpu`).
 
 What `read.attend_torch` computes (its reference and fallback), without decoding the whole cache to float32: per
 (request, KV head, block of query tokens) the kernel decodes tiles of keys and values from their slots, writes the
 page pools' key outliers over them, rotates keys to their positions, puts the exact sink tokens back, and runs an
-online-softmax attention for the G query heads sharing the KV head. The per-channel tables (code byte, shift, mask,
-level row; key levels with the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
+online-softmax attention for the G query heads sharing the KV head. On AVX-512 a tile is decoded channel-major (16
+slots per vector, one table lookup per channel). Requests with more than DENSE_ABOVE new tokens (prefill chunks)
+would decode the same keys once per block of queries; they instead get their cached tokens decoded once
+(`kvpack_pages_dense`, the same tile code) and run torch's SDPA in the query's dtype, as vLLM's own CPU attention
+computes a bf16 model's prefill in bf16. The per-channel tables (code byte, shift, mask, level row; key levels with
+the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
 """
 from __future__ import annotations
 
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from kvpack.codecs.nuq import outliers_per_side
 from kvpack.integrations.vllm.layout import EngineLayout
@@ -98,10 +103,26 @@ def _rope(layout: EngineLayout) -> list[int]:
     return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], lines[2].data_ptr(), lines[3].data_ptr()]
 
 
+def _arguments(layout: EngineLayout, pool: PagePool, layer: int, first: int, second: int, requests: int, heads: int,
+               group: int, scale: float, qsl: torch.Tensor, seq_lens: torch.Tensor, table: torch.Tensor,
+               constant: list[int], max_query: int) -> list[int]:
+    """The argument array shared by `kvpack_pages_attention` (first, second: query, out) and `kvpack_pages_dense`
+    (K, V outputs)."""
+    parts = layout.layers[layer]
+    sink = parts.sink_tokens
+    return [first, second, requests, heads, group, parts.key.head_dim, max(1, torch.get_num_threads()),
+            cpu._float_bits(scale), qsl.data_ptr(), seq_lens.data_ptr(), table.data_ptr(), table.stride(0),
+            pool.block_size, pool.slots[layer].data_ptr(), parts.slot_bytes,
+            pool.sinks[layer].data_ptr() if sink else 0, sink, RAW_TYPES.get(parts.sink_dtype, 0),
+            pool.pools[layer].data_ptr() if parts.key_pool else 0, parts.key_pool, *_rope(layout), *constant, max_query]
+
+
 def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, metadata, scale: float,
            output: torch.Tensor) -> bool:
-    """`read.attend_torch` in one C++ call; False (nothing written) when the kernel is unavailable or cannot read
-    this layer, so the caller falls back."""
+    """`read.attend_torch` through the C++ kernels; False (nothing written) when they are unavailable or cannot read
+    this layer, so the caller falls back. Requests with at most DENSE_ABOVE new tokens (decode, short chunks) attend
+    straight from the pages in one call; longer prefills get their cached tokens decoded once (`dense`) and run
+    torch's SDPA in the query's dtype."""
     fn = _function()
     if fn is None or query.device.type != "cpu":
         return False
@@ -121,23 +142,71 @@ def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor
     table = metadata.block_table[:requests]
     if table.dtype != torch.int32 or table.stride(-1) != 1:
         table = table.to(torch.int32).contiguous()
-    q = query if query.dtype == torch.float32 and query.is_contiguous() else query.float().contiguous()
-    direct = output.dtype == torch.float32 and output.is_contiguous()
-    out = output if direct else torch.empty(tokens, hq, dim, dtype=torch.float32)
-    sink = parts.sink_tokens
-    args = [q.data_ptr(), out.data_ptr(), requests, heads, hq // heads, dim, max(1, torch.get_num_threads()),
-            cpu._float_bits(scale), qsl.data_ptr(), seq_lens.data_ptr(), table.data_ptr(), table.stride(0),
-            pool.block_size, pool.slots[layer].data_ptr(), parts.slot_bytes,
-            pool.sinks[layer].data_ptr() if sink else 0, sink, RAW_TYPES.get(parts.sink_dtype, 0),
-            pool.pools[layer].data_ptr() if parts.key_pool else 0, parts.key_pool, *_rope(layout), *constant]
-    array = cpu._int64s(args)
+    lengths = qsl[1:] - qsl[:-1]
+    long = (lengths > DENSE_ABOVE).nonzero().flatten().tolist()
+    if len(long) < requests:
+        q = query if query.dtype == torch.float32 and query.is_contiguous() else query.float().contiguous()
+        direct = output.dtype == torch.float32 and output.is_contiguous()
+        out = output if direct else torch.empty(tokens, hq, dim, dtype=torch.float32)
+        array = cpu._int64s(_arguments(layout, pool, layer, q.data_ptr(), out.data_ptr(), requests, heads, hq // heads,
+                                       scale, qsl, seq_lens, table, constant, DENSE_ABOVE))
+        code = fn(array.buffer_info()[0])
+        if code != 0:
+            raise RuntimeError(f"kvpack_pages_attention rejected its arguments (code {code})")
+        if not direct:
+            for r in range(requests):
+                if int(lengths[r]) <= DENSE_ABOVE:
+                    output[int(qsl[r]): int(qsl[r + 1])] = out[int(qsl[r]): int(qsl[r + 1])].to(output.dtype)
+    if long:
+        _attend_dense(layout, pool, layer, query, long, qsl, seq_lens, table, constant, scale, output)
+    return True
+
+
+DENSE_ABOVE = 16  # requests with more new tokens than this (prefill chunks) attend through `dense` + SDPA
+
+
+def dense(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.Tensor, table: torch.Tensor,
+          constant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE keys and values [sum(seq_lens), Hkv, D] (float32) of the requests (seq_lens int64, table int32 rows),
+    decoded from their pages as the attention kernel reads them (`kvpack_pages_dense`)."""
+    parts = layout.layers[layer]
+    heads, dim = parts.key.heads, parts.key.head_dim
+    total = int(seq_lens.sum())
+    keys = torch.empty(total, heads, dim, dtype=torch.float32)
+    values = torch.empty(total, heads, dim, dtype=torch.float32)
+    qsl = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64)
+    fn = cpu.load().kvpack_pages_dense
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+    array = cpu._int64s(_arguments(layout, pool, layer, keys.data_ptr(), values.data_ptr(), seq_lens.numel(), heads, 1,
+                                   1.0, qsl, seq_lens, table, constant, 0))
     code = fn(array.buffer_info()[0])
     if code != 0:
-        raise RuntimeError(f"kvpack_pages_attention rejected its arguments (code {code})")
-    if not direct:
-        used = int(qsl[-1])
-        output[:used] = out[:used].to(output.dtype)
-    return True
+        raise RuntimeError(f"kvpack_pages_dense rejected its arguments (code {code})")
+    return keys, values
+
+
+def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, which: list[int],
+                  qsl: torch.Tensor, seq_lens: torch.Tensor, table: torch.Tensor, constant: list[int], scale: float,
+                  output: torch.Tensor) -> None:
+    """output rows of the requests `which`: causal (bottom-right aligned) SDPA over their decoded pages."""
+    index = torch.tensor(which)
+    lens = seq_lens[index].contiguous()
+    keys, values = dense(layout, pool, layer, lens, table[index].contiguous(), constant)
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
+    at = 0
+    for r, length in zip(which, lens.tolist()):
+        qs, qe = int(qsl[r]), int(qsl[r + 1])
+        q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, q, D]
+        k = keys[at: at + length].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        v = values[at: at + length].transpose(0, 1).unsqueeze(0)
+        at += length
+        if qe - qs == length:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            allowed = torch.arange(length).unsqueeze(0) <= (length - (qe - qs) + torch.arange(qe - qs)).unsqueeze(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+        output[qs:qe] = out[0].transpose(0, 1).to(output.dtype)
 
 
 # ----- write path -----

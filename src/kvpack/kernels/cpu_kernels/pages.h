@@ -241,7 +241,8 @@ struct Args {
   const float* cos_tiles;  // [positions / 16, rot, 16]: the same tables, 16 positions per line (channel-major path)
   const float* sin_tiles;
   Part key, value;
-  CodeMap kmap, vmap;  // filled by attention()
+  i64 max_query;       // attention(): requests with more query tokens are skipped (0: none are)
+  CodeMap kmap, vmap;  // filled by attention() / dense()
 };
 
 
@@ -543,6 +544,7 @@ int attention(Args& A) {
   for (int r = 0; r < A.R; ++r) {
     const i64 ql = A.qsl[r + 1] - A.qsl[r];
     if (ql > A.seq_lens[r]) return -2;
+    if (A.max_query > 0 && ql > A.max_query) continue;
     for (i64 q0 = 0; q0 < ql; q0 += per_item)
       for (int h = 0; h < A.H; ++h) {
         items.push_back(r);
@@ -559,6 +561,61 @@ int attention(Args& A) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
       const i64 q0 = items[3 * i + 2], ql = A.qsl[r + 1] - A.qsl[r];
       item(A, r, h, q0, (int)std::min<i64>(per_item, ql - q0), S);
+    }
+  }
+  return 0;
+}
+
+// dst[j * stride + d] <- kt[d * TK + j] for j < n, d < D (keys of a tile back to token-major).
+inline void untranspose(const float* kt, int n, int D, float* dst, i64 stride) {
+#if KVPACK_AVX512
+  for (int v = 0; v < n; v += 16)
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      __m512 x[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_ps(kt + (d0 + i) * TK + v);
+      simd::transpose(x);
+      for (int t = 0; t < 16 && v + t < n; ++t) _mm512_storeu_ps(dst + (v + t) * stride + d0, x[t]);
+    }
+#else
+  for (int j = 0; j < n; ++j)
+    for (int d = 0; d < D; ++d) dst[j * stride + d] = kt[d * TK + j];
+#endif
+}
+
+// K, V [sum_r seq_lens[r], H, D] float32, request after request: every cached token decoded as attention() reads it
+// (post-RoPE keys, pool outliers, exact sinks). The caller runs a dense attention over them (long prefills).
+int dense(Args& A, float* K, float* V) {
+  if (A.D % 16 || A.D > MAXD || A.bs < 1) return -1;
+  A.kmap = code_map(A.key, A.H, A.D);
+  A.vmap = code_map(A.value, A.H, A.D);
+  const int D = A.D, C = A.H * A.D;
+  std::vector<i64> start(A.R + 1, 0);
+  for (int r = 0; r < A.R; ++r) start[r + 1] = start[r] + A.seq_lens[r];
+  std::vector<i64> items;  // (request, head, first position of a run of tiles)
+  constexpr i64 RUN = 16 * TK;
+  for (int r = 0; r < A.R; ++r)
+    for (i64 k0 = 0; k0 < A.seq_lens[r]; k0 += RUN)
+      for (int h = 0; h < A.H; ++h) {
+        items.push_back(r);
+        items.push_back(h);
+        items.push_back(k0);
+      }
+  const i64 count = (i64)items.size() / 3;
+#pragma omp parallel num_threads(A.threads)
+  {
+    Scratch S(A.D);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 i = 0; i < count; ++i) {
+      const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
+      const i64 first = items[3 * i + 2], L = A.seq_lens[r];
+      S.cached[0].page = S.cached[1].page = -1;
+      for (i64 k0 = first; k0 < std::min(L, first + RUN); k0 += TK) {
+        const int n = (int)std::min<i64>(TK, L - k0);
+        tile(A, r, h, k0, n, S);
+        const i64 row = (start[r] + k0) * C + (i64)h * D;
+        untranspose(S.kt.data(), n, D, K + row, C);
+        for (int j = 0; j < n; ++j) std::memcpy(V + row + (i64)j * C, S.v.data() + (i64)j * D, 4 * (size_t)D);
+      }
     }
   }
   return 0;

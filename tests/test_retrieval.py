@@ -243,3 +243,23 @@ def test_cli_task_retrieval(tok, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args[:-9] + ["--trials", "2"] + args[-7:])
     assert result.exit_code == 0, result.output
     assert [r["trials"] for r in json.loads(out.read_text())] == [2, 2]
+
+
+def test_complete_units_need_something_after_them():
+    from kvpack.evaluate.retrieval.answer import complete_units
+
+    assert complete_units(" 1234567", r"\d{3,}") == 0  # the next token could add a digit
+    assert complete_units(" 1234567.", r"\d{3,}") == 1
+    assert complete_units(" 12. 345", r"\d{3,}") == 0  # "12" is no answer unit
+    assert complete_units(" ABCDE, FGHIJ", r"\b[A-Z]{5}\b") == 1 and complete_units(" ABCDE, FGHIJ ", r"\b[A-Z]{5}\b") == 2
+
+
+def test_answer_stops_once_the_units_are_complete(tok):
+    """The early stop cuts the same greedy continuation short, right after the units it waits for."""
+    from kvpack.evaluate.retrieval.answer import answer
+
+    model = make_tiny_model("llama", vocab_size=128)
+    ids = torch.tensor([tok("The special magic number is")["input_ids"]])
+    full = answer(model, tok, ids, None, 12)
+    short = answer(model, tok, ids, None, 12, units=2, pattern=r"[\s\S]")  # any character is a unit here
+    assert len(full) > 3 and short == full[:3]

@@ -500,7 +500,12 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
     const int row0 = (int)std::max<i64>(0, (k0 - first) * G);  // rows whose queries see none of the tile: skipped
     int row = row0 - row0 % G;
     for (; row + 4 <= rows; row += 4) scores<4>(q + row * D, S.kt.data(), D, S.s.data() + row * TK);
-    for (; row < rows; ++row) scores<1>(q + row * D, S.kt.data(), D, S.s.data() + row * TK);
+    switch (rows - row) {  // the last 1-3 rows share the key loads too (a decode step's G rows)
+      case 3: scores<3>(q + row * D, S.kt.data(), D, S.s.data() + row * TK); break;
+      case 2: scores<2>(q + row * D, S.kt.data(), D, S.s.data() + row * TK); break;
+      case 1: scores<1>(q + row * D, S.kt.data(), D, S.s.data() + row * TK); break;
+      default: break;
+    }
     for (row = row0 - row0 % G; row < rows; ++row) {
       const i64 limit = first + row / G;  // the query's position: keys <= it
       const int valid = (int)std::min<i64>(n, limit - k0 + 1);

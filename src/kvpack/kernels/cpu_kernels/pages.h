@@ -261,6 +261,9 @@ struct Scratch {
   std::vector<float> q, o, s, m, l, k, kt, v, vt;
   PageOutliers cached[2];  // tiles run in order, so at most two pages are live
   std::vector<int> tile_of;
+  i64 head_page = -1;              // channel-major path: the page whose entries of this item's head are in head_list
+  int head_count = 0;
+  std::vector<uint32_t> head_list;
   explicit Scratch(int D)
       : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D), vt(D * TK) {}
 
@@ -305,6 +308,22 @@ const PageOutliers& Scratch::outliers(const Args& A, const int32_t* table, i64 p
 }
 
 #if KVPACK_AVX512
+// The entries of head h (channels [h * D, h * D + D)) among a page pool's `count` entries, in pool order, as
+// 32-bit words (fp16 value | token offset << 16 | channel << 24): 16 entries per compare and compress.
+inline int head_entries(const uint8_t* entries, int count, int h, int D, uint32_t* dst) {
+  const __m512i lo = _mm512_set1_epi32(h * D), hi = _mm512_set1_epi32(h * D + D);
+  int m = 0;
+  for (int e = 0; e < count; e += 16) {
+    const __mmask16 valid = e + 16 <= count ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - e)) - 1);
+    const __m512i w = _mm512_maskz_loadu_epi32(valid, entries + 4 * (i64)e);
+    const __m512i c = _mm512_srli_epi32(w, 24);
+    const __mmask16 k = valid & _mm512_cmpge_epi32_mask(c, lo) & _mm512_cmplt_epi32_mask(c, hi);
+    _mm512_mask_compressstoreu_epi32(dst + m, k, w);
+    m += __builtin_popcount((unsigned)k);
+  }
+  return m;
+}
+
 // tile() on the channel-major path: keys decoded straight into kt[D][TK] (16 positions per vector), rotated with
 // the 16-position RoPE lines, values decoded channel-major and transposed to v[TK][D]. Lanes past n hold copies of
 // position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
@@ -324,11 +343,17 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   }
   if (A.pool_entries) {  // outlier_pool.apply_pool: the page pools' entries of this head at the tile's positions
     for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {
-      const PageOutliers& po = S.outliers(A, table, page, h);
-      const i64 tile = k0 / TK - po.first_tile;
-      for (int e = po.start[tile]; e < po.start[tile + 1]; ++e) {
-        const i64 p = po.pos[e];
-        if (p >= k0 && p < k0 + n) kt[po.channel[e] * TK + (p - k0)] = po.value[e];
+      if (S.head_page != page) {
+        S.head_page = page;
+        const uint8_t* pool = A.pool + (i64)table[page] * (2 + 4 * (i64)A.pool_entries);
+        const int count = std::max(0, std::min<int>((int16_t)u16(pool), A.pool_entries));
+        S.head_count = head_entries(pool + 2, count, h, D, S.head_list.data());
+      }
+      const i64 begin = page * A.bs;
+      for (int e = 0; e < S.head_count; ++e) {  // in pool order: a later entry overrides an earlier one
+        const uint32_t w = S.head_list[e];
+        const i64 p = begin + ((w >> 16) & 0xff);
+        if (p >= k0 && p < k0 + n) kt[(i64)((w >> 24) - h * D) * TK + (p - k0)] = h2f((uint16_t)(w & 0xffff));
       }
     }
   }
@@ -481,7 +506,7 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
   const i64 first = L - ql + q0;  // position of the block's first query token
   const float ninf = -std::numeric_limits<float>::infinity();
-  S.cached[0].page = S.cached[1].page = -1;  // another request's pages (block ids are reused)
+  S.cached[0].page = S.cached[1].page = S.head_page = -1;  // another request's pages (block ids are reused)
   float* q = S.q.data();
   float* o = S.o.data();
   for (int t = 0; t < nq; ++t)
@@ -561,6 +586,7 @@ int attention(Args& A) {
 #pragma omp parallel num_threads(A.threads)
   {
     Scratch S(A.D);
+    S.head_list.resize(A.pool_entries);
 #pragma omp for schedule(dynamic, 1)
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
@@ -609,11 +635,12 @@ int dense(Args& A, float* K, float* V) {
 #pragma omp parallel num_threads(A.threads)
   {
     Scratch S(A.D);
+    S.head_list.resize(A.pool_entries);
 #pragma omp for schedule(dynamic, 1)
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
       const i64 first = items[3 * i + 2], L = A.seq_lens[r];
-      S.cached[0].page = S.cached[1].page = -1;
+      S.cached[0].page = S.cached[1].page = S.head_page = -1;
       for (i64 k0 = first; k0 < std::min(L, first + RUN); k0 += TK) {
         const int n = (int)std::min<i64>(TK, L - k0);
         tile(A, r, h, k0, n, S);

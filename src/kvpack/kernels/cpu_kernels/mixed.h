@@ -2,16 +2,18 @@
 // are a bitstream of n codes per token (n a multiple of 8, so every token starts at a byte boundary), in the
 // group's channel order (cols), each channel with its own codebook.
 //
-// Tokens run across the vector lanes. A tile of TILE = 4 W tokens is turned channel-major once (codes_tile:
-// unpacked and transposed, AVX-512 VBMI: vpermb + vpmultishiftqb + a 16 x 16 transpose per 64 channels), then
-// every channel's W tokens are one table lookup (the channel's levels sit in one register for <= 4 bits: one
-// permute). Keys: per channel, the lookup table already holds scale * level + zero; the W decoded keys of every
-// channel go to a small buffer in natural channel order, sparse outliers written over them, then RoPE (cos/sin of
-// the W tokens transposed alongside) and q . k for every query row of the head, accumulators in registers, G a
-// template parameter. Values: per-token scale folded into the softmax weights (w = p * scale) and the zero into
-// one sum per row (sum p * zero); each channel's W-lane partial sums accumulate over the tile in registers;
-// outliers add p * (value - dequantized). Work is split over (batch, tile); value partials per thread are summed
-// once at the end (a few KB).
+// Tokens run across the vector lanes. AVX-512: the codes of W = 16 tokens are read as 32-bit windows (window k,
+// lane l = bytes 4k .. 4k + 3 of token l's row of a group; one gather per window), and member j's W codes are one
+// funnel shift of two windows (bits j * BITS ..), left with their neighbours' bits above them, which the level
+// lookup ignores (a permute of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are
+// unpacked and transposed to int32 lanes [slot][token]. Keys: per channel, the lookup table already holds
+// scale * level + zero; the W decoded keys of every channel go to a small buffer in natural channel order, sparse
+// outliers written over them, then RoPE (cos/sin of the W tokens: for consecutive positions inside one row of the
+// coarse table, one broadcast of the coarse row times the fine table read transposed; else per token) and q . k for
+// every query row of the head, accumulators in registers, G a template parameter. Values: per-token scale folded
+// into the softmax weights (w = p * scale) and the zero into one sum per row (sum p * zero); each channel's W-lane
+// partial sums accumulate over the tile (TILE = 4 W tokens) in registers; outliers add p * (value - dequantized).
+// Work is split over (batch, tile); value partials per thread are summed once at the end (a few KB).
 #pragma once
 #include <algorithm>
 #include <cstring>
@@ -53,25 +55,36 @@ struct Mixed {
 
 inline int table_size(int bits) { return bits <= 4 ? 16 : 1 << bits; }
 
-// Per call: every channel's lookup table (keys: scale * level + zero, one rounding; values: the level), padded,
-// and where each channel (h * D + c) sits: its slot (group base + member) and its table.
+// Per call: every channel's lookup table (keys: scale * level + zero, one rounding; values: the level), padded
+// by repeating the levels, and where each channel (h * D + c) sits: its slot (group base + member) and its table.
+// AVX-512: each group's windows per token vector (woff, wtotal) and each slot's shift in its window (sh).
 struct Plan {
-  std::vector<float, std::allocator<float>> tabs;  // aligned by construction below
+  std::vector<float> tabs;
   float* tab0 = nullptr;
   int base[9];     // first slot of each group
   i64 toff[9];     // first table float of each group
+  int woff[9];     // first window of each group in a vector's windows
+  int wtotal = 0;  // windows per token vector
   std::vector<int32_t> slot_of;   // [H * D]
   std::vector<int32_t> tab_of;    // [H * D] float offset of the channel's table
+  std::vector<int32_t> group_of;  // [H * D]
+  std::vector<int32_t> head_of;   // [H * D]
+  std::vector<int32_t> sh;        // [slots] bit offset of the member's code in its window
   int slots = 0;
 };
 
-inline void make_plan(const Mixed& m, int HD, bool keys, Plan* p) {
+inline int window_count(const Group& g) { return (g.n * g.bits / 8 + 3) / 4 + 1; }  // + 1: the join's upper word
+
+inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   i64 floats = 16;
   p->slots = 0;
+  p->wtotal = 0;
   for (int i = 0; i < m.ng; ++i) {
     p->base[i] = p->slots;
     p->toff[i] = floats;
+    p->woff[i] = p->wtotal;
     p->slots += m.g[i].n;
+    p->wtotal += window_count(m.g[i]);
     floats += (i64)m.g[i].n * table_size(m.g[i].bits);
   }
   p->tabs.assign(floats + 16, 0.0f);
@@ -80,6 +93,10 @@ inline void make_plan(const Mixed& m, int HD, bool keys, Plan* p) {
   p->tab0 = t;
   p->slot_of.assign(HD, -1);
   p->tab_of.assign(HD, 0);
+  p->group_of.assign(HD, 0);
+  p->head_of.resize(HD);
+  for (int ch = 0; ch < HD; ++ch) p->head_of[ch] = ch / D;
+  p->sh.assign(p->slots, 0);
   for (int i = 0; i < m.ng; ++i) {
     const Group& g = m.g[i];
     const int L = 1 << g.bits, P = table_size(g.bits);
@@ -88,27 +105,20 @@ inline void make_plan(const Mixed& m, int HD, bool keys, Plan* p) {
       float* dst = t + p->toff[i] + (i64)j * P;
       const uint16_t* lv = g.levels + (i64)ch * g.lstride;
       const float qa = g.qnorm ? h2f(g.qnorm[2 * ch]) : 1.0f, qb = g.qnorm ? h2f(g.qnorm[2 * ch + 1]) : 0.0f;
-      for (int e = 0; e < P; ++e) {
-        float level = h2f(lv[std::min(e, L - 1)]);
+      for (int e = 0; e < L; ++e) {
+        float level = h2f(lv[e]);
         if (g.qnorm) level = level * qa + qb;  // as NuqCodec.decode_levels (fp32 mul, then add)
         dst[e] = keys ? std::fma(level, h2f(g.scale[ch]), h2f(g.zero[ch])) : level;
       }
+      for (int e = L; e < P; ++e) dst[e] = dst[e % L];
+      p->sh[p->base[i] + j] = (j * g.bits) & 31;
       if (ch >= 0 && ch < HD) {
         p->slot_of[ch] = p->base[i] + j;
         p->tab_of[ch] = (int32_t)(p->toff[i] + (i64)j * P);
+        p->group_of[ch] = i;
       }
     }
   }
-}
-
-// Where the W codes of tile vector v of slot s are: AVX-512 bytes, 4 slots x 16 tokens per 64-byte line;
-// AVX2 int32 [slot][TILE].
-inline code_t* cslot(code_t* ct, int s, int v) {
-#if KVPACK_AVX512
-  return ct + ((i64)(s >> 2) * VECS + v) * 64 + (s & 3) * 16;
-#else
-  return ct + (i64)s * TILE + v * W;
-#endif
 }
 
 inline const uint8_t* group_row(const Group& g, i64 b, i64 n, int T) {
@@ -127,87 +137,6 @@ inline void prefetch_tile(const Mixed& m, i64 b, i64 n0, i64 N, int T) {
     for (int i = 0; i < m.ng; ++i) prefetch(group_row(m.g[i], b, nv, T), m.g[i].st * std::min<i64>(W, N - nv));
 }
 
-// Codes of tokens n0 .. n0 + W - 1 (clamped to N - 1) of one group, any layout: 8 codes (BITS bytes) at a time.
-template <int BITS>
-inline void codes_generic(const Group& g, i64 b, i64 n0, i64 N, int T, int base, int v, code_t* ct) {
-  for (int l = 0; l < W; ++l) {
-    const uint8_t* row = group_row(g, b, std::min(n0 + l, N - 1), T);
-    for (int j = 0; j < g.n; j += 8) {
-      uint64_t w = 0;
-      std::memcpy(&w, row + (j / 8) * BITS, BITS);
-      for (int e = 0; e < 8; ++e) cslot(ct, base + j + e, v)[l] = (code_t)((w >> (e * BITS)) & ((1u << BITS) - 1));
-    }
-  }
-}
-
-#if KVPACK_AVX512
-// 16 tokens of one group whose rows follow each other (one block): the stream of 16 n codes unpacked to bytes
-// (vpermb + vpmultishiftqb, 64 codes at a time) into u [16][S] at columns base .. base + n (masked stores).
-template <int BITS>
-inline void unpack16(const uint8_t* src, int n, int S, int base, uint8_t* u) {
-  alignas(64) static const struct Consts {
-    uint8_t perm[64], shift[64];
-    Consts() {
-      for (int k = 0; k < 8; ++k)
-        for (int e = 0; e < 8; ++e) {
-          perm[8 * k + e] = (uint8_t)(k * BITS + e);
-          shift[8 * k + e] = (uint8_t)(e * BITS);
-        }
-    }
-  } K;
-  const __m512i perm = _mm512_load_si512(K.perm), shift = _mm512_load_si512(K.shift);
-  const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
-  const __mmask64 lm = BITS == 8 ? ~0ULL : ((1ULL << (8 * BITS)) - 1);
-  const int chunks = 16 * n / 64;
-  int t0 = 0;
-  for (int q = 0; q < chunks; ++q) {
-    __m512i x = _mm512_maskz_loadu_epi8(lm, src + (i64)q * 8 * BITS);
-    x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, x)), mask);
-    const int s0 = 64 * q;  // stream position of byte 0
-    while ((t0 + 1) * n <= s0) ++t0;  // token of byte 0
-    for (int t = t0; t < 16 && t * n < s0 + 64; ++t) {
-      const int lo = std::max(s0, t * n) - s0, hi = std::min(s0 + 64, (t + 1) * n) - s0;
-      const __mmask64 mk = (hi == 64 ? ~0ULL : ((1ULL << hi) - 1)) & ~((1ULL << lo) - 1);
-      _mm512_mask_storeu_epi8(u + (i64)t * S + base + (s0 - t * n), mk, x);
-    }
-  }
-}
-
-// u [16][S] (token-major bytes) -> the tile's [channel][token] lines: per 64 channels a 16 x 16 transpose of
-// 4-byte words, then a byte shuffle to 4 channels x 16 tokens.
-inline void transpose16(const uint8_t* u, int S, int v, code_t* ct) {
-  alignas(64) static const struct Consts {
-    uint8_t bt[64];
-    Consts() {
-      for (int c = 0; c < 4; ++c)
-        for (int t = 0; t < 16; ++t) bt[c * 16 + t] = (uint8_t)(4 * t + c);
-    }
-  } K;
-  const __m512i bt = _mm512_load_si512(K.bt);
-  for (int c0 = 0; c0 < S; c0 += 64) {
-    const int w = std::min(64, S - c0);
-    const __mmask64 cm = w == 64 ? ~0ULL : ((1ULL << w) - 1);
-    __m512i r[16];
-    for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi8(cm, u + (i64)t * S + c0);
-    simd::transpose(r);
-    for (int k = 0; k < w / 4; ++k) _mm512_store_si512(cslot(ct, c0 + 4 * k, v), _mm512_permutexvar_epi8(bt, r[k]));
-  }
-}
-#else
-// 8 tokens of one group (any rows): 8 codes of each token as int32 lanes, 8 x 8 transposes to [channel][token].
-template <int BITS>
-inline void codes_fast8(const Group& g, i64 b, i64 n0, i64 N, int T, int base, int v, code_t* ct) {
-  const uint8_t* rows[8];
-  for (int l = 0; l < 8; ++l) rows[l] = group_row(g, b, std::min(n0 + l, N - 1), T);
-  for (int j = 0; j < g.n; j += 8) {
-    vf r[8];
-    for (int l = 0; l < 8; ++l) r[l] = _mm256_castsi256_ps(codes8<BITS>(rows[l] + (j / 8) * BITS));
-    simd::transpose(r);
-    for (int e = 0; e < 8; ++e) _mm256_store_ps((float*)cslot(ct, base + j + e, v), r[e]);
-  }
-}
-#endif
-
 #define MIXED_BITS_SWITCH(bits, CALL) \
   switch (bits) {                     \
     case 1: CALL(1); break;           \
@@ -220,41 +149,120 @@ inline void codes_fast8(const Group& g, i64 b, i64 n0, i64 N, int T, int base, i
     default: CALL(8); break;          \
   }
 
-// Codes of every group for the tile vectors [0, vecs) starting at token n0; u: scratch of TILE x slots bytes.
-// AVX-512: every vector's codes are unpacked first and transposed after, so that the transposes' loads do not wait
-// on the unpacking's byte-masked stores (no store-to-load forwarding across several stores).
-inline void tile_codes(const Mixed& m, const Plan& p, i64 b, i64 n0, int vecs, i64 N, int T, uint8_t* u, code_t* ct) {
 #if KVPACK_AVX512
-  bool fast[VECS];
-  for (int v = 0; v < vecs; ++v) {
-    const i64 nv = n0 + (i64)v * W;
-    fast[v] = nv + W <= N && nv / T == (nv + W - 1) / T;  // W rows one after another in one block
-    for (int i = 0; i < m.ng; ++i) fast[v] = fast[v] && m.g[i].st * 8 == (i64)m.g[i].n * m.g[i].bits;
-    uint8_t* uv = u + (i64)v * W * p.slots;
-    for (int i = 0; i < m.ng; ++i) {
-      if (fast[v]) {
-#define CALL(B) unpack16<B>(group_row(m.g[i], b, nv, T), m.g[i].n, p.slots, p.base[i], uv)
-        MIXED_BITS_SWITCH(m.g[i].bits, CALL)
-#undef CALL
-      } else {
-#define CALL(B) codes_generic<B>(m.g[i], b, nv, N, T, p.base[i], v, ct)
-        MIXED_BITS_SWITCH(m.g[i].bits, CALL)
-#undef CALL
+// A tile's codes: per token vector v, the windows of every group (Plan::woff), wtotal windows a vector.
+struct TileCodes {
+  __m512i* win;
+  const Plan* p;
+  const __m512i* group(int i, int v) const { return win + (i64)v * p->wtotal + p->woff[i]; }
+};
+
+inline size_t tile_bytes(const Plan& p) { return (size_t)VECS * p.wtotal * 64; }
+inline TileCodes tile_buffer(const Plan& p, uint8_t* buf) {  // buf: tile_bytes + 64
+  return {(__m512i*)(buf + (64 - (uintptr_t)buf % 64) % 64), &p};
+}
+
+// Windows of one group for tokens nv .. nv + W - 1 (clamped to N - 1): one gather per window where the W rows follow
+// each other in one block and the last window ends inside the codes, else byte copies.
+inline void group_windows(const Group& g, i64 b, i64 nv, i64 N, int B, int T, __m512i* win) {
+  const int R = g.n * g.bits / 8, nw = window_count(g) - 1;
+  const uint8_t* row0 = group_row(g, b, nv, T);
+  const uint8_t* end = group_row(g, B - 1, N - 1, T) + R;  // the last row (non-negative strides)
+  if (nv + W <= N && nv / T == (nv + W - 1) / T && g.st == R && row0 + (i64)(W - 1) * R + 4 * nw <= end) {
+    const __m512i off = _mm512_mullo_epi32(_mm512_set1_epi32(R), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                                   11, 12, 13, 14, 15));
+    for (int k = 0; k < nw; ++k) win[k] = _mm512_i32gather_epi32(off, row0 + 4 * k, 1);
+  } else {
+    alignas(64) uint32_t lanes[W];
+    for (int k = 0; k < nw; ++k) {
+      for (int l = 0; l < W; ++l) {
+        uint32_t x = 0;
+        std::memcpy(&x, group_row(g, b, std::min(nv + l, N - 1), T) + 4 * k, std::min(4, R - 4 * k));
+        lanes[l] = x;
       }
+      win[k] = _mm512_load_si512(lanes);
     }
   }
+  win[nw] = _mm512_setzero_si512();
+}
+
+// Codes of every group for the tile vectors [0, vecs) starting at token n0.
+inline void tile_codes(const Mixed& m, const Plan& p, i64 b, i64 n0, int vecs, i64 N, int B, int T, TileCodes& tc) {
   for (int v = 0; v < vecs; ++v)
-    if (fast[v]) transpose16(u + (i64)v * W * p.slots, p.slots, v, ct);
+    for (int i = 0; i < m.ng; ++i) group_windows(m.g[i], b, n0 + (i64)v * W, N, B, T, (__m512i*)tc.group(i, v));
+}
+
+// One group's codes in a tile: the W codes of member j at vector v (bits above the code: the next members' codes).
+struct GroupCodes {
+  const __m512i* win;  // vector v's windows at win + v * vstride
+  const int32_t* sh;   // [n] each member's shift in its window
+  i64 vstride;
+  template <int BITS>
+  simd::vi at(int j, int v) const {
+    const __m512i* w = win + v * vstride;
+    const int k = (j * BITS) >> 5;
+    return simd::join(w[k], w[k + 1], sh + j);
+  }
+};
+
+inline GroupCodes group_codes(const TileCodes& tc, int i) { return {tc.group(i, 0), tc.p->sh.data() + tc.p->base[i], tc.p->wtotal}; }
+
+// One code (lane l of vector v) of the channel at slot `slot` of group i.
+inline int code_at(const TileCodes& tc, int i, int slot, int v, int l, int bits) {
+  const int bit = (slot - tc.p->base[i]) * bits, k = bit >> 5;
+  const uint32_t* w = (const uint32_t*)tc.group(i, v);
+  const uint64_t joined = w[(i64)k * W + l] | ((uint64_t)w[(i64)(k + 1) * W + l] << 32);
+  return (int)((joined >> (bit & 31)) & ((1u << bits) - 1));
+}
 #else
-  (void)u;
+// A tile's codes as int32 lanes [slot][TILE].
+struct TileCodes {
+  code_t* ct;
+  const Plan* p;
+  const code_t* slot(int s, int v) const { return ct + (i64)s * TILE + v * W; }
+};
+
+inline size_t tile_bytes(const Plan& p) { return (size_t)p.slots * TILE * sizeof(code_t); }
+inline TileCodes tile_buffer(const Plan& p, uint8_t* buf) {  // buf: tile_bytes + 64
+  return {(code_t*)(buf + (64 - (uintptr_t)buf % 64) % 64), &p};
+}
+
+// 8 tokens of one group (any rows): 8 codes of each token as int32 lanes, 8 x 8 transposes to [channel][token].
+template <int BITS>
+inline void codes_fast8(const Group& g, i64 b, i64 n0, i64 N, int T, int base, int v, TileCodes& tc) {
+  const uint8_t* rows[8];
+  for (int l = 0; l < 8; ++l) rows[l] = group_row(g, b, std::min(n0 + l, N - 1), T);
+  for (int j = 0; j < g.n; j += 8) {
+    vf r[8];
+    for (int l = 0; l < 8; ++l) r[l] = _mm256_castsi256_ps(codes8<BITS>(rows[l] + (j / 8) * BITS));
+    simd::transpose(r);
+    for (int e = 0; e < 8; ++e) _mm256_store_ps((float*)(tc.ct + (i64)(base + j + e) * TILE + v * W), r[e]);
+  }
+}
+
+inline void tile_codes(const Mixed& m, const Plan& p, i64 b, i64 n0, int vecs, i64 N, int B, int T, TileCodes& tc) {
+  (void)B;
   for (int v = 0; v < vecs; ++v)
     for (int i = 0; i < m.ng; ++i) {
-#define CALL(B) codes_fast8<B>(m.g[i], b, n0 + (i64)v * W, N, T, p.base[i], v, ct)
+#define CALL(BB) codes_fast8<BB>(m.g[i], b, n0 + (i64)v * W, N, T, p.base[i], v, tc)
       MIXED_BITS_SWITCH(m.g[i].bits, CALL)
 #undef CALL
     }
-#endif
 }
+
+struct GroupCodes {
+  const code_t* slot0;  // the group's first slot
+  template <int BITS>
+  simd::vi at(int j, int v) const { return simd::index(slot0 + (i64)j * TILE + v * W); }
+};
+
+inline GroupCodes group_codes(const TileCodes& tc, int i) { return {tc.slot(tc.p->base[i], 0)}; }
+
+inline int code_at(const TileCodes& tc, int i, int slot, int v, int l, int bits) {
+  (void)i; (void)bits;
+  return (int)tc.slot(slot, v)[l];
+}
+#endif
 
 // Outliers of tokens n0 .. n0 + count - 1: fix(token offset, channel h * D + c, value) for each.
 template <typename I, typename F>
@@ -289,10 +297,42 @@ inline void range_outliers(const Mixed& m, i64 b, i64 n0, int count, int B, int 
 }
 
 template <int BITS>
-inline void decode_group(const float* tab, int n, const int32_t* cols, int base, int v, const code_t* ct, float* kd) {
+inline void decode_group(const float* tab, int n, const int32_t* cols, const GroupCodes& gc, int v, float* kd) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
-  for (int j = 0; j < n; ++j)
-    simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, simd::index(cslot((code_t*)ct, base + j, v))));
+  for (int j = 0; j < n; ++j) simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, gc.at<BITS>(j, v)));
+}
+
+// The fine RoPE table transposed: lot[c * rows + j] = lo[j * rot + c] (rows = 2^shift).
+inline void transpose_lo(const Rope& rope, std::vector<float>* lot) {
+  const int rows = 1 << rope.shift;
+  lot->resize((size_t)rows * rope.rot);
+  for (int j = 0; j < rows; ++j)
+    for (int c = 0; c < rope.rot; ++c) (*lot)[(size_t)c * rows + j] = rope.lo[(i64)j * rope.rot + c];
+}
+
+// cos/sin of W tokens at consecutive positions p0 .. p0 + W - 1 inside one coarse row, as Rope::row composes them:
+// the coarse row broadcast, the fine rows read across the lanes from the transposed table.
+inline void rope_consecutive(const Rope& rope, const float* lot, i64 p0, int half, float* cs, float* sn) {
+  const int rows = 1 << rope.shift;
+  const float* h = rope.hi + (p0 >> rope.shift) * rope.rot;
+  const float* lc = lot + (p0 & (rows - 1));
+  const float* ls = lc + (i64)half * rows;
+  for (int i = 0; i < half; ++i) {
+    const vf hc = simd::set1(h[i]), hs = simd::set1(h[half + i]);
+    const vf c = simd::load(lc + (i64)i * rows), s = simd::load(ls + (i64)i * rows);
+    simd::storea(cs + (i64)i * W, simd::fmsub(hc, c, simd::mul(hs, s)));
+    simd::storea(sn + (i64)i * W, simd::fmadd(hs, c, simd::mul(hc, s)));
+  }
+}
+
+// Whether the W tokens from n hold consecutive positions inside one coarse row of the RoPE tables.
+inline bool rope_run(const Rope& rope, i64 b, i64 n, i64 N, i64* p0) {
+  if (n + W > N) return false;
+  const int32_t* p = rope.pos + b * rope.pb + n;
+  *p0 = p[0];
+  for (int l = 1; l < W; ++l)
+    if (p[l] != p[0] + l) return false;
+  return p[0] >= 0 && (p[0] & ((1 << rope.shift) - 1)) + W <= (1 << rope.shift);
 }
 
 // cos/sin of the W tokens from n (rows clamped to N - 1) transposed: cs[i * W + lane], sn likewise, i < half;
@@ -326,39 +366,42 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   const i64 N = (i64)nblk * T, tiles = (N + TILE - 1) / TILE, items = (i64)B * tiles;
   const int half = rope.pos ? rope.rot / 2 : 0, rot = rope.pos ? rope.rot : 0;
   Plan plan;
-  make_plan(m, HD, true, &plan);
+  make_plan(m, HD, D, true, &plan);
+  std::vector<float> lot;
+  if (half) transpose_lo(rope, &lot);
 #pragma omp parallel num_threads(threads)
   {
     static thread_local std::vector<float> kbuf, rbuf;
-    static thread_local std::vector<code_t> cbuf;
-    static thread_local std::vector<uint8_t> ubuf;
+    static thread_local std::vector<uint8_t> cbuf;
     kbuf.resize((size_t)HD * W + 16);
     rbuf.resize((size_t)4 * std::max(half, 1) * W + 16);
-    cbuf.resize((size_t)(plan.slots + 4) * TILE + 64);
-    ubuf.resize((size_t)TILE * HD + 64);
+    cbuf.resize(tile_bytes(plan) + 64);
     float* kd = kbuf.data() + (16 - ((uintptr_t)kbuf.data() / 4) % 16) % 16;
     float* cs = rbuf.data() + (16 - ((uintptr_t)rbuf.data() / 4) % 16) % 16;
     float* sn = cs + (i64)std::max(half, 1) * W;
     float* rows = sn + (i64)std::max(half, 1) * W;
-    code_t* ct = (code_t*)((uint8_t*)cbuf.data() + (64 - (uintptr_t)cbuf.data() % 64) % 64);
+    TileCodes tc = tile_buffer(plan, cbuf.data());
     i64 begin, end;
     share(items, omp_get_num_threads(), omp_get_thread_num(), &begin, &end);
     for (i64 it = begin; it < end; ++it) {
       const i64 b = it / tiles, n0 = (it % tiles) * TILE;
       const int vecs = (int)std::min<i64>(VECS, (N - n0 + W - 1) / W);
       if (n0 + TILE < N) prefetch_tile(m, b, n0 + TILE, N, T);
-      tile_codes(m, plan, b, n0, vecs, N, T, ubuf.data(), ct);
+      tile_codes(m, plan, b, n0, vecs, N, B, T, tc);
       for (int v = 0; v < vecs; ++v) {
         const i64 nv = n0 + (i64)v * W;
         const int lanes = (int)std::min<i64>(W, N - nv);
         for (int i = 0; i < m.ng; ++i) {
           const Group& g = m.g[i];
-#define CALL(BB) decode_group<BB>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.base[i], v, ct, kd)
+          const GroupCodes gc = group_codes(tc, i);
+#define CALL(BB) decode_group<BB>(plan.tab0 + plan.toff[i], g.n, g.cols, gc, v, kd)
           MIXED_BITS_SWITCH(g.bits, CALL)
 #undef CALL
         }
         if (m.ov) range_outliers(m, b, nv, lanes, B, H, T, D, [&](int l, int ch, float x) { kd[(i64)ch * W + l] = x; });
-        if (half) rope_tile(rope, b, nv, N, half, rows, cs, sn);
+        i64 p0;
+        if (half && rope_run(rope, b, nv, N, &p0)) rope_consecutive(rope, lot.data(), p0, half, cs, sn);
+        else if (half) rope_tile(rope, b, nv, N, half, rows, cs, sn);
         for (int h = 0; h < H; ++h) {
           const float* kh = kd + (i64)h * D * W;
           const float* qq = q + b * qb + h * qh;
@@ -396,19 +439,20 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   }
 }
 
-template <int BITS, int GT>
-inline void value_group(const float* tab, int n, const int32_t* cols, int base, int vecs, const code_t* ct,
-                        const float* w, int D, int G_, float* acc) {
+// VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`.
+template <int BITS, int GT, int VT>
+inline void value_group(const float* tab, int n, const int32_t* cols, const int32_t* head_of, const GroupCodes& gc,
+                        int vecs_, const float* w, int G_, float* acc) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
-  const int G = GT > 0 ? GT : G_;
+  const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;
   for (int j = 0; j < n; ++j) {
-    const int ch = cols[j], h = ch / D;
+    const int ch = cols[j], h = head_of[ch];
     const float* wh = w + (i64)h * G * TILE;
     vf a[GT > 0 ? GT : MAXG];
     for (int g = 0; g < G; ++g) a[g] = simd::zero();
     const float* t = tab + (i64)j * P;
     for (int v = 0; v < vecs; ++v) {
-      const vf x = simd::lut<BITS>(t, simd::index(cslot((code_t*)ct, base + j, v)));
+      const vf x = simd::lut<BITS>(t, gc.at<BITS>(j, v));
       for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
     }
     float* dst = acc + (i64)ch * G * W;
@@ -423,7 +467,7 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
   const int HD = H * D;
   const i64 N = (i64)nblk * T, tiles = (N + TILE - 1) / TILE, items = (i64)B * tiles;
   Plan plan;
-  make_plan(m, HD, false, &plan);
+  make_plan(m, HD, D, false, &plan);
   // per thread: lane sums [B][HD][G][W], scalar corrections and zero sums [B][H][G][D + 1]
   const i64 lane_part = (i64)B * HD * G * W, fix_part = (i64)B * H * G * (D + 1);
   std::vector<float> lanes_all((size_t)threads * lane_part + 16, 0.0f), fixes((size_t)threads * fix_part, 0.0f);
@@ -434,20 +478,20 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
     float* acc_all = lanes0 + tid * lane_part;
     float* fix_all = fixes.data() + tid * fix_part;
     static thread_local std::vector<float> wbuf;
-    static thread_local std::vector<code_t> cbuf;
-    static thread_local std::vector<uint8_t> ubuf;
-    wbuf.resize((size_t)H * G * TILE + 16);
-    cbuf.resize((size_t)(plan.slots + 4) * TILE + 64);
-    ubuf.resize((size_t)TILE * HD + 64);
+    static thread_local std::vector<uint8_t> cbuf;
+    wbuf.resize((size_t)H * (G + 2) * TILE + 16);
+    cbuf.resize(tile_bytes(plan) + 64);
     float* w = wbuf.data() + (16 - ((uintptr_t)wbuf.data() / 4) % 16) % 16;
-    code_t* ct = (code_t*)((uint8_t*)cbuf.data() + (64 - (uintptr_t)cbuf.data() % 64) % 64);
+    float* scales = w + (i64)H * G * TILE;    // [H][TILE] the tile's per-token scales, for the outliers
+    float* zeros = scales + (i64)H * TILE;    // [H][TILE]
+    TileCodes tc = tile_buffer(plan, cbuf.data());
     i64 begin, end;
     share(items, omp_get_num_threads(), tid, &begin, &end);
     for (i64 it = begin; it < end; ++it) {
       const i64 b = it / tiles, n0 = (it % tiles) * TILE;
       const int count = (int)std::min<i64>(TILE, N - n0), vecs = (count + W - 1) / W;
       if (n0 + TILE < N) prefetch_tile(m, b, n0 + TILE, N, T);
-      tile_codes(m, plan, b, n0, vecs, N, T, ubuf.data(), ct);
+      tile_codes(m, plan, b, n0, vecs, N, B, T, tc);
       float* fx = fix_all + b * H * G * (D + 1);
       for (int h = 0; h < H; ++h) {  // w = p * scale per token; the zeros' share sum p * zero per row
         const float* pp = p + b * pb + h * ph + n0;
@@ -459,6 +503,8 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
             const i64 blk = nv / T, t = nv % T;
             const vf sv = simd::load_half(m.vs.base + blk * m.vs.sblk + b * m.vs.sb + h * m.vs.sh + t);
             const vf zv = simd::load_half(m.vz.base + blk * m.vz.sblk + b * m.vz.sb + h * m.vz.sh + t);
+            simd::storea(scales + (i64)h * TILE + v * W, sv);
+            simd::storea(zeros + (i64)h * TILE + v * W, zv);
             for (int g = 0; g < G; ++g) {
               const vf pv = simd::load(pp + g * pg + v * W);
               simd::storea(w + ((i64)h * G + g) * TILE + v * W, simd::mul(pv, sv));
@@ -474,6 +520,8 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
               sc = m.vs.at(n / T, b, h, n % T);
               z = m.vz.at(n / T, b, h, n % T);
             }
+            scales[(i64)h * TILE + j] = sc;
+            zeros[(i64)h * TILE + j] = z;
             for (int g = 0; g < G; ++g) {
               const float pv = j < count ? pp[g * pg + j] : 0.0f;
               w[((i64)h * G + g) * TILE + j] = pv * sc;
@@ -486,16 +534,20 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
       float* acc = acc_all + b * HD * G * W;
       for (int i = 0; i < m.ng; ++i) {
         const Group& g = m.g[i];
-#define CALL(BB) value_group<BB, GT>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.base[i], vecs, ct, w, D, G, acc)
+        const GroupCodes gc = group_codes(tc, i);
+#define CALL(BB)                                                                                                  \
+  if (vecs == VECS) value_group<BB, GT, VECS>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc); \
+  else value_group<BB, GT, 0>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc)
         MIXED_BITS_SWITCH(g.bits, CALL)
 #undef CALL
       }
       if (m.ov)
         range_outliers(m, b, n0, count, B, H, T, D, [&](int j, int ch, float x) {
           const i64 n = n0 + j;
-          const int h = ch / D, c = ch % D;
-          const int code = (int)cslot(ct, plan.slot_of[ch], j / W)[j % W];
-          const float deq = plan.tab0[plan.tab_of[ch] + code] * m.vs.at(n / T, b, h, n % T) + m.vz.at(n / T, b, h, n % T);
+          const int h = plan.head_of[ch], c = ch - h * D;
+          const int gi = plan.group_of[ch];
+          const int code = code_at(tc, gi, plan.slot_of[ch], j / W, j % W, m.g[gi].bits);
+          const float deq = plan.tab0[plan.tab_of[ch] + code] * scales[(i64)h * TILE + j] + zeros[(i64)h * TILE + j];
           const float delta = x - deq;
           for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + c] += p[b * pb + h * ph + g * pg + n] * delta;
         });

@@ -38,7 +38,9 @@ inline void store_n(float* p, vf v, int m) {  // the first m lanes
 inline vf load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline vi index(const code_t* p) { return _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)p)); }
 
-// Level lookup, one table per channel: lane l gets tab[idx[l]]. tab: 16 floats (BITS <= 4, padded), 2**BITS beyond.
+// Level lookup, one table per channel: lane l gets tab[idx[l]]. tab: 16 floats (BITS <= 4, the 2**BITS levels repeated),
+// 2**BITS beyond. Index bits above the code are ignored (the permutes read the low 4 / 5 bits, the 6-bit blend tests
+// bit 5, the gather masks), so codes may come with their neighbours' bits above them.
 template <int BITS>
 inline vf lut(const float* tab, vi idx) {
   if constexpr (BITS <= 4) {
@@ -50,8 +52,18 @@ inline vf lut(const float* tab, vi idx) {
     const vf hi = _mm512_permutex2var_ps(_mm512_load_ps(tab + 32), idx, _mm512_load_ps(tab + 48));
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), lo, hi);
   } else {
-    return _mm512_i32gather_ps(idx, tab, 4);
+    return _mm512_i32gather_ps(_mm512_and_si512(idx, _mm512_set1_epi32((1 << BITS) - 1)), tab, 4);
   }
+}
+
+// Lanes of the 64-bit joins hi:lo shifted right by s (0 <= s < 32), low 32 bits; s read from memory (a broadcast
+// operand, no shuffle).
+inline vi join(vi lo, vi hi, const int32_t* s) {
+#if defined(__AVX512VBMI2__)
+  return _mm512_shrdv_epi32(lo, hi, _mm512_set1_epi32(*s));
+#else
+  return _mm512_or_si512(_mm512_srlv_epi32(lo, _mm512_set1_epi32(*s)), _mm512_sllv_epi32(hi, _mm512_set1_epi32(32 - *s)));
+#endif
 }
 
 // r[c] <- column c of the 16 x 16 32-bit matrix whose rows are r[0..15].

@@ -249,3 +249,41 @@ def test_dense_decode_equals_gather(method, key_outliers, sinks):
     assert keys.shape == ref_k.shape == (sum(lens), HEADS, DIM)
     torch.testing.assert_close(keys, ref_k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values, ref_v, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_equals_torch_wide_heads_all_widths():
+    """8 KV heads x 64 (512 channels: int16 outlier indices), per-channel widths 1..7 (one permute, two, a gather),
+    per-head value ranges with outlier slots, per-token key outlier slots, sinks, GQA 2, decode and a long prefill."""
+    from kvpack.codecs.nuq import NuqCodec
+
+    needs_kernel()
+    heads, dim, block = 8, 64, 16
+    g = torch.Generator().manual_seed(9)
+    widths = torch.tensor([1, 2, 3, 4, 5, 6, 7, 3] * 8).repeat_interleave(8)  # multiples of 8 channels per width
+    levels = torch.randn(heads * dim, 128, generator=g).sort(-1).values
+    keys = NuqCodec(levels, "channel", heads, dim, 0.02, zero=0.1 * torch.randn(heads, dim, generator=g),
+                    scale=0.5 + torch.rand(heads, dim, generator=g), channel_bits=widths)
+    values = NuqCodec(torch.linspace(-1, 1, 8), "token", heads, dim, 0.02, span="head")
+    parts = LayerSlots(nuq_part(keys, 4), nuq_part(values, None), 2, torch.float32)
+    assert parts.key.index_bytes == 2 and parts.value.outlier_slots > 0 and parts.value.scale_pairs == heads
+    rope = rope_table()
+    layout = EngineLayout(KvpackVllmConfig(method="kvquant-3bit-1pct", key_outliers="token"), None, [parts], torch.float32,
+                          rope, block)
+    blocks = 32
+    c = layout.page_content_bytes()
+    pool = PagePool(torch.zeros(blocks * block * c, dtype=torch.uint8).view(1, blocks, 1, block, c)[0], layout.layers)
+    lens, new = [90, 37, 150], [1, 1, 150]
+    table = torch.randperm(blocks, generator=g)[: 3 * 10].view(3, 10).to(torch.int32)
+    for r, length in enumerate(lens):
+        pos = torch.arange(length)
+        k = rope.rotate(torch.randn(length, heads, dim, generator=g) * 0.8, pos)
+        write_tokens(layout, pool, 0, k, torch.randn(length, heads, dim, generator=g),
+                     table[r, pos // block] * block + pos % block, pos)
+    qsl = torch.tensor([0] + new).cumsum(0)
+    query = torch.randn(int(qsl[-1]), 2 * heads, dim, generator=g)
+    meta = SimpleNamespace(query_start_loc=qsl, seq_lens=torch.tensor(lens), block_table=table)
+    ref, out = torch.zeros_like(query), torch.zeros_like(query)
+    attend_torch(layout, pool, 0, query, meta, dim ** -0.5, ref)
+    assert kernel.attend(layout, pool, 0, query, meta, dim ** -0.5, out)
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 1e-4, f"relative error {err:.2e}"

@@ -109,6 +109,7 @@ struct CodeMap {
   bool ok = false;
   std::vector<int> first, span;  // [H] first code byte of the head, bytes read (through the byte after the last)
   std::vector<int> rel, bits;    // [H * D] first byte relative to the head's, code width
+  int tail = 0;                  // bytes after the codes: per-token ranges and outlier slots
 };
 
 // The part's CodeMap, or one with ok = false where the channel-major path does not apply (raw parts, codes
@@ -136,6 +137,8 @@ inline CodeMap code_map(const Part& P, int H, int D) {
       m.bits[c] = bits;
     }
   }
+  m.tail = 4 * P.pairs + P.outliers * (2 + P.index_bytes);
+  if (m.tail > 128 || (P.outliers && P.index_bytes != 1 && P.index_bytes != 2)) return m;
   m.ok = true;
   return m;
 }
@@ -169,9 +172,10 @@ inline void bytes16(const uint8_t* const* rows, int nb, uint8_t* lines) {
 
 // Channels [h * D, h * D + D) of 16 slots' part (rows: the slots) -> dst[i * stride + t] (keys: pre-RoPE, pool
 // outliers not yet applied), as `decode` computes them token by token.
-inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D, float* dst,
-                     i64 stride) {
+inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D,
+                     float* __restrict dst, i64 stride) {
   alignas(64) uint8_t lines[128 / 4 * 64];
+  alignas(64) uint8_t tail[128 / 4 * 64];
   alignas(64) uint32_t words[128 * 16];
   const uint8_t* at[16];
   for (int t = 0; t < 16; ++t) at[t] = rows[t] + P.offset + M.first[h];
@@ -182,38 +186,51 @@ inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows
     const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
     _mm512_store_si512(words + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
   }
+  if (M.tail) {  // per-token ranges and outlier slots, byte-major too
+    for (int t = 0; t < 16; ++t) at[t] = rows[t] + P.offset + P.code_bytes;
+    bytes16(at, M.tail, tail);
+  }
+  auto half16 = [&](int b) {  // the 16 tokens' little-endian 16-bit words at tail bytes b, b + 1
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, b)));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, b + 1)));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
+  };
+  auto fp16 = [&](int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(b))); };
   const int c0 = h * D;
+  const int* __restrict rel = M.rel.data() + c0;
+  const int* __restrict bits = M.bits.data() + c0;
+  const int32_t* __restrict shift = P.shift + c0;
+  const int32_t* __restrict mask = P.mask + c0;
+  const int32_t* __restrict base = P.base + c0;
+  const float* __restrict levels = P.levels;
+  const int pair = P.pairs ? c0 / P.pair_div : 0;
+  const __m512 zero = P.pairs ? fp16(2 * pair) : _mm512_setzero_ps();  // level * scale + zero (per-token ranges)
+  const __m512 scale = P.pairs ? fp16(2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
   for (int i = 0; i < D; ++i) {
-    const int c = c0 + i;
-    const __m512i idx = _mm512_and_si512(
-        _mm512_srlv_epi32(_mm512_load_si512(words + M.rel[c] * 16), _mm512_set1_epi32(P.shift[c])),
-        _mm512_set1_epi32(P.mask[c]));
-    const float* tab = P.levels + P.base[c];  // rows padded to >= 16 floats
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(words + rel[i] * 16),
+                                                           _mm512_set1_epi32(shift[i])),
+                                         _mm512_set1_epi32(mask[i]));
+    const float* tab = levels + base[i];  // rows padded to >= 16 floats
     __m512 x;
-    if (M.bits[c] <= 4) x = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab));
-    else if (M.bits[c] == 5) x = _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
+    if (bits[i] <= 4) x = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab));
+    else if (bits[i] == 5) x = _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
     else x = _mm512_i32gather_ps(idx, tab, 4);
+    if (P.pairs) x = _mm512_add_ps(_mm512_mul_ps(x, scale), zero);
     _mm512_storeu_ps(dst + i * stride, x);
   }
-  if (P.pairs) {  // per-token ranges: level * scale + zero
-    const int p = c0 / P.pair_div;
-    alignas(64) float zero[16], scale[16];
-    for (int t = 0; t < 16; ++t) {
-      const uint8_t* r = rows[t] + P.offset + P.code_bytes;
-      zero[t] = h2f(u16(r + 2 * p));
-      scale[t] = h2f(u16(r + 2 * (P.pairs + p)));
-    }
-    const __m512 z = _mm512_load_ps(zero), s = _mm512_load_ps(scale);
-    for (int i = 0; i < D; ++i)
-      _mm512_storeu_ps(dst + i * stride, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(dst + i * stride), s), z));
-  }
-  for (int t = 0; t < 16 && P.outliers; ++t) {  // exact outlier slots over their channels
-    const uint8_t* vals = rows[t] + P.offset + P.code_bytes + 4 * P.pairs;
-    const uint8_t* index = vals + 2 * P.outliers;
-    for (int k = 0; k < P.outliers; ++k) {
-      const int c = P.index_bytes == 2 ? (int)(int16_t)u16(index + 2 * k) : (int)index[k];
-      if (c >= c0 && c < c0 + D) dst[(c - c0) * stride + t] = h2f(u16(vals + 2 * k));
-    }
+  // exact outlier slots over their channels, slot after slot (a later slot wins), 16 tokens per masked scatter
+  const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int k = 0; k < P.outliers; ++k) {
+    const __m512i ch = P.index_bytes == 2
+        ? _mm512_srai_epi32(_mm512_slli_epi32(half16(ib + 2 * k), 16), 16)
+        : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, ib + k)));
+    const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+    const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
+                         _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
+    if (!in) continue;
+    const __m512i where = _mm512_add_epi32(_mm512_mullo_epi32(off, _mm512_set1_epi32((int)stride)), lane);
+    _mm512_mask_i32scatter_ps(dst, in, where, fp16(vb + 2 * k), 4);
   }
 }
 #endif

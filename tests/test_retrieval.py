@@ -222,6 +222,9 @@ def test_lost_counts_the_baseline_trials_a_method_misses():
     rows = [cell("fp16", [True, True, False, True]), cell("m", [True, False, True, False])]
     line = retrieval.pivot(rows)[0]
     assert line["fp16"] == "0.75 (0.30-0.95)" and line["m"].endswith(", lost 2/3") and line["trials"] == "4/4"
+    assert line["seconds"] == "-/-"
+    rows[0]["seconds"] = 10.0
+    assert retrieval.pivot(rows)[0]["seconds"] == "2/-"  # 10 s over 4 answers
 
 
 def test_cli_task_retrieval(tok, tmp_path, monkeypatch):

@@ -31,14 +31,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seconds_per_answer(row: dict) -> str:
+    """Mean wall-clock seconds per answer of a cell (prefill, decoding and scoring), '-' when not recorded."""
+    return f"{row['seconds'] / row['trials']:.0f}" if row.get("seconds") and row.get("trials") else "-"
+
+
 def pivot(rows: list[dict], baseline: str = "fp16") -> list[dict]:
     """One row per task and length: an 'accuracy (interval), lost k/n' string per method (k of the n trials the
-    baseline answered right that this method got wrong), the trials of each, and the model, haystack and seed."""
+    baseline answered right that this method got wrong), the trials and mean seconds per answer of each (in method
+    order, '/'-separated), and the model, haystack, seed and prefill mode."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
         cells = {r["method"]: r for r in rows if r["task"] == task and r["length"] == length}
-        line = {"task": task, "length": length, "trials": "/".join(str(cells[m]["trials"]) for m in methods if m in cells)}
+        line = {"task": task, "length": length, "trials": "/".join(str(cells[m]["trials"]) for m in methods if m in cells),
+                "seconds": "/".join(seconds_per_answer(cells[m]) for m in methods if m in cells)}
         line.update({k: next(iter(cells.values()))[k] for k in ("model", "haystack", "seed", "prefill") if k in next(iter(cells.values()))})
         for method in methods:
             if method not in cells:

@@ -86,3 +86,35 @@ def test_decoded_chunks_match_the_packed_blockwise_path(model, name):
     with torch.no_grad():
         model(step, past_key_values=decoded, use_cache=True)
     assert decoded.packed.calls > 0
+
+
+def _kivi_reference(x: torch.Tensor, axis: str, group: int = 32, bits: int = 2) -> torch.Tensor:
+    """KIVI's asymmetric min-max quantizer written out: keys per channel over groups of `group` tokens, values per
+    token over groups of `group` channels; x [B, H, T, D] -> dequantized x."""
+    b, h, t, d = x.shape
+    g = x.reshape(b, h, t // group, group, d) if axis == "channel" else x.reshape(b, h, t, d // group, group)
+    dim = 3 if axis == "channel" else 4
+    lo, hi = g.amin(dim, keepdim=True), g.amax(dim, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+    return (((g - lo) / scale).round().clamp(0, 2 ** bits - 1) * scale + lo).reshape(b, h, t, d)
+
+
+def test_kivi_cache_stores_what_kivi_quantization_gives():
+    """Quantized keys and values of a kivi-2 cache equal the KIVI quantizer's (to the fp16 storage of its scales),
+    and its recent window is the fp16 keys/values themselves. Layer 0 sees the fp16 inputs with prefill="exact"."""
+    model = make_tiny_model("llama", vocab_size=128, head_dim=32, num_attention_heads=2, num_key_value_heads=1)
+    ids = _ids(100)
+    fp16 = DynamicCache(config=model.config)
+    cache = CompressedCache(model, _recipe(model, "kivi-2"), residual_length=16, prefill="exact")
+    _logits(model, fp16, ids, [100])
+    _logits(model, cache, ids, [100])
+    keys, values = fp16.layers[0].keys, fp16.layers[0].values
+    k, v = cache.layers[0].k, cache.layers[0].v
+    assert k.body.tokens == 64 and v.body.tokens == 84  # whole 32-token key groups; values token by token
+    stored_k, stored_v = k.read(torch.float32), v.read(torch.float32)
+    for got, ref in ((stored_k[..., :64, :], _kivi_reference(keys[..., :64, :], "channel")),
+                     (stored_v[..., :84, :], _kivi_reference(values[..., :84, :], "token"))):
+        step = (ref.amax() - ref.amin()) / 3
+        assert ((got - ref).abs() > 0.01 * step).float().mean() < 0.01  # the same levels, bar rare fp16 rounding ties
+    torch.testing.assert_close(stored_k[..., 64:, :], keys[..., 64:, :], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(stored_v[..., 84:, :], values[..., 84:, :], rtol=1e-3, atol=1e-3)

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Names small enough for a 2-layer model with head_dim 16 and a few hundred calibration tokens.
 FAMILY_CASES = {
     "baseline": ["int4:pre-rope:key-channel:g8", "kivi-2:recent8:g8"],
-    "kvquant": ["kvquant-3bit-1pct"],
+    # the kvpack-3bit switches named explicitly: per-channel widths through cache and kernels, whatever the
+    # held-out check of `kvpack-3bit` keeps on the tiny model
+    "kvquant": ["kvquant-3bit-1pct", "kvquant-3bit-1pct:fisher-s2:alloc-global:qnorm:budget48"],
     "rvq": ["rvq-d2-c16-g8:1pct"],
     "kvpack": ["kvpack-3bit:budget48"],  # per-channel codebooks paid from 48 tokens of codes (the test's length)
 }

@@ -5,6 +5,9 @@ model over the calibration windows (`collect.collect_activations`: pre-RoPE K/V 
 Fisher-weighted methods, squared gradients), then hands the rows to the method family's fitter.
 `recipe.calibration["timing_s"]` says where the time went (forward, backward, thresholds, k-means).
 
+A kvpack preset (`kvpack-<N>bit`) checks its switches on held-out calibration windows first and is fitted as
+the configuration that check keeps (recipes/select.py); `recipe.calibration["selection"]` records the decision.
+
 `cached_calibration` is what `kvpack eval` uses: a saved recipe folder if given, else a recipe
 cached under `cache_root()/recipes/` keyed by the model (identity + weights fingerprint), the
 full method settings, the exact calibration token ids, and `CALIBRATION_VERSION`.
@@ -25,12 +28,14 @@ import torch.nn.functional as F
 
 from kvpack.errors import DataError, MethodError, RecipeError
 from kvpack.methods import MethodSettings, family_named, needs_calibration, parse_method
+from kvpack.methods.kvpack.config import is_preset
 from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_windows
 from kvpack.recipes.self_data import SELF_SPEC, self_windows
 from kvpack.recipes.collect import CollectionTiming, LayerActivations, collect_activations
 from kvpack.hf.models import cache_root, num_layers
 from kvpack.recipes.io import model_identity, replace_directory, weights_fingerprint
+from kvpack.recipes.select import SELECTION_VERSION, select_switches
 
 # Bump when fitting changes what a recipe holds, so cached recipes are recomputed.
 CALIBRATION_VERSION = 1
@@ -134,18 +139,24 @@ def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: 
     start = time.perf_counter()
     fisher = needs_fisher(settings)
     activations, timing = _collect(model, ids, fisher, settings.sink_tokens, settings.pre_rope, progress)
-    keys, values, info = family.fit(model, activations, settings, progress=progress)
+    fit_settings, selection = settings, None
+    if is_preset(settings):  # the switches are checked on held-out windows; the kept ones are fitted below
+        fit_settings, selection = select_switches(model, ids, activations, settings, progress)
+    keys, values, info = family.fit(model, activations, fit_settings, progress=progress)
     del activations
     total = time.perf_counter() - start
     info = dict(info)
     fit_timing = info.pop("timing_s", {})
-    timing_s = {"forward": timing.forward_s, "backward": timing.backward_s, **fit_timing, "total": total}
+    checked = {"selection": selection.get("seconds", 0.0)} if selection else {}
+    timing_s = {"forward": timing.forward_s, "backward": timing.backward_s, **checked, **fit_timing, "total": total}
     calibration = {
         "data": data, "windows": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "tokens": int(ids.numel()),
         "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
         "fisher": fisher, "sink_tokens": settings.sink_tokens, "timing_s": timing_s,
         "calibration_version": CALIBRATION_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
     }
+    if selection is not None:
+        calibration["selection"] = selection
     _log(progress, f"calibrated {settings.name} on {ids.shape[0]} x {ids.shape[1]} tokens of {data} in {total:.1f} s: "
          + ", ".join(f"{k} {v:.1f} s" for k, v in timing_s.items() if k != "total"))
     return Recipe(settings, keys, values, model_identity(model), calibration)
@@ -174,6 +185,8 @@ def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
         "tokens": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(ids.shape),
         "version": CALIBRATION_VERSION,
     }
+    if is_preset(settings):  # a preset's recipe also depends on the held-out check of its switches
+        payload["selection"] = SELECTION_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -36,6 +36,11 @@ def base_name(bits: int) -> str:
     return ":".join([f"kvquant-{bits}bit-{OUTLIER_PCT}pct", *SWITCHES])
 
 
+def is_preset(settings: MethodSettings) -> bool:
+    """Whether `settings` come from a `kvpack-<N>bit[:options]` name."""
+    return bool(_NAME.match(settings.name.split(":")[0]))
+
+
 def kvpack_settings(preset: str) -> MethodSettings:
     """Settings of a `kvpack-<N>bit` name (family "kvquant": fitted, stored and read as KVQuant)."""
     match = _NAME.match(preset)

@@ -714,6 +714,48 @@ inline uint16_t f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 inline void put16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
 // One token's part: x[C] -> slot bytes at slot + P.offset; returns outliers that found no slot (clamped).
+constexpr int KSMALL = 8;  // k-th extremes of a vector by insertion into k + 1 sorted registers up to this k
+
+// The k-th smallest (lo) and k-th largest (hi) of v[0 .. n), 0-based, as nth_element would give them (k < KSMALL).
+inline void kth_extremes(const float* v, int n, int k, float* lo, float* hi) {
+  float small[KSMALL], large[KSMALL];
+  for (int i = 0; i <= k; ++i) {
+    small[i] = std::numeric_limits<float>::infinity();
+    large[i] = -std::numeric_limits<float>::infinity();
+  }
+  for (int i = 0; i < n; ++i) {
+    const float x = v[i];
+    if (x < small[k]) {  // keep the k + 1 smallest, ascending
+      int j = k;
+      for (; j > 0 && small[j - 1] > x; --j) small[j] = small[j - 1];
+      small[j] = x;
+    }
+    if (x > large[k]) {  // and the k + 1 largest, descending
+      int j = k;
+      for (; j > 0 && large[j - 1] < x; --j) large[j] = large[j - 1];
+      large[j] = x;
+    }
+  }
+  *lo = small[k];
+  *hi = large[k];
+}
+
+// How many of the sorted midpoints m[0 .. count) are < u (searchsorted, left). A channel of b bits has 2**b - 1
+// midpoints; the codebook's padding (PAD) puts every later midpoint above 1, beyond any clamped u.
+inline int below(const float* m, int count, float u) {
+  int n = 0;
+#if KVPACK_AVX512
+  const __m512 x = _mm512_set1_ps(u);
+  for (int j = 0; j < count; j += 16) {
+    const __mmask16 valid = count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1);
+    n += __builtin_popcount((unsigned)_mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, m + j), x, _CMP_LT_OQ));
+  }
+#else
+  for (int j = 0; j < count; ++j) n += m[j] < u;
+#endif
+  return n;
+}
+
 inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t* slot, float* u, float* err,
                         std::vector<float>& sorted, std::vector<int>& order) {
   uint8_t* s = slot + P.offset;
@@ -727,8 +769,10 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
     for (int p = 0; p < P.pairs; ++p) {
       const float* v = x + p * n;
       float lo, hi;
-      sorted.assign(v, v + n);
-      if (P.outliers) {
+      if (P.outliers && P.k_side < KSMALL) {
+        kth_extremes(v, n, P.k_side, &lo, &hi);
+      } else if (P.outliers) {
+        sorted.assign(v, v + n);
         std::nth_element(sorted.begin(), sorted.begin() + P.k_side, sorted.end());
         lo = sorted[P.k_side];
         std::nth_element(sorted.begin(), sorted.begin() + (n - 1 - P.k_side), sorted.end());
@@ -755,10 +799,7 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
   }
   for (int c = 0; c < C; ++c) {  // codes
     const float uc = std::min(1.0f, std::max(-1.0f, u[c]));
-    const float* m = P.mid + (i64)c * P.M;
-    int below = 0;  // searchsorted (left) on sorted midpoints = how many are < uc; branch-free, vectorized
-    for (int j = 0; j < P.M; ++j) below += m[j] < uc;
-    const int code = below & P.mask[c];
+    const int code = below(P.mid + (i64)c * P.M, std::min(P.M, P.mask[c]), uc);
     const uint32_t shifted = (uint32_t)code << P.shift[c];
     s[P.byte[c]] |= (uint8_t)(shifted & 0xFF);
     if (shifted >> 8) s[P.byte[c] + 1] |= (uint8_t)(shifted >> 8);

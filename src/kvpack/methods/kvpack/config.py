@@ -15,6 +15,12 @@ counted (the table's `bits_per_element`); shorter sequences amortize the codeboo
 tokens, longer ones cost `marginal_bits_per_element`. `alloc-layer` (one width per layer's K or
 V) lost to the paper's single width in the ablation and is not used.
 Any KVQuant option may follow (e.g. `kvpack-3bit:sink4`); N may be 2..8.
+
+The switches were measured on the default model; calibrating a preset checks them on the model at hand: each
+subset is fitted on the first three quarters of the calibration windows and scored on the rest, and only the
+switches that lower the held-out loss are kept (recipes/select.py; the candidates: switches.py). The recipe
+keeps the preset's name; `recipe.calibration["selection"]` names the configuration fitted. To fit every switch
+unchecked, name them: `kvquant-3bit-1pct:fisher-s2:alloc-global:qnorm`.
 """
 from __future__ import annotations
 

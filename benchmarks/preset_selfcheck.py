@@ -33,6 +33,18 @@ from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.select import select_switches
 
 
+def candidate_rows(record: dict, preset: str) -> list[dict]:
+    """One row per candidate of a selection record (method "<preset> candidate: <switches>"), for the docs table."""
+    rows = []
+    for row in record.get("candidates", []):
+        label = " +".join(row["switches"]) or "faithful"
+        rows.append({"method": f"{preset} candidate: {label}", "fitted_as": row["method"], "heldout_kl": row["kl"],
+                     "heldout_nll": row["nll"], "kept": "yes" if row["method"] == record["method"] else "",
+                     "fit_s": row["fit_s"], "heldout_windows": len(record["heldout_windows"]),
+                     "calib_windows": len(record["fit_windows"]) + len(record["heldout_windows"])})
+    return rows
+
+
 def check_only(model, ids: torch.Tensor, preset: str, data: str) -> dict:
     """The check's record for `preset` on windows ids (no final fit)."""
     settings = parse_method(preset)
@@ -64,7 +76,7 @@ def compare(model, tokenizer, ids: torch.Tensor, preset: str, data: str, eval_wi
             "selection": recipe.calibration.get("selection"),
         })
     print(f"evaluated in {time.perf_counter() - start:.0f} s")
-    return rows
+    return rows + candidate_rows(recipes[-1].calibration["selection"], preset)
 
 
 def main() -> None:
@@ -85,7 +97,8 @@ def main() -> None:
         if args.eval_windows:
             rows += compare(model, tokenizer, ids, preset, args.calib_data, args.eval_windows, args.seqlen)
         else:
-            rows.append(check_only(model, ids, preset, args.calib_data))
+            row = check_only(model, ids, preset, args.calib_data)
+            rows += [row, *candidate_rows(row["selection"], preset)]
     for row in rows:
         row.update(model=args.model, env=environment())
     args.json.parent.mkdir(parents=True, exist_ok=True)

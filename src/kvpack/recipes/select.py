@@ -80,7 +80,8 @@ class Scored:
                 "nll": self.nll, "kl": self.kl, "fit_s": round(self.fit_s, 3), "loss_s": round(self.loss_s, 3)}
 
 
-def fit_all(model, activations: list[LayerActivations], settings: MethodSettings) -> list[tuple[Scored, Recipe]]:
+def fit_all(model, activations: list[LayerActivations], settings: MethodSettings,
+            progress: bool = False) -> list[tuple[Scored, Recipe]]:
     """Every candidate of preset `settings` fitted on `activations` (one fit per `fit_key`)."""
     family = family_named(settings.family)
     fitted: dict[tuple[str, ...], tuple[Candidate, list, list]] = {}
@@ -94,6 +95,7 @@ def fit_all(model, activations: list[LayerActivations], settings: MethodSettings
         else:
             keys, values, _ = family.fit(model, activations, cand.settings, progress=False)
             fitted[fit_key(cand)] = (cand, keys, values)
+            _log(progress, f"  fitted {cand.label} in {time.perf_counter() - start:.1f} s")
         out.append((Scored(cand, fit_s=time.perf_counter() - start), Recipe(cand.settings, keys, values)))
     order = {c.settings.name: i for i, c in enumerate(candidates(settings))}
     return sorted(out, key=lambda pair: order[pair[0].candidate.settings.name])
@@ -161,7 +163,7 @@ def select_switches(model, ids: torch.Tensor, activations: list[LayerActivations
     fit = windows - held
     _log(progress, f"checking the switches of {settings.name}: fitting {len(candidates(settings))} candidates on "
          f"{fit} windows, scoring them on {held} held-out window{'s' if held > 1 else ''}")
-    fitted = fit_all(model, split_activations(activations, windows, fit), settings)
+    fitted = fit_all(model, split_activations(activations, windows, fit), settings, progress)
     score(model, ids[fit:], fitted)
     rows = [s for s, _ in fitted]
     best = choose(rows)

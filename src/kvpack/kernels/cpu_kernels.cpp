@@ -446,9 +446,11 @@ int kvpack_pages_dense(const i64* a) {
   return pages::dense(A, (float*)A.query, A.out);
 }
 
-// The write path over kvpack's vLLM pages (pages.h, pages::write). Array: pre-RoPE keys ptr, values ptr (float32
+// The write path over kvpack's vLLM pages (pages.h, pages::write). Array: keys ptr, values ptr (float32
 // [T, H * D] contiguous), T, H, D, threads, slot ids ptr (int64 [T]), positions ptr (int64 [T]), slot rows ptr, slot
-// bytes, block size, key-outlier pools ptr (0: none), pool entries, sink tokens; then the key part and the value part,
+// bytes, block size, key-outlier pools ptr (0: none), pool entries, sink tokens, RoPE cos ptr (0: the keys are
+// pre-RoPE; else post-RoPE, rotated back at their positions), sin ptr, their row stride, rotated channels; then the
+// key part and the value part,
 // each: axis_token, offset, code bytes, byte, shift, mask ptrs (int32 [C]), midpoints ptr (float32 [C, M]), M, zero,
 // scale ptrs (float32 [C], keys), has outliers, outliers per side, ranges per token, outlier slots, index bytes.
 // Returns the key outliers clamped for lack of a slot / pool entry (>= 0), or < 0 if the arguments are refused.
@@ -465,6 +467,7 @@ i64 kvpack_pages_write(const i64* a) {
   A.bs = (int)r.next();
   A.pool = (uint8_t*)r.ptr();
   A.pool_entries = (int)r.next(); A.sink_tokens = (int)r.next();
+  A.cos = (const float*)r.ptr(); A.sin = (const float*)r.ptr(); A.rope_stride = r.next(); A.rot = (int)r.next();
   for (pages::EncPart* p : {&A.key, &A.value}) {
     p->axis_token = (int)r.next(); p->offset = r.next(); p->code_bytes = (int)r.next();
     p->byte = (const int32_t*)r.ptr(); p->shift = (const int32_t*)r.ptr(); p->mask = (const int32_t*)r.ptr();

@@ -249,13 +249,15 @@ def _writer(parts: LayerSlots) -> list[int] | None:
     return cached[1]
 
 
-def write(layout: EngineLayout, pool: PagePool, layer: int, k_store: torch.Tensor, value: torch.Tensor,
+def write(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, value: torch.Tensor,
           slots: torch.Tensor, positions: torch.Tensor) -> int | None:
-    """Slots and key-outlier pools of tokens [T, H, D] (keys pre-RoPE as stored, no padding) in one C++ call, as
-    `SlotPart.encode` + `outlier_pool.write_pool` write them; the key outliers clamped, or None (the caller writes
-    with torch) when the kernels are unavailable or do not cover this layer's parts. Sink records are not written."""
+    """Slots and key-outlier pools of tokens [T, H, D] (keys post-RoPE as vLLM hands them, no padding) in one C++
+    call, as `SlotPart.encode` + `outlier_pool.write_pool` write them after `layout.rope.unrotate` (pre-RoPE pages:
+    the keys are rotated back in the same call, with the same float32 arithmetic); the key outliers clamped, or None
+    (the caller writes with torch) when the kernels are unavailable or do not cover this layer's parts. Sink records
+    are not written."""
     lib = cpu.load()
-    if lib is None or k_store.device.type != "cpu":
+    if lib is None or key.device.type != "cpu":
         return None
     parts = layout.layers[layer]
     constant = _writer(parts)
@@ -264,15 +266,16 @@ def write(layout: EngineLayout, pool: PagePool, layer: int, k_store: torch.Tenso
     fn = lib.kvpack_pages_write
     if fn.argtypes is None:
         fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int64
-    tokens, heads, dim = k_store.shape
-    k = k_store.float().contiguous().view(tokens, -1)
+    tokens, heads, dim = key.shape
+    k = key.float().contiguous().view(tokens, -1)
     v = value.float().contiguous().view(tokens, -1)
     s = slots.to(torch.int64).contiguous()
     p = positions.to(torch.int64).contiguous()
     pooled = parts.key_pool > 0
     args = [k.data_ptr(), v.data_ptr(), tokens, heads, dim, max(1, torch.get_num_threads()), s.data_ptr(), p.data_ptr(),
             pool.slots[layer].data_ptr(), parts.slot_bytes, pool.block_size,
-            pool.pools[layer].data_ptr() if pooled else 0, parts.key_pool, parts.sink_tokens, *constant]
+            pool.pools[layer].data_ptr() if pooled else 0, parts.key_pool, parts.sink_tokens, *_rope(layout)[:4],
+            *constant]
     array = cpu._int64s(args)
     clamped = fn(array.buffer_info()[0])
     if clamped < 0:

@@ -24,9 +24,9 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
         return 0
     pos = positions[keep]
     parts = layout.layers[layer]
-    k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key
-    overflow = kernel.write(layout, pool, layer, k_store, value, slots, pos) if compiled else None
+    overflow = kernel.write(layout, pool, layer, key, value, slots, pos) if compiled else None
     if overflow is None:
+        k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key
         k_rows, overflow = parts.key.encode(k_store)
         v_rows, _ = parts.value.encode(value)
         pool.slots[layer][slots] = torch.cat([k_rows, v_rows], 1)

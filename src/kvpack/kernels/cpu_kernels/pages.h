@@ -824,7 +824,7 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
 }
 
 struct WriteArgs {
-  const float* kx;  // [T, C] pre-RoPE keys (float32)
+  const float* kx;  // [T, C] pre-RoPE keys (float32); post-RoPE when cos is set (write() rotates them back)
   const float* vx;  // [T, C] values
   int T, H, D, threads;
   const i64* slots;  // [T] slot ids (no padding)
@@ -834,12 +834,48 @@ struct WriteArgs {
   int bs;
   uint8_t* pool;  // key-outlier pools (nullptr: none)
   int pool_entries, sink_tokens;
+  const float* cos;  // [positions, rot] rotate_half RoPE of post-RoPE keys (nullptr: kx is pre-RoPE)
+  const float* sin;
+  i64 rope_stride;
+  int rot;
   EncPart key, value;
 };
 
-i64 write(const WriteArgs& A) {
+// out [T, C] <- the pre-RoPE keys of post-RoPE x [T, C] at positions pos, as kvpack.hf.rope.invert_rope computes
+// them in float32: (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin), every product, sum and quotient
+// rounded on its own (no fused multiply-add), so the encoder sees the torch reference's bits.
+__attribute__((noinline, optimize("fp-contract=off"))) void unrotate(const WriteArgs& A, float* out) {
+  const int C = A.H * A.D, half = A.rot / 2;
+#pragma omp parallel for num_threads(A.threads) schedule(static)
+  for (int t = 0; t < A.T; ++t) {
+    const float* cs = A.cos + A.pos[t] * A.rope_stride;
+    const float* sn = A.sin + A.pos[t] * A.rope_stride;
+    const float* x = A.kx + (i64)t * C;
+    float* y = out + (i64)t * C;
+    for (int h = 0; h < A.H; ++h) {
+      const float* xh = x + h * A.D;
+      float* yh = y + h * A.D;
+      for (int i = 0; i < half; ++i) {
+        const float lo = xh[i], hi = xh[i + half];
+        const float n0 = cs[i] * cs[i] + sn[i] * sn[i];
+        const float n1 = cs[i + half] * cs[i + half] + sn[i + half] * sn[i + half];
+        yh[i] = (lo * cs[i] - (-hi) * sn[i]) / n0;
+        yh[i + half] = (hi * cs[i + half] - lo * sn[i + half]) / n1;
+      }
+      for (int i = A.rot; i < A.D; ++i) yh[i] = xh[i];
+    }
+  }
+}
+
+i64 write(WriteArgs& A) {
   const int C = A.H * A.D;
-  if (C > 4096 || A.D > MAXD) return -1;
+  if (C > 4096 || A.D > MAXD || (A.cos && (A.rot > A.D || A.rot % 2))) return -1;
+  std::vector<float> pre;
+  if (A.cos) {
+    pre.resize((size_t)A.T * C);
+    unrotate(A, pre.data());
+    A.kx = pre.data();
+  }
   i64 overflow = 0;
 #pragma omp parallel num_threads(A.threads) reduction(+ : overflow)
   {

@@ -5,9 +5,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import kvpack
 from conftest import make_tiny_model, make_tiny_tokenizer
+from kvpack.cli.app import app
 from kvpack.evaluate.perplexity import simulated_perplexity
 from kvpack.methods import family_named, parse_method
 from kvpack.methods.kvpack.switches import active_switches, candidates, fit_key, without_qnorm
@@ -203,3 +205,14 @@ def test_shapes(arch, attn, overrides, text_file):
     assert recipe.key_codecs[0].heads == heads and recipe.key_codecs[0].head_dim == dim
     ids = torch.randint(3, 120, (1, 64), generator=torch.Generator().manual_seed(6))
     assert simulated_perplexity(model, ids, recipe, progress=False).kl < 0.05
+
+
+def test_cli_calibrate_prints_and_saves_the_decision(text_file, tmp_path, monkeypatch):
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(importlib.import_module("kvpack.hf.models"), "load_model", lambda spec: (model, make_tiny_tokenizer()))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["calibrate", "--model", "tiny", "--method", "kvpack-3bit", "--data", str(text_file),
+                                      "--windows", "4", "--seqlen", "64", "--out", str(out), "--progress"])
+    assert result.exit_code == 0, result.output
+    record = Recipe.load(out, model).calibration["selection"]
+    assert f"kvpack-3bit fits as {record['method']}" in result.output and "<- kept" in result.output

@@ -9,8 +9,8 @@ check would keep on a calibration, e.g. the shipped recipes' (`--calib-windows 1
 
     python benchmarks/preset_selfcheck.py --presets kvpack-3bit --calib-windows 4 --eval-windows 4 \
         --json results/preset-selfcheck.json
-    python benchmarks/preset_selfcheck.py --presets kvpack-3bit --calib-windows 16 --eval-windows 0 \
-        --json results/preset-selfcheck-shipped.json
+    python benchmarks/preset_selfcheck.py --presets kvpack-4bit,kvpack-2bit --calib-windows 4 --eval-windows 0 \
+        --json results/preset-selfcheck-decisions.json
 """
 from __future__ import annotations
 
@@ -45,13 +45,11 @@ def candidate_rows(record: dict, preset: str) -> list[dict]:
     return rows
 
 
-def check_only(model, ids: torch.Tensor, preset: str, data: str) -> dict:
-    """The check's record for `preset` on windows ids (no final fit)."""
-    settings = parse_method(preset)
-    activations, _ = collect_activations(model, ids, fisher=True, sink_tokens=settings.sink_tokens)
-    _, record = select_switches(model, ids, activations, settings, progress=True)
-    return {"preset": preset, "calib_data": data, "calib_windows": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-            "selection": record}
+def check_only(model, ids: torch.Tensor, activations: list, preset: str, data: str) -> dict:
+    """The check's record for `preset` on windows ids with their `activations` (no final fit)."""
+    _, record = select_switches(model, ids, activations, parse_method(preset), progress=True)
+    return {"method": preset, "role": "check only", "calibration": {"data": data, "windows": int(ids.shape[0]),
+            "seqlen": int(ids.shape[1])}, "fitted_as": record["method"], "selection": record}
 
 
 def compare(model, tokenizer, ids: torch.Tensor, preset: str, data: str, eval_windows: int, seqlen: int) -> list[dict]:
@@ -93,11 +91,15 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     ids = calibration_windows(tokenizer, args.calib_data, args.calib_windows, args.seqlen, model=model)
     rows = []
-    for preset in args.presets.split(","):
+    presets = args.presets.split(",")
+    if not args.eval_windows:  # one collection for every preset (same windows, sink token and pre-RoPE keys)
+        settings = parse_method(presets[0])
+        activations, _ = collect_activations(model, ids, fisher=True, sink_tokens=settings.sink_tokens)
+    for preset in presets:
         if args.eval_windows:
             rows += compare(model, tokenizer, ids, preset, args.calib_data, args.eval_windows, args.seqlen)
         else:
-            row = check_only(model, ids, preset, args.calib_data)
+            row = check_only(model, ids, activations, preset, args.calib_data)
             rows += [row, *candidate_rows(row["selection"], preset)]
     for row in rows:
         row.update(model=args.model, env=environment())

@@ -55,6 +55,13 @@ struct Mixed {
 
 inline int table_size(int bits) { return bits <= 4 ? 16 : 1 << bits; }
 
+// Where one channel's codes and table are (outliers look codes up one at a time).
+struct Chan {
+  int32_t tab;        // float offset of its table
+  int32_t word;       // AVX-512: 32-bit word offset of its window in a vector's windows; AVX2: its slot * TILE
+  int32_t shift, mask;
+};
+
 // Per call: every channel's lookup table (keys: scale * level + zero, one rounding; values: the level), padded
 // by repeating the levels, and where each channel (h * D + c) sits: its slot (group base + member) and its table.
 // AVX-512: each group's windows per token vector (woff, wtotal) and each slot's shift in its window (sh).
@@ -65,9 +72,7 @@ struct Plan {
   i64 toff[9];     // first table float of each group
   int woff[9];     // first window of each group in a vector's windows
   int wtotal = 0;  // windows per token vector
-  std::vector<int32_t> slot_of;   // [H * D]
-  std::vector<int32_t> tab_of;    // [H * D] float offset of the channel's table
-  std::vector<int32_t> group_of;  // [H * D]
+  std::vector<Chan> chan;         // [H * D]
   std::vector<int32_t> head_of;   // [H * D]
   std::vector<int32_t> sh;        // [slots] bit offset of the member's code in its window
   int slots = 0;
@@ -91,9 +96,7 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   float* t = p->tabs.data();
   t += (16 - ((uintptr_t)t / 4) % 16) % 16;  // 64-byte aligned
   p->tab0 = t;
-  p->slot_of.assign(HD, -1);
-  p->tab_of.assign(HD, 0);
-  p->group_of.assign(HD, 0);
+  p->chan.assign(HD, Chan{0, 0, 0, 0});
   p->head_of.resize(HD);
   for (int ch = 0; ch < HD; ++ch) p->head_of[ch] = ch / D;
   p->sh.assign(p->slots, 0);
@@ -110,12 +113,15 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
         if (g.qnorm) level = level * qa + qb;  // as NuqCodec.decode_levels (fp32 mul, then add)
         dst[e] = keys ? std::fma(level, h2f(g.scale[ch]), h2f(g.zero[ch])) : level;
       }
-      for (int e = L; e < P; ++e) dst[e] = dst[e % L];
+      for (int e = L; e < P; ++e) dst[e] = dst[e - L];  // the levels repeated
       p->sh[p->base[i] + j] = (j * g.bits) & 31;
       if (ch >= 0 && ch < HD) {
-        p->slot_of[ch] = p->base[i] + j;
-        p->tab_of[ch] = (int32_t)(p->toff[i] + (i64)j * P);
-        p->group_of[ch] = i;
+#if KVPACK_AVX512
+        const int word = (p->woff[i] + ((j * g.bits) >> 5)) * W;
+#else
+        const int word = (p->base[i] + j) * TILE;
+#endif
+        p->chan[ch] = Chan{(int32_t)(p->toff[i] + (i64)j * P), word, (j * g.bits) & 31, L - 1};
       }
     }
   }
@@ -207,12 +213,11 @@ struct GroupCodes {
 
 inline GroupCodes group_codes(const TileCodes& tc, int i) { return {tc.group(i, 0), tc.p->sh.data() + tc.p->base[i], tc.p->wtotal}; }
 
-// One code (lane l of vector v) of the channel at slot `slot` of group i.
-inline int code_at(const TileCodes& tc, int i, int slot, int v, int l, int bits) {
-  const int bit = (slot - tc.p->base[i]) * bits, k = bit >> 5;
-  const uint32_t* w = (const uint32_t*)tc.group(i, v);
-  const uint64_t joined = w[(i64)k * W + l] | ((uint64_t)w[(i64)(k + 1) * W + l] << 32);
-  return (int)((joined >> (bit & 31)) & ((1u << bits) - 1));
+// One code (lane l of vector v) of a channel.
+inline int code_at(const TileCodes& tc, const Chan& c, int v, int l) {
+  const uint32_t* w = (const uint32_t*)(tc.win + (i64)v * tc.p->wtotal) + c.word + l;
+  const uint64_t joined = w[0] | ((uint64_t)w[W] << 32);
+  return (int)(joined >> c.shift) & c.mask;
 }
 #else
 // A tile's codes as int32 lanes [slot][TILE].
@@ -258,10 +263,7 @@ struct GroupCodes {
 
 inline GroupCodes group_codes(const TileCodes& tc, int i) { return {tc.slot(tc.p->base[i], 0)}; }
 
-inline int code_at(const TileCodes& tc, int i, int slot, int v, int l, int bits) {
-  (void)i; (void)bits;
-  return (int)tc.slot(slot, v)[l];
-}
+inline int code_at(const TileCodes& tc, const Chan& c, int v, int l) { return (int)tc.ct[c.word + v * W + l]; }
 #endif
 
 // Outliers of tokens n0 .. n0 + count - 1: fix(token offset, channel h * D + c, value) for each.
@@ -302,39 +304,6 @@ inline void decode_group(const float* tab, int n, const int32_t* cols, const Gro
   for (int j = 0; j < n; ++j) simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, gc.at<BITS>(j, v)));
 }
 
-// The fine RoPE table transposed: lot[c * rows + j] = lo[j * rot + c] (rows = 2^shift).
-inline void transpose_lo(const Rope& rope, std::vector<float>* lot) {
-  const int rows = 1 << rope.shift;
-  lot->resize((size_t)rows * rope.rot);
-  for (int j = 0; j < rows; ++j)
-    for (int c = 0; c < rope.rot; ++c) (*lot)[(size_t)c * rows + j] = rope.lo[(i64)j * rope.rot + c];
-}
-
-// cos/sin of W tokens at consecutive positions p0 .. p0 + W - 1 inside one coarse row, as Rope::row composes them:
-// the coarse row broadcast, the fine rows read across the lanes from the transposed table.
-inline void rope_consecutive(const Rope& rope, const float* lot, i64 p0, int half, float* cs, float* sn) {
-  const int rows = 1 << rope.shift;
-  const float* h = rope.hi + (p0 >> rope.shift) * rope.rot;
-  const float* lc = lot + (p0 & (rows - 1));
-  const float* ls = lc + (i64)half * rows;
-  for (int i = 0; i < half; ++i) {
-    const vf hc = simd::set1(h[i]), hs = simd::set1(h[half + i]);
-    const vf c = simd::load(lc + (i64)i * rows), s = simd::load(ls + (i64)i * rows);
-    simd::storea(cs + (i64)i * W, simd::fmsub(hc, c, simd::mul(hs, s)));
-    simd::storea(sn + (i64)i * W, simd::fmadd(hs, c, simd::mul(hc, s)));
-  }
-}
-
-// Whether the W tokens from n hold consecutive positions inside one coarse row of the RoPE tables.
-inline bool rope_run(const Rope& rope, i64 b, i64 n, i64 N, i64* p0) {
-  if (n + W > N) return false;
-  const int32_t* p = rope.pos + b * rope.pb + n;
-  *p0 = p[0];
-  for (int l = 1; l < W; ++l)
-    if (p[l] != p[0] + l) return false;
-  return p[0] >= 0 && (p[0] & ((1 << rope.shift) - 1)) + W <= (1 << rope.shift);
-}
-
 // cos/sin of the W tokens from n (rows clamped to N - 1) transposed: cs[i * W + lane], sn likewise, i < half;
 // rows is scratch [W][rot].
 inline void rope_tile(const Rope& rope, i64 b, i64 n, i64 N, int half, float* rows, float* cs, float* sn) {
@@ -356,6 +325,50 @@ inline void rope_tile(const Rope& rope, i64 b, i64 n, i64 N, int half, float* ro
       for (int c = 0; c < w; ++c) simd::storea(dst + (i64)(i0 + c) * W, r[c]);
     }
   }
+}
+
+// The fine RoPE table transposed, each row continued by its first W entries: lot[c * (rows + W) + j] =
+// lo[(j % rows) * rot + c] (rows = 2^shift), so that W consecutive fine positions are one load.
+inline void transpose_lo(const Rope& rope, std::vector<float>* lot) {
+  const int rows = 1 << rope.shift, stride = rows + W;
+  lot->resize((size_t)stride * rope.rot);
+  for (int j = 0; j < stride; ++j)
+    for (int c = 0; c < rope.rot; ++c) (*lot)[(size_t)c * stride + j] = rope.lo[(i64)(j % rows) * rope.rot + c];
+}
+
+// cos/sin of W tokens at consecutive positions p0 .. p0 + W - 1, as Rope::row composes them: the coarse row
+// broadcast (two rows, blended by lane, where the positions cross into the next), the fine rows read across the
+// lanes from the transposed table.
+template <bool CROSS>
+inline void rope_consecutive(const Rope& rope, const float* lot, i64 p0, int half, float* cs, float* sn) {
+  const int rows = 1 << rope.shift, stride = rows + W, j0 = (int)(p0 & (rows - 1));
+  const float* h = rope.hi + (p0 >> rope.shift) * rope.rot;
+  const float* h1 = h + rope.rot;  // lanes from rows - j0 on (CROSS)
+  const simd::vmask next = simd::lanes_from(rows - j0);
+  const float* lc = lot + j0;
+  const float* ls = lc + (i64)half * stride;
+  for (int i = 0; i < half; ++i) {
+    vf hc = simd::set1(h[i]), hs = simd::set1(h[half + i]);
+    if (CROSS) {
+      hc = simd::blend(next, hc, simd::set1(h1[i]));
+      hs = simd::blend(next, hs, simd::set1(h1[half + i]));
+    }
+    const vf c = simd::load(lc + (i64)i * stride), s = simd::load(ls + (i64)i * stride);
+    simd::storea(cs + (i64)i * W, simd::fmsub(hc, c, simd::mul(hs, s)));
+    simd::storea(sn + (i64)i * W, simd::fmadd(hs, c, simd::mul(hc, s)));
+  }
+}
+
+// cos/sin of the W tokens from n: from the tables directly where their positions are consecutive (within one
+// coarse row or crossing into the next), else row by row (rope_tile).
+inline void rope_vector(const Rope& rope, const float* lot, i64 b, i64 n, i64 N, int half, float* rows, float* cs,
+                        float* sn) {
+  const int32_t* p = rope.pos + b * rope.pb + n;
+  bool run = n + W <= N && p[0] >= 0 && (1 << rope.shift) >= W;
+  for (int l = 1; run && l < W; ++l) run = p[l] == p[0] + l;
+  if (!run) return rope_tile(rope, b, n, N, half, rows, cs, sn);
+  if ((p[0] & ((1 << rope.shift) - 1)) + W <= (1 << rope.shift)) rope_consecutive<false>(rope, lot, p[0], half, cs, sn);
+  else rope_consecutive<true>(rope, lot, p[0], half, cs, sn);
 }
 
 template <int GT>
@@ -399,9 +412,7 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
 #undef CALL
         }
         if (m.ov) range_outliers(m, b, nv, lanes, B, H, T, D, [&](int l, int ch, float x) { kd[(i64)ch * W + l] = x; });
-        i64 p0;
-        if (half && rope_run(rope, b, nv, N, &p0)) rope_consecutive(rope, lot.data(), p0, half, cs, sn);
-        else if (half) rope_tile(rope, b, nv, N, half, rows, cs, sn);
+        if (half) rope_vector(rope, lot.data(), b, nv, N, half, rows, cs, sn);
         for (int h = 0; h < H; ++h) {
           const float* kh = kd + (i64)h * D * W;
           const float* qq = q + b * qb + h * qh;
@@ -545,9 +556,8 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
         range_outliers(m, b, n0, count, B, H, T, D, [&](int j, int ch, float x) {
           const i64 n = n0 + j;
           const int h = plan.head_of[ch], c = ch - h * D;
-          const int gi = plan.group_of[ch];
-          const int code = code_at(tc, gi, plan.slot_of[ch], j / W, j % W, m.g[gi].bits);
-          const float deq = plan.tab0[plan.tab_of[ch] + code] * scales[(i64)h * TILE + j] + zeros[(i64)h * TILE + j];
+          const Chan& ci = plan.chan[ch];
+          const float deq = plan.tab0[ci.tab + code_at(tc, ci, j / W, j % W)] * scales[(i64)h * TILE + j] + zeros[(i64)h * TILE + j];
           const float delta = x - deq;
           for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + c] += p[b * pb + h * ph + g * pg + n] * delta;
         });

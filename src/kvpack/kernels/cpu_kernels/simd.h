@@ -5,6 +5,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
@@ -37,6 +38,9 @@ inline void store_n(float* p, vf v, int m) {  // the first m lanes
 }
 inline vf load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline vi index(const code_t* p) { return _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)p)); }
+typedef __mmask16 vmask;
+inline vmask lanes_from(int l) { return (vmask)(0xffffu << std::min(std::max(l, 0), 16)); }  // lanes >= l
+inline vf blend(vmask m, vf a, vf b) { return _mm512_mask_blend_ps(m, a, b); }                // b where m
 
 // Level lookup, one table per channel: lane l gets tab[idx[l]]. tab: 16 floats (BITS <= 4, the 2**BITS levels repeated),
 // 2**BITS beyond. Index bits above the code are ignored (the permutes read the low 4 / 5 bits, the 6-bit blend tests
@@ -123,6 +127,11 @@ inline void store_n(float* p, vf v, int m) {
 }
 inline vf load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline vi index(const code_t* p) { return _mm256_load_si256((const __m256i*)p); }
+typedef __m256 vmask;
+inline vmask lanes_from(int l) {  // lanes >= l
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8), _mm256_set1_epi32(l)));
+}
+inline vf blend(vmask m, vf a, vf b) { return _mm256_blendv_ps(a, b, m); }
 
 template <int BITS>
 inline vf lut(const float* tab, vi idx) {

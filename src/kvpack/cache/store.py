@@ -3,12 +3,17 @@
 A block is what a codec's `encode` returned for x [batch, heads, tokens, head_dim]. Blocks of the
 same layout (same x shape, tensor names, dtypes and trailing tensor dims, same meta) are kept
 in one *run*, per tensor one buffer that blocks are concatenated into along dim 0, with spare
-capacity (grown by ~1/8, so appends are amortized O(1)). A run decodes in one codec call: the
+capacity (grown by 1/128 of what it holds: under 1% spare, and appends stay amortized O(1), a row being
+copied about 128 times over its life). A run decodes in one codec call: the
 codec sees the blocks as one batch of `blocks * batch` rows, [blocks * batch, heads, tokens,
 head_dim], block-major. That is what `encode` would have produced for the blocks stacked along
 the batch dim for every codec whose tensors are batch-major (leading batch dim, or flat
 row-major lists such as sparse outliers); the first time a codec's blocks are stacked the store
 checks it (decoding together == decoding apart), and keeps one run per block otherwise.
+
+A codec whose storage is token-major (`Codec.split_tokens`: kvpack's mixed-width presets at batch 1) has
+every block stored as one-token blocks, so a prompt and the decode steps after it share one run (one set of
+buffers and bookkeeping per layer, and the kernels read the run as one block).
 
 The layout is paged: block i of a run is a contiguous slice of every buffer, so a packed
 attention kernel can walk runs block by block.
@@ -19,6 +24,7 @@ by position (run, index), not by a second reference to its tensors.
 """
 from __future__ import annotations
 
+import sys
 from itertools import accumulate
 
 import torch
@@ -27,6 +33,22 @@ from kvpack.codecs import Codec, Encoded, StorageLayout, sparse
 from kvpack.errors import MethodError
 
 _DERIVED = ("outlier_values", "outlier_indices")  # block lengths follow from "outlier_counts"
+
+
+def block_rows(enc: Encoded, blocks: int) -> dict[str, list[int]]:
+    """Dim-0 rows of each of the `blocks` blocks in enc (x [blocks * B, H, T, D], block-major), per tensor: an
+    equal share of every tensor, except the sparse outlier values and indices, whose blocks have as many rows as
+    their `outlier_counts` say."""
+    out = {}
+    for name, t in enc.tensors.items():
+        if name in _DERIVED and blocks > 1:
+            counts = enc.tensors["outlier_counts"].to(torch.int64)
+            out[name] = counts.view(blocks, -1).sum(1).tolist()
+        elif t.shape[0] % blocks:
+            raise ValueError(f"encoded tensor '{name}' of {t.shape[0]} rows does not split into {blocks} blocks")
+        else:
+            out[name] = [t.shape[0] // blocks] * blocks
+    return out
 
 
 def signature(enc: Encoded) -> tuple:
@@ -66,10 +88,12 @@ class Run:
                 self._ends[name] = torch.tensor(list(accumulate(lens)), dtype=torch.int64)
 
     @classmethod
-    def start(cls, enc: Encoded) -> "Run":
-        """A run of one block; it takes over the block's tensors when they own exactly their storage."""
-        return cls(enc.shape, enc.meta, signature(enc), {n: _owned(t) for n, t in enc.tensors.items()},
-                   {n: [t.shape[0]] for n, t in enc.tensors.items()})
+    def start(cls, enc: Encoded, blocks: int = 1) -> "Run":
+        """A run of `blocks` blocks (enc: x [blocks * B, H, T, D], block-major, see `block_rows`); it takes over the
+        tensors when they own exactly their storage."""
+        rows = block_rows(enc, blocks)
+        shape = (enc.shape[0] // blocks, *enc.shape[1:])
+        return cls(shape, enc.meta, signature(enc), {sys.intern(n): _owned(t) for n, t in enc.tensors.items()}, rows)
 
     @property
     def signature(self) -> tuple:
@@ -77,9 +101,10 @@ class Run:
         parts = tuple((n, tuple(self.buffers[n].shape[1:]), self.buffers[n].dtype) for n in sorted(self.buffers))
         return parts, self.block_shape, repr(sorted(self.meta.items()))
 
-    def accepts(self, enc: Encoded) -> bool:
-        """Whether block `enc` has this run's layout (== `signature(enc) == self.signature`, without building it)."""
-        if tuple(enc.shape) != self.block_shape or enc.tensors.keys() != self.buffers.keys():
+    def accepts(self, enc: Encoded, blocks: int = 1) -> bool:
+        """Whether the `blocks` blocks of `enc` have this run's layout (== `signature(enc) == self.signature`, without
+        building it)."""
+        if (enc.shape[0] // blocks, *enc.shape[1:]) != self.block_shape or enc.tensors.keys() != self.buffers.keys():
             return False
         if repr(sorted(enc.meta.items())) != repr(sorted(self.meta.items())):
             return False
@@ -143,28 +168,33 @@ class Run:
             return x
         return x.reshape(self.count, batch, heads, tokens, dim).permute(1, 2, 0, 3, 4).reshape(batch, heads, -1, dim)
 
-    def append(self, enc: Encoded) -> None:
+    def append(self, enc: Encoded, blocks: int = 1) -> None:
+        """Add the `blocks` blocks of enc (x [blocks * B, H, T, D], block-major) after the others."""
+        rows = block_rows(enc, blocks) if blocks > 1 else {n: [t.shape[0]] for n, t in enc.tensors.items()}
         for name, t in enc.tensors.items():
             buf, used, n = self.buffers[name], self.used(name), t.shape[0]
             if used + n > buf.shape[0]:
-                grow = max(n, buf.shape[0] // 8)
+                grow = max(n, buf.shape[0] // 128)
                 extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
                 buf = self.buffers[name] = torch.cat([buf[:used], extra])
             buf[used:used + n].copy_(t)
-            self._note(name, n)
+            for i, r in enumerate(rows[name]):
+                self._note(name, r, self.count + i)
             self._used[name] = used + n
-        self.count += 1
+        self.count += blocks
 
-    def _note(self, name: str, n: int) -> None:
-        """Record that the block being appended (index `count`) has `n` rows of tensor `name`."""
+    def _note(self, name: str, n: int, index: int) -> None:
+        """Record that block `index` (being appended) has `n` rows of tensor `name`."""
+        if name in _DERIVED and "outlier_counts" in self._rows:
+            return
         if name in self._ends:
             ends = self._ends[name]
-            if self.count >= ends.numel():
-                ends = self._ends[name] = torch.cat([ends[:self.count], ends.new_empty(max(8, self.count // 8))])
-            ends[self.count] = self._used[name] + n
+            if index >= ends.numel():
+                ends = self._ends[name] = torch.cat([ends[:index], ends.new_empty(max(8, index // 8))])
+            ends[index] = (ends[index - 1] if index else 0) + n
         elif name in self._rows and self._rows[name] != n:
-            ends = torch.arange(1, self.count + 2, dtype=torch.int64) * self._rows.pop(name)
-            ends[self.count] = self._used[name] + n
+            ends = torch.arange(1, index + 2, dtype=torch.int64) * self._rows.pop(name)
+            ends[index] = (ends[index - 1] if index else 0) + n
             self._ends[name] = ends
 
     def nbytes(self, name: str, reserved: bool = False) -> int:
@@ -259,12 +289,14 @@ class BlockStore:
         """Add one encoded block of x [batch, heads, tokens, head_dim] after the others."""
         if any(t.dim() == 0 for t in enc.tensors.values()):
             raise ValueError(f"codec '{codec.name}' returned a 0-dim tensor; encoded tensors need a leading dim")
+        split = codec.split_tokens(enc)  # one-token blocks: prompts and decode steps share one run
+        enc, blocks = (enc, 1) if split is None else (split, enc.shape[-2])
         last = self.runs[-1] if self.runs else None
         # Blocks of one layout stack along dim 0 and decode as one (the Codec contract, StorageLayout).
-        if last is not None and last.accepts(enc) and self._newest_in(last):
-            last.append(enc)
+        if last is not None and last.accepts(enc, blocks) and self._newest_in(last):
+            last.append(enc, blocks)
         else:
-            last = Run.start(enc)
+            last = Run.start(enc, blocks)
             self.runs.append(last)
         self._last = (last, last.count - 1)
 

@@ -132,6 +132,11 @@ class Codec(ABC):
         or None when this codec's storage cannot be cut there."""
         return None
 
+    def split_tokens(self, enc: Encoded) -> Encoded | None:
+        """Block `enc` (x [B, H, T, D]) as T one-token blocks (x [T * B, H, 1, D], block-major) where that is only a
+        reshaping of its tensors (no copy), else None. A store keeps one-token blocks of every length in one run."""
+        return None
+
     def shared_nbytes(self) -> int:
         """Bytes of per-layer storage shared by all blocks (codebooks); 0 for baselines."""
         return 0

@@ -103,7 +103,12 @@ class NuqCodec(Codec):
             raise ValueError(f"axis must be in {AXES}, span in {SPANS}, outlier_scope in {SCOPES}")
         if not 0 <= outlier_frac < 0.5:
             raise ValueError(f"outlier fraction must be in [0, 0.5), got {outlier_frac}")
-        self.levels = _half(levels)  # fp16 [groups, n], sorted; entries past a channel's width hold PAD
+        levels = _half(levels)  # fp16 [groups, n], sorted; entries past a channel's width hold PAD
+        if self.channel_bits is None:
+            self.level_data = levels  # fp16 [groups, n]
+        else:  # only each channel's 2**b levels, channel after channel: fp16 [sum of 2**b]
+            used = torch.arange(n, device=levels.device) < (1 << self.channel_bits.long().to(levels.device))[:, None]
+            self.level_data = levels[used].contiguous()
         self.bits = n.bit_length() - 1 if self.channel_bits is not None else check_bits(n.bit_length() - 1, 1, 8)
         self.axis, self.span, self.outlier_scope = axis, span, outlier_scope
         self.heads, self.head_dim = heads, head_dim
@@ -122,6 +127,19 @@ class NuqCodec(Codec):
             self.out_hi = _half(out_hi).reshape(heads, 1, 1)
         width = f"{self.mean_bits:g}" if self.channel_bits is not None else f"{self.bits}"
         self.name = name or f"nuq{width}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+
+    @property
+    def levels(self) -> torch.Tensor:
+        """fp16 [groups, n], sorted: the codebooks, per-channel widths padded to 2**max(bits) with PAD (built when
+        asked; the codec holds only each channel's 2**b levels, `level_data`)."""
+        if self.channel_bits is None:
+            return self.level_data
+        n = 1 << self.bits
+        width = (1 << self.channel_bits.long().to(self.level_data.device))[:, None]
+        entry = torch.arange(n, device=self.level_data.device)
+        first = torch.cumsum(width, 0) - width  # where each channel's levels start
+        index = (first + entry).clamp(max=self.level_data.numel() - 1)
+        return self.level_data[index].masked_fill(entry >= width, PAD)
 
     @property
     def decode_levels(self) -> torch.Tensor:
@@ -168,10 +186,7 @@ class NuqCodec(Codec):
         """fp16 codebooks (only the 2**b used entries of each channel), Q-Norm pairs, per-channel ranges,
         per-matrix thresholds and per-channel bit widths (1 byte each) of this layer."""
         tensors = self.state()[1]
-        total = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "levels")
-        if self.channel_bits is None:
-            return total + self.levels.numel() * 2
-        return total + int((1 << self.channel_bits.long()).sum()) * 2
+        return self.level_data.numel() * 2 + sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "levels")
 
     # ----- normalization -----
     def _check(self, x: torch.Tensor) -> None:
@@ -291,6 +306,24 @@ class NuqCodec(Codec):
         if "outlier_values" in t:
             out |= sparse.slice_outliers(t, tokens, start, stop)
         return Encoded(out, shape)
+
+    def split_tokens(self, enc: Encoded) -> Encoded | None:
+        """Per-channel widths, batch 1, one range per token over all heads (or per-channel ranges) and outlier rows
+        per token: every tensor is token-major, so T one-token blocks are views of the same bytes."""
+        batch, heads, tokens, dim = enc.shape
+        if self.channel_bits is None or batch != 1 or (self.axis == "token" and self.span != "all"):
+            return None
+        if self.outlier_frac > 0 and self.outlier_rows != "token_all":
+            return None
+        out = {}
+        for name, t in enc.tensors.items():
+            if name.startswith("codes"):
+                out[name] = t.reshape(tokens, -1)
+            elif name in ("zero", "scale"):  # [1, 1, T, 1]
+                out[name] = t.reshape(tokens, 1, 1, 1)
+            else:  # outlier counts [T] (one row per token), values and positions [nnz]
+                out[name] = t
+        return Encoded(out, (tokens, heads, 1, dim), dict(enc.meta))
 
     def layout(self) -> StorageLayout:
         parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self.width_columns()])}

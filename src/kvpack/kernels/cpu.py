@@ -247,10 +247,10 @@ def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
     """Arguments of one run of mixed-width nuq blocks (kind SEG_MIXED): every width group, value ranges, outliers."""
     args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups)]
     for g in view.groups:
-        c = g.codec  # fp16 levels [H * D, 2**max] (rows by channel), Q-Norm [H * D, 2], ranges [H * D]: once per model
+        c = g.codec  # fp16 levels [sum of 2**width] (channel after channel), widths [H * D], Q-Norm [H * D, 2], ranges [H * D]: once per model
         keyed = c.axis == "channel"
         args += [g.bits, g.cols.numel(), _ptr(g.codes), g.codes.stride(0), g.codes.stride(1), g.cols.numel() * g.bits // 8,
-                 _ptr(g.cols), _ptr(c.levels), c.levels.shape[1], _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
+                 _ptr(g.cols), _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
                  _ptr(c.zero) if keyed else 0]
     if keys or view.vscale is None:
         args += [0, 0, 0, 0, 0, 0]
@@ -279,8 +279,9 @@ def _run_segment(run, codec, keys: bool, rotary_keys: bool):
 
 def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: int) -> array.array | None:
     """The packed kernel arguments of one run, kept on the run until its blocks or buffers change (8 bytes an
-    argument, plus the tensors they point at that the run does not own, normally none); None if no kernel reads it."""
-    key = (run_key(run, codec), keys, rotary_keys)
+    argument, plus the tensors they point at that neither the run nor its codec holds, normally none); None if no
+    kernel reads it."""
+    key = (*run_key(run, codec), keys, rotary_keys)
     memo = run.__dict__.get("_kvpack_args")
     if memo is not None and memo[0] == key:
         return memo[1]
@@ -289,7 +290,10 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
         return None
     view, build = found
     args = _int64s(build())
-    own = {b.untyped_storage().data_ptr() for b in run.buffers.values()}
+    held = [*run.buffers.values(), *(t for t in vars(codec).values() if isinstance(t, torch.Tensor))]
+    if isinstance(codec, NuqCodec) and codec.channel_bits is not None:
+        held += codec.width_columns().values()
+    own = {t.untyped_storage().data_ptr() for t in held}
     foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
     run.__dict__["_kvpack_args"] = (key, args, foreign or None)
     return args
@@ -411,7 +415,7 @@ def mixed_encode(codec, x: torch.Tensor):
     if load() is None or heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
         return None
     columns = codec.width_columns()
-    if int(codec.channel_bits.min()) < 1 or any(c.numel() % 8 for c in columns.values()) or codec.levels.shape[1] > 256:
+    if int(codec.channel_bits.min()) < 1 or any(c.numel() % 8 for c in columns.values()) or codec.bits > 8:
         return None
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:

@@ -226,8 +226,9 @@ def _outliers(t: dict, mode: int | None) -> Outliers | None:
 
 
 def run_key(run, codec: Codec) -> tuple:
-    """What a view of a run depends on: its codec, blocks and buffers (a view is stale when this changes)."""
-    return id(codec), run.count, tuple(run.block_shape), tuple(b.data_ptr() for b in run.buffers.values())
+    """What a view of a run depends on: its codec and blocks (a view is stale when this changes). Buffers change only
+    where blocks do: an append changes `count` (and may reallocate), every other change counts in `edits`."""
+    return id(codec), run.count, run.edits
 
 
 def _cached(run, codec: Codec, kind: str, build):
@@ -300,9 +301,9 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
     if "outlier_values" in t and mode is None:
         return None
     half = torch.float16
-    fp16 = [codec.levels] + ([codec.scale, codec.zero] if codec.axis == "channel" else []) + (
+    fp16 = [codec.level_data] + ([codec.scale, codec.zero] if codec.axis == "channel" else []) + (
         [codec.qnorm] if codec.qnorm is not None else [])
-    if codec.levels.shape[0] != heads * dim or any(t.dtype != half or not t.is_contiguous() for t in fp16):
+    if codec.channel_bits.numel() != heads * dim or any(t.dtype != half or not t.is_contiguous() for t in fp16):
         return None
     groups = []
     for bits, cols in codec.width_columns().items():
@@ -318,6 +319,22 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
         if ranges is None:
             return None
         view.vscale, view.vzero = ranges
+    return _as_one_block(view)
+
+
+def _as_one_block(view: MixedNuqView) -> MixedNuqView:
+    """A run of one-token blocks of batch 1 (`Codec.split_tokens`) seen as one block of `nblk` tokens: every tensor
+    is token-major (codes, one value range per token, outlier rows per token), so this changes only the shapes."""
+    if view.batch != 1 or view.tokens != 1 or view.nblk == 1:
+        return view
+    if (view.vscale is not None and view.vscale.shape[2] != 1) or (view.outliers is not None and view.outliers.mode != 1):
+        return view
+    tokens = view.nblk
+    for g in view.groups:
+        g.codes = g.codes.view(1, 1, -1)
+    if view.vscale is not None:
+        view.vscale, view.vzero = view.vscale.view(1, 1, 1, tokens), view.vzero.view(1, 1, 1, tokens)
+    view.nblk, view.tokens = 1, tokens
     return view
 
 

@@ -72,7 +72,7 @@ def width_tables(codec, view: MixedNuqView, keys: bool) -> WidthTables | None:
     if not groups or len(groups) > MAX_SLOTS or any(not 1 <= g.bits <= 8 for g in groups):
         return None
     memo = codec.__dict__.setdefault("_kvpack_triton_tables", {})
-    levels = groups[0].codec.levels
+    levels = groups[0].codec.level_data  # what the tables are built from (the padded `levels` is built per ask)
     key = (keys, str(groups[0].cols.device), id(levels), levels._version)
     if key not in memo:
         memo[key] = _build_tables(view, keys)

@@ -213,7 +213,7 @@ def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch
 def _encoder(part: SlotPart, offset: int) -> tuple[list, list[int]] | None:
     """(tensors kept alive, the 15 encoder arguments of a nuq part), or None if the C++ writer does not cover it."""
     codec = part.codec
-    if part.kind != "nuq" or codec._matrix_outliers or part.channels > 4096 or codec.levels.shape[1] > 256:
+    if part.kind != "nuq" or codec._matrix_outliers or part.channels > 4096 or codec.bits > 8:
         return None
     token = codec.axis == "token"
     if not token and part.scale_pairs:

@@ -36,8 +36,8 @@ struct Group {
   const uint8_t* codes;  // token (blk, b, t) at codes + blk * sblk + b * sb + t * st
   i64 sblk, sb, st;
   const int32_t* cols;      // [n] channel (h * D + c) of each member
-  const uint16_t* levels;   // fp16 [H * D, lstride]: the codec's levels, one row per channel
-  int lstride;
+  const uint16_t* levels;   // fp16 [sum over channels of 2**width]: the codec's levels, channel after channel
+  const uint8_t* widths;    // [H * D] every channel's width (where its levels start follows from them)
   const uint16_t* qnorm;    // fp16 [H * D, 2]: decoded level = level * a + b (Q-Norm); nullptr: none
   const uint16_t* scale;    // keys: fp16 [H * D] per-channel scale and zero; values: nullptr
   const uint16_t* zero;
@@ -97,6 +97,8 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   t += (16 - ((uintptr_t)t / 4) % 16) % 16;  // 64-byte aligned
   p->tab0 = t;
   p->chan.assign(HD, Chan{0, 0, 0, 0});
+  std::vector<i64> loff(HD + 1, 0);  // first level of each channel
+  for (int ch = 0; ch < HD; ++ch) loff[ch + 1] = loff[ch] + (1 << m.g[0].widths[ch]);
   p->head_of.resize(HD);
   for (int ch = 0; ch < HD; ++ch) p->head_of[ch] = ch / D;
   p->sh.assign(p->slots, 0);
@@ -106,7 +108,7 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
     for (int j = 0; j < g.n; ++j) {  // expanded per call from the codec's fp16 state (held once per model)
       const int ch = g.cols[j];
       float* dst = t + p->toff[i] + (i64)j * P;
-      const uint16_t* lv = g.levels + (i64)ch * g.lstride;
+      const uint16_t* lv = g.levels + loff[ch];
       const float qa = g.qnorm ? h2f(g.qnorm[2 * ch]) : 1.0f, qb = g.qnorm ? h2f(g.qnorm[2 * ch + 1]) : 0.0f;
       for (int e = 0; e < L; ++e) {
         float level = h2f(lv[e]);

@@ -1,0 +1,95 @@
+"""What a mixed-width preset holds, and nothing more: each channel's 2**width fp16 levels (no padding to the widest
+width), prompts and decode steps in one run of one-token blocks (one set of buffers and bookkeeping per layer's
+keys or values), read by the kernels as one block, with under 1% spare capacity."""
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+import kvpack
+from kvpack.cache.cache import CompressedCache
+from kvpack.cache.memory import held_storages
+from kvpack.codecs.nuq import PAD, NuqCodec
+from kvpack.hf.attention import cache_kwargs
+from kvpack.kernels import cpu, dispatch
+from kvpack.kernels.layout import mixed_view
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HEADS, DIM = 2, 16
+WIDTHS = torch.tensor([3] * 8 + [2] * 16 + [5] * 8)
+
+
+def _codec(axis: str, span: str = "all", outliers: float = 0.0) -> NuqCodec:
+    g = torch.Generator().manual_seed(0)
+    levels = torch.rand(HEADS * DIM, 32, generator=g) * 2 - 1
+    ranges = {} if axis == "token" else {"zero": torch.zeros(HEADS, DIM), "scale": torch.ones(HEADS, DIM)}
+    return NuqCodec(levels, axis, HEADS, DIM, outlier_frac=outliers, span=span, channel_bits=WIDTHS, **ranges)
+
+
+def test_levels_held_per_channel_width():
+    codec = _codec("channel")
+    widths = 1 << WIDTHS.long()
+    assert codec.level_data.numel() == int(widths.sum())  # no padding to 2**5 levels per channel
+    padded = codec.levels
+    assert padded.shape == (HEADS * DIM, 32)
+    used = torch.arange(32) < widths[:, None]
+    assert torch.all(padded[~used] == PAD)
+    assert torch.equal(padded[used], codec.level_data)
+    assert all(torch.all(row[:w][1:] >= row[:w][:-1]) for row, w in zip(padded, widths.tolist()))  # sorted
+    again = NuqCodec.from_state(*codec.state())  # recipe files keep the padded table: the same codec comes back
+    assert torch.equal(again.level_data, codec.level_data)
+    # what the codec holds is what the quality table counts for it
+    assert sum(held_storages(codec).values()) == codec.shared_nbytes()
+
+
+@pytest.mark.parametrize("axis,outliers", [("channel", 0.0), ("channel", 0.05), ("token", 0.05)])
+def test_split_tokens_is_the_same_storage(axis, outliers):
+    codec = _codec(axis, outliers=outliers)
+    x = torch.randn(1, HEADS, 11, DIM, generator=torch.Generator().manual_seed(1)) * 2
+    enc = codec.encode(x)
+    split = codec.split_tokens(enc)
+    assert split is not None and split.shape == (11, HEADS, 1, DIM)
+    for name, t in enc.tensors.items():  # only shapes change
+        assert split.tensors[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    decoded = codec.decode(split)  # [11, H, 1, D]
+    torch.testing.assert_close(decoded.squeeze(2).transpose(0, 1).unsqueeze(0), codec.decode(enc), atol=0, rtol=0)
+    assert codec.split_tokens(codec.encode(x.repeat(2, 1, 1, 1))) is None  # batch 2: blocks are batch-major
+    assert _codec("token", span="head").split_tokens(_codec("token", span="head").encode(x)) is None  # per-head ranges
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)))
+    return path
+
+
+@torch.no_grad()
+def test_prompt_and_decode_steps_share_one_run(text_file):
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(text_file), windows=3, seqlen=64,
+                              progress=False)
+    assert all(c.channel_bits is not None for c in recipe.key_codecs)
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(1))
+    cache = CompressedCache(model, recipe)
+    model(ids[:, :40], **cache_kwargs(cache))
+    for t in range(40, 300):
+        model(ids[:, t:t + 1], **cache_kwargs(cache))
+    for layer in cache.layers:
+        for stream in (layer.k, layer.v):
+            (run,) = stream.body.runs
+            assert run.block_shape[2] == 1 and run.count == stream.body.tokens == 300 - stream.head_len
+            for name, buf in run.buffers.items():  # spare capacity under 1% (+ one block's rows)
+                spare = buf.shape[0] - run.used(name)
+                assert spare <= run.used(name) // 128 + run.used(name) // run.count + 1, name
+            if cpu.available():
+                view = mixed_view(run, stream.codec)
+                assert view is not None and view.nblk == 1 and view.tokens == run.count  # read as one block
+        if cpu.available():
+            q = torch.randn(1, model.config.num_attention_heads, 1, 16, generator=torch.Generator().manual_seed(2))
+            paths = []
+            ref = dispatch.layer_attention(layer, q, backend="torch", rope=cache.packed.rope)
+            got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+            assert paths == [("layer", "cpu")]

@@ -178,8 +178,11 @@ class Run:
                 extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
                 buf = self.buffers[name] = torch.cat([buf[:used], extra])
             buf[used:used + n].copy_(t)
-            for i, r in enumerate(rows[name]):
-                self._note(name, r, self.count + i)
+            per = rows[name]
+            same = self._rows.get(name) == per[0] and per.count(per[0]) == len(per)  # nothing to record
+            if not same and not (name in _DERIVED and "outlier_counts" in self._rows):
+                for i, r in enumerate(per):
+                    self._note(name, r, self.count + i)
             self._used[name] = used + n
         self.count += blocks
 

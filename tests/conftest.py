@@ -168,3 +168,12 @@ def smollm2():
 
     with single_thread():
         return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def mixed_calib_text(tmp_path_factory) -> Path:
+    """1,200 random words: calibration text for the tiny mixed-width recipes."""
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)))
+    return path

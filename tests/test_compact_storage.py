@@ -57,18 +57,10 @@ def test_split_tokens_is_the_same_storage(axis, outliers):
     assert _codec("token", span="head").split_tokens(_codec("token", span="head").encode(x)) is None  # per-head ranges
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)))
-    return path
-
-
 @torch.no_grad()
-def test_prompt_and_decode_steps_share_one_run(text_file):
+def test_prompt_and_decode_steps_share_one_run(mixed_calib_text):
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(text_file), windows=3, seqlen=64,
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(mixed_calib_text), windows=3, seqlen=64,
                               progress=False)
     assert all(c.channel_bits is not None for c in recipe.key_codecs)
     ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(1))

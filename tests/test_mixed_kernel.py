@@ -13,22 +13,14 @@ from kvpack.kernels import cpu, dispatch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (1200,), generator=g)))
-    return path
-
-
 @pytest.mark.parametrize("name", ["kvquant-3bit-1pct:alloc-global:fisher-s2", "kvquant-2bit:alloc-tensor:vspan-head",
                                   "kvquant-4bit-1pct:alloc-global:qnorm:vspan-head"])
 @torch.no_grad()
-def test_mixed_width_kernel_equals_the_torch_reference(name, text_file):
+def test_mixed_width_kernel_equals_the_torch_reference(name, mixed_calib_text):
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, name, data=str(text_file), windows=3, seqlen=64, progress=False)
+    recipe = kvpack.calibrate(model, tok, name, data=str(mixed_calib_text), windows=3, seqlen=64, progress=False)
     codecs = recipe.key_codecs + recipe.value_codecs
     assert any(len(set(c.channel_bits.tolist())) > 1 for c in codecs)  # widths really differ
     for c in codecs:  # every width holds a multiple of 8 channels per tensor
@@ -76,13 +68,13 @@ def test_mixed_width_blocks_cut_per_token_when_byte_aligned():
 
 @pytest.mark.parametrize("block_tokens,threads", [(16, 1), (64, 2)])
 @torch.no_grad()
-def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, text_file):
+def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, mixed_calib_text):
     """Blocks holding whole vectors of 16 tokens take the kernels' fast tile path (AVX-512: codes unpacked and
     transposed 16 tokens at a time); the run's last tile is partial; split over threads the value partials merge."""
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
     model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global:fisher-s2", data=str(text_file), windows=3,
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global:fisher-s2", data=str(mixed_calib_text), windows=3,
                               seqlen=64, progress=False)
     ids = torch.randint(3, 120, (2, 200), generator=torch.Generator().manual_seed(3))
     cache = CompressedCache(model, recipe, block_tokens=block_tokens)

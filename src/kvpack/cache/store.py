@@ -43,11 +43,11 @@ def block_rows(enc: Encoded, blocks: int) -> dict[str, list[int]]:
     for name, t in enc.tensors.items():
         if name in _DERIVED and blocks > 1:
             counts = enc.tensors["outlier_counts"].to(torch.int64)
-            out[name] = counts.view(blocks, -1).sum(1).tolist()
+            out[sys.intern(name)] = counts.view(blocks, -1).sum(1).tolist()
         elif t.shape[0] % blocks:
             raise ValueError(f"encoded tensor '{name}' of {t.shape[0]} rows does not split into {blocks} blocks")
         else:
-            out[name] = [t.shape[0] // blocks] * blocks
+            out[sys.intern(name)] = [t.shape[0] // blocks] * blocks
     return out
 
 
@@ -188,8 +188,6 @@ class Run:
 
     def _note(self, name: str, n: int, index: int) -> None:
         """Record that block `index` (being appended) has `n` rows of tensor `name`."""
-        if name in _DERIVED and "outlier_counts" in self._rows:
-            return
         if name in self._ends:
             ends = self._ends[name]
             if index >= ends.numel():

@@ -108,7 +108,7 @@ def _memory(target: Target, device: torch.device) -> dict:
 
 def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2048, 8192, 32768), batch=1,
               methods=("kvquant-4bit-1pct",), rounds: int = 7, source_tokens: int | None = None,
-              data: str = "wikitext2", calib_data: str = "c4[:500]", calib_windows: int = 2, calib_seqlen: int = 512,
+              data: str = "wikitext2", calib_data: str = "c4[:500]", calib_windows: int = 16, calib_seqlen: int = 2048,
               recipe_dir: str | None = None, model=None, tokenizer=None, progress: bool = True, log=print,
               prefill_chunk: int = 2048, model_prefill_tokens: int | None = 8192, decode_warmup: int = 8,
               max_cache_gib: float = 4.0, timing_threads: int | None = None) -> list[dict]:
@@ -137,7 +137,7 @@ def run_bench(model_spec: str = "smollm2-135m", device: str = "cpu", contexts=(2
     recipes = {m: resolve_recipe(model, tokenizer, parse_method(m), calib_data=calib_data,
                                  calib_windows=calib_windows, calib_seqlen=calib_seqlen, recipe_dir=recipe_dir,
                                  progress=progress) for m in kv_methods}
-    calibration = f"calibrated on {calib_windows} x {calib_seqlen} tokens of {calib_data} (enough for speed, not quality)"
+    calibration = f"calibrated on {calib_windows} x {calib_seqlen} tokens of {calib_data}"
     cfg = text_config(model.config)
     through_model = max(contexts) if model_prefill_tokens is None else min(max(contexts), model_prefill_tokens)
     ids, source = _prompt(tokenizer, data, through_model, cfg.vocab_size, dev)

@@ -47,6 +47,12 @@ def build(args) -> None:
     (out / "meta.json").write_text(json.dumps({"methods": methods, "context": args.context, "model": args.model}))
 
 
+def _repeat_to(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """x [B, H, T, D] (the prefilled tokens) repeated along T to `tokens`, as the packed caches were filled."""
+    reps = -(-tokens // x.shape[-2])
+    return x.repeat(1, 1, reps, 1)[..., :tokens, :].contiguous()
+
+
 def _median_ms(fn, reps: int) -> tuple[float, float]:
     """Median (wall ms, this thread's CPU ms) of `reps` calls: on a busy machine the CPU time is the steadier."""
     wall, cpu = [], []
@@ -79,7 +85,7 @@ def run_timing(args) -> None:
     hq, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
     query = torch.randn(1, hq, 1, dim, generator=torch.Generator().manual_seed(0))
     calls: dict[str, list] = {}
-    kv = torch.load(d / "dynamic.pt")
+    kv = [tuple(_repeat_to(x, meta["context"]) for x in pair) for pair in torch.load(d / "dynamic.pt")]
     for dtype in (torch.float32, torch.bfloat16):
         name = f"sdpa-{str(dtype).split('.')[-1]}"
         calls[name] = [(lambda i=i, k=kv[i][0].to(dtype), v=kv[i][1].to(dtype), q=query.to(dtype):

@@ -12,7 +12,9 @@
 // coarse table, one broadcast of the coarse row times the fine table read transposed; else per token) and q . k for
 // every query row of the head, accumulators in registers, G a template parameter. Values: per-token scale folded
 // into the softmax weights (w = p * scale) and the zero into one sum per row (sum p * zero); each channel's W-lane
-// partial sums accumulate over the tile (TILE = 4 W tokens) in registers; outliers add p * (value - dequantized).
+// partial sums accumulate over the tile (TILE = 4 W tokens) in registers; an outlier's lane is masked out of
+// its code's sum (AVX-512; a 16-bit lane mask per channel and vector of the tile) and p * (value - zero) added apart
+// (AVX2: p * (value - dequantized)).
 // Work is split over (batch, tile); value partials per thread are summed once at the end (a few KB).
 #pragma once
 #include <algorithm>
@@ -60,6 +62,7 @@ struct Chan {
   int32_t tab;        // float offset of its table
   int32_t word;       // AVX-512: 32-bit word offset of its window in a vector's windows; AVX2: its slot * TILE
   int32_t shift, mask;
+  int32_t slot;       // group base + member
 };
 
 // Per call: every channel's lookup table (keys: scale * level + zero, one rounding; values: the level), padded
@@ -96,7 +99,7 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   float* t = p->tabs.data();
   t += (16 - ((uintptr_t)t / 4) % 16) % 16;  // 64-byte aligned
   p->tab0 = t;
-  p->chan.assign(HD, Chan{0, 0, 0, 0});
+  p->chan.assign(HD, Chan{0, 0, 0, 0, 0});
   std::vector<i64> loff(HD + 1, 0);  // first level of each channel
   for (int ch = 0; ch < HD; ++ch) loff[ch + 1] = loff[ch] + (1 << m.g[0].widths[ch]);
   p->head_of.resize(HD);
@@ -123,7 +126,7 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
 #else
         const int word = (p->base[i] + j) * TILE;
 #endif
-        p->chan[ch] = Chan{(int32_t)(p->toff[i] + (i64)j * P), word, (j * g.bits) & 31, L - 1};
+        p->chan[ch] = Chan{(int32_t)(p->toff[i] + (i64)j * P), word, (j * g.bits) & 31, L - 1, p->base[i] + j};
       }
     }
   }
@@ -452,10 +455,11 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   }
 }
 
-// VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`.
+// VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`. keep (AVX-512, or nullptr): [n][VECS] the
+// lanes of each member's vectors whose codes count (outliers' lanes are left out: they are added exactly apart).
 template <int BITS, int GT, int VT>
 inline void value_group(const float* tab, int n, const int32_t* cols, const int32_t* head_of, const GroupCodes& gc,
-                        int vecs_, const float* w, int G_, float* acc) {
+                        int vecs_, const float* w, int G_, float* acc, const uint16_t* keep) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
   const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;
   for (int j = 0; j < n; ++j) {
@@ -464,6 +468,14 @@ inline void value_group(const float* tab, int n, const int32_t* cols, const int3
     vf a[GT > 0 ? GT : MAXG];
     for (int g = 0; g < G; ++g) a[g] = simd::zero();
     const float* t = tab + (i64)j * P;
+#if KVPACK_AVX512
+    if (keep) {
+      for (int v = 0; v < vecs; ++v) {
+        const vf x = _mm512_maskz_mov_ps(keep[(i64)j * VECS + v], simd::lut<BITS>(t, gc.at<BITS>(j, v)));
+        for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
+      }
+    } else
+#endif
     for (int v = 0; v < vecs; ++v) {
       const vf x = simd::lut<BITS>(t, gc.at<BITS>(j, v));
       for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
@@ -492,6 +504,12 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
     float* fix_all = fixes.data() + tid * fix_part;
     static thread_local std::vector<float> wbuf;
     static thread_local std::vector<uint8_t> cbuf;
+    static thread_local std::vector<uint16_t> kbuf;
+    kbuf.resize((size_t)plan.slots * VECS);
+    uint16_t* keep = nullptr;  // AVX-512 with outliers: lanes of each slot's vectors whose codes count
+#if KVPACK_AVX512
+    if (m.ov) keep = kbuf.data();
+#endif
     wbuf.resize((size_t)H * (G + 2) * TILE + 16);
     cbuf.resize(tile_bytes(plan) + 64);
     float* w = wbuf.data() + (16 - ((uintptr_t)wbuf.data() / 4) % 16) % 16;
@@ -544,17 +562,28 @@ void values(const float* p, i64 pb, i64 ph, i64 pg, const Mixed& m, int nblk, in
         }
         for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + D] += simd::hsum(zacc[g]);
       }
+      if (keep) {  // an outlier's lane is left out of its code's sum and adds p * (value - zero) here
+        std::fill(keep, keep + (size_t)plan.slots * VECS, (uint16_t)0xffff);
+        range_outliers(m, b, n0, count, B, H, T, D, [&](int j, int ch, float x) {
+          const int h = plan.head_of[ch], c = ch - h * D;
+          keep[(i64)plan.chan[ch].slot * VECS + j / W] &= (uint16_t)~(1u << (j % W));
+          const float delta = x - zeros[(i64)h * TILE + j];
+          const float* ph_ = p + b * pb + h * ph + n0 + j;
+          for (int g = 0; g < G; ++g) fx[((i64)h * G + g) * (D + 1) + c] += ph_[g * pg] * delta;
+        });
+      }
       float* acc = acc_all + b * HD * G * W;
       for (int i = 0; i < m.ng; ++i) {
         const Group& g = m.g[i];
         const GroupCodes gc = group_codes(tc, i);
+        const uint16_t* gk = keep ? keep + (i64)plan.base[i] * VECS : nullptr;
 #define CALL(BB)                                                                                                  \
-  if (vecs == VECS) value_group<BB, GT, VECS>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc); \
-  else value_group<BB, GT, 0>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc)
+  if (vecs == VECS) value_group<BB, GT, VECS>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc, gk); \
+  else value_group<BB, GT, 0>(plan.tab0 + plan.toff[i], g.n, g.cols, plan.head_of.data(), gc, vecs, w, G, acc, gk)
         MIXED_BITS_SWITCH(g.bits, CALL)
 #undef CALL
       }
-      if (m.ov)
+      if (m.ov && !keep)
         range_outliers(m, b, n0, count, B, H, T, D, [&](int j, int ch, float x) {
           const i64 n = n0 + j;
           const int h = plan.head_of[ch], c = ch - h * D;

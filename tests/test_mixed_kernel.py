@@ -1,12 +1,16 @@
 """The C++ kernel for NuqCodec with per-channel bit widths (per-channel allocation, the kvpack presets) reads the
 packed width groups exactly as the torch reference decodes them: keys (pre-RoPE, per channel, outliers over all
 heads) and values (per token, outliers per head or over all heads)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 import kvpack
 from kvpack.cache.cache import CompressedCache
+from kvpack.cache.stream import TokenStream
+from kvpack.codecs.nuq import NuqCodec
 from kvpack.hf.attention import cache_kwargs
 from kvpack.kernels import cpu, dispatch
 
@@ -49,7 +53,6 @@ def test_mixed_width_kernel_equals_the_torch_reference(name, mixed_calib_text):
 
 def test_mixed_width_blocks_cut_per_token_when_byte_aligned():
     """Widths in multiples of 8 channels keep every token's codes on byte boundaries: a block cuts per token."""
-    from kvpack.codecs.nuq import NuqCodec
 
     heads, dim = 2, 16
     bits = torch.tensor([3] * 8 + [2] * 16 + [5] * 8)
@@ -91,5 +94,43 @@ def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, mixed_cal
             got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
             assert paths == [("layer", "cpu")]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tokens,threads", [(200, 1), (77, 2)])
+@torch.no_grad()
+def test_mixed_width_kernel_every_width_in_long_groups(tokens, threads):
+    """Groups of every width 1..8, most longer than the run of members whose shifts repeat (decoded with
+    compile-time shifts on AVX-512) and ending in a shorter tail, keys with outliers over all heads, values with
+    outliers per head: the C++ kernel equals the torch reference."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    heads, dim = 2, 128
+    g = torch.Generator().manual_seed(5)
+    counts = {1: 40, 2: 40, 3: 40, 4: 40, 5: 40, 6: 40, 7: 8, 8: 8}
+    bits = torch.cat([torch.full((n,), w) for w, n in counts.items()])
+    widths = [bits[torch.randperm(heads * dim, generator=g)] for _ in range(2)]
+
+    def levels(b: torch.Tensor) -> torch.Tensor:
+        return (torch.rand(heads * dim, 1 << int(b.max()), generator=g) * 2 - 1).sort(-1).values
+
+    key = NuqCodec(levels(widths[0]), "channel", heads, dim, 0.02, zero=0.1 * torch.randn(heads, dim, generator=g),
+                   scale=1 + torch.rand(heads, dim, generator=g), span="all", channel_bits=widths[0])
+    value = NuqCodec(levels(widths[1]), "token", heads, dim, 0.02, span="head", channel_bits=widths[1])
+    layer = SimpleNamespace(k=TokenStream(key, 1, 2), v=TokenStream(value, 1, 2), key_codec=key, value_codec=value,
+                            layer_idx=0, first_slot=0)
+    for n in (tokens - 9, 9):  # a prompt and a second block
+        layer.k.append(torch.randn(1, heads, n, dim, generator=g) * 2)
+        layer.v.append(torch.randn(1, heads, n, dim, generator=g))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = torch.randn(1, 3 * heads, 1, dim, generator=g)
+        paths = []
+        ref = dispatch.layer_attention(layer, q, backend="torch")
+        got = dispatch.layer_attention(layer, q, backend="auto", paths=paths)
+        assert paths == [("layer", "cpu")]
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
     finally:
         torch.set_num_threads(before)

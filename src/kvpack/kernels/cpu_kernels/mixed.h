@@ -4,8 +4,8 @@
 //
 // Tokens run across the vector lanes. AVX-512: the codes of W = 16 tokens are read as 32-bit windows (window k,
 // lane l = bytes 4k .. 4k + 3 of token l's row of a group; one gather per window), and member j's W codes are one
-// funnel shift of two windows (bits j * BITS ..), left with their neighbours' bits above them, which the level
-// lookup ignores (a permute of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are
+// funnel shift of two windows (bits j * BITS ..; keys: members in runs of 32 / gcd(BITS, 32), whose shifts repeat, get
+// them at compile time), left with their neighbours' bits above them, which the level lookup ignores (a permute of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are
 // unpacked and transposed to int32 lanes [slot][token]. Keys: per channel, the lookup table already holds
 // scale * level + zero; the W decoded keys of every channel go to a small buffer in natural channel order, sparse
 // outliers written over them, then RoPE (cos/sin of the W tokens: for consecutive positions inside one row of the
@@ -19,6 +19,7 @@
 #pragma once
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -303,10 +304,47 @@ inline void range_outliers(const Mixed& m, i64 b, i64 n0, int count, int B, int 
   }
 }
 
+#if KVPACK_AVX512
+// The code of member J (of a run of members starting at window w[0]) in one token vector: an immediate shift.
+template <int BITS, int J>
+inline __m512i member_code(const __m512i* w) {
+  constexpr int bit = J * BITS, k = bit >> 5, s = bit & 31;
+  if constexpr (s == 0) return w[k];
+  else if constexpr (s + BITS <= 32) return _mm512_srli_epi32(w[k], s);
+#if defined(__AVX512VBMI2__)
+  else return _mm512_shrdi_epi32(w[k], w[k + 1], s);
+#else
+  else return _mm512_or_si512(_mm512_srli_epi32(w[k], s), _mm512_slli_epi32(w[k + 1], 32 - s));
+#endif
+}
+
+// Members after which the shifts repeat (their codes fill whole windows): 32 / gcd(BITS, 32).
+constexpr int member_period(int bits) { return bits % 2 ? 32 : bits % 4 ? 16 : bits % 8 ? 8 : 4; }
+
+// Member J of a period of members (member_period) whose codes fill whole windows from w[0]: its shift is known at
+// compile time (an immediate shift, no window or shift read per member; the period's last code ends its last window).
+template <int BITS, int J>
+inline void decode_member(const __m512i* w, const float* tab, const int32_t* cols, float* kd) {
+  constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
+  simd::storea(kd + (i64)cols[J] * W, simd::lut<BITS>(tab + J * P, member_code<BITS, J>(w)));
+}
+
+template <int BITS, int... J>
+inline void decode_period(const __m512i* w, const float* tab, const int32_t* cols, float* kd, std::integer_sequence<int, J...>) {
+  (decode_member<BITS, J>(w, tab, cols, kd), ...);
+}
+#endif
+
 template <int BITS>
 inline void decode_group(const float* tab, int n, const int32_t* cols, const GroupCodes& gc, int v, float* kd) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
-  for (int j = 0; j < n; ++j) simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, gc.at<BITS>(j, v)));
+  int j = 0;
+#if KVPACK_AVX512
+  constexpr int PERIOD = member_period(BITS);
+  for (const __m512i* w = gc.win + v * gc.vstride; j + PERIOD <= n; j += PERIOD, w += PERIOD * BITS / 32)
+    decode_period<BITS>(w, tab + (i64)j * P, cols + j, kd, std::make_integer_sequence<int, PERIOD>{});
+#endif
+  for (; j < n; ++j) simd::storea(kd + (i64)cols[j] * W, simd::lut<BITS>(tab + (i64)j * P, gc.at<BITS>(j, v)));
 }
 
 // cos/sin of the W tokens from n (rows clamped to N - 1) transposed: cs[i * W + lane], sn likewise, i < half;
@@ -471,7 +509,7 @@ inline void value_group(const float* tab, int n, const int32_t* cols, const int3
 #if KVPACK_AVX512
     if (keep) {
       for (int v = 0; v < vecs; ++v) {
-        const vf x = _mm512_maskz_mov_ps(keep[(i64)j * VECS + v], simd::lut<BITS>(t, gc.at<BITS>(j, v)));
+        const vf x = simd::lut_keep<BITS>(t, gc.at<BITS>(j, v), keep[(i64)j * VECS + v]);
         for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
       }
     } else

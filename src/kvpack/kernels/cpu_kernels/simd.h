@@ -60,6 +60,18 @@ inline vf lut(const float* tab, vi idx) {
   }
 }
 
+// lut, lanes outside `keep` zero (the masking folded into the lookup).
+template <int BITS>
+inline vf lut_keep(const float* tab, vi idx, __mmask16 keep) {
+  if constexpr (BITS <= 4) {
+    return _mm512_maskz_permutexvar_ps(keep, idx, _mm512_load_ps(tab));
+  } else if constexpr (BITS == 5) {
+    return _mm512_maskz_permutex2var_ps(keep, _mm512_load_ps(tab), idx, _mm512_load_ps(tab + 16));
+  } else {
+    return _mm512_maskz_mov_ps(keep, lut<BITS>(tab, idx));
+  }
+}
+
 // Lanes of the 64-bit joins hi:lo shifted right by s (0 <= s < 32), low 32 bits; s read from memory (a broadcast
 // operand, no shuffle).
 inline vi join(vi lo, vi hi, const int32_t* s) {

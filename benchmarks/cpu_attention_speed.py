@@ -3,11 +3,17 @@
 `build`: prefill `--prefill` tokens of wikitext2 through the model into every method's cache (and an fp32
 DynamicCache), repeat them to `--context` as the bench does (fill.TeeCache.replay), and save the caches under DIR.
 `time`: load them and time, in interleaved rounds, layers 0 / middle / last: the packed attention
-(dispatch.layer_attention) and SDPA on fp32 and bf16 copies of the uncompressed K/V. Prints medians in ms; with
+(dispatch.layer_attention) and SDPA on fp32 and bf16 copies of the uncompressed K/V (the prefilled tokens repeated
+to the context, as the packed caches hold them); `--library LABEL=PATH` times another build of the kernels (an
+earlier commit's, same ABI) in the same rounds, so before and after share the machine's state. Prints medians in ms; with
 `--json`, writes rows. Numbers for docs come from `kvpack bench`; this is the quick loop.
 
     python benchmarks/cpu_attention_speed.py build /tmp/kvcaches --context 8192 --methods kvpack-3bit,kvquant-3bit-1pct
     python benchmarks/cpu_attention_speed.py time /tmp/kvcaches --threads 1
+    # an earlier commit's kernels, built into the kernel cache from a worktree, timed next to this checkout's:
+    git worktree add /tmp/before COMMIT
+    PYTHONPATH=/tmp/before/src python -c "from kvpack.kernels import cpu; cpu.load(); print(cpu.library_path())"
+    python benchmarks/cpu_attention_speed.py time /tmp/kvcaches --threads 1 --label now --library before=PATH
 """
 from __future__ import annotations
 
@@ -53,6 +59,17 @@ def _repeat_to(x: torch.Tensor, tokens: int) -> torch.Tensor:
     return x.repeat(1, 1, reps, 1)[..., :tokens, :].contiguous()
 
 
+def _with_library(cpu, lib, fn):
+    """fn run with the kernel library `lib` (None: the one this checkout builds)."""
+    if lib is None:
+        return fn
+
+    def call():
+        with cpu.using(lib):
+            return fn()
+    return call
+
+
 def _median_ms(fn, reps: int) -> tuple[float, float]:
     """Median (wall ms, this thread's CPU ms) of `reps` calls: on a busy machine the CPU time is the steadier."""
     wall, cpu = [], []
@@ -91,12 +108,18 @@ def run_timing(args) -> None:
         calls[name] = [(lambda i=i, k=kv[i][0].to(dtype), v=kv[i][1].to(dtype), q=query.to(dtype):
                         sdpa_attention_forward(layers[i], q, k, v, None, scaling=layers[i].scaling)) for i in probe]
     methods = args.methods.split(",") if args.methods else meta["methods"]
+    libraries = {args.label: None} | {label: cpu.open_library(Path(path))
+                                      for label, path in (x.split("=", 1) for x in args.library)}
+    code = {}  # call name -> which code it times
     for m in methods:
         recipe = resolve_recipe(model, tok, parse_method(m), progress=False)
         cache = CompressedCache.load(d / f"{m}.kvcache", model, recipe)
         state = cache.packed
-        calls[m] = [(lambda i=i, c=cache, s=state: dispatch.layer_attention(c.layers[i], query, None, scaling=layers[i].scaling,
-                                                                           backend=s.backend, rope=s.rope)) for i in probe]
+        for label, lib in libraries.items():
+            name = m if lib is None else f"{m} [{label}]"
+            code[name] = label
+            calls[name] = [_with_library(cpu, lib, lambda i=i, c=cache, s=state: dispatch.layer_attention(
+                c.layers[i], query, None, scaling=layers[i].scaling, backend=s.backend, rope=s.rope)) for i in probe]
         paths = []
         dispatch.layer_attention(cache.layers[0], query, None, scaling=layers[0].scaling, backend=state.backend,
                                  rope=state.rope, paths=paths)
@@ -117,7 +140,7 @@ def run_timing(args) -> None:
     rows = []
     for k, v in results.items():
         ms, cms = statistics.median(v), statistics.median(cpu_ms[k])
-        rows.append({"method": k, "code": args.label, "context": meta["context"], "attention_ms": ms, "ratio": ms / best,
+        rows.append({"method": k.split(" [")[0], "code": code.get(k, args.label), "context": meta["context"], "attention_ms": ms, "ratio": ms / best,
                      "attention_cpu_ms": cms, "cpu_ratio": cms / best_cpu, "threads": torch.get_num_threads(),
                      "kernel_isa": getattr(cpu, "kernel_isa", lambda: None)(), "loadavg": os.getloadavg()[0]})
         print(f"{k:24s} {ms:8.3f} ms {ms / best:6.2f}x   CPU {cms:8.3f} ms {cms / best_cpu:6.2f}x")
@@ -138,6 +161,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default="")
     p.add_argument("--label", default="", help="what code was timed (stored in each row)")
+    p.add_argument("--library", action="append", default=[], metavar="LABEL=PATH",
+                   help="also time the packed methods with this compiled kernel library (same ABI), in the same rounds")
     args = p.parse_args()
     build(args) if args.action == "build" else run_timing(args)
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -151,16 +152,33 @@ def load() -> ctypes.CDLL | None:
         path = library_path()
         if not path.exists():
             _build(path)
-        lib = ctypes.CDLL(str(path))
-        if lib.kvpack_abi_version() != ABI_VERSION:
-            raise RuntimeError("stale kernel library")
-        for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode"):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
-        _LIB = lib
+        _LIB = open_library(path)
     except (OSError, RuntimeError) as exc:
         _ERROR = str(exc)
     return _LIB
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A compiled kernel library at `path` (this ABI version, else RuntimeError), its entry points typed."""
+    lib = ctypes.CDLL(str(path))
+    if lib.kvpack_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale kernel library {path}: ABI {lib.kvpack_abi_version()}, this code needs {ABI_VERSION}")
+    for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
+    return lib
+
+
+@contextmanager
+def using(lib: ctypes.CDLL):
+    """Run the kernels of `lib` (see `open_library`) inside the block, e.g. to time two builds in one process."""
+    global _LIB
+    load()
+    before, _LIB = _LIB, lib
+    try:
+        yield lib
+    finally:
+        _LIB = before
 
 
 def kernel_isa() -> str | None:

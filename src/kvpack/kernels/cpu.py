@@ -261,20 +261,31 @@ def tq_segment(view: TqView) -> list[int]:
             _ptr(view.rotation)]
 
 
+MIXED_COUNTS = (0, 8)  # where mixed_segment puts the run's token counts (run_tokens, tokens)
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """t's strides, 0 for dims of size 1 (never stepped over), so arguments of a run seen as one growing block
+    (`layout._as_one_block`) depend on its length only through its token counts (MIXED_COUNTS)."""
+    return [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]
+
+
 def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
     """Arguments of one run of mixed-width nuq blocks (kind SEG_MIXED): every width group, value ranges, outliers."""
     args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups)]
     for g in view.groups:
         c = g.codec  # fp16 levels [sum of 2**width] (channel after channel), widths [H * D], Q-Norm [H * D, 2], ranges [H * D]: once per model
         keyed = c.axis == "channel"
-        args += [g.bits, g.cols.numel(), _ptr(g.codes), g.codes.stride(0), g.codes.stride(1), g.cols.numel() * g.bits // 8,
+        sblk, sb, _ = _strides(g.codes)
+        args += [g.bits, g.cols.numel(), _ptr(g.codes), sblk, sb, g.cols.numel() * g.bits // 8,
                  _ptr(g.cols), _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
                  _ptr(c.zero) if keyed else 0]
     if keys or view.vscale is None:
         args += [0, 0, 0, 0, 0, 0]
     else:
         s = view.vscale.stride()
-        args += [_ptr(view.vscale), _ptr(view.vzero), s[0], s[1], s[2] if view.vscale.shape[2] > 1 else 0, s[3]]
+        sblk, sb, sh, _ = _strides(view.vscale)
+        args += [_ptr(view.vscale), _ptr(view.vzero), sblk, sb, sh, s[3]]
     return args + _outlier_args(view.outliers)
 
 
@@ -298,11 +309,18 @@ def _run_segment(run, codec, keys: bool, rotary_keys: bool):
 def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: int) -> array.array | None:
     """The packed kernel arguments of one run, kept on the run until its blocks or buffers change (8 bytes an
     argument, plus the tensors they point at that neither the run nor its codec holds, normally none); None if no
-    kernel reads it."""
+    kernel reads it. A run read as one growing block (a prompt and its decode steps, `layout._as_one_block`) keeps
+    its arguments across appends while its buffers stay where they are: only its token counts change."""
     key = (*run_key(run, codec), keys, rotary_keys)
     memo = run.__dict__.get("_kvpack_args")
-    if memo is not None and memo[0] == key:
-        return memo[1]
+    if memo is not None:
+        if memo[0] == key:
+            return memo[1]
+        before, args, foreign, one_block = memo
+        if one_block and before[0] == key[0] and before[2:] == key[2:]:  # appends only: no buffer moved (Run.edits)
+            args[MIXED_COUNTS[0]] = args[MIXED_COUNTS[1]] = run.tokens
+            run.__dict__["_kvpack_args"] = (key, args, foreign, one_block)
+            return args
     found = _run_segment(run, codec, keys, rotary_keys)
     if found is None or found[1] is None or found[0].heads != heads or found[0].dim != dim:
         return None
@@ -313,7 +331,9 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
         held += codec.width_columns().values()
     own = {t.untyped_storage().data_ptr() for t in held}
     foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
-    run.__dict__["_kvpack_args"] = (key, args, foreign or None)
+    one_block = (isinstance(view, MixedNuqView) and view.nblk == 1 and view.batch == 1 and view.tokens == run.tokens
+                 and not foreign)
+    run.__dict__["_kvpack_args"] = (key, args, foreign or None, one_block)
     return args
 
 
@@ -439,11 +459,11 @@ def mixed_encode(codec, x: torch.Tensor):
     if codec.outlier_frac > 0 and mode is None:
         return None
     cols = columns  # int32, contiguous: the codec's own
-    # fp32 ranges [H * D] and midpoints [H * D, 2**max - 1] (padded per channel): built per call (~10 us), not held
-    kz = None if codec.axis != "channel" else (codec.zero.reshape(-1).float().contiguous(),
-                                               codec.scale.reshape(-1).float().contiguous())
-    levels = codec.levels.float()
-    mid = torch.add(levels[:, 1:], levels[:, :-1]).mul_(0.5)
+    # the codec's fp16 levels (channel after channel), widths and ranges as they are held: the C side makes the
+    # midpoints per call
+    fp16 = [codec.level_data] + ([codec.zero, codec.scale] if codec.axis == "channel" else [])
+    if any(t.dtype != torch.float16 or not t.is_contiguous() for t in fp16) or not codec.channel_bits.is_contiguous():
+        return None
     x = x.float().contiguous()
     tensors = {f"codes{b}": torch.empty(batch, tokens * c.numel() * b // 8, dtype=torch.uint8) for b, c in cols.items()}
     groups = torch.tensor([v for b, c in cols.items() for v in (b, c.numel(), _ptr(c), _ptr(tensors[f"codes{b}"]))],
@@ -456,8 +476,9 @@ def mixed_encode(codec, x: torch.Tensor):
         tensors.update(zero=zero, scale=scale)
     buffers = _outlier_buffers(codec, x, mode)
     mask, values, positions, counts, nnz = buffers
-    args = [_ptr(x), batch, heads, tokens, dim, int(codec.axis == "token"), _ptr(mid), mid.shape[1],
-            _ptr(kz[0]) if kz else 0, _ptr(kz[1]) if kz else 0, span, k, len(cols), _ptr(groups),
+    keyed = codec.axis == "channel"
+    args = [_ptr(x), batch, heads, tokens, dim, int(not keyed), _ptr(codec.level_data), _ptr(codec.channel_bits),
+            _ptr(codec.zero) if keyed else 0, _ptr(codec.scale) if keyed else 0, span, k, len(cols), _ptr(groups),
             _ptr(tensors.get("zero")), _ptr(tensors.get("scale")), _ptr(mask), mode or 0, _ptr(values), _ptr(positions),
             _ptr(counts), _ptr(nnz)]
     if load().kvpack_mixed_encode((ctypes.c_int64 * len(args))(*args)) != 0:

@@ -365,10 +365,10 @@ int kvpack_mixed_encode(const i64* a) {
   const float* x = (const float*)r.ptr();
   const int B = (int)r.next(), H = (int)r.next(), T = (int)r.next(), D = (int)r.next();
   const int axis_token = (int)r.next();
-  const float* mids = (const float*)r.ptr();
-  const int L1 = (int)r.next();
-  const float* kzero = (const float*)r.ptr();
-  const float* kscale = (const float*)r.ptr();
+  const uint16_t* levels = (const uint16_t*)r.ptr();
+  const uint8_t* widths = (const uint8_t*)r.ptr();
+  const uint16_t* kzero = (const uint16_t*)r.ptr();
+  const uint16_t* kscale = (const uint16_t*)r.ptr();
   const int span_heads = (int)r.next(), k_side = (int)r.next(), ng = (int)r.next();
   const i64* groups = (const i64*)r.ptr();
   uint16_t* vzero = (uint16_t*)r.ptr();
@@ -379,10 +379,12 @@ int kvpack_mixed_encode(const i64* a) {
   int32_t* out_positions = (int32_t*)r.ptr();
   int32_t* out_counts = (int32_t*)r.ptr();
   i64* out_nnz = (i64*)r.ptr();
-  if (D % 8 || span_heads < 1 || H % span_heads || L1 < 1 || L1 > 255) return -1;
+  if (D % 8 || span_heads < 1 || H % span_heads || !levels || !widths || (!axis_token && !(kzero && kscale))) return -1;
+  for (int c = 0; c < H * D; ++c)
+    if (widths[c] < 1 || widths[c] > 8) return -1;
   for (int g = 0; g < ng; ++g)
     if (groups[4 * g] < 1 || groups[4 * g] > 8 || groups[4 * g + 1] % 8) return -1;
-  const int code = mixed_encode(x, B, H, T, D, axis_token, mids, L1, kzero, kscale, span_heads, k_side, ng, groups,
+  const int code = mixed_encode(x, B, H, T, D, axis_token, levels, widths, kzero, kscale, span_heads, k_side, ng, groups,
                                 vzero, vscale, mask);
   if (code == 0 && mask)
     *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);

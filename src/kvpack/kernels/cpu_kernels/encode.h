@@ -102,10 +102,18 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
 // NuqCodec.encode with per-channel widths: channel c's code is the count of its midpoints (mids + c * L1, padded
 // past its own 2**bits levels with midpoints above 1) below u; the codes of each width group are packed per token
 // (n codes of `bits` bits, n % 8 == 0) at gcodes[g] + (b * T + t) * n * bits / 8. Ranges, mask as nuq_encode.
-int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, const float* mids, int L1,
-                 const float* kzero, const float* kscale, int span_heads, int k_side, int ng, const i64* groups,
-                 uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
+// Per-channel widths: channel c's 2**widths[c] fp16 levels follow the previous channel's in `levels` (the codec's
+// level_data); keys' zero and scale are the codec's fp16 [H * D]. Midpoints are made here, per call, in fp32
+// ((a + b) * 0.5, as the codec's torch encode makes them), so the codec holds only its fp16 levels.
+int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, const uint16_t* levels,
+                 const uint8_t* widths, const uint16_t* kzero, const uint16_t* kscale, int span_heads, int k_side, int ng,
+                 const i64* groups, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
   const int HD = H * D;
+  std::vector<i64> moff(HD + 1, 0);  // first midpoint of each channel
+  for (int c = 0; c < HD; ++c) moff[c + 1] = moff[c] + (1 << widths[c]) - 1;
+  std::vector<float> mids(moff[HD]);
+  for (int c = 0, l = 0; c < HD; l += 1 << widths[c], ++c)
+    for (i64 j = 0; j < moff[c + 1] - moff[c]; ++j) mids[moff[c] + j] = (h2f(levels[l + j]) + h2f(levels[l + j + 1])) * 0.5f;
   std::vector<uint8_t> code(HD), buf(HD);
   std::vector<float> u(HD), vec(span_heads * D), work(span_heads * D);
   const int spans = H / span_heads, n = span_heads * D;
@@ -115,7 +123,7 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
         for (int h = 0; h < H; ++h)
           for (int c = 0; c < D; ++c) {
             const i64 e = (((i64)b * H + h) * T + t) * D + c;
-            u[h * D + c] = (x[e] - kzero[h * D + c]) / kscale[h * D + c];
+            u[h * D + c] = (x[e] - h2f(kzero[h * D + c])) / h2f(kscale[h * D + c]);
             if (mask) mask[e] = std::fabs(u[h * D + c]) > 1.0f;
           }
       } else {
@@ -137,7 +145,8 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
           }
         }
       }
-      for (int c = 0; c < HD; ++c) code[c] = nearest(std::min(std::max(u[c], -1.0f), 1.0f), mids + (i64)c * L1, L1);
+      for (int c = 0; c < HD; ++c)
+        code[c] = nearest(std::min(std::max(u[c], -1.0f), 1.0f), mids.data() + moff[c], (int)(moff[c + 1] - moff[c]));
       for (int g = 0; g < ng; ++g) {
         const int bits = (int)groups[4 * g], m = (int)groups[4 * g + 1];
         const int32_t* cols = (const int32_t*)groups[4 * g + 2];

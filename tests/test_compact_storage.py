@@ -85,3 +85,32 @@ def test_prompt_and_decode_steps_share_one_run(mixed_calib_text):
             got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
             assert paths == [("layer", "cpu")]
+
+
+@torch.no_grad()
+def test_kernel_arguments_follow_decode_steps(mixed_calib_text):
+    """A run read as one growing block keeps its kernel arguments across decode steps (token counts and buffer
+    addresses brought up to date, also when a buffer moves to grow): every step reads what the torch reference
+    reads, and after a crop (an edit) the arguments are rebuilt."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(mixed_calib_text), windows=3,
+                              seqlen=64, progress=False)
+    ids = torch.randint(3, 120, (1, 120), generator=torch.Generator().manual_seed(4))
+    cache = CompressedCache(model, recipe)
+    model(ids[:, :20], **cache_kwargs(cache))
+    q = torch.randn(1, model.config.num_attention_heads, 1, 16, generator=torch.Generator().manual_seed(5))
+    layer = cache.layers[1]
+    moved = 0
+    for t in range(20, 120):
+        before = {n: b.data_ptr() for n, b in layer.v.body.runs[0].buffers.items()}
+        model(ids[:, t:t + 1], **cache_kwargs(cache))
+        moved += any(b.data_ptr() != before[n] for n, b in layer.v.body.runs[0].buffers.items())
+        if t == 100:
+            cache.crop(90)
+        ref = dispatch.layer_attention(layer, q, backend="torch", rope=cache.packed.rope)
+        got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope)
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    assert moved > 0  # buffers grew along the way
+    assert layer.v.body.runs[0].__dict__["_kvpack_args"][3]  # still read as one growing block

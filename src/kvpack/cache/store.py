@@ -71,7 +71,7 @@ class Run:
         self.meta = dict(meta)  # `sig` (signature of the first block) is implied by the buffers, shape and meta
         self.buffers = buffers
         self.count = len(next(iter(lengths.values()))) if lengths else 0
-        self.edits = 0  # counts changes other than appends in place (drops, batch maps, compaction, buffers grown), for memos
+        self.edits = 0  # counts changes other than appends (drops, batch maps, compaction), for memos
         self._used: dict[str, int] = {}  # rows in use per tensor
         self._rows: dict[str, int] = {}  # dim-0 length of every block, for tensors where it is one number
         self._ends: dict[str, torch.Tensor] = {}  # int64 [>= count] block end rows, other varying tensors
@@ -177,7 +177,6 @@ class Run:
                 grow = max(n, buf.shape[0] // 128)
                 extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
                 buf = self.buffers[name] = torch.cat([buf[:used], extra])
-                self.edits += 1  # the buffer moved
             buf[used:used + n].copy_(t)
             per = rows[name]
             same = self._rows.get(name) == per[0] and per.count(per[0]) == len(per)  # nothing to record

@@ -261,13 +261,32 @@ def tq_segment(view: TqView) -> list[int]:
             _ptr(view.rotation)]
 
 
-MIXED_COUNTS = (0, 8)  # where mixed_segment puts the run's token counts (run_tokens, tokens)
+MIXED_HEAD, MIXED_GROUP = 10, 12  # mixed_segment: arguments before the first group, per group
 
 
 def _strides(t: torch.Tensor) -> list[int]:
     """t's strides, 0 for dims of size 1 (never stepped over), so arguments of a run seen as one growing block
-    (`layout._as_one_block`) depend on its length only through its token counts (MIXED_COUNTS)."""
+    (`layout._as_one_block`) depend on its length only through its token counts and buffer addresses
+    (`_grown_one_block`)."""
     return [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]
+
+
+def _grown_one_block(args: array.array, run) -> None:
+    """Bring mixed_segment's arguments of a run read as one block (batch 1, one-token blocks) up to date after
+    appends: its token counts and where its buffers are now (an append may have moved a buffer to grow it)."""
+    args[0] = args[8] = run.tokens
+    groups = args[9]
+    for i in range(groups):
+        at = MIXED_HEAD + MIXED_GROUP * i
+        args[at + 2] = run.buffers[f"codes{args[at]}"].data_ptr()
+    at = MIXED_HEAD + MIXED_GROUP * groups
+    if args[at]:  # values: per-token scale and zero
+        args[at], args[at + 1] = run.buffers["scale"].data_ptr(), run.buffers["zero"].data_ptr()
+    at += 6
+    if args[at]:  # outliers: values, positions, counts
+        args[at] = run.buffers["outlier_values"].data_ptr()
+        args[at + 1] = run.buffers["outlier_indices"].data_ptr()
+        args[at + 3] = run.buffers["outlier_counts"].data_ptr()
 
 
 def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
@@ -310,15 +329,15 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     """The packed kernel arguments of one run, kept on the run until its blocks or buffers change (8 bytes an
     argument, plus the tensors they point at that neither the run nor its codec holds, normally none); None if no
     kernel reads it. A run read as one growing block (a prompt and its decode steps, `layout._as_one_block`) keeps
-    its arguments across appends while its buffers stay where they are: only its token counts change."""
+    its arguments across appends, brought up to date (`_grown_one_block`)."""
     key = (*run_key(run, codec), keys, rotary_keys)
     memo = run.__dict__.get("_kvpack_args")
     if memo is not None:
         if memo[0] == key:
             return memo[1]
         before, args, foreign, one_block = memo
-        if one_block and before[0] == key[0] and before[2:] == key[2:]:  # appends only: no buffer moved (Run.edits)
-            args[MIXED_COUNTS[0]] = args[MIXED_COUNTS[1]] = run.tokens
+        if one_block and before[0] == key[0] and before[2:] == key[2:]:  # only appends since (Run.edits)
+            _grown_one_block(args, run)
             run.__dict__["_kvpack_args"] = (key, args, foreign, one_block)
             return args
     found = _run_segment(run, codec, keys, rotary_keys)
@@ -333,6 +352,10 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
     one_block = (isinstance(view, MixedNuqView) and view.nblk == 1 and view.batch == 1 and view.tokens == run.tokens
                  and not foreign)
+    if one_block:  # what _grown_one_block rewrites must be what was built
+        again = array.array("q", args)
+        _grown_one_block(again, run)
+        one_block = again == args
     run.__dict__["_kvpack_args"] = (key, args, foreign or None, one_block)
     return args
 

@@ -350,8 +350,9 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
         held += codec.width_columns().values()
     own = {t.untyped_storage().data_ptr() for t in held}
     foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
-    one_block = (isinstance(view, MixedNuqView) and view.nblk == 1 and view.batch == 1 and view.tokens == run.tokens
-                 and not foreign)
+    # one-token blocks read as one block (layout._as_one_block: count > 1 blocks, yet one block in the view)
+    one_block = (isinstance(view, MixedNuqView) and run.block_tokens == 1 and run.count > 1 and view.nblk == 1
+                 and view.batch == 1 and view.tokens == run.tokens and not foreign)
     if one_block:  # what _grown_one_block rewrites must be what was built
         again = array.array("q", args)
         _grown_one_block(again, run)

@@ -3,6 +3,8 @@ attention vs decode-then-attend (KVPACK_PACKED_ATTENTION=0), next to an uncompre
 
     KVPACK_THREADS=1 .venv/bin/python benchmarks/prefill_memory.py --tokens 8192 --chunk 512 \
         --method kvquant-4bit-1pct --calib-windows 2 --calib-seqlen 512
+    .venv/bin/python benchmarks/prefill_memory.py --method kvpack-4bit,kvpack-3bit,kvpack-2bit \
+        --modes dynamic-fp32,packed --out results/prefill-8k-kvpack.json
 
 Each mode runs in its own process (peak RSS is per process): the model and recipe are loaded, a short
 warm-up prefill runs (kernel builds, allocator), the peak RSS counter is reset (/proc/self/clear_refs),
@@ -98,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="wikitext2")
-    parser.add_argument("--method", default="kvquant-4bit-1pct")
+    parser.add_argument("--method", default="kvquant-4bit-1pct", help="one method, or several separated by commas")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
@@ -112,8 +114,10 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode] + [a for a in sys.argv[1:]]
+    methods = args.method.split(",")  # the uncompressed cache runs once, the other modes once per method
+    jobs = [(mode, m) for mode in args.modes.split(",") for m in (methods[:1] if mode == "dynamic-fp32" else methods)]
+    for mode, method in jobs:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--method", method]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")

@@ -13,6 +13,7 @@ from kvpack.cache.stream import TokenStream
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.hf.attention import cache_kwargs
 from kvpack.kernels import cpu, dispatch
+from kvpack.kernels.reference import decode_range
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,3 +135,38 @@ def test_mixed_width_kernel_every_width_in_long_groups(tokens, threads):
         torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch,blocks", [(1, (70, 1, 1, 1)), (2, (8,))])
+@torch.no_grad()
+def test_mixed_decode_equals_the_codec_decode(batch, blocks):
+    """The C++ decoder of a mixed-width run (prefill chunks read the cache through it) writes exactly what the
+    codec's torch decode writes, for keys (Q-Norm, outliers over all heads) and values (outliers per head or over all
+    heads), any token range, one-token blocks read as one block and blocks of several tokens."""
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
+    heads, dim = 2, 64
+    g = torch.Generator().manual_seed(7)
+    counts = {1: 24, 2: 32, 3: 40, 4: 16, 5: 8, 6: 8}
+    bits = torch.cat([torch.full((n,), w) for w, n in counts.items()])
+    widths = [bits[torch.randperm(heads * dim, generator=g)] for _ in range(3)]
+
+    def levels(b: torch.Tensor) -> torch.Tensor:
+        return (torch.rand(heads * dim, 1 << int(b.max()), generator=g) * 2 - 1).sort(-1).values
+
+    qnorm = torch.stack([1 + 0.1 * torch.rand(heads * dim, generator=g), 0.05 * torch.randn(heads * dim, generator=g)], -1)
+    codecs = [NuqCodec(levels(widths[0]), "channel", heads, dim, 0.03, zero=0.1 * torch.randn(heads, dim, generator=g),
+                       scale=1 + torch.rand(heads, dim, generator=g), span="all", channel_bits=widths[0], qnorm=qnorm),
+              NuqCodec(levels(widths[1]), "token", heads, dim, 0.03, span="all", channel_bits=widths[1]),
+              NuqCodec(levels(widths[2]), "token", heads, dim, 0.03, span="head", channel_bits=widths[2])]
+    for codec in codecs:
+        stream = TokenStream(codec, 0, 0)
+        for n in blocks:
+            stream.append(torch.randn(batch, heads, n, dim, generator=g) * 2)
+        for run in stream.body.runs:
+            ranges = [(0, run.tokens), (3, run.tokens - 2), (run.tokens - 1, run.tokens)]
+            for start, stop in [(a, b) for a, b in ranges if 0 <= a < b]:
+                fast = cpu.mixed_decode(run, codec, start, stop)
+                assert fast is not None
+                ref = torch.cat([x for _, x in decode_range(run, codec, start, stop)], dim=-2)
+                assert torch.equal(fast, ref), (codec.axis, codec.span, start, stop)

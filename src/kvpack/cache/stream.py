@@ -143,7 +143,9 @@ class TokenStream:
             if isinstance(part, torch.Tensor):
                 pieces = [(lo - first, part[..., lo - first: hi - first, :])]
             else:
-                pieces = decode_range(part, self.codec, lo - first, hi - first, stop - start)
+                fast = cpu.mixed_decode(part, self.codec, lo - first, hi - first)
+                pieces = [(lo - first, fast)] if fast is not None else decode_range(part, self.codec, lo - first,
+                                                                                    hi - first, stop - start)
             for offset, x in pieces:
                 if out is None:
                     out = torch.empty(*x.shape[:2], stop - start, x.shape[-1], dtype=dtype, device=x.device)

@@ -34,6 +34,7 @@ import torch
 
 from kvpack.codecs import Encoded, sparse
 from kvpack.codecs.nuq import NuqCodec, outliers_per_side
+from kvpack.codecs.turboquant import TurboQuantCodec
 from kvpack.hf.models import cache_root
 from kvpack.kernels.layout import (MixedNuqView, NuqView, RvqView, TqView, mixed_view, nuq_view, run_key, rvq_view,
                                    sparse_mode, tq_view, view_tensors)
@@ -163,7 +164,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.kvpack_abi_version() != ABI_VERSION:
         raise RuntimeError(f"stale kernel library {path}: ABI {lib.kvpack_abi_version()}, this code needs {ABI_VERSION}")
-    for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode"):
+    for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode", "kvpack_mixed_decode"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
     return lib
@@ -330,6 +331,7 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     argument, plus the tensors they point at that neither the run nor its codec holds, normally none); None if no
     kernel reads it. A run read as one growing block (a prompt and its decode steps, `layout._as_one_block`) keeps
     its arguments across appends, brought up to date (`_grown_one_block`)."""
+    rotary_keys = rotary_keys and isinstance(codec, TurboQuantCodec)  # only TurboQuant keys' arguments depend on it
     key = (*run_key(run, codec), keys, rotary_keys)
     memo = run.__dict__.get("_kvpack_args")
     if memo is not None:
@@ -387,6 +389,28 @@ def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool
         out += seg
         count += 1
     return [count, *out]
+
+
+def mixed_decode(run, codec, start: int, stop: int) -> torch.Tensor | None:
+    """Run tokens start..stop-1 of a run of mixed-width NuqCodec blocks, decoded by the C++ kernels exactly as
+    `codec.decode` decodes them: float32 [B, H, stop - start, D]; None where no kernel reads the run."""
+    if not isinstance(codec, NuqCodec) or codec.channel_bits is None or load() is None or not run.count:
+        return None
+    if next(iter(run.buffers.values())).device.type != "cpu":
+        return None
+    if not 0 <= start <= stop <= run.tokens:
+        raise ValueError(f"token range {start}..{stop} is not inside the run's {run.tokens} tokens")
+    batch, heads, _, dim = run.block_shape
+    keys = codec.axis == "channel"
+    args = _run_arguments(run, codec, keys, False, heads, dim)
+    if args is None:
+        return None
+    out = torch.empty(batch, heads, stop - start, dim, dtype=torch.float32)
+    call = _int64s([batch, heads, dim, int(keys), start, stop, _ptr(out), *out.stride()[:3]]) + args
+    code = load().kvpack_mixed_decode(call.buffer_info()[0])
+    if code != 0:
+        raise RuntimeError(f"kvpack_mixed_decode rejected its arguments (code {code})")
+    return out
 
 
 def _mask_args(mask: torch.Tensor | None, queries: int, tokens: int) -> list[int] | None:

@@ -81,6 +81,36 @@ struct Common {  // the arguments shared by all segments of a call
   Rope rope;       // at this segment's first token
 };
 
+// A mixed-width segment's groups, value ranges and outliers (the arguments after nblk and T); 0 or an error code.
+int read_mixed(Reader& r, int nblk, int B, int H, int T, int D, bool keys, mixed::Mixed* out) {
+  mixed::Mixed& m = *out;
+  m.ng = (int)r.next();
+  if (m.ng < 1 || m.ng > 9 || D % 8) return -1;
+  for (int i = 0; i < m.ng; ++i) {
+    mixed::Group& g = m.g[i];
+    g.bits = (int)r.next(); g.n = (int)r.next();
+    g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
+    g.cols = (const int32_t*)r.ptr(); g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
+    g.qnorm = (const uint16_t*)r.ptr(); g.scale = (const uint16_t*)r.ptr(); g.zero = (const uint16_t*)r.ptr();
+    if (g.bits < 1 || g.bits > 8 || g.n % 8 || !g.levels || !g.widths || (keys && !(g.scale && g.zero))) return -1;
+  }
+  const uint16_t* vs = (const uint16_t*)r.ptr();
+  const uint16_t* vz = (const uint16_t*)r.ptr();
+  const i64 s0 = r.next(), s1 = r.next(), s2 = r.next(), s3 = r.next();
+  m.vs = Half4{vs, s0, s1, s2, s3};
+  m.vz = Half4{vz, s0, s1, s2, s3};
+  if (!keys && (!vs || !vz)) return -1;
+  m.ov = (const uint16_t*)r.ptr(); m.oi = r.ptr(); m.ois = (int)r.next();
+  const void* oc = r.ptr();
+  const int ocs = (int)r.next();
+  m.omode = (int)r.next();
+  if (m.ov) {
+    if (m.omode != 1 && m.omode != 2) return -5;
+    m.ptr = row_pointers(oc, ocs, m.omode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T);
+  }
+  return 0;
+}
+
 int run_segment(Reader& r, const Common& c, bool keys) {
   const int kind = (int)r.next();
   if (kind == SEG_FP16) {
@@ -150,30 +180,8 @@ int run_segment(Reader& r, const Common& c, bool keys) {
   }
   if (kind == SEG_MIXED) {  // the common codes prefix is unused (0); groups follow
     mixed::Mixed m;
-    m.ng = (int)r.next();
-    if (m.ng < 1 || m.ng > 9 || D % 8) return -1;
-    for (int i = 0; i < m.ng; ++i) {
-      mixed::Group& g = m.g[i];
-      g.bits = (int)r.next(); g.n = (int)r.next();
-      g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
-      g.cols = (const int32_t*)r.ptr(); g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
-      g.qnorm = (const uint16_t*)r.ptr(); g.scale = (const uint16_t*)r.ptr(); g.zero = (const uint16_t*)r.ptr();
-      if (g.bits < 1 || g.bits > 8 || g.n % 8 || !g.levels || !g.widths || (keys && !(g.scale && g.zero))) return -1;
-    }
-    const uint16_t* vs = (const uint16_t*)r.ptr();
-    const uint16_t* vz = (const uint16_t*)r.ptr();
-    const i64 s0 = r.next(), s1 = r.next(), s2 = r.next(), s3 = r.next();
-    m.vs = Half4{vs, s0, s1, s2, s3};
-    m.vz = Half4{vz, s0, s1, s2, s3};
-    if (!keys && (!vs || !vz)) return -1;
-    m.ov = (const uint16_t*)r.ptr(); m.oi = r.ptr(); m.ois = (int)r.next();
-    const void* oc = r.ptr();
-    const int ocs = (int)r.next();
-    m.omode = (int)r.next();
-    if (m.ov) {
-      if (m.omode != 1 && m.omode != 2) return -5;
-      m.ptr = row_pointers(oc, ocs, m.omode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T);
-    }
+    const int bad = read_mixed(r, nblk, B, H, T, D, keys, &m);
+    if (bad) return bad;
 #define CALL(N, GG)                                                                                                  \
   if (keys) mixed::keys<GG>(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.rope, c.out, c.ob, c.oh, c.og, c.threads); \
   else mixed::values<GG>(c.x, c.xb, c.xh, c.xg, m, nblk, B, H, T, D, G, c.out, c.ob, c.oh, c.og, c.threads)
@@ -328,6 +336,26 @@ i64 sparse_rows(const float* x, const uint8_t* mask, int B, int H, int T, int D,
         }
   }
   return nnz;
+}
+
+// Tokens start..stop-1 of one mixed-width run decoded to float32 (mixed::decode_tokens):
+// [B, H, D, keys, start, stop, out, ob, oh, ot, then the run's segment arguments as kvpack_layer reads them].
+int kvpack_mixed_decode(const i64* a) {
+  Reader r{a};
+  const int B = (int)r.next(), H = (int)r.next(), D = (int)r.next(), keys = (int)r.next();
+  const i64 start = r.next(), stop = r.next();
+  float* out = (float*)r.ptr();
+  const i64 ob = r.next(), oh = r.next(), ot = r.next();
+  (void)r.next();  // the run's tokens
+  if (r.next() != SEG_MIXED) return -3;
+  for (int k = 0; k < 5; ++k) (void)r.next();  // the unused codes prefix
+  const int nblk = (int)r.next(), T = (int)r.next();
+  if (start < 0 || stop > (i64)nblk * T || start > stop || !out) return -1;
+  mixed::Mixed m;
+  const int bad = read_mixed(r, nblk, B, H, T, D, keys != 0, &m);
+  if (bad) return bad;
+  mixed::decode_tokens(m, nblk, B, H, T, D, keys != 0, start, stop, out, ob, oh, ot);
+  return 0;
 }
 
 int kvpack_nuq_encode(const i64* a) {

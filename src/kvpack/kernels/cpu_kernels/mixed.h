@@ -335,6 +335,71 @@ inline void decode_period(const __m512i* w, const float* tab, const int32_t* col
 }
 #endif
 
+// Tokens start..stop-1 of a run decoded as NuqCodec.decode computes them in float32: level (fp16) * a + b
+// (Q-Norm), then keys * scale + zero per channel, values * scale + zero per token, each operation rounded on its own
+// as torch rounds it (no fused multiply-add here), sparse outliers written over them; token t of row b goes to
+// out + b * ob + h * oh + (t - start) * ot + c.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+inline void decode_tokens(const Mixed& m, int nblk, int B, int H, int T, int D, bool keys, i64 start, i64 stop,
+                          float* out, i64 ob, i64 oh, i64 ot) {
+  (void)nblk;
+  const int HD = H * D;
+  std::vector<i64> first(HD + 1, 0);  // each channel's first level
+  for (int ch = 0; ch < HD; ++ch) first[ch + 1] = first[ch] + (1 << m.g[0].widths[ch]);
+  std::vector<float> level;  // decoded levels of every channel (Q-Norm applied), then keys' scale and zero
+  level.resize(first[HD]);
+  std::vector<float> kscale(HD), kzero(HD);
+  for (int i = 0; i < m.ng; ++i) {
+    const Group& g = m.g[i];
+    for (int j = 0; j < g.n; ++j) {
+      const int ch = g.cols[j];
+      for (i64 e = first[ch]; e < first[ch + 1]; ++e) {
+        float lv = h2f(g.levels[e]);
+        if (g.qnorm) {
+          const float scaled = lv * h2f(g.qnorm[2 * ch]);
+          lv = scaled + h2f(g.qnorm[2 * ch + 1]);
+        }
+        level[e] = lv;
+      }
+      if (keys) {
+        kscale[ch] = h2f(g.scale[ch]);
+        kzero[ch] = h2f(g.zero[ch]);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (i64 t = start; t < stop; ++t) {
+      const i64 blk = t / T, tt = t % T;
+      float* row = out + b * ob + (t - start) * ot;
+      for (int i = 0; i < m.ng; ++i) {
+        const Group& g = m.g[i];
+        const uint8_t* codes = group_row(g, b, t, T);
+        const int mask = (1 << g.bits) - 1;
+        for (int j0 = 0; j0 < g.n; j0 += 8) {
+          uint64_t w = 0;
+          for (int k = 0; k < g.bits; ++k) w |= (uint64_t)codes[j0 / 8 * g.bits + k] << (8 * k);
+          for (int k = 0; k < 8; ++k) {
+            const int ch = g.cols[j0 + k], h = ch / D;
+            const float lv = level[first[ch] + ((w >> (k * g.bits)) & mask)];
+            float x;
+            if (keys) {
+              const float scaled = lv * kscale[ch];
+              x = scaled + kzero[ch];
+            } else {
+              const float scaled = lv * m.vs.at(blk, b, h, tt);
+              x = scaled + m.vz.at(blk, b, h, tt);
+            }
+            row[h * oh + ch % D] = x;
+          }
+        }
+      }
+      if (m.ov)
+        range_outliers(m, b, t, 1, B, H, T, D, [&](int, int ch, float x) { row[(ch / D) * oh + ch % D] = x; });
+    }
+}
+#pragma GCC pop_options
+
 template <int BITS>
 inline void decode_group(const float* tab, int n, const int32_t* cols, const GroupCodes& gc, int v, float* kd) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;

@@ -220,9 +220,11 @@ def _outlier_args(o) -> list[int]:
 
 
 def _fp16_segment(t: torch.Tensor) -> list[int] | None:
-    if t.dtype != torch.float16 or t.stride(-1) != 1:
+    st = t.stride()
+    if t.dtype != torch.float16 or st[-1] != 1:
         return None
-    return [t.shape[-2], SEG_FP16, _ptr(t), t.stride(0), t.stride(1), t.stride(2), t.shape[-2]]
+    n = t.shape[-2]
+    return [n, SEG_FP16, t.data_ptr(), st[0], st[1], st[2], n]
 
 
 def _run_head(view) -> list[int]:
@@ -363,32 +365,28 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     return args
 
 
-def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool = False) -> list[int] | None:
-    """[count, segment args...] for a TokenStream, or None if a part has no kernel. `rotary_keys`: the kernel
-    applies RoPE to decoded keys (pre-RoPE storage)."""
-
-    out, count = [], 0
-    if stream.head is not None:
-        seg = _fp16_segment(stream.head)
-        if seg is None:
-            return None
-        out += seg
-        count += 1
-    for run in stream.body.runs:
-        if not run.count:
+def _segments(stream, codec, keys: bool, heads: int, dim: int, rotary_keys: bool = False) -> array.array | None:
+    """[count, segment args...] for a TokenStream (int64, joined in C: a run's kept arguments are copied, not
+    converted), or None if a part has no kernel. `rotary_keys`: the kernel applies RoPE to decoded keys (pre-RoPE
+    storage)."""
+    out = _int64s([0])
+    for part in (stream.head, *stream.body.runs, stream.tail):
+        if part is None:
             continue
-        segment = _run_arguments(run, codec, keys, rotary_keys, heads, dim)
-        if segment is None:
-            return None
-        out += segment
-        count += 1
-    if stream.tail is not None:
-        seg = _fp16_segment(stream.tail)
-        if seg is None:
-            return None
-        out += seg
-        count += 1
-    return [count, *out]
+        if isinstance(part, torch.Tensor):
+            seg = _fp16_segment(part)
+            if seg is None:
+                return None
+            out.extend(seg)
+        elif part.count:
+            seg = _run_arguments(part, codec, keys, rotary_keys, heads, dim)
+            if seg is None:
+                return None
+            out += seg
+        else:
+            continue
+        out[0] += 1
+    return out
 
 
 def mixed_decode(run, codec, start: int, stop: int) -> torch.Tensor | None:
@@ -460,11 +458,11 @@ def layer_attention(layer, query: torch.Tensor, mask: torch.Tensor | None, scali
         rope_args = [_ptr(positions), positions.stride(0) if positions.shape[0] > 1 else 0, _ptr(tables.hi),
                      _ptr(tables.lo), tables.shift, tables.rot]
     out = torch.empty(batch, queries, hq, dim, dtype=torch.float32)
-    args = [_ptr(q), q.stride(0), q.stride(1), q.stride(2), batch, heads, hq // heads, queries, dim, tokens,
-            max(1, torch.get_num_threads()), _float_bits(scaling), _ptr(out), _float_bits(softcap or 0.0), *mask_args,
-            *rope_args, *keys, *values]
-    array = _int64s(args)
-    code = load().kvpack_layer(array.buffer_info()[0])
+    qs = q.stride()
+    args = _int64s([q.data_ptr(), qs[0], qs[1], qs[2], batch, heads, hq // heads, queries, dim, tokens,
+                    max(1, torch.get_num_threads()), _float_bits(scaling), out.data_ptr(), _float_bits(softcap or 0.0),
+                    *mask_args, *rope_args]) + keys + values
+    code = load().kvpack_layer(args.buffer_info()[0])
     if code != 0:
         raise RuntimeError(f"kvpack_layer rejected its arguments (code {code})")
     return out

@@ -124,7 +124,11 @@ class RopeTable:
         add up, halves that differ)."""
         if positions.numel() == 0:
             return None
-        low, high = int(positions.min()), int(positions.max())
+        # the logged positions' range, once per forward (the log clears its memo whenever positions change)
+        span = ("range", positions.data_ptr(), tuple(positions.shape))
+        if span not in self.log.memo:
+            self.log.memo[span] = int(positions.min()), int(positions.max())
+        low, high = self.log.memo[span]
         if low < 0:
             return None
         source = self.log.source

@@ -163,7 +163,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     """A compiled kernel library at `path` (this ABI version, else RuntimeError), its entry points typed."""
     lib = ctypes.CDLL(str(path))
     if lib.kvpack_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"stale kernel library {path}: ABI {lib.kvpack_abi_version()}, this code needs {ABI_VERSION}")
+        raise RuntimeError(f"stale kernel library {path}: ABI {lib.kvpack_abi_version()}, this code needs "
+                           f"{ABI_VERSION}")
     for name in ("kvpack_layer", "kvpack_nuq_encode", "kvpack_mixed_encode", "kvpack_mixed_decode"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int

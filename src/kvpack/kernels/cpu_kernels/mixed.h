@@ -4,9 +4,10 @@
 //
 // Tokens run across the vector lanes. AVX-512: the codes of W = 16 tokens are read as 32-bit windows (window k,
 // lane l = bytes 4k .. 4k + 3 of token l's row of a group; one gather per window), and member j's W codes are one
-// funnel shift of two windows (bits j * BITS ..; keys: members in runs of 32 / gcd(BITS, 32), whose shifts repeat, get
-// them at compile time), left with their neighbours' bits above them, which the level lookup ignores (a permute of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are
-// unpacked and transposed to int32 lanes [slot][token]. Keys: per channel, the lookup table already holds
+// funnel shift of two windows (bits j * BITS ..; keys: members in runs of 32 / gcd(BITS, 32), whose shifts repeat,
+// get them at compile time), left with their neighbours' bits above them, which the level lookup ignores (a permute
+// of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are unpacked and transposed to
+// int32 lanes [slot][token]. Keys: per channel, the lookup table already holds
 // scale * level + zero; the W decoded keys of every channel go to a small buffer in natural channel order, sparse
 // outliers written over them, then RoPE (cos/sin of the W tokens: for consecutive positions inside one row of the
 // coarse table, one broadcast of the coarse row times the fine table read transposed; else per token) and q . k for
@@ -330,7 +331,8 @@ inline void decode_member(const __m512i* w, const float* tab, const int32_t* col
 }
 
 template <int BITS, int... J>
-inline void decode_period(const __m512i* w, const float* tab, const int32_t* cols, float* kd, std::integer_sequence<int, J...>) {
+inline void decode_period(const __m512i* w, const float* tab, const int32_t* cols, float* kd,
+                          std::integer_sequence<int, J...>) {
   (decode_member<BITS, J>(w, tab, cols, kd), ...);
 }
 #endif

@@ -106,7 +106,9 @@ int read_mixed(Reader& r, int nblk, int B, int H, int T, int D, bool keys, mixed
   m.omode = (int)r.next();
   if (m.ov) {
     if (m.omode != 1 && m.omode != 2) return -5;
-    m.ptr = row_pointers(oc, ocs, m.omode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T);
+    const i64 rows = m.omode == 1 ? (i64)nblk * B * T : (i64)nblk * B * H * T;
+    m.per_row = same_count(oc, ocs, rows);
+    if (m.per_row < 0) m.ptr = row_pointers(oc, ocs, rows);
   }
   return 0;
 }

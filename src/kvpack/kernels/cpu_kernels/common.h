@@ -170,6 +170,25 @@ struct Half4 {  // fp16 per-token scalars indexed (blk, b, h, t)
 };
 
 
+// The count every one of `rows` rows holds, or -1 when they differ (then row_pointers are needed).
+template <typename C>
+inline i64 same_count_as(const C* c, i64 rows) {
+  if (rows == 0) return 0;
+  C differ = 0;
+  for (i64 r = 1; r < rows; ++r) differ |= (C)(c[r] ^ c[0]);
+  return differ ? -1 : (i64)c[0];
+}
+
+inline i64 same_count(const void* counts, int size, i64 rows) {
+  if (!counts) return 0;
+  switch (size) {
+    case 1: return same_count_as((const uint8_t*)counts, rows);
+    case 2: return same_count_as((const int16_t*)counts, rows);
+    case 4: return same_count_as((const int32_t*)counts, rows);
+    default: return same_count_as((const int64_t*)counts, rows);
+  }
+}
+
 std::vector<i64> row_pointers(const void* counts, int size, i64 rows) {
   std::vector<i64> ptr((size_t)rows + 1, 0);
   if (counts)

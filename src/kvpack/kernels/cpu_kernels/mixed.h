@@ -54,7 +54,9 @@ struct Mixed {
   const uint16_t* ov = nullptr;
   const void* oi = nullptr;
   int ois = 0, omode = 0;
-  std::vector<i64> ptr;
+  i64 per_row = -1;     // outliers in every row when all rows hold as many (no row pointers), else -1
+  std::vector<i64> ptr;  // [rows + 1] first outlier of each row (per_row < 0)
+  i64 row_start(i64 row) const { return per_row >= 0 ? row * per_row : ptr[row]; }
 };
 
 inline int table_size(int bits) { return bits <= 4 ? 16 : 1 << bits; }
@@ -281,11 +283,11 @@ inline void range_outliers_as(const Mixed& m, i64 b, i64 n0, int count, int B, i
   for (int l = 0; l < count; ++l) {
     if (m.omode == 1) {  // rows (blk, b, t) over H * D
       const i64 row = (blk * B + b) * T + t;
-      for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix(l, (int)idx[j], h2f(m.ov[j]));
+      for (i64 j = m.row_start(row), e = m.row_start(row + 1); j < e; ++j) fix(l, (int)idx[j], h2f(m.ov[j]));
     } else {  // rows (blk, b, h, t) over D
       for (int h = 0; h < H; ++h) {
         const i64 row = ((blk * B + b) * H + h) * T + t;
-        for (i64 j = m.ptr[row]; j < m.ptr[row + 1]; ++j) fix(l, h * D + (int)idx[j], h2f(m.ov[j]));
+        for (i64 j = m.row_start(row), e = m.row_start(row + 1); j < e; ++j) fix(l, h * D + (int)idx[j], h2f(m.ov[j]));
       }
     }
     if (++t == T) {

@@ -269,7 +269,9 @@ int kvpack_layer(const i64* a) {
     off += n;
   }
   if (off != K) return -4;
-  softmax_rows(scores.data(), B, H, G, Q, K, softcap, m, threads);
+  static thread_local std::vector<float> inv;  // 1 / each row's sum of exp: applied to the row's output
+  inv.resize((size_t)B * H * G);
+  softmax_rows(scores.data(), B, H, G, Q, K, softcap, m, threads, inv.data());
   static thread_local std::vector<float> out;
   out.assign((size_t)B * H * G * D, 0.0f);
   const int nv = (int)r.next();
@@ -287,9 +289,10 @@ int kvpack_layer(const i64* a) {
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h)
       for (int g = 0; g < G; ++g) {
-        const float* src = out.data() + (((i64)b * H + h) * G + g) * D;
+        const i64 row = ((i64)b * H + h) * G + g;
+        const float* src = out.data() + row * D;
         float* dst = final_out + (((i64)b * Q + g % Q) * HQ + h * G0 + g / Q) * D;
-        std::memcpy(dst, src, sizeof(float) * D);
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * inv[row];
       }
   return 0;
 }

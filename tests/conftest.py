@@ -90,16 +90,21 @@ def make_tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **ov
 
 
 @contextmanager
-def single_thread():
-    """Run torch on one intra-op thread inside the block. The test machine's cores are shared:
-    with other jobs running, the thread pool's oversubscription stalls made a SmolLM2 forward 5x
-    and tiny-model tests 4x slower than on one thread."""
+def torch_threads(n: int):
+    """Run torch on `n` intra-op threads inside the block."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def single_thread():
+    """Run torch on one intra-op thread inside the block. The test machine's cores are shared:
+    with other jobs running, the thread pool's oversubscription stalls made a SmolLM2 forward 5x
+    and tiny-model tests 4x slower than on one thread."""
+    return torch_threads(1)
 
 
 @pytest.fixture
@@ -168,6 +173,14 @@ def smollm2():
 
     with single_thread():
         return load_model("smollm2-135m")
+
+
+def tiny_mixed_recipe(method: str, calib_text: Path):
+    """(tiny llama model, tokenizer, recipe of `method` calibrated on 3 windows of 64 tokens of `calib_text`)."""
+    import kvpack
+
+    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+    return model, tok, kvpack.calibrate(model, tok, method, data=str(calib_text), windows=3, seqlen=64, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,8 @@ width), prompts and decode steps in one run of one-token blocks (one set of buff
 keys or values), read by the kernels as one block, with under 1% spare capacity."""
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import tiny_mixed_recipe
 
-import kvpack
 from kvpack.cache.cache import CompressedCache
 from kvpack.cache.memory import held_storages
 from kvpack.codecs.nuq import PAD, NuqCodec
@@ -59,9 +58,7 @@ def test_split_tokens_is_the_same_storage(axis, outliers):
 
 @torch.no_grad()
 def test_prompt_and_decode_steps_share_one_run(mixed_calib_text):
-    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(mixed_calib_text), windows=3, seqlen=64,
-                              progress=False)
+    model, tok, recipe = tiny_mixed_recipe("kvquant-3bit-1pct:alloc-global", mixed_calib_text)
     assert all(c.channel_bits is not None for c in recipe.key_codecs)
     ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(1))
     cache = CompressedCache(model, recipe)
@@ -94,9 +91,7 @@ def test_kernel_arguments_follow_decode_steps(mixed_calib_text):
     reads, and after a crop (an edit) the arguments are rebuilt."""
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
-    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global", data=str(mixed_calib_text), windows=3,
-                              seqlen=64, progress=False)
+    model, tok, recipe = tiny_mixed_recipe("kvquant-3bit-1pct:alloc-global", mixed_calib_text)
     ids = torch.randint(3, 120, (1, 120), generator=torch.Generator().manual_seed(4))
     cache = CompressedCache(model, recipe)
     model(ids[:, :20], **cache_kwargs(cache))

@@ -5,9 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import tiny_mixed_recipe, torch_threads
 
-import kvpack
 from kvpack.cache.cache import CompressedCache
 from kvpack.cache.stream import TokenStream
 from kvpack.codecs.nuq import NuqCodec
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_mixed_width_kernel_equals_the_torch_reference(name, mixed_calib_text):
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
-    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, name, data=str(mixed_calib_text), windows=3, seqlen=64, progress=False)
+    model, tok, recipe = tiny_mixed_recipe(name, mixed_calib_text)
     codecs = recipe.key_codecs + recipe.value_codecs
     assert any(len(set(c.channel_bits.tolist())) > 1 for c in codecs)  # widths really differ
     for c in codecs:  # every width holds a multiple of 8 channels per tensor
@@ -77,17 +75,13 @@ def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, mixed_cal
     transposed 16 tokens at a time); the run's last tile is partial; split over threads the value partials merge."""
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
-    model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
-    recipe = kvpack.calibrate(model, tok, "kvquant-3bit-1pct:alloc-global:fisher-s2", data=str(mixed_calib_text), windows=3,
-                              seqlen=64, progress=False)
+    model, tok, recipe = tiny_mixed_recipe("kvquant-3bit-1pct:alloc-global:fisher-s2", mixed_calib_text)
     ids = torch.randint(3, 120, (2, 200), generator=torch.Generator().manual_seed(3))
     cache = CompressedCache(model, recipe, block_tokens=block_tokens)
     model(ids[:, :180], **cache_kwargs(cache))
     for t in range(180, 183):
         model(ids[:, t:t + 1], **cache_kwargs(cache))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for layer in cache.layers:
             q = torch.randn(2, model.config.num_attention_heads, 2, 16, generator=torch.Generator().manual_seed(4))
             paths = []
@@ -95,8 +89,7 @@ def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, mixed_cal
             got = dispatch.layer_attention(layer, q, backend="auto", rope=cache.packed.rope, paths=paths)
             torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
             assert paths == [("layer", "cpu")]
-    finally:
-        torch.set_num_threads(before)
+
 
 
 @pytest.mark.parametrize("tokens,threads", [(200, 1), (77, 2)])
@@ -124,17 +117,14 @@ def test_mixed_width_kernel_every_width_in_long_groups(tokens, threads):
     for n in (tokens - 9, 9):  # a prompt and a second block
         layer.k.append(torch.randn(1, heads, n, dim, generator=g) * 2)
         layer.v.append(torch.randn(1, heads, n, dim, generator=g))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         q = torch.randn(1, 3 * heads, 1, dim, generator=g)
         paths = []
         ref = dispatch.layer_attention(layer, q, backend="torch")
         got = dispatch.layer_attention(layer, q, backend="auto", paths=paths)
         assert paths == [("layer", "cpu")]
         torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-    finally:
-        torch.set_num_threads(before)
+
 
 
 @pytest.mark.parametrize("batch,blocks", [(1, (70, 1, 1, 1)), (2, (8,))])

@@ -1,7 +1,6 @@
 // kvpack CPU kernels: softcap, mask and softmax over a layer's scores.
 #pragma once
 #include "common.h"
-#include "simd.h"
 
 namespace {
 
@@ -24,27 +23,6 @@ inline __m256 exp256(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
 }
-
-#if KVPACK_AVX512
-// exp256's arithmetic on 16 lanes (the same result per element).
-inline __m512 exp512(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
-}
-#endif
 
 struct Mask {
   const void* ptr;  // nullptr: none
@@ -76,30 +54,14 @@ void softmax_rows(float* s, int B, int H, int G, int Q, i64 K, float softcap, Ma
     }
     float top = ninf, total = 0.0f;
     i64 k = 0;
-#if KVPACK_AVX512
-    __m512 mx = _mm512_set1_ps(ninf);
-    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + k));
-    top = _mm512_reduce_max_ps(mx);
-#else
     __m256 mx = _mm256_set1_ps(ninf);
     for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + k));
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, mx);
     for (int j = 0; j < 8; ++j) top = std::max(top, lanes[j]);
-#endif
     for (; k < K; ++k) top = std::max(top, x[k]);
     if (top == ninf) top = 0.0f;  // a fully masked row: all zeros, divided by 0 (NaN, like SDPA's math path)
     k = 0;
-#if KVPACK_AVX512
-    const __m512 tv = _mm512_set1_ps(top);
-    __m512 sum = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + k), tv));
-      _mm512_storeu_ps(x + k, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    total = _mm512_reduce_add_ps(sum);
-#else
     const __m256 tv = _mm256_set1_ps(top);
     __m256 sum = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
@@ -108,7 +70,6 @@ void softmax_rows(float* s, int B, int H, int G, int Q, i64 K, float softcap, Ma
       sum = _mm256_add_ps(sum, e);
     }
     total = hsum8(sum);
-#endif
     for (; k < K; ++k) {
       const float d = x[k] - top;
       x[k] = d < -87.3f ? 0.0f : std::exp(d);

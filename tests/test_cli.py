@@ -3,10 +3,12 @@ import json
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny_model, make_tiny_tokenizer
 from kvpack.cli.app import app
+from kvpack.evaluate.demo import end_at_sentence
 
 OPTIONS = {
     "eval": ["--model", "--data", "--methods", "--seqlen", "--max-windows", "--json", "--calib-data", "--calib-windows",
@@ -37,6 +39,17 @@ def test_demo_runs_on_the_shipped_text(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "kvpack's own text kv-cache-guide.txt, first 64 tokens" in result.output
     assert "greedy-token agreement with fp16" in result.output
+    assert "along the fp16 continuation: same next token" in result.output
+
+
+def test_demo_prompt_ends_at_a_sentence():
+    class Words:
+        def decode(self, ids):
+            return "".join(["alpha", " beta.", " gamma", "\n", " delta", " eps"][int(i)] for i in ids)
+
+    assert end_at_sentence(Words(), torch.arange(6)).tolist() == [0, 1, 2, 3]
+    assert end_at_sentence(Words(), torch.arange(3)).tolist() == [0, 1]
+    assert end_at_sentence(Words(), torch.tensor([0, 2, 4, 5])).tolist() == [0, 2, 4, 5]
 
 
 def test_info_names_cpu_instruction_set_and_kernels():

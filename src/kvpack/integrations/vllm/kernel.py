@@ -81,26 +81,45 @@ def _layer(parts: LayerSlots, dtype: torch.dtype) -> list[int] | None:
     return cached[1]
 
 
-def lines_of_16(table: torch.Tensor) -> torch.Tensor:
-    """[P, rot] -> [P / 16 + 1, rot, 16]: the rows of 16 consecutive positions side by side (zero-padded past P)."""
-    rows, rot = table.shape
-    padded = torch.zeros(16 * (rows // 16 + 1), rot, dtype=torch.float32)
-    padded[:rows] = table
-    return padded.view(-1, 16, rot).transpose(1, 2).contiguous()
+def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The channel-major path's RoPE tables (pages.h, Args::rope_hi / rope_lo) of cos, sin [P, rot] (float32):
+    hi [P / 16 + 1, rot] (cos | sin halves at positions 16m) and lo [2, rot / 2, 16] (cos, sin at positions 0..15 over
+    the table's scaling, channel-major), or None where the kernel cannot compose the table by angle addition (halves
+    that differ, fewer than 16 positions, angles that do not add up within float rounding)."""
+    rows, rot = cos.shape
+    half = rot // 2
+    if rows < 16 or rot % 2 or not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        return None
+    scaling = float(cos[0, 0])
+    if scaling == 0:
+        return None
+    at = torch.arange(0, rows + 15, 16).clamp(max=rows - 1)
+    hi = torch.cat([cos[at, :half], sin[at, :half]], 1).contiguous()
+    lo = torch.stack([cos[:16, :half].t(), sin[:16, :half].t()]) / scaling  # [2, half, 16]
+    p = torch.arange(rows)
+    hc, hs = hi[p // 16, :half], hi[p // 16, half:]
+    lc, ls = lo[0].t()[p % 16], lo[1].t()[p % 16]
+    error = torch.maximum(((hc * lc - hs * ls) - cos[:, :half]).abs().max(), ((hs * lc + hc * ls) - sin[:, :half]).abs().max())
+    if float(error) > abs(scaling) * (1e-5 + 4 * 2.0 ** -23 * rows):  # float rounding of position x frequency
+        return None
+    return hi, lo.contiguous()
 
 
 def _rope(layout: EngineLayout) -> list[int]:
-    """cos, sin, their row stride, rotated channels, and both as lines of 16 positions (built once per table)."""
+    """cos, sin, their row stride, rotated channels, and the split tables (0, 0 where there are none), built once
+    per table."""
     rope = layout.rope
     if rope is None:
         return [0, 0, 0, 0, 0, 0]
     cos, sin = rope.cos, rope.sin
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32):
         rope.cos, rope.sin = cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    lines = rope.__dict__.get("_lines_of_16")
-    if lines is None or lines[0] is not cos or lines[1] is not sin:
-        lines = rope.__dict__["_lines_of_16"] = (cos, sin, lines_of_16(cos), lines_of_16(sin))
-    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], lines[2].data_ptr(), lines[3].data_ptr()]
+    split = rope.__dict__.get("_split_tables")
+    if split is None or split[0] is not cos or split[1] is not sin:
+        split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(cos, sin))
+    tables = split[2]
+    hi, lo = (tables[0].data_ptr(), tables[1].data_ptr()) if tables is not None else (0, 0)
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo]
 
 
 def _arguments(layout: EngineLayout, pool: PagePool, layer: int, first: int, second: int, requests: int, heads: int,

@@ -255,8 +255,12 @@ struct Args {
   const float* sin;
   i64 rope_stride;
   int rot;
-  const float* cos_tiles;  // [positions / 16, rot, 16]: the same tables, 16 positions per line (channel-major path)
-  const float* sin_tiles;
+  // channel-major path (nullptr: none): cos/sin of 16 consecutive positions 16m + j by angle addition,
+  // cos = hc lc - hs ls, sin = hs lc + hc ls, from rope_hi [m][hc (rot / 2) | hs (rot / 2)] (the table's rows at
+  // multiples of 16) and rope_lo [lc (rot / 2 lines of 16 lanes) | ls (likewise)] (positions 0..15 over the
+  // table's scaling): a few KB instead of 256 bytes per position streamed for every head
+  const float* rope_hi;
+  const float* rope_lo;
   Part key, value;
   i64 max_query;       // attention(): requests with more query tokens are skipped (0: none are)
   CodeMap kmap, vmap;  // filled by attention() / dense()
@@ -348,9 +352,20 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;
   const uint8_t* rows[TK];
-  for (int j = 0; j < TK; ++j) {
-    const i64 p = k0 + std::min(j, n - 1);
-    rows[j] = A.slots + ((i64)table[p / A.bs] * A.bs + p % A.bs) * A.slot_bytes;
+  {  // slot rows of positions k0 .. k0 + n - 1 (then the last one repeated), one division per tile
+    i64 page = k0 / A.bs;
+    int off = (int)(k0 % A.bs);
+    const uint8_t* row = A.slots + ((i64)table[page] * A.bs + off) * A.slot_bytes;
+    for (int j = 0; j < TK; ++j) {
+      rows[j] = row;
+      if (j + 1 >= n) continue;
+      if (++off == A.bs) {
+        off = 0;
+        row = A.slots + (i64)table[++page] * A.bs * A.slot_bytes;
+      } else {
+        row += A.slot_bytes;
+      }
+    }
   }
   float* kt = S.kt.data();
   float* vt = S.vt.data();
@@ -376,18 +391,20 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   }
   if (A.cos) {
     const int half = A.rot / 2;
+    const float* lc = A.rope_lo;
+    const float* ls = A.rope_lo + half * 16;
     for (int v = 0; v < n; v += 16) {
-      const i64 line = (k0 + v) / 16 * A.rot * 16;
-      const float* cs = A.cos_tiles + line;
-      const float* sn = A.sin_tiles + line;
+      const float* hrow = A.rope_hi + (k0 + v) / 16 * A.rot;
       for (int i = 0; i < half; ++i) {
+        const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
+        const __m512 fc = _mm512_loadu_ps(lc + i * 16), fs = _mm512_loadu_ps(ls + i * 16);
+        const __m512 c = _mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs));
+        const __m512 sn = _mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs));
         float* a = kt + i * TK + v;
         float* b = kt + (i + half) * TK + v;
         const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);
-        _mm512_storeu_ps(a, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(cs + i * 16)),
-                                          _mm512_mul_ps(hi, _mm512_loadu_ps(sn + i * 16))));
-        _mm512_storeu_ps(b, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(cs + (i + half) * 16)),
-                                          _mm512_mul_ps(lo, _mm512_loadu_ps(sn + (i + half) * 16))));
+        _mm512_storeu_ps(a, _mm512_fmsub_ps(lo, c, _mm512_mul_ps(hi, sn)));
+        _mm512_storeu_ps(b, _mm512_fmadd_ps(hi, c, _mm512_mul_ps(lo, sn)));
       }
     }
   }
@@ -417,7 +434,7 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 // are not scores of any key (the caller masks them).
 void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 #if KVPACK_AVX512
-  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.cos_tiles)) return tile16(A, r, h, k0, n, S);
+  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi)) return tile16(A, r, h, k0, n, S);
 #endif
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;

@@ -773,13 +773,91 @@ inline int below(const float* m, int count, float u) {
   return n;
 }
 
+// code[c] <- the count of channel c's midpoints below clamp(u[c], -1, 1), c < C (`below` for every channel).
+// AVX-512, when every row holds M = 2^k - 1 midpoints: 16 channels at a time by a branch-free binary search (k
+// gathers; the codebook padding past a channel's own midpoints lies above 1 and is never counted).
+inline void codes_of(const EncPart& P, const float* u, int C, int32_t* code) {
+#if KVPACK_AVX512
+  if (((P.M + 1) & P.M) == 0) {
+    constexpr int V = 4;  // vectors searched side by side: independent gather chains
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 one = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
+    for (int c0 = 0; c0 < C; c0 += 16 * V) {
+      __mmask16 valid[V];
+      __m512 x[V];
+      __m512i row[V], pos[V];
+      for (int v = 0; v < V; ++v) {
+        const int c = c0 + 16 * v, left = C - c;
+        valid[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+        // std::min(1, std::max(-1, u)): a NaN becomes -1, as there
+        x[v] = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(valid[v], u + c), minus), one);
+        row[v] = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(c), lane), _mm512_set1_epi32(P.M));
+        pos[v] = _mm512_setzero_si512();
+      }
+      for (int step = (P.M + 1) / 2; step >= 1; step /= 2) {
+        const __m512i s1 = _mm512_set1_epi32(step - 1), st = _mm512_set1_epi32(step);
+        for (int v = 0; v < V; ++v) {
+          const __m512i at = _mm512_add_epi32(_mm512_add_epi32(row[v], pos[v]), s1);
+          const __m512 m = _mm512_mask_i32gather_ps(one, valid[v], at, P.mid, 4);
+          pos[v] = _mm512_mask_add_epi32(pos[v], _mm512_cmp_ps_mask(m, x[v], _CMP_LT_OQ), pos[v], st);
+        }
+      }
+      for (int v = 0; v < V; ++v) _mm512_mask_storeu_epi32(code + c0 + 16 * v, valid[v], pos[v]);
+    }
+    return;
+  }
+#endif
+  for (int c = 0; c < C; ++c)
+    code[c] = below(P.mid + (i64)c * P.M, std::min(P.M, P.mask[c]), std::min(1.0f, std::max(-1.0f, u[c])));
+}
+
+// The codes at their bit offsets in s (zeroed): one running 64-bit word when the channels' codes follow each other
+// from bit 0 (`sequential`), else byte by byte at (byte, shift).
+inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequential, uint8_t* s) {
+  if (sequential) {
+    uint64_t word = 0;
+    int bits = 0;
+    uint8_t* out = s;
+    for (int c = 0; c < C; ++c) {
+      word |= (uint64_t)(uint32_t)code[c] << bits;
+      bits += __builtin_popcount((unsigned)P.mask[c]);
+      if (bits >= 32) {
+        const uint32_t low = (uint32_t)word;
+        std::memcpy(out, &low, 4);
+        out += 4;
+        word >>= 32;
+        bits -= 32;
+      }
+    }
+    for (; bits > 0; bits -= 8, word >>= 8) *out++ = (uint8_t)word;
+    return;
+  }
+  for (int c = 0; c < C; ++c) {
+    const uint32_t shifted = (uint32_t)code[c] << P.shift[c];
+    s[P.byte[c]] |= (uint8_t)(shifted & 0xFF);
+    if (shifted >> 8) s[P.byte[c] + 1] |= (uint8_t)(shifted >> 8);
+  }
+}
+
+// The part's codes follow each other from bit 0 in channel order (byte * 8 + shift = the widths before).
+inline bool sequential_codes(const EncPart& P, int C) {
+  int at = 0;
+  for (int c = 0; c < C; ++c) {
+    if (P.byte[c] * 8 + P.shift[c] != at || P.mask[c] != (1 << __builtin_popcount((unsigned)P.mask[c])) - 1) return false;
+    at += __builtin_popcount((unsigned)P.mask[c]);
+  }
+  return (at + 7) / 8 <= P.code_bytes;
+}
+
 inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t* slot, float* u, float* err,
-                        std::vector<float>& sorted, std::vector<int>& order) {
+                        int32_t* code, bool sequential, std::vector<float>& sorted, std::vector<int>& order) {
   uint8_t* s = slot + P.offset;
   std::memset(s, 0, P.code_bytes);
   float zeros[MAXD], scales[MAXD];  // per pair (values)
   if (!P.axis_token) {
+#pragma omp simd
     for (int c = 0; c < C; ++c) u[c] = (x[c] - P.zero[c]) / P.scale[c];
+#pragma omp simd
     for (int c = 0; c < C; ++c) err[c] = P.outliers && std::fabs(u[c]) > 1.0f ? (std::fabs(u[c]) - 1.0f) * std::fabs(P.scale[c]) : -1.0f;
   } else {
     const int n = C / P.pairs;
@@ -814,13 +892,8 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
       put16(at + 2 * (P.pairs + p), f2h(scales[p]));
     }
   }
-  for (int c = 0; c < C; ++c) {  // codes
-    const float uc = std::min(1.0f, std::max(-1.0f, u[c]));
-    const int code = below(P.mid + (i64)c * P.M, std::min(P.M, P.mask[c]), uc);
-    const uint32_t shifted = (uint32_t)code << P.shift[c];
-    s[P.byte[c]] |= (uint8_t)(shifted & 0xFF);
-    if (shifted >> 8) s[P.byte[c] + 1] |= (uint8_t)(shifted >> 8);
-  }
+  codes_of(P, u, C, code);
+  pack_codes(P, code, C, sequential, s);
   if (!P.slots) return 0;
   // outlier slots: the largest clamping errors first (ties: lower channel first)
   order.clear();
@@ -893,19 +966,29 @@ i64 write(WriteArgs& A) {
     unrotate(A, pre.data());
     A.kx = pre.data();
   }
+  const bool key_seq = sequential_codes(A.key, C), value_seq = sequential_codes(A.value, C);
+  const bool pooled = A.pool && A.pool_entries && A.key.outliers;
+  const int words = (C + 63) / 64;
+  std::vector<uint64_t> flags(pooled ? (size_t)A.T * words : 0, 0);
   i64 overflow = 0;
 #pragma omp parallel num_threads(A.threads) reduction(+ : overflow)
   {
     std::vector<float> u(C), err(C), sorted;
+    std::vector<int32_t> code(C);
     std::vector<int> order;
 #pragma omp for schedule(static)
     for (int t = 0; t < A.T; ++t) {
       uint8_t* slot = A.rows + A.slots[t] * A.slot_bytes;
-      overflow += encode_token(A.key, A.kx + (i64)t * C, C, A.D, slot, u.data(), err.data(), sorted, order);
-      encode_token(A.value, A.vx + (i64)t * C, C, A.D, slot, u.data(), err.data(), sorted, order);  // values: 2k slots
+      overflow += encode_token(A.key, A.kx + (i64)t * C, C, A.D, slot, u.data(), err.data(), code.data(), key_seq,
+                               sorted, order);
+      if (pooled)  // the channels the pool pass below looks at: |u| > 1
+        for (int c = 0; c < C; ++c)
+          if (err[c] >= 0) flags[(i64)t * words + c / 64] |= 1ULL << (c % 64);
+      encode_token(A.value, A.vx + (i64)t * C, C, A.D, slot, u.data(), err.data(), code.data(), value_seq, sorted,
+                   order);  // values: 2k slots
     }
   }
-  if (!A.pool || !A.pool_entries || !A.key.outliers) return overflow;
+  if (!pooled) return overflow;
   const i64 pool_bytes = 2 + 4 * (i64)A.pool_entries;
   for (int t = 0; t < A.T; ++t)  // a page's first token: a fresh pool
     if (A.slots[t] % A.bs == 0) put16(A.pool + (A.slots[t] / A.bs) * pool_bytes, 0);
@@ -915,13 +998,13 @@ i64 write(WriteArgs& A) {
     if (A.pos[t] < A.sink_tokens) continue;
     const float* x = A.kx + (i64)t * C;
     order.clear();
-    for (int c = 0; c < C; ++c) {
-      u[c] = (x[c] - A.key.zero[c]) / A.key.scale[c];
-      if (std::fabs(u[c]) > 1.0f) {
+    for (int w = 0; w < words; ++w)  // the channels flagged above, in channel order
+      for (uint64_t bits = flags[(i64)t * words + w]; bits; bits &= bits - 1) {
+        const int c = 64 * w + __builtin_ctzll(bits);
+        u[c] = (x[c] - A.key.zero[c]) / A.key.scale[c];
         err[c] = (std::fabs(u[c]) - 1.0f) * std::fabs(A.key.scale[c]);
         order.push_back(c);
       }
-    }
     if (order.empty()) continue;
     by_error(order, err.data());
     uint8_t* pool = A.pool + (A.slots[t] / A.bs) * pool_bytes;

@@ -170,32 +170,36 @@ inline void bytes16(const uint8_t* const* rows, int nb, uint8_t* lines) {
   }
 }
 
-// Channels [h * D, h * D + D) of 16 slots' part (rows: the slots) -> dst[i * stride + t] (keys: pre-RoPE, pool
-// outliers not yet applied), as `decode` computes them token by token.
+// Channels [h * D, h * D + D) of NV x 16 slots' part (rows: the slots; vector v: rows 16v .. 16v + 15) ->
+// dst[i * stride + 16v + t] (keys: pre-RoPE, pool outliers not yet applied), as `decode` computes them token by
+// token. A channel's shift, mask and table are read once for the NV vectors.
+template <int NV>
 inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D,
                      float* __restrict dst, i64 stride) {
   alignas(64) uint8_t lines[128 / 4 * 64];
-  alignas(64) uint8_t tail[128 / 4 * 64];
-  alignas(64) uint32_t words[128 * 16];
+  alignas(64) uint8_t tail[NV][128 / 4 * 64];
+  alignas(64) uint32_t words[NV][128 * 16];
   const uint8_t* at[16];
-  for (int t = 0; t < 16; ++t) at[t] = rows[t] + P.offset + M.first[h];
   const int nb = M.span[h];
-  bytes16(at, nb, lines);
-  for (int b = 0; b + 1 < nb; ++b) {
-    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
-    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
-    _mm512_store_si512(words + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
+  for (int v = 0; v < NV; ++v) {
+    for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
+    bytes16(at, nb, lines);
+    for (int b = 0; b + 1 < nb; ++b) {
+      const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
+      const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
+      _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
+    }
+    if (M.tail) {  // per-token ranges and outlier slots, byte-major too
+      for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
+      bytes16(at, M.tail, tail[v]);
+    }
   }
-  if (M.tail) {  // per-token ranges and outlier slots, byte-major too
-    for (int t = 0; t < 16; ++t) at[t] = rows[t] + P.offset + P.code_bytes;
-    bytes16(at, M.tail, tail);
-  }
-  auto half16 = [&](int b) {  // the 16 tokens' little-endian 16-bit words at tail bytes b, b + 1
-    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, b)));
-    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, b + 1)));
+  auto half16 = [&](int v, int b) {  // vector v's 16 tokens' little-endian 16-bit words at tail bytes b, b + 1
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b)));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b + 1)));
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
   };
-  auto fp16 = [&](int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(b))); };
+  auto fp16 = [&](int v, int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); };
   const int c0 = h * D;
   const int* __restrict rel = M.rel.data() + c0;
   const int* __restrict bits = M.bits.data() + c0;
@@ -204,34 +208,48 @@ inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows
   const int32_t* __restrict base = P.base + c0;
   const float* __restrict levels = P.levels;
   const int pair = P.pairs ? c0 / P.pair_div : 0;
-  const __m512 zero = P.pairs ? fp16(2 * pair) : _mm512_setzero_ps();  // level * scale + zero (per-token ranges)
-  const __m512 scale = P.pairs ? fp16(2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
+  __m512 zero[NV], scale[NV];  // level * scale + zero (per-token ranges)
+  for (int v = 0; v < NV; ++v) {
+    zero[v] = P.pairs ? fp16(v, 2 * pair) : _mm512_setzero_ps();
+    scale[v] = P.pairs ? fp16(v, 2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
+  }
   for (int i = 0; i < D; ++i) {
-    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(words + rel[i] * 16),
-                                                           _mm512_set1_epi32(shift[i])),
-                                         _mm512_set1_epi32(mask[i]));
+    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
+    const uint32_t* wd = words[0] + rel[i] * 16;
     const float* tab = levels + base[i];  // rows padded to >= 16 floats
-    __m512 x;
-    if (bits[i] <= 4) x = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab));
-    else if (bits[i] == 5) x = _mm512_permutex2var_ps(_mm512_loadu_ps(tab), idx, _mm512_loadu_ps(tab + 16));
-    else x = _mm512_i32gather_ps(idx, tab, 4);
-    if (P.pairs) x = _mm512_add_ps(_mm512_mul_ps(x, scale), zero);
-    _mm512_storeu_ps(dst + i * stride, x);
+    __m512 x[NV];
+    if (bits[i] <= 4) {
+      const __m512 t0 = _mm512_loadu_ps(tab);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
+    } else if (bits[i] == 5) {
+      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_permutex2var_ps(t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
+    } else {
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_i32gather_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
+    }
+    for (int v = 0; v < NV; ++v) {
+      if (P.pairs) x[v] = _mm512_add_ps(_mm512_mul_ps(x[v], scale[v]), zero[v]);
+      _mm512_storeu_ps(dst + i * stride + 16 * v, x[v]);
+    }
   }
   // exact outlier slots over their channels, slot after slot (a later slot wins), 16 tokens per masked scatter
   const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int k = 0; k < P.outliers; ++k) {
-    const __m512i ch = P.index_bytes == 2
-        ? _mm512_srai_epi32(_mm512_slli_epi32(half16(ib + 2 * k), 16), 16)
-        : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail, ib + k)));
-    const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
-    const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
-                         _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
-    if (!in) continue;
-    const __m512i where = _mm512_add_epi32(_mm512_mullo_epi32(off, _mm512_set1_epi32((int)stride)), lane);
-    _mm512_mask_i32scatter_ps(dst, in, where, fp16(vb + 2 * k), 4);
-  }
+  for (int v = 0; v < NV; ++v)
+    for (int k = 0; k < P.outliers; ++k) {
+      const __m512i ch = P.index_bytes == 2
+          ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
+          : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
+      const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+      const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
+                           _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
+      if (!in) continue;
+      const __m512i where = _mm512_add_epi32(_mm512_mullo_epi32(off, _mm512_set1_epi32((int)stride)), lane);
+      _mm512_mask_i32scatter_ps(dst + 16 * v, in, where, fp16(v, vb + 2 * k), 4);
+    }
 }
 #endif
 
@@ -369,9 +387,13 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   }
   float* kt = S.kt.data();
   float* vt = S.vt.data();
-  for (int v = 0; v < n; v += 16) {
-    decode16(A.key, A.kmap, rows + v, h, D, kt + v, TK);
-    decode16(A.value, A.vmap, rows + v, h, D, vt + v, TK);
+  static_assert(TK == 32, "tile16 decodes a tile as one or two vectors of 16 positions");
+  if (n > 16) {
+    decode16<2>(A.key, A.kmap, rows, h, D, kt, TK);
+    decode16<2>(A.value, A.vmap, rows, h, D, vt, TK);
+  } else {
+    decode16<1>(A.key, A.kmap, rows, h, D, kt, TK);
+    decode16<1>(A.value, A.vmap, rows, h, D, vt, TK);
   }
   if (A.pool_entries) {  // outlier_pool.apply_pool: the page pools' entries of this head at the tile's positions
     for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {

@@ -33,6 +33,7 @@ using simd::vf;
 constexpr int TK = 32;        // key positions per tile (a multiple of W and 8)
 constexpr int MAXROWS = 128;  // query rows per work item
 constexpr int MAXD = 256;
+constexpr int LANE_ROWS = 8;  // work items of at most this many query rows take the lane path (AVX-512)
 
 struct Part {
   int kind;      // 0: raw (the model's dtype), 1: nuq
@@ -298,13 +299,15 @@ struct PageOutliers {
 
 struct Scratch {
   std::vector<float> q, o, s, m, l, k, kt, v, vt;
+  std::vector<float> p, acc, corr;  // lane path: softmax weights [rows][span], lane sums [D][rows][16], [rows][D]
   PageOutliers cached[2];  // tiles run in order, so at most two pages are live
   std::vector<int> tile_of;
   i64 head_page = -1;              // channel-major path: the page whose entries of this item's head are in head_list
   int head_count = 0;
   std::vector<uint32_t> head_list;
   explicit Scratch(int D)
-      : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D), vt(D * TK) {}
+      : q(MAXROWS * D), o(MAXROWS * D), s(MAXROWS * TK), m(MAXROWS), l(MAXROWS), k(TK * D), kt(D * TK), v(TK * D), vt(D * TK),
+        acc((size_t)D * LANE_ROWS * 16), corr((size_t)LANE_ROWS * D) {}
 
   const PageOutliers& outliers(const struct Args& A, const int32_t* table, i64 page, int h);
 };
@@ -366,35 +369,34 @@ inline int head_entries(const uint8_t* entries, int count, int h, int D, uint32_
 // tile() on the channel-major path: keys decoded straight into kt[D][TK] (16 positions per vector), rotated with
 // the 16-position RoPE lines, values decoded channel-major and transposed to v[TK][D]. Lanes past n hold copies of
 // position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
-void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
-  const int D = A.D, C = A.H * A.D;
+// Slot rows of positions k0 .. k0 + n - 1 of request r (then the last one repeated to TK), one division per tile.
+inline void tile_rows(const Args& A, int r, i64 k0, int n, const uint8_t** rows) {
   const int32_t* table = A.table + r * A.ts;
-  const uint8_t* rows[TK];
-  {  // slot rows of positions k0 .. k0 + n - 1 (then the last one repeated), one division per tile
-    i64 page = k0 / A.bs;
-    int off = (int)(k0 % A.bs);
-    const uint8_t* row = A.slots + ((i64)table[page] * A.bs + off) * A.slot_bytes;
-    for (int j = 0; j < TK; ++j) {
-      rows[j] = row;
-      if (j + 1 >= n) continue;
-      if (++off == A.bs) {
-        off = 0;
-        row = A.slots + (i64)table[++page] * A.bs * A.slot_bytes;
-      } else {
-        row += A.slot_bytes;
-      }
+  i64 page = k0 / A.bs;
+  int off = (int)(k0 % A.bs);
+  const uint8_t* row = A.slots + ((i64)table[page] * A.bs + off) * A.slot_bytes;
+  for (int j = 0; j < TK; ++j) {
+    rows[j] = row;
+    if (j + 1 >= n) continue;
+    if (++off == A.bs) {
+      off = 0;
+      row = A.slots + (i64)table[++page] * A.bs * A.slot_bytes;
+    } else {
+      row += A.slot_bytes;
     }
   }
+}
+
+// The tile's keys straight into kt[D][TK] (16 positions per vector): decoded, the page pools' outliers written over
+// them, rotated with RoPE composed from the split tables, the exact sinks put back. Lanes past n hold copies of
+// position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
+void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_t* const* rows) {
+  const int D = A.D, C = A.H * A.D;
+  const int32_t* table = A.table + r * A.ts;
   float* kt = S.kt.data();
-  float* vt = S.vt.data();
-  static_assert(TK == 32, "tile16 decodes a tile as one or two vectors of 16 positions");
-  if (n > 16) {
-    decode16<2>(A.key, A.kmap, rows, h, D, kt, TK);
-    decode16<2>(A.value, A.vmap, rows, h, D, vt, TK);
-  } else {
-    decode16<1>(A.key, A.kmap, rows, h, D, kt, TK);
-    decode16<1>(A.value, A.vmap, rows, h, D, vt, TK);
-  }
+  static_assert(TK == 32, "a tile is one or two vectors of 16 positions");
+  if (n > 16) decode16<2>(A.key, A.kmap, rows, h, D, kt, TK);
+  else decode16<1>(A.key, A.kmap, rows, h, D, kt, TK);
   if (A.pool_entries) {  // outlier_pool.apply_pool: the page pools' entries of this head at the tile's positions
     for (i64 page = k0 / A.bs; page <= (k0 + n - 1) / A.bs; ++page) {
       if (S.head_page != page) {
@@ -430,6 +432,26 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
       }
     }
   }
+  if (A.sink_tokens && k0 < A.sink_tokens) {  // sinks sit in the request's first page
+    const int es = A.sink_type == 0 ? 4 : 2;
+    const i64 sink_bytes = (i64)A.sink_tokens * 2 * C * es;
+    for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
+      const uint8_t* rec = A.sinks + (i64)table[0] * sink_bytes + (k0 + j) * 2 * C * es;
+      for (int d = 0; d < D; ++d) kt[d * TK + j] = elem(rec, A.sink_type, h * D + d);
+    }
+  }
+}
+
+// tile() on the channel-major path: keys16, and the values decoded channel-major and transposed to v[TK][D].
+void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
+  const int D = A.D, C = A.H * A.D;
+  const int32_t* table = A.table + r * A.ts;
+  const uint8_t* rows[TK];
+  tile_rows(A, r, k0, n, rows);
+  keys16(A, r, h, k0, n, S, rows);
+  float* vt = S.vt.data();
+  if (n > 16) decode16<2>(A.value, A.vmap, rows, h, D, vt, TK);
+  else decode16<1>(A.value, A.vmap, rows, h, D, vt, TK);
   float* V = S.v.data();
   for (int v = 0; v < n; v += 16)
     for (int d0 = 0; d0 < D; d0 += 16) {
@@ -438,15 +460,12 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
       simd::transpose(x);
       for (int t = 0; t < 16; ++t) _mm512_storeu_ps(V + (v + t) * D + d0, x[t]);
     }
-  if (A.sink_tokens && k0 < A.sink_tokens) {  // sinks sit in the request's first page
+  if (A.sink_tokens && k0 < A.sink_tokens) {
     const int es = A.sink_type == 0 ? 4 : 2;
     const i64 sink_bytes = (i64)A.sink_tokens * 2 * C * es;
     for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
       const uint8_t* rec = A.sinks + (i64)table[0] * sink_bytes + (k0 + j) * 2 * C * es;
-      for (int d = 0; d < D; ++d) {
-        kt[d * TK + j] = elem(rec, A.sink_type, h * D + d);
-        V[j * D + d] = elem(rec + (i64)C * es, A.sink_type, h * D + d);
-      }
+      for (int d = 0; d < D; ++d) V[j * D + d] = elem(rec + (i64)C * es, A.sink_type, h * D + d);
     }
   }
 }
@@ -509,9 +528,9 @@ void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   }
 }
 
-// s[row][0 .. TK) = q[row] . k_j for RB rows from `row`.
+// s[row * ss + j] = q[row] . k_j for RB rows from `row`, j < TK.
 template <int RB>
-inline void scores(const float* q, const float* kt, int D, float* s) {
+inline void scores(const float* q, const float* kt, int D, float* s, i64 ss = TK) {
   constexpr int NV = TK / W;
   vf acc[RB][NV];
   for (int i = 0; i < RB; ++i)
@@ -525,7 +544,7 @@ inline void scores(const float* q, const float* kt, int D, float* s) {
     }
   }
   for (int i = 0; i < RB; ++i)
-    for (int v = 0; v < NV; ++v) simd::store_n(s + i * TK + v * W, acc[i][v], W);
+    for (int v = 0; v < NV; ++v) simd::store_n(s + i * ss + v * W, acc[i][v], W);
 }
 
 // o[D] <- alpha * o + sum_j p[j] v[j] (j < n): all D / W accumulators of the row at once (independent FMA chains).
@@ -621,6 +640,215 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
     }
 }
 
+#if KVPACK_AVX512
+// The lane path (work items of R <= LANE_ROWS query rows, e.g. a decode step's G heads): keys first, every score of
+// the item kept ([R][span]), one softmax, then values without decoding them to memory: per channel the W = 16
+// lanes of sum_t w_t * level(code_t) accumulate (w = p * the token's scale; the tokens' zeros go to one sum
+// p * zero per row), exact value outlier slots and sinks corrected apart: p * (value - zero) - w * level. Lanes
+// are summed once per item. (An outlier channel held by two slots of one token, which the writer never stores,
+// would be corrected twice here, where `decode` lets the later slot win.)
+template <int R, int NV>
+void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D, const float* pz,
+                  float* __restrict acc, float* __restrict zs, float* __restrict corr) {
+  alignas(64) uint8_t lines[128 / 4 * 64];
+  alignas(64) uint8_t tail[NV][128 / 4 * 64];
+  alignas(64) uint32_t words[NV][128 * 16];
+  const uint8_t* at[16];
+  const int nb = M.span[h];
+  for (int v = 0; v < NV; ++v) {
+    for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
+    bytes16(at, nb, lines);
+    for (int b = 0; b + 1 < nb; ++b) {
+      const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
+      const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
+      _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
+    }
+    if (M.tail) {
+      for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
+      bytes16(at, M.tail, tail[v]);
+    }
+  }
+  auto half16 = [&](int v, int b) {
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b)));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b + 1)));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
+  };
+  auto fp16 = [&](int v, int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); };
+  const int c0 = h * D;
+  const int* __restrict rel = M.rel.data() + c0;
+  const int* __restrict bits = M.bits.data() + c0;
+  const int32_t* __restrict shift = P.shift + c0;
+  const int32_t* __restrict mask = P.mask + c0;
+  const int32_t* __restrict base = P.base + c0;
+  const float* __restrict levels = P.levels;
+  const int pair = P.pairs ? c0 / P.pair_div : 0;
+  __m512 zero[NV], w[R][NV];
+  for (int v = 0; v < NV; ++v) {
+    zero[v] = P.pairs ? fp16(v, 2 * pair) : _mm512_setzero_ps();
+    const __m512 scale = P.pairs ? fp16(v, 2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
+    for (int g = 0; g < R; ++g) {
+      const __m512 pv = _mm512_loadu_ps(pz + g * TK + 16 * v);
+      w[g][v] = _mm512_mul_ps(pv, scale);
+      if (P.pairs) _mm512_store_ps(zs + g * 16, _mm512_fmadd_ps(pv, zero[v], _mm512_load_ps(zs + g * 16)));
+    }
+  }
+  for (int i = 0; i < D; ++i) {
+    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
+    const uint32_t* wd = words[0] + rel[i] * 16;
+    const float* tab = levels + base[i];  // rows padded to >= 16 floats
+    __m512 x[NV];
+    if (bits[i] <= 4) {
+      const __m512 t0 = _mm512_loadu_ps(tab);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
+    } else if (bits[i] == 5) {
+      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_permutex2var_ps(t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
+    } else {
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_i32gather_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
+    }
+    float* a = acc + (i64)i * R * 16;
+    for (int g = 0; g < R; ++g) {
+      __m512 sum = _mm512_loadu_ps(a + g * 16);
+      for (int v = 0; v < NV; ++v) sum = _mm512_fmadd_ps(w[g][v], x[v], sum);
+      _mm512_storeu_ps(a + g * 16, sum);
+    }
+  }
+  // outlier slots: the exact value replaces level * scale + zero
+  const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float fix[16];
+  alignas(64) int32_t where[16];
+  for (int v = 0; v < NV; ++v)
+    for (int k = 0; k < P.outliers; ++k) {
+      const __m512i ch = P.index_bytes == 2
+          ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
+          : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
+      const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+      const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
+                           _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
+      if (!in) continue;
+      const __m512i zi = _mm512_setzero_si512();
+      const __m512i o = _mm512_maskz_mov_epi32(in, off);
+      const __m512i r16 = _mm512_mask_i32gather_epi32(zi, in, o, rel, 4);
+      const __m512i word = _mm512_mask_i32gather_epi32(zi, in, _mm512_add_epi32(_mm512_slli_epi32(r16, 4), lane),
+                                                       words[v], 4);
+      const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(word, _mm512_mask_i32gather_epi32(zi, in, o, shift, 4)),
+                                            _mm512_mask_i32gather_epi32(zi, in, o, mask, 4));
+      const __m512 level = _mm512_mask_i32gather_ps(
+          _mm512_setzero_ps(), in, _mm512_add_epi32(_mm512_mask_i32gather_epi32(zi, in, o, base, 4), code), levels, 4);
+      const __m512 exact = _mm512_sub_ps(fp16(v, vb + 2 * k), zero[v]);
+      _mm512_store_si512(where, o);
+      for (int g = 0; g < R; ++g) {
+        const __m512 pv = _mm512_loadu_ps(pz + g * TK + 16 * v);
+        _mm512_store_ps(fix, _mm512_sub_ps(_mm512_mul_ps(pv, exact), _mm512_mul_ps(w[g][v], level)));
+        for (unsigned m = in; m; m &= m - 1) {
+          const int l = __builtin_ctz(m);
+          corr[g * D + where[l]] += fix[l];
+        }
+      }
+    }
+}
+
+template <int R>
+void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
+  const int D = A.D, G = A.G, Hq = A.H * A.G, C = A.H * A.D;
+  const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
+  const i64 first = L - ql + q0, end = first + nq;  // the first query's position; keys the last one sees
+  const float ninf = -std::numeric_limits<float>::infinity();
+  S.cached[0].page = S.cached[1].page = S.head_page = -1;  // another request's pages (block ids are reused)
+  float* q = S.q.data();
+  for (int t = 0; t < nq; ++t)
+    for (int g = 0; g < G; ++g) {
+      const float* src = A.query + ((qs + q0 + t) * Hq + h * G + g) * D;
+      float* dst = q + (t * G + g) * D;
+      for (int d = 0; d < D; ++d) dst[d] = src[d] * A.scale;
+    }
+  const i64 span = (end + TK - 1) / TK * TK;
+  if ((i64)S.p.size() < R * span) S.p.resize((size_t)(R * span));
+  float* P = S.p.data();
+  const uint8_t* rows[TK];
+  for (i64 k0 = 0; k0 < end; k0 += TK) {  // keys: every score of the item
+    const int n = (int)std::min<i64>(TK, end - k0);
+    tile_rows(A, r, k0, n, rows);
+    keys16(A, r, h, k0, n, S, rows);
+    scores<R>(q, S.kt.data(), D, P + k0, span);
+    for (int row = 0; row < R; ++row) {  // causal (bottom-right aligned), and the lanes past n
+      const int valid = (int)std::max<i64>(0, std::min<i64>(n, first + row / G - k0 + 1));
+      for (int j = valid; j < TK; ++j) P[row * span + k0 + j] = ninf;
+    }
+  }
+  float total[R];
+  for (int row = 0; row < R; ++row) {  // softmax weights, unnormalized; 1 / total at the end
+    float* x = P + row * span;
+    __m512 mx = _mm512_set1_ps(ninf);
+    for (i64 j = 0; j < span; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + j));
+    float top = _mm512_reduce_max_ps(mx);
+    if (top == ninf) top = 0.0f;
+    const __m256 tv = _mm256_set1_ps(top);
+    __m256 sum = _mm256_setzero_ps();
+    for (i64 j = 0; j < span; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), tv));
+      _mm256_storeu_ps(x + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total[row] = hsum8(sum);
+  }
+  float* acc = S.acc.data();
+  float* corr = S.corr.data();
+  std::fill(acc, acc + (i64)D * R * 16, 0.0f);
+  std::fill(corr, corr + (i64)R * D, 0.0f);
+  alignas(64) float zs[R * 16] = {};
+  alignas(64) float pz[R * TK];
+  for (i64 k0 = 0; k0 < end; k0 += TK) {  // values
+    const int n = (int)std::min<i64>(TK, end - k0);
+    tile_rows(A, r, k0, n, rows);
+    for (int row = 0; row < R; ++row) std::memcpy(pz + row * TK, P + row * span + k0, sizeof(float) * TK);
+    if (A.sink_tokens && k0 < A.sink_tokens) {  // exact sink values, their lanes out of the sums
+      const int es = A.sink_type == 0 ? 4 : 2;
+      const uint8_t* first_rec = A.sinks + (i64)A.table[r * A.ts] * ((i64)A.sink_tokens * 2 * C * es);
+      for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
+        const uint8_t* rec = first_rec + (k0 + j) * 2 * C * es + (i64)C * es;
+        for (int row = 0; row < R; ++row) {
+          const float pj = pz[row * TK + j];
+          pz[row * TK + j] = 0.0f;
+          for (int d = 0; d < D; ++d) corr[row * D + d] += pj * elem(rec, A.sink_type, h * D + d);
+        }
+      }
+    }
+    if (n > 16) values_lanes<R, 2>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr);
+    else values_lanes<R, 1>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr);
+  }
+  for (int row = 0; row < R; ++row) {
+    const float z = _mm512_reduce_add_ps(_mm512_load_ps(zs + row * 16)), inv = 1.0f / total[row];
+    const int t = row / G, g = row % G;
+    float* dst = A.out + ((qs + q0 + t) * Hq + h * G + g) * D;
+    for (int d = 0; d < D; ++d)
+      dst[d] = (_mm512_reduce_add_ps(_mm512_loadu_ps(acc + ((i64)d * R + row) * 16)) + z + corr[row * D + d]) * inv;
+  }
+}
+
+// A work item on the lane path; false where it does not apply (more rows, no channel-major decoding).
+inline bool lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
+  if (!(A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi))) return false;
+  switch (nq * A.G) {
+    case 1: item_lanes<1>(A, r, h, q0, nq, S); return true;
+    case 2: item_lanes<2>(A, r, h, q0, nq, S); return true;
+    case 3: item_lanes<3>(A, r, h, q0, nq, S); return true;
+    case 4: item_lanes<4>(A, r, h, q0, nq, S); return true;
+    case 5: item_lanes<5>(A, r, h, q0, nq, S); return true;
+    case 6: item_lanes<6>(A, r, h, q0, nq, S); return true;
+    case 7: item_lanes<7>(A, r, h, q0, nq, S); return true;
+    case 8: item_lanes<8>(A, r, h, q0, nq, S); return true;
+    default: return false;
+  }
+}
+#else
+inline bool lanes(const Args&, int, int, i64, int, Scratch&) { return false; }
+#endif
+
 int attention(Args& A) {
   if (A.D % 16 || A.D > MAXD || A.G < 1 || A.G > MAXROWS || A.bs < 1) return -1;
   A.kmap = code_map(A.key, A.H, A.D);
@@ -647,7 +875,8 @@ int attention(Args& A) {
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
       const i64 q0 = items[3 * i + 2], ql = A.qsl[r + 1] - A.qsl[r];
-      item(A, r, h, q0, (int)std::min<i64>(per_item, ql - q0), S);
+      const int nq = (int)std::min<i64>(per_item, ql - q0);
+      if (!lanes(A, r, h, q0, nq, S)) item(A, r, h, q0, nq, S);
     }
   }
   return 0;

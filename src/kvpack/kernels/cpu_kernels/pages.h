@@ -644,7 +644,8 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
 // The lane path (work items of R <= LANE_ROWS query rows, e.g. a decode step's G heads): keys first, every score of
 // the item kept ([R][span]), one softmax, then values without decoding them to memory: per channel the W = 16
 // lanes of sum_t w_t * level(code_t) accumulate (w = p * the token's scale; the tokens' zeros go to one sum
-// p * zero per row), exact value outlier slots and sinks corrected apart: p * (value - zero) - w * level. Lanes
+// p * zero per row); an exact value outlier's lane is left out of its channel's sum and p * (value - zero) added
+// apart, and sinks likewise (their lanes out of every sum, p * value added). Lanes
 // are summed once per item. (An outlier channel held by two slots of one token, which the writer never stores,
 // would be corrected twice here, where `decode` lets the later slot win.)
 template <int R, int NV>
@@ -692,33 +693,11 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
       if (P.pairs) _mm512_store_ps(zs + g * 16, _mm512_fmadd_ps(pv, zero[v], _mm512_load_ps(zs + g * 16)));
     }
   }
-  for (int i = 0; i < D; ++i) {
-    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
-    const uint32_t* wd = words[0] + rel[i] * 16;
-    const float* tab = levels + base[i];  // rows padded to >= 16 floats
-    __m512 x[NV];
-    if (bits[i] <= 4) {
-      const __m512 t0 = _mm512_loadu_ps(tab);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
-    } else if (bits[i] == 5) {
-      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_permutex2var_ps(t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
-    } else {
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_i32gather_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
-    }
-    float* a = acc + (i64)i * R * 16;
-    for (int g = 0; g < R; ++g) {
-      __m512 sum = _mm512_loadu_ps(a + g * 16);
-      for (int v = 0; v < NV; ++v) sum = _mm512_fmadd_ps(w[g][v], x[v], sum);
-      _mm512_storeu_ps(a + g * 16, sum);
-    }
-  }
-  // outlier slots: the exact value replaces level * scale + zero
+  // outlier slots: the exact value replaces level * scale + zero: its lane is left out of the channel's sum (keep)
+  // and p * (value - zero) added apart
+  alignas(64) uint16_t keep[NV][MAXD];
+  std::fill(&keep[0][0], &keep[0][0] + NV * MAXD, (uint16_t)0xFFFF);
   const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   alignas(64) float fix[16];
   alignas(64) int32_t where[16];
   for (int v = 0; v < NV; ++v)
@@ -730,26 +709,44 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
       const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
                            _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
       if (!in) continue;
-      const __m512i zi = _mm512_setzero_si512();
-      const __m512i o = _mm512_maskz_mov_epi32(in, off);
-      const __m512i r16 = _mm512_mask_i32gather_epi32(zi, in, o, rel, 4);
-      const __m512i word = _mm512_mask_i32gather_epi32(zi, in, _mm512_add_epi32(_mm512_slli_epi32(r16, 4), lane),
-                                                       words[v], 4);
-      const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(word, _mm512_mask_i32gather_epi32(zi, in, o, shift, 4)),
-                                            _mm512_mask_i32gather_epi32(zi, in, o, mask, 4));
-      const __m512 level = _mm512_mask_i32gather_ps(
-          _mm512_setzero_ps(), in, _mm512_add_epi32(_mm512_mask_i32gather_epi32(zi, in, o, base, 4), code), levels, 4);
+      _mm512_store_si512(where, off);
+      for (unsigned m = in; m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        keep[v][where[l]] &= (uint16_t)~(1u << l);
+      }
       const __m512 exact = _mm512_sub_ps(fp16(v, vb + 2 * k), zero[v]);
-      _mm512_store_si512(where, o);
       for (int g = 0; g < R; ++g) {
-        const __m512 pv = _mm512_loadu_ps(pz + g * TK + 16 * v);
-        _mm512_store_ps(fix, _mm512_sub_ps(_mm512_mul_ps(pv, exact), _mm512_mul_ps(w[g][v], level)));
+        _mm512_store_ps(fix, _mm512_mul_ps(_mm512_loadu_ps(pz + g * TK + 16 * v), exact));
         for (unsigned m = in; m; m &= m - 1) {
           const int l = __builtin_ctz(m);
           corr[g * D + where[l]] += fix[l];
         }
       }
     }
+  for (int i = 0; i < D; ++i) {
+    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
+    const uint32_t* wd = words[0] + rel[i] * 16;
+    const float* tab = levels + base[i];  // rows padded to >= 16 floats
+    __m512 x[NV];
+    if (bits[i] <= 4) {
+      const __m512 t0 = _mm512_loadu_ps(tab);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_maskz_permutexvar_ps(keep[v][i], _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
+    } else if (bits[i] == 5) {
+      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_maskz_permutex2var_ps(keep[v][i], t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
+    } else {
+      for (int v = 0; v < NV; ++v)
+        x[v] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep[v][i], _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
+    }
+    float* a = acc + (i64)i * R * 16;
+    for (int g = 0; g < R; ++g) {
+      __m512 sum = _mm512_loadu_ps(a + g * 16);
+      for (int v = 0; v < NV; ++v) sum = _mm512_fmadd_ps(w[g][v], x[v], sum);
+      _mm512_storeu_ps(a + g * 16, sum);
+    }
+  }
 }
 
 template <int R>

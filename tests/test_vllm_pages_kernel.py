@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from kvpack.integrations.vllm import kernel  # noqa: E402
+from kvpack.integrations.vllm import kernel, native_prefill  # noqa: E402
 from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
 from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
@@ -288,3 +288,24 @@ def test_compiled_equals_torch_wide_heads_all_widths():
     assert kernel.attend(layout, pool, 0, query, meta, dim ** -0.5, out)
     err = (out - ref).abs().max() / ref.abs().max()
     assert err < 1e-4, f"relative error {err:.2e}"
+
+
+def test_bf16_prefill_through_vllms_kernel_equals_sdpa(monkeypatch):
+    """Prefill chunks of a bf16 model (a fresh prompt, a chunk after cached tokens, next to decode steps) attend
+    through vLLM's own CPU kernel over the decoded pages (`native_prefill`): the same output as torch's SDPA."""
+    needs_kernel()
+    layout = make_layout("kvpack-3bit", torch.bfloat16)
+    g = torch.Generator().manual_seed(11)
+    pool = make_pool(layout)
+    query, meta = step(layout, pool, 3, [70, 1, 90, 40], [70, 1, 33, 1], 9, g)
+    native, sdpa = torch.zeros_like(query), torch.zeros_like(query)
+    calls = []
+    attend_native = native_prefill.attend
+    monkeypatch.setattr(native_prefill, "attend", lambda *a: calls.append(1) or attend_native(*a))
+    assert kernel.attend(layout, pool, 3, query, meta, DIM ** -0.5, native)
+    assert calls == [1] and not native_prefill._broken
+    monkeypatch.setattr(native_prefill, "usable", lambda dtype, dim: False)
+    assert kernel.attend(layout, pool, 3, query, meta, DIM ** -0.5, sdpa)
+    err = (native.float() - sdpa.float()).abs().max() / sdpa.float().abs().max()
+    assert err < 1e-2, f"relative error {err:.2e}"
+    assert torch.equal(native[105:], sdpa[105:])  # padding rows untouched by both

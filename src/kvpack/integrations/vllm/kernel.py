@@ -7,9 +7,9 @@ page pools' key outliers over them, rotates keys to their positions, puts the ex
 online-softmax attention for the G query heads sharing the KV head. On AVX-512 a tile is decoded channel-major (16
 slots per vector, one table lookup per channel). Requests with more than DENSE_ABOVE new tokens (prefill chunks)
 would decode the same keys once per block of queries; they instead get their cached tokens decoded once
-(`kvpack_pages_dense`, the same tile code) and run torch's SDPA in the query's dtype, as vLLM's own CPU attention
-computes a bf16 model's prefill in bf16. The per-channel tables (code byte, shift, mask, level row; key levels with
-the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
+(`kvpack_pages_dense`, the same tile code) and attend in the query's dtype: through vLLM's own CPU attention kernel
+for a bf16 model (`native_prefill`), else torch's SDPA. The per-channel tables (code byte, shift, mask, level row;
+key levels with the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpack.codecs.nuq import outliers_per_side
+from kvpack.integrations.vllm import native_prefill
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.pages import PagePool
 from kvpack.integrations.vllm.slots import LayerSlots, SlotPart
@@ -140,8 +141,8 @@ def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor
            output: torch.Tensor) -> bool:
     """`read.attend_torch` through the C++ kernels; False (nothing written) when they are unavailable or cannot read
     this layer, so the caller falls back. Requests with at most DENSE_ABOVE new tokens (decode, short chunks) attend
-    straight from the pages in one call; longer prefills get their cached tokens decoded once (`dense`) and run
-    torch's SDPA in the query's dtype."""
+    straight from the pages in one call; longer prefills get their cached tokens decoded once (`dense`) and attend in
+    the query's dtype (vLLM's own kernel for a bf16 model, else torch's SDPA)."""
     fn = _function()
     if fn is None or query.device.type != "cpu":
         return False
@@ -184,7 +185,7 @@ def attend(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor
     return True
 
 
-DENSE_ABOVE = 16  # requests with more new tokens than this (prefill chunks) attend through `dense` + SDPA
+DENSE_ABOVE = 16  # requests with more new tokens than this (prefill chunks) attend through `dense`
 
 
 def dense(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.Tensor, table: torch.Tensor,
@@ -211,10 +212,18 @@ def dense(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.Tens
 def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch.Tensor, which: list[int],
                   qsl: torch.Tensor, seq_lens: torch.Tensor, table: torch.Tensor, constant: list[int], scale: float,
                   output: torch.Tensor) -> None:
-    """output rows of the requests `which`: causal (bottom-right aligned) SDPA over their decoded pages."""
+    """output rows of the requests `which`: causal (bottom-right aligned) attention over their decoded pages, by
+    vLLM's own CPU kernel where `native_prefill` takes the model, else torch's SDPA request by request."""
     index = torch.tensor(which)
     lens = seq_lens[index].contiguous()
     keys, values = dense(layout, pool, layer, lens, table[index].contiguous(), constant)
+    if native_prefill.usable(query.dtype, layout.layers[layer].key.head_dim):
+        rows = torch.cat([torch.arange(int(qsl[r]), int(qsl[r + 1])) for r in which])
+        q_lens = [int(qsl[r + 1] - qsl[r]) for r in which]
+        out = native_prefill.attend(query[rows], keys, values, q_lens, lens.tolist(), scale)
+        if out is not None:
+            output[rows] = out.to(output.dtype)
+            return
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     at = 0
     for r, length in zip(which, lens.tolist()):

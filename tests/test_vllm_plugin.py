@@ -24,8 +24,9 @@ LONG = ("The history of the printing press begins in the fifteenth century, when
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a small village by the sea, there lived an old fisherman who", LONG]
 MAX_TOKENS = 24
-# max_num_batched_tokens=32: the long prompt is prefilled in chunks that attend to earlier chunks' pages
-ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_batched_tokens=32)
+# max_num_batched_tokens=32: the long prompt is prefilled in chunks that attend to earlier chunks' pages; blocks of 32
+# tokens: the long prompt fills several, which a later request for it finds in vLLM's prefix cache
+ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_batched_tokens=32, block_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def model_dir() -> str:
 
 
 def run_engine(model: str, kvpack: dict | None) -> dict:
-    """Greedy tokens of PROMPTS (twice: the second pass reuses cached prefix blocks) and the capacity vLLM reports."""
+    """Greedy tokens of PROMPTS, then of the long prompt alone, twice (both find its first blocks in the prefix cache:
+    the tokens cached for it, and the tokens of each pass), and the capacity vLLM reports."""
     from vllm import LLM, SamplingParams
 
     extra = {"additional_config": {"kvpack": kvpack}} if kvpack is not None else {}
@@ -47,9 +49,11 @@ def run_engine(model: str, kvpack: dict | None) -> dict:
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
         first = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        again = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[:1], params, use_tqdm=False)]
+        alone = [llm.generate([LONG], params, use_tqdm=False)[0] for _ in range(2)]
         config = llm.llm_engine.vllm_config.cache_config
-        return {"tokens": first, "again": again, "capacity": config.num_gpu_blocks * config.block_size}
+        return {"tokens": first, "alone": [list(o.outputs[0].token_ids) for o in alone],
+                "cached": [o.num_cached_tokens or 0 for o in alone],
+                "capacity": config.num_gpu_blocks * config.block_size}
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -69,8 +73,9 @@ def test_lossless_slots_give_vllms_tokens_and_capacity(runs):
 
 def test_packed_pages_grow_capacity_by_the_packed_ratio(runs):
     ratio = runs["kvpack-3bit"]["capacity"] / runs["vllm"]["capacity"]
-    # float32 model: vLLM's own slots are 2 x 192 x 4 = 1536 bytes per token and layer; kvpack-3bit's are ~170
-    assert ratio > 8.0, ratio
+    # float32 model: vLLM's own slots are 2 x 192 x 4 = 1536 bytes per token and layer; kvpack-3bit's ~170, plus, in
+    # blocks of 32 tokens, each page's room for the sink record (1536 bytes, 48 per token)
+    assert ratio > 7.0, ratio
 
 
 def test_packed_pages_generate_close_to_vllm(runs):
@@ -81,8 +86,14 @@ def test_packed_pages_generate_close_to_vllm(runs):
 
 
 def test_prefix_cache_hit_reads_the_same_pages(runs):
+    """The long prompt alone finds its first blocks cached by the batch before it, and two such passes (the same
+    batch shape, so the same model arithmetic) give the same tokens. Not compared with the batched pass: vLLM's
+    matmuls round differently for another batch shape (about 1e-6 here), and a quantized cache turns such a
+    difference into a different code now and then (a value near a level midpoint), so a 3-bit cache can change
+    a later token of a near-tie where vLLM's float cache does not."""
     for name in ("fp16", "kvpack-3bit"):
-        assert runs[name]["again"][0] == runs[name]["tokens"][0], name
+        assert min(runs[name]["cached"]) >= 32, (name, runs[name]["cached"])
+        assert runs[name]["alone"][0] == runs[name]["alone"][1], name
 
 
 def config_error(model: str, kvpack, **engine) -> str:
@@ -137,8 +148,8 @@ def test_preemption_with_packed_pages(model_dir):
 
     saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     try:
-        llm = LLM(model=model_dir, **ENGINE, kv_cache_memory_bytes=3 << 20, disable_log_stats=False,
-                  additional_config={"kvpack": {"method": "kvpack-3bit"}})
+        llm = LLM(model=model_dir, **{**ENGINE, "block_size": 128}, kv_cache_memory_bytes=3 << 20,
+                  disable_log_stats=False, additional_config={"kvpack": {"method": "kvpack-3bit"}})
     finally:
         if saved is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved

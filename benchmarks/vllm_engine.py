@@ -46,8 +46,13 @@ def run_child(script: str, name: str, args: list[str], env: dict | None = None, 
     result = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not result:
         errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
-        row["error"] = errors[-1][-400:] if errors else f"exit {proc.returncode}"
-        return row
+        message = errors[-1][-400:] if errors else f"exit {proc.returncode}"
+        if not result:
+            row["error"] = message
+            row["log_tail"] = text[-1500:]  # what the child printed last, to tell why
+            return row
+        # the measurement finished (RESULT printed) and the process died after it, e.g. in vLLM's shutdown
+        row["exit_after_result"] = {"code": proc.returncode, "message": message}
     row.update(json.loads(result[-1][len("RESULT "):]))
     logged = CAPACITY_LINE.findall(text)
     row["vllm_log_tokens"] = int(logged[-1].replace(",", "")) if logged else None

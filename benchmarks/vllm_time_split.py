@@ -4,6 +4,7 @@ this process, the KV functions wrapped in timers (wall seconds, summed over laye
 kvpack: the page writer (`write_tokens`), the decode-step kernel (`kernel.attend` less its prefill part), the prefill
 chunks (`_attend_dense`: pages decoded by `kernel.dense`, then `native_prefill.attend`, vLLM's kernel, or SDPA).
 vLLM: its attention op `cpu_attention_with_kv_cache` (prefill and decode together; its cache writes are a copy).
+`kv_work_s`: vLLM's attention op, or kvpack's writer plus its attention (prefill and decode steps).
 `--new 1` runs the prompts alone, so the two runs split prefill from decode steps.
 
     .venv-vllm/bin/python benchmarks/vllm_time_split.py --out results/vllm-time-split.json
@@ -94,11 +95,13 @@ def main() -> None:
             child = ["--requests", str(args.requests), "--prompt", str(args.prompt)]
             row = {**run_child(__file__, f"{name}:{new}", child), "config": name, "new_tokens": int(new)}
             seconds = row.pop("timers", {}) or {}
-            if "kvpack_attend" in seconds:
+            if "kvpack_attend" in seconds:  # kvpack: vLLM's op runs inside its prefill (native_prefill), not apart
+                seconds.pop("vllm_attention", None)
                 seconds["kvpack_decode_steps"] = seconds["kvpack_attend"] - seconds.get("kvpack_prefill", 0.0)
+                row["kv_work_s"] = seconds["kvpack_attend"] + seconds.get("kvpack_write", 0.0)
+            else:
+                row["kv_work_s"] = seconds.get("vllm_attention", 0.0)
             row.update({f"{k}_s": v for k, v in seconds.items()})
-            row["kv_work_s"] = (seconds.get("vllm_attention", 0.0) + seconds.get("kvpack_attend", 0.0)
-                                + seconds.get("kvpack_write", 0.0))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "calls"}), flush=True)
     out = {"benchmark": "vllm-time-split", "command": "python benchmarks/vllm_time_split.py " + " ".join(sys.argv[1:]),

@@ -15,8 +15,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-from vllm import _custom_ops as ops
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+try:  # vLLM's CPU ops (absent where the vLLM backend's torch-free parts are used without vLLM, e.g. its Triton tests)
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+except ImportError:
+    ops = _get_attn_isa = None
 
 BLOCK = 32  # tokens per scratch block (vLLM's AMX and vector kernels take multiples of 32)
 _broken: list[str] = []  # the first refusal's message: the path is not tried again in this process
@@ -24,7 +28,7 @@ _broken: list[str] = []  # the first refusal's message: the path is not tried ag
 
 def usable(dtype: torch.dtype, head_dim: int) -> bool:
     """vLLM's kernel is used for this model: bf16 and a head size vLLM's CPU kernels take, and no earlier refusal."""
-    return dtype == torch.bfloat16 and head_dim % 32 == 0 and not _broken
+    return ops is not None and dtype == torch.bfloat16 and head_dim % 32 == 0 and not _broken
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_lens: list[int], lens: list[int],

@@ -309,3 +309,25 @@ def test_bf16_prefill_through_vllms_kernel_equals_sdpa(monkeypatch):
     err = (native.float() - sdpa.float()).abs().max() / sdpa.float().abs().max()
     assert err < 1e-2, f"relative error {err:.2e}"
     assert torch.equal(native[105:], sdpa[105:])  # padding rows untouched by both
+
+
+def test_rope_split_tables_compose_the_table():
+    """`split_tables` (RoPE of 16 consecutive positions by angle addition) reproduces a rotate_half table within
+    float rounding, and refuses a table whose halves differ (the kernel then rotates token by token)."""
+    rope = rope_table(2048)
+    hi, lo = kernel.split_tables(rope.cos, rope.sin)
+    p = torch.arange(2048)
+    half = DIM // 2
+    cos = hi[p // 16, :half] * lo[0].t()[p % 16] - hi[p // 16, half:] * lo[1].t()[p % 16]
+    assert (cos - rope.cos[:, :half]).abs().max() < 1e-3  # the table's own angles are float32 (ulp 1.2e-4 at 2047)
+    skewed = rope.cos.clone()
+    skewed[:, half] += 0.5
+    assert kernel.split_tables(skewed, rope.sin) is None
+
+
+def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):
+    """Where the RoPE table cannot be split, the token-major tiles rotate every key (same output)."""
+    monkeypatch.setattr(kernel, "split_tables", lambda cos, sin: None)
+    layout = make_layout("kvpack-3bit", torch.float32)
+    layout.rope = rope_table()  # a fresh table: its split tables are built (here: refused) on first use
+    compare(layout, LENS, NEW, seed=8)

@@ -14,7 +14,9 @@
 // in tiles of TK positions through the block table (flash-attention style, one pass, online softmax): decode the
 // tile's keys (pre-RoPE), write the page pool's outliers over them, rotate them to their positions (rotate_half
 // RoPE), put the exact sink tokens back, transpose; scores of all rows against the tile (rows x W keys in
-// registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP.
+// registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP. On AVX-512,
+// items of at most LANE_ROWS rows (decode steps) take the lane path (item_lanes): two passes, values summed per
+// channel in token lanes straight from their codes.
 #pragma once
 #include <algorithm>
 #include <cstring>
@@ -366,9 +368,6 @@ inline int head_entries(const uint8_t* entries, int count, int h, int D, uint32_
   return m;
 }
 
-// tile() on the channel-major path: keys decoded straight into kt[D][TK] (16 positions per vector), rotated with
-// the 16-position RoPE lines, values decoded channel-major and transposed to v[TK][D]. Lanes past n hold copies of
-// position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
 // Slot rows of positions k0 .. k0 + n - 1 of request r (then the last one repeated to TK), one division per tile.
 inline void tile_rows(const Args& A, int r, i64 k0, int n, const uint8_t** rows) {
   const int32_t* table = A.table + r * A.ts;
@@ -442,7 +441,8 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
   }
 }
 
-// tile() on the channel-major path: keys16, and the values decoded channel-major and transposed to v[TK][D].
+// tile() on the channel-major path: keys16 into kt[D][TK], and the values decoded channel-major and transposed to
+// v[TK][D] (lanes past n: the caller masks them).
 void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;

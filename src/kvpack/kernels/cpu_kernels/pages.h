@@ -173,85 +173,103 @@ inline void bytes16(const uint8_t* const* rows, int nb, uint8_t* lines) {
   }
 }
 
+// One head's part of NV x 16 slots (rows: the slots; vector v: rows 16v .. 16v + 15), byte-major: the code bytes as
+// 16-bit words at every byte offset (byte b | byte b + 1 << 8, 16 tokens a vector) and the bytes after the codes
+// (per-token ranges, outlier slots).
+template <int NV>
+struct Slots16 {
+  alignas(64) uint8_t tail[NV][128 / 4 * 64];
+  alignas(64) uint32_t words[NV][128 * 16];
+
+  void load(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h) {
+    alignas(64) uint8_t lines[128 / 4 * 64];
+    const uint8_t* at[16];
+    const int nb = M.span[h];
+    for (int v = 0; v < NV; ++v) {
+      for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
+      bytes16(at, nb, lines);
+      for (int b = 0; b + 1 < nb; ++b) {
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
+        const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
+        _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
+      }
+      if (M.tail) {
+        for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
+        bytes16(at, M.tail, tail[v]);
+      }
+    }
+  }
+  // vector v's 16 tokens' little-endian 16-bit words at tail bytes b, b + 1; as fp16 values
+  __m512i half16(int v, int b) const {
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b)));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b + 1)));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
+  }
+  __m512 fp16(int v, int b) const { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); }
+  // outlier slot k's channels (lanes: tokens) of vector v
+  __m512i outlier_channels(const Part& P, int v, int k) const {
+    const int ib = 4 * P.pairs + 2 * P.outliers;
+    return P.index_bytes == 2 ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
+                              : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
+  }
+  // per-token range of vector v for channel c0 (zero, scale: level * scale + zero; none: 0, 1)
+  __m512 zero(const Part& P, int v, int c0) const { return P.pairs ? fp16(v, 2 * (c0 / P.pair_div)) : _mm512_setzero_ps(); }
+  __m512 scale(const Part& P, int v, int c0) const {
+    return P.pairs ? fp16(v, 2 * (P.pairs + c0 / P.pair_div)) : _mm512_set1_ps(1.0f);
+  }
+  // channel c (of the part; i = c - h * D) of the NV vectors looked up in its level row, lanes outside keep[v] zero
+  void levels(const Part& P, const CodeMap& M, int c, const __mmask16* keep, __m512* x) const {
+    const __m512i sh = _mm512_set1_epi32(P.shift[c]), mk = _mm512_set1_epi32(P.mask[c]);
+    const uint32_t* wd = words[0] + M.rel[c] * 16;
+    const float* tab = P.levels + P.base[c];  // rows padded to >= 16 floats
+    auto code = [&](int v) { return _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk); };
+    if (M.bits[c] <= 4) {
+      const __m512 t0 = _mm512_loadu_ps(tab);
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_permutexvar_ps(keep[v], code(v), t0);
+    } else if (M.bits[c] == 5) {
+      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_permutex2var_ps(keep[v], t0, code(v), t1);
+    } else {
+      for (int v = 0; v < NV; ++v) x[v] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep[v], code(v), tab, 4);
+    }
+  }
+};
+
 // Channels [h * D, h * D + D) of NV x 16 slots' part (rows: the slots; vector v: rows 16v .. 16v + 15) ->
 // dst[i * stride + 16v + t] (keys: pre-RoPE, pool outliers not yet applied), as `decode` computes them token by
 // token. A channel's shift, mask and table are read once for the NV vectors.
 template <int NV>
 inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D,
                      float* __restrict dst, i64 stride) {
-  alignas(64) uint8_t lines[128 / 4 * 64];
-  alignas(64) uint8_t tail[NV][128 / 4 * 64];
-  alignas(64) uint32_t words[NV][128 * 16];
-  const uint8_t* at[16];
-  const int nb = M.span[h];
-  for (int v = 0; v < NV; ++v) {
-    for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
-    bytes16(at, nb, lines);
-    for (int b = 0; b + 1 < nb; ++b) {
-      const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
-      const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
-      _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
-    }
-    if (M.tail) {  // per-token ranges and outlier slots, byte-major too
-      for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
-      bytes16(at, M.tail, tail[v]);
-    }
-  }
-  auto half16 = [&](int v, int b) {  // vector v's 16 tokens' little-endian 16-bit words at tail bytes b, b + 1
-    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b)));
-    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b + 1)));
-    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
-  };
-  auto fp16 = [&](int v, int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); };
+  Slots16<NV> L;
+  L.load(P, M, rows, h);
   const int c0 = h * D;
-  const int* __restrict rel = M.rel.data() + c0;
-  const int* __restrict bits = M.bits.data() + c0;
-  const int32_t* __restrict shift = P.shift + c0;
-  const int32_t* __restrict mask = P.mask + c0;
-  const int32_t* __restrict base = P.base + c0;
-  const float* __restrict levels = P.levels;
-  const int pair = P.pairs ? c0 / P.pair_div : 0;
-  __m512 zero[NV], scale[NV];  // level * scale + zero (per-token ranges)
+  __m512 zero[NV], scale[NV];
+  __mmask16 all[NV];
   for (int v = 0; v < NV; ++v) {
-    zero[v] = P.pairs ? fp16(v, 2 * pair) : _mm512_setzero_ps();
-    scale[v] = P.pairs ? fp16(v, 2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
+    zero[v] = L.zero(P, v, c0);
+    scale[v] = L.scale(P, v, c0);
+    all[v] = (__mmask16)0xFFFF;
   }
   for (int i = 0; i < D; ++i) {
-    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
-    const uint32_t* wd = words[0] + rel[i] * 16;
-    const float* tab = levels + base[i];  // rows padded to >= 16 floats
     __m512 x[NV];
-    if (bits[i] <= 4) {
-      const __m512 t0 = _mm512_loadu_ps(tab);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
-    } else if (bits[i] == 5) {
-      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_permutex2var_ps(t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
-    } else {
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_i32gather_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
-    }
+    L.levels(P, M, c0 + i, all, x);
     for (int v = 0; v < NV; ++v) {
       if (P.pairs) x[v] = _mm512_add_ps(_mm512_mul_ps(x[v], scale[v]), zero[v]);
       _mm512_storeu_ps(dst + i * stride + 16 * v, x[v]);
     }
   }
   // exact outlier slots over their channels, slot after slot (a later slot wins), 16 tokens per masked scatter
-  const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
+  const int vb = 4 * P.pairs;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int v = 0; v < NV; ++v)
     for (int k = 0; k < P.outliers; ++k) {
-      const __m512i ch = P.index_bytes == 2
-          ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
-          : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
-      const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+      const __m512i off = _mm512_sub_epi32(L.outlier_channels(P, v, k), _mm512_set1_epi32(c0));
       const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
                            _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
       if (!in) continue;
       const __m512i where = _mm512_add_epi32(_mm512_mullo_epi32(off, _mm512_set1_epi32((int)stride)), lane);
-      _mm512_mask_i32scatter_ps(dst + 16 * v, in, where, fp16(v, vb + 2 * k), 4);
+      _mm512_mask_i32scatter_ps(dst + 16 * v, in, where, L.fp16(v, vb + 2 * k), 4);
     }
 }
 #endif
@@ -651,42 +669,13 @@ void item(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
 template <int R, int NV>
 void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h, int D, const float* pz,
                   float* __restrict acc, float* __restrict zs, float* __restrict corr) {
-  alignas(64) uint8_t lines[128 / 4 * 64];
-  alignas(64) uint8_t tail[NV][128 / 4 * 64];
-  alignas(64) uint32_t words[NV][128 * 16];
-  const uint8_t* at[16];
-  const int nb = M.span[h];
-  for (int v = 0; v < NV; ++v) {
-    for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
-    bytes16(at, nb, lines);
-    for (int b = 0; b + 1 < nb; ++b) {
-      const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
-      const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
-      _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
-    }
-    if (M.tail) {
-      for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
-      bytes16(at, M.tail, tail[v]);
-    }
-  }
-  auto half16 = [&](int v, int b) {
-    const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b)));
-    const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], b + 1)));
-    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
-  };
-  auto fp16 = [&](int v, int b) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); };
+  Slots16<NV> L;
+  L.load(P, M, rows, h);
   const int c0 = h * D;
-  const int* __restrict rel = M.rel.data() + c0;
-  const int* __restrict bits = M.bits.data() + c0;
-  const int32_t* __restrict shift = P.shift + c0;
-  const int32_t* __restrict mask = P.mask + c0;
-  const int32_t* __restrict base = P.base + c0;
-  const float* __restrict levels = P.levels;
-  const int pair = P.pairs ? c0 / P.pair_div : 0;
   __m512 zero[NV], w[R][NV];
   for (int v = 0; v < NV; ++v) {
-    zero[v] = P.pairs ? fp16(v, 2 * pair) : _mm512_setzero_ps();
-    const __m512 scale = P.pairs ? fp16(v, 2 * (P.pairs + pair)) : _mm512_set1_ps(1.0f);
+    zero[v] = L.zero(P, v, c0);
+    const __m512 scale = L.scale(P, v, c0);
     for (int g = 0; g < R; ++g) {
       const __m512 pv = _mm512_loadu_ps(pz + g * TK + 16 * v);
       w[g][v] = _mm512_mul_ps(pv, scale);
@@ -695,26 +684,23 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
   }
   // outlier slots: the exact value replaces level * scale + zero: its lane is left out of the channel's sum (keep)
   // and p * (value - zero) added apart
-  alignas(64) uint16_t keep[NV][MAXD];
-  std::fill(&keep[0][0], &keep[0][0] + NV * MAXD, (uint16_t)0xFFFF);
-  const int vb = 4 * P.pairs, ib = vb + 2 * P.outliers;
+  alignas(64) uint16_t keep[MAXD][NV];
+  std::fill(&keep[0][0], &keep[0][0] + MAXD * NV, (uint16_t)0xFFFF);
+  const int vb = 4 * P.pairs;
   alignas(64) float fix[16];
   alignas(64) int32_t where[16];
   for (int v = 0; v < NV; ++v)
     for (int k = 0; k < P.outliers; ++k) {
-      const __m512i ch = P.index_bytes == 2
-          ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
-          : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
-      const __m512i off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+      const __m512i off = _mm512_sub_epi32(L.outlier_channels(P, v, k), _mm512_set1_epi32(c0));
       const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
                            _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
       if (!in) continue;
       _mm512_store_si512(where, off);
       for (unsigned m = in; m; m &= m - 1) {
         const int l = __builtin_ctz(m);
-        keep[v][where[l]] &= (uint16_t)~(1u << l);
+        keep[where[l]][v] &= (uint16_t)~(1u << l);
       }
-      const __m512 exact = _mm512_sub_ps(fp16(v, vb + 2 * k), zero[v]);
+      const __m512 exact = _mm512_sub_ps(L.fp16(v, vb + 2 * k), zero[v]);
       for (int g = 0; g < R; ++g) {
         _mm512_store_ps(fix, _mm512_mul_ps(_mm512_loadu_ps(pz + g * TK + 16 * v), exact));
         for (unsigned m = in; m; m &= m - 1) {
@@ -724,22 +710,10 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
       }
     }
   for (int i = 0; i < D; ++i) {
-    const __m512i sh = _mm512_set1_epi32(shift[i]), mk = _mm512_set1_epi32(mask[i]);
-    const uint32_t* wd = words[0] + rel[i] * 16;
-    const float* tab = levels + base[i];  // rows padded to >= 16 floats
     __m512 x[NV];
-    if (bits[i] <= 4) {
-      const __m512 t0 = _mm512_loadu_ps(tab);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_maskz_permutexvar_ps(keep[v][i], _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t0);
-    } else if (bits[i] == 5) {
-      const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_maskz_permutex2var_ps(keep[v][i], t0, _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), t1);
-    } else {
-      for (int v = 0; v < NV; ++v)
-        x[v] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep[v][i], _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk), tab, 4);
-    }
+    __mmask16 k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = keep[i][v];
+    L.levels(P, M, c0 + i, k, x);
     float* a = acc + (i64)i * R * 16;
     for (int g = 0; g < R; ++g) {
       __m512 sum = _mm512_loadu_ps(a + g * 16);

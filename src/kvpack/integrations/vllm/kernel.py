@@ -24,6 +24,7 @@ from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.pages import PagePool
 from kvpack.integrations.vllm.slots import LayerSlots, SlotPart
 from kvpack.kernels import cpu
+from kvpack.kernels.rope import SplitTables
 
 RAW_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -83,10 +84,11 @@ def _layer(parts: LayerSlots, dtype: torch.dtype) -> list[int] | None:
 
 
 def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The channel-major path's RoPE tables (pages.h, Args::rope_hi / rope_lo) of cos, sin [P, rot] (float32):
-    hi [P / 16 + 1, rot] (cos | sin halves at positions 16m) and lo [2, rot / 2, 16] (cos, sin at positions 0..15 over
-    the table's scaling, channel-major), or None where the kernel cannot compose the table by angle addition (halves
-    that differ, fewer than 16 positions, angles that do not add up within float rounding)."""
+    """The channel-major path's RoPE tables (pages.h, Args::rope_hi / rope_lo) of cos, sin [P, rot] (float32): the
+    `kvpack.kernels.rope.SplitTables` of 16-position rows, hi [P / 16 + 1, rot] (cos | sin halves at positions 16m),
+    and its lo (positions 0..15 over the table's scaling) laid out channel-major, [2 (cos, sin), rot / 2, 16]; or
+    None where the kernel cannot compose the table by angle addition (halves that differ, fewer than 16 positions,
+    angles that do not add up within float rounding)."""
     rows, rot = cos.shape
     half = rot // 2
     if rows < 16 or rot % 2 or not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
@@ -95,15 +97,13 @@ def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
     if scaling == 0:
         return None
     at = torch.arange(0, rows + 15, 16).clamp(max=rows - 1)
-    hi = torch.cat([cos[at, :half], sin[at, :half]], 1).contiguous()
-    lo = torch.stack([cos[:16, :half].t(), sin[:16, :half].t()]) / scaling  # [2, half, 16]
-    p = torch.arange(rows)
-    hc, hs = hi[p // 16, :half], hi[p // 16, half:]
-    lc, ls = lo[0].t()[p % 16], lo[1].t()[p % 16]
-    error = torch.maximum(((hc * lc - hs * ls) - cos[:, :half]).abs().max(), ((hs * lc + hc * ls) - sin[:, :half]).abs().max())
+    tables = SplitTables(torch.cat([cos[at, :half], sin[at, :half]], 1).contiguous(),
+                         torch.cat([cos[:16, :half], sin[:16, :half]], 1) / scaling, 4, rot)
+    composed_cos, composed_sin = tables.compose(torch.arange(rows))
+    error = torch.maximum((composed_cos - cos[:, :half]).abs().max(), (composed_sin - sin[:, :half]).abs().max())
     if float(error) > abs(scaling) * (1e-5 + 4 * 2.0 ** -23 * rows):  # float rounding of position x frequency
         return None
-    return hi, lo.contiguous()
+    return tables.hi, tables.lo.view(16, 2, half).permute(1, 2, 0).contiguous()
 
 
 def _rope(layout: EngineLayout) -> list[int]:

@@ -206,11 +206,14 @@ struct Slots16 {
     return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8));
   }
   __m512 fp16(int v, int b) const { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half16(v, b))); }
-  // outlier slot k's channels (lanes: tokens) of vector v
-  __m512i outlier_channels(const Part& P, int v, int k) const {
+  // outlier slot k of vector v: the lanes (tokens) whose channel lies in [c0, c0 + D), *off = channel - c0
+  __mmask16 outliers_in(const Part& P, int v, int k, int c0, int D, __m512i* off) const {
     const int ib = 4 * P.pairs + 2 * P.outliers;
-    return P.index_bytes == 2 ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
-                              : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
+    const __m512i ch = P.index_bytes == 2
+        ? _mm512_srai_epi32(_mm512_slli_epi32(half16(v, ib + 2 * k), 16), 16)
+        : _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(tail[v], ib + k)));
+    *off = _mm512_sub_epi32(ch, _mm512_set1_epi32(c0));
+    return _mm512_cmpge_epi32_mask(*off, _mm512_setzero_si512()) & _mm512_cmplt_epi32_mask(*off, _mm512_set1_epi32(D));
   }
   // per-token range of vector v for channel c0 (zero, scale: level * scale + zero; none: 0, 1)
   __m512 zero(const Part& P, int v, int c0) const { return P.pairs ? fp16(v, 2 * (c0 / P.pair_div)) : _mm512_setzero_ps(); }
@@ -264,9 +267,8 @@ inline void decode16(const Part& P, const CodeMap& M, const uint8_t* const* rows
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int v = 0; v < NV; ++v)
     for (int k = 0; k < P.outliers; ++k) {
-      const __m512i off = _mm512_sub_epi32(L.outlier_channels(P, v, k), _mm512_set1_epi32(c0));
-      const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
-                           _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
+      __m512i off;
+      const __mmask16 in = L.outliers_in(P, v, k, c0, D, &off);
       if (!in) continue;
       const __m512i where = _mm512_add_epi32(_mm512_mullo_epi32(off, _mm512_set1_epi32((int)stride)), lane);
       _mm512_mask_i32scatter_ps(dst + 16 * v, in, where, L.fp16(v, vb + 2 * k), 4);
@@ -691,9 +693,8 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
   alignas(64) int32_t where[16];
   for (int v = 0; v < NV; ++v)
     for (int k = 0; k < P.outliers; ++k) {
-      const __m512i off = _mm512_sub_epi32(L.outlier_channels(P, v, k), _mm512_set1_epi32(c0));
-      const __mmask16 in = _mm512_cmpge_epi32_mask(off, _mm512_setzero_si512()) &
-                           _mm512_cmplt_epi32_mask(off, _mm512_set1_epi32(D));
+      __m512i off;
+      const __mmask16 in = L.outliers_in(P, v, k, c0, D, &off);
       if (!in) continue;
       _mm512_store_si512(where, off);
       for (unsigned m = in; m; m &= m - 1) {
@@ -729,7 +730,7 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   const i64 qs = A.qsl[r], ql = A.qsl[r + 1] - qs, L = A.seq_lens[r];
   const i64 first = L - ql + q0, end = first + nq;  // the first query's position; keys the last one sees
   const float ninf = -std::numeric_limits<float>::infinity();
-  S.cached[0].page = S.cached[1].page = S.head_page = -1;  // another request's pages (block ids are reused)
+  S.head_page = -1;  // another request's pages (block ids are reused)
   float* q = S.q.data();
   for (int t = 0; t < nq; ++t)
     for (int g = 0; g < G; ++g) {

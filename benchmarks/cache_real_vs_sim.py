@@ -32,7 +32,8 @@ from kvpack.evaluate.streaming import streaming_perplexity
 def _append(path: Path, row: dict) -> None:
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if not (r["method"] == row["method"] and r.get("kind") == row.get("kind")
-                                    and r.get("tokens") == row.get("tokens"))]
+                                    and r.get("tokens") == row.get("tokens")
+                                    and r.get("dtype", "float32") == row.get("dtype", "float32"))]
     write_rows(path, rows + [row])
 
 
@@ -115,10 +116,12 @@ def main() -> None:
     p.add_argument("--data", default="wikitext2", help="corpus spec of the perplexity windows (e.g. 'c4[500:]')")
     p.add_argument("--ppl-out", default="cache-real-vs-sim.json", help="file under --out for the perplexity rows")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (the shipped recipes serve every dtype): bfloat16 to compare with vLLM's bf16 runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    model, tok = load_model()
+    model, tok = load_model(dtype=getattr(torch, args.dtype))
     windows = load_windows(tok, args.data, args.seqlen, args.windows)
     text_ids = tokenize(tok, load_corpus("wikitext2").text).unsqueeze(0)
     lengths = [int(x) for x in args.memory_lengths.split(",") if x]
@@ -149,7 +152,7 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("method", "windows", "sim_ppl", "min_rel_diff", "max_rel_diff", "spread_pct")}), flush=True)
         if "ppl" not in skip and "real" not in skip:
             real = streaming_perplexity(model, windows, recipe, chunk=args.chunk, progress=False)
-            row = {"kind": "ppl", "method": recipe.method, "data": args.data, "seqlen": args.seqlen,
+            row = {"kind": "ppl", "method": recipe.method, "data": args.data, "dtype": args.dtype, "seqlen": args.seqlen,
                    "windows": args.windows, "tokens": real.tokens, "chunk": args.chunk,
                    "sim_ppl": sim.ppl, "real_ppl": real.ppl, "rel_diff": real.ppl / sim.ppl - 1,
                    "sim_bits": sim.bits_per_element, "real_bits": real.bits_per_element,

@@ -60,9 +60,13 @@ def run_child(script: str, name: str, args: list[str], env: dict | None = None, 
 
 
 def environment() -> dict:
+    """Where a vLLM benchmark ran: versions, the CPU model and its instruction set (kvpack's detection), cores."""
     import torch
     import vllm
 
-    return {"vllm": vllm.__version__, "torch": torch.__version__, "cpu_avx512": bool(torch.cpu._is_avx512_supported()),
+    from kvpack.kernels import cpu
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__, "cpu": cpu.cpu_model(),
+            "instruction_set": cpu.instruction_set(), "cpu_avx512": bool(torch.cpu._is_avx512_supported()),
             "cpu_amx": bool(torch.cpu._is_amx_tile_supported()), "cores": os.cpu_count(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -60,16 +60,17 @@ def one(model: str, spec: dict, data: str, seqlen: int, windows: int) -> dict:
     return result
 
 
-def real_cache_deltas(data: str, seqlen: int, windows: int) -> dict:
+def real_cache_deltas(data: str, seqlen: int, windows: int, dtype: str = "float32") -> dict:
     """method -> transformers real-cache perplexity delta (%) vs fp16 from the corpus's REAL_CACHE file
-    (rows of the same data, seqlen and number of windows only)."""
+    (rows of the same data, seqlen, number of windows and model dtype only; rows without a dtype ran in float32)."""
     path = REAL_CACHE.get(data)
     if path is None or not path.is_file():
         return {}
     rows = [r for r in json.loads(path.read_text()) if r.get("kind", "ppl") == "ppl" and "real_ppl" in r
-            and r.get("data", "wikitext2") == data and r.get("seqlen") == seqlen and r.get("windows") == windows]
+            and r.get("data", "wikitext2") == data and r.get("seqlen") == seqlen and r.get("windows") == windows
+            and r.get("dtype", "float32") == dtype]
     base = next((r["real_ppl"] for r in rows if r.get("method") == "fp16"), None)
-    return {r["method"]: {"real_ppl": r["real_ppl"], "delta_pct": 100 * (r["real_ppl"] / base - 1),
+    return {r["method"]: {"real_ppl": r["real_ppl"], "delta_pct": 100 * (r["real_ppl"] / base - 1), "dtype": dtype,
                           "windows": r["windows"], "seqlen": r["seqlen"], "chunk": r.get("chunk")}
             for r in rows if base}
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=int, default=2)
     parser.add_argument("--key-outlier-slots", type=int, default=None, help="kvpack option (default: the codec's)")
     parser.add_argument("--out", default=None, help="default: results/vllm-quality.json, -c4.json for --data c4")
+    parser.add_argument("--annotate", action="store_true",
+                        help="no engine: re-read --out and redo its transformers references and gaps (e.g. after a new "
+                             "reference run); the rest of the file stays as measured")
     args = parser.parse_args()
     args.data = DATA_ALIASES.get(args.data, args.data)
     if args.out is None:
@@ -94,6 +98,9 @@ def main() -> None:
         from kvpack.hf.models import model_path
 
         args.model = str(model_path("smollm2-135m"))
+    if args.annotate:
+        annotate(args)
+        return
     table = configs(args.dtypes.split(","), args.methods.split(","), args.key_outlier_slots)
     if args.one:
         print("RESULT " + json.dumps(one(args.model, table[args.one], args.data, args.seqlen, args.windows)), flush=True)
@@ -110,21 +117,45 @@ def main() -> None:
         write(args, rows)  # after every configuration: a long run leaves what it measured
 
 
+def annotate(args) -> None:
+    """Redo the reference fields of the rows in `args.out` (`add_references`), keeping what was measured."""
+    path = Path(args.out)
+    out = json.loads(path.read_text())
+    args.data, args.seqlen, args.windows = out["data"], out["seqlen"], out["windows"]
+    add_references(args, out["rows"])
+    out["real_cache_reference"] = str(REAL_CACHE.get(args.data))
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"annotated {path}")
+
+
 def write(args, rows: list[dict]) -> None:
-    reference = real_cache_deltas(args.data, args.seqlen, args.windows)
-    for row in rows:
-        base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
-        if base and row.get("ppl"):
-            row["delta_pct_vs_vllm_same_dtype"] = 100 * (row["ppl"] / base - 1)
-        method = row.get("kvpack", {}).get("method")
-        if method in reference and "delta_pct_vs_vllm_same_dtype" in row:
-            row["transformers_real_cache"] = reference[method]
-            row["delta_gap_pp"] = row["delta_pct_vs_vllm_same_dtype"] - reference[method]["delta_pct"]
+    add_references(args, rows)
     out = {"benchmark": "vllm-quality", "command": "python benchmarks/vllm_quality.py " + " ".join(sys.argv[1:]),
            "model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
            "real_cache_reference": str(REAL_CACHE.get(args.data)), **environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
+
+def add_references(args, rows: list[dict]) -> None:
+    """Each kvpack row's delta next to the transformers real-cache delta of the same preset: in the row's own dtype
+    where that reference exists (`transformers_real_cache`, `delta_gap_pp`: like for like), and in float32
+    (`delta_gap_pp_vs_float32`) when the row ran in another dtype."""
+    references = {d: real_cache_deltas(args.data, args.seqlen, args.windows, d)
+                  for d in {"float32", *(r["dtype"] for r in rows)}}
+    for row in rows:
+        base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
+        if base and row.get("ppl"):
+            row["delta_pct_vs_vllm_same_dtype"] = 100 * (row["ppl"] / base - 1)
+        method = row.get("kvpack", {}).get("method")
+        if "delta_pct_vs_vllm_same_dtype" not in row:
+            continue
+        delta = row["delta_pct_vs_vllm_same_dtype"]
+        same, fp32 = references[row["dtype"]].get(method), references["float32"].get(method)
+        if same or fp32:
+            row["transformers_real_cache"] = same or fp32
+            row["delta_gap_pp"] = delta - (same or fp32)["delta_pct"]
+        if fp32 and row["dtype"] != "float32":
+            row["delta_gap_pp_vs_float32"] = delta - fp32["delta_pct"]
 
 
 if __name__ == "__main__":

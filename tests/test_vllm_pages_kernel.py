@@ -18,7 +18,7 @@ from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
 from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
 from kvpack.integrations.vllm.read import attend, attend_torch, gather_kv  # noqa: E402
-from kvpack.integrations.vllm.rope import RopeTable  # noqa: E402
+from kvpack.integrations.vllm.rope import ROUNDING, RopeTable  # noqa: E402
 from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part  # noqa: E402
 from kvpack.integrations.vllm.write import write_tokens  # noqa: E402
 from kvpack.recipes.bundled import SHIPPED_DIR  # noqa: E402
@@ -34,13 +34,17 @@ def needs_kernel():
         pytest.skip(f"kvpack's C++ kernels are unavailable: {cpu.error()}")
 
 
-def rope_table(max_len: int = 512, theta: float = 100000.0) -> RopeTable:
-    """A RopeTable with llama's rotate_half frequencies (no model config needed)."""
+def rope_table(max_len: int = 512, theta: float = 100000.0, dtype: torch.dtype = torch.float32) -> RopeTable:
+    """A RopeTable with llama's rotate_half frequencies (no model config needed), rounded to a model `dtype` as
+    `RopeTable` rounds it."""
     table = RopeTable.__new__(RopeTable)
     inv = 1.0 / theta ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
     ang = torch.arange(max_len, dtype=torch.float32).unsqueeze(1) * inv
     ang = torch.cat([ang, ang], 1)
     table.cos, table.sin = ang.cos(), ang.sin()
+    if dtype != torch.float32:
+        table.exact, table.rounding = (table.cos, table.sin), ROUNDING[dtype]
+        table.cos, table.sin = table.cos.to(dtype).float(), table.sin.to(dtype).float()
     return table
 
 
@@ -55,7 +59,7 @@ def make_layout(method: str, dtype: torch.dtype, key_outliers: str = "page", sin
         pooled = key_outliers == "page" and kc.outlier_frac > 0
         layers.append(LayerSlots(nuq_part(kc, 0 if pooled else 4), nuq_part(vc, None), sink, dtype,
                                  4 * BLOCK if pooled else 0))
-    rope = rope_table() if recipe.settings.pre_rope else None
+    rope = rope_table(dtype=dtype) if recipe.settings.pre_rope else None
     return EngineLayout(KvpackVllmConfig(method=method, key_outliers=key_outliers), recipe, layers, dtype, rope, BLOCK)
 
 
@@ -326,6 +330,51 @@ def test_rope_split_tables_compose_the_table():
     skewed = rope.cos.clone()
     skewed[:, half] += 0.5
     assert kernel.split_tables(skewed, rope.sin) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
+    """A bf16 / fp16 model's table holds vLLM's own cos_sin_cache in that dtype (the rotation vLLM applied to the keys
+    it hands over: undone exactly on write, reapplied as the query has it on read); float32 keeps float32 angles."""
+    from transformers import LlamaConfig
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    config = LlamaConfig(hidden_size=4 * DIM, num_attention_heads=4, num_key_value_heads=2, rope_theta=100000.0,
+                         max_position_embeddings=4096)
+    table = RopeTable(config, 4096, dtype)
+    with set_current_vllm_config(VllmConfig()):
+        vllm_rope = get_rope(DIM, 4096, True, {"rope_type": "default", "rope_theta": 100000.0}, dtype)
+    cos, sin = vllm_rope.cos_sin_cache.float().chunk(2, dim=-1)  # [positions, D / 2] each, in `dtype`
+    half = DIM // 2
+    assert vllm_rope.cos_sin_cache.dtype == dtype
+    assert torch.equal(table.cos[:, :half], cos) and torch.equal(table.sin[:, half:], sin)
+    assert table.rounding == ROUNDING[dtype] and table.exact is not None
+    exact = RopeTable(config, 4096, torch.float32)
+    assert exact.exact is None and exact.rounding == 0 and not torch.equal(exact.cos, table.cos)
+    torch.testing.assert_close(exact.cos, table.exact[0])
+
+
+def test_split_rope_tables_round_as_the_table():
+    """The channel-major path composes cos/sin from float32 split tables and rounds them to the model's dtype as the
+    table's rows are (`pages::round_as`): its decoded bf16-model keys match the torch reference (which rotates with
+    the rounded rows) far closer than without the rounding."""
+    needs_kernel()
+    layout = make_layout("kvpack-3bit", torch.bfloat16)
+    layout.rope = rope_table(2048, dtype=torch.bfloat16)
+    pool = make_pool(layout, blocks=2 * 94)
+    g = torch.Generator().manual_seed(9)
+    lens = [1500, 300]
+    _, meta = step(layout, pool, 2, lens, [1, 1], 9, g)
+    seq, table = torch.tensor(lens, dtype=torch.int64), meta.block_table.to(torch.int32).contiguous()
+    ref_k, _ = gather_kv(layout, pool, 2, seq, meta.block_table)
+    errors = {}
+    for rounding in (1, 0):
+        layout.rope.rounding = rounding
+        keys, _ = kernel.dense(layout, pool, 2, seq, table, kernel._layer(layout.layers[2], layout.dtype))
+        errors[rounding] = (keys - ref_k).abs().mean() / ref_k.abs().mean()
+    assert errors[1] < errors[0] / 4, errors
+    assert errors[1] < 1e-4, errors
 
 
 def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):

@@ -429,7 +429,8 @@ int kvpack_mixed_encode(const i64* a) {
 // ptr (int64 [R + 1]), seq_lens ptr (int64 [R]), block table ptr (int32), its row stride, block size, slot rows ptr,
 // slot bytes, sink records ptr, sink tokens, sink dtype (0 float32, 1 float16, 2 bfloat16), key-outlier pools ptr,
 // pool entries, RoPE cos ptr (0: none), sin ptr, their row stride, rotated channels, the split tables of the
-// channel-major path (pages::Args::rope_hi, rope_lo; 0: none, the token-major path rotates); then the key part and the value
+// channel-major path (pages::Args::rope_hi, rope_lo; 0: none, the token-major path rotates), what their composed cos/sin
+// are rounded to (pages::Args::rope_round: 0 none, 1 bf16, 2 fp16, as the table's rows); then the key part and the value
 // part, each: kind, raw type, offset, code bytes, byte, shift, mask, base, levels ptrs, pairs, pair_div, outlier
 // slots, index bytes; then the most query tokens of a request this call attends for (0: no limit; longer requests are
 // skipped, the caller attends for them).
@@ -457,6 +458,7 @@ static pages::Args pages_args(Reader& r) {
   A.rot = (int)r.next();
   A.rope_hi = (const float*)r.ptr();
   A.rope_lo = (const float*)r.ptr();
+  A.rope_round = (int)r.next();
   for (pages::Part* p : {&A.key, &A.value}) {
     p->kind = (int)r.next(); p->raw_type = (int)r.next(); p->offset = r.next(); p->code_bytes = (int)r.next();
     p->byte = (const int32_t*)r.ptr(); p->shift = (const int32_t*)r.ptr(); p->mask = (const int32_t*)r.ptr();

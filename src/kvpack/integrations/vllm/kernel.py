@@ -107,20 +107,22 @@ def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _rope(layout: EngineLayout) -> list[int]:
-    """cos, sin, their row stride, rotated channels, and the split tables (0, 0 where there are none), built once
-    per table."""
+    """cos, sin, their row stride, rotated channels, the split tables (0, 0 where there are none; composed from the
+    unrounded angles, built once per table) and the rounding the kernel applies to what they compose (the
+    table's: `RopeTable.rounding`)."""
     rope = layout.rope
     if rope is None:
-        return [0, 0, 0, 0, 0, 0]
+        return [0, 0, 0, 0, 0, 0, 0]
     cos, sin = rope.cos, rope.sin
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32):
         rope.cos, rope.sin = cos, sin = cos.float().contiguous(), sin.float().contiguous()
     split = rope.__dict__.get("_split_tables")
     if split is None or split[0] is not cos or split[1] is not sin:
-        split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(cos, sin))
+        source = rope.exact if rope.exact is not None else (cos, sin)
+        split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(*(t.float().contiguous() for t in source)))
     tables = split[2]
     hi, lo = (tables[0].data_ptr(), tables[1].data_ptr()) if tables is not None else (0, 0)
-    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo]
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo, rope.rounding]
 
 
 def _arguments(layout: EngineLayout, pool: PagePool, layer: int, first: int, second: int, requests: int, heads: int,

@@ -111,7 +111,7 @@ def build_layout(vllm_config) -> EngineLayout:
                                   'channels with one byte each (at most 256): lower block_size or set '
                                   '"key_outliers": "token".')
         layers.append(LayerSlots(key, value, settings.sink_tokens, dtype, per_token * block_size if pooled else 0))
-    rope = RopeTable(hf, model_config.max_model_len) if settings.pre_rope else None
+    rope = RopeTable(hf, model_config.max_model_len, dtype) if settings.pre_rope else None
     return EngineLayout(config, recipe, layers, dtype, rope, block_size)
 
 

@@ -2,7 +2,11 @@
 their positions before encoding and forward again after decoding (`kvpack.hf.rope`'s exact inverse).
 
 cos/sin come from the transformers rotary module of the model's architecture (what the recipe was calibrated
-with), computed once per engine for every position up to `max_model_len`.
+with), computed once per engine for every position up to `max_model_len`, and are the values the model's layers
+rotate with: computed in float32, then rounded to the model's dtype (vLLM casts its cos_sin_cache to the query's
+dtype, transformers its cos/sin to the activations'). Undoing a bf16 model's rotation with float32 angles instead
+left every key off by up to a bf16 ulp of its largest channel, which 2-bit pages turned into perplexity
+(docs/vllm.md, "Keys arrive post-RoPE").
 """
 from __future__ import annotations
 
@@ -14,10 +18,18 @@ from kvpack.hf.rope import LENGTH_DEPENDENT_ROPE, apply_rope, invert_rope, rope_
 from kvpack.integrations.vllm.config import NEOX_MODEL_TYPES, KvpackVllmError
 
 
-class RopeTable:
-    """cos/sin [max_len, rot_dim] (float32) of a model; rotates x [T, H, D] at positions [T]."""
+ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' codes for the tables' rounding
 
-    def __init__(self, hf_config, max_len: int):
+
+class RopeTable:
+    """cos/sin [max_len, rot_dim] (float32 holding values of the model's dtype) of a model; rotates x [T, H, D] at
+    positions [T]. `exact`: the float32 cos/sin before rounding (what angle addition composes, kernel.split_tables),
+    None when cos/sin are not rounded; `rounding`: ROUNDING of the model's dtype."""
+
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None
+    rounding: int = 0
+
+    def __init__(self, hf_config, max_len: int, dtype: torch.dtype = torch.float32):
         kind = rope_type(hf_config)
         model_type = getattr(hf_config, "model_type", "?")
         if kind in LENGTH_DEPENDENT_ROPE:
@@ -35,7 +47,14 @@ class RopeTable:
                                   "post-RoPE recipe (':post-rope').") from exc
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # [max_len, rot_dim]
+        if dtype not in ROUNDING:
+            raise KvpackVllmError(f"Pre-RoPE pages take float32, bfloat16 or float16 models, not {dtype}.")
+        cos, sin = cos[0].float(), sin[0].float()  # [max_len, rot_dim]
+        self.rounding = ROUNDING[dtype]
+        if self.rounding:
+            self.exact = (cos, sin)
+            cos, sin = cos.to(dtype).float(), sin.to(dtype).float()
+        self.cos, self.sin = cos, sin
 
     def _at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = positions.long()

@@ -302,6 +302,7 @@ struct Args {
   // table's scaling): a few KB instead of 256 bytes per position streamed for every head
   const float* rope_hi;
   const float* rope_lo;
+  int rope_round;  // what the composed cos/sin are rounded to, as the table's rows are: 0 none, 1 bf16, 2 fp16
   Part key, value;
   i64 max_query;       // attention(): requests with more query tokens are skipped (0: none are)
   CodeMap kmap, vmap;  // filled by attention() / dense()
@@ -406,6 +407,19 @@ inline void tile_rows(const Args& A, int r, i64 k0, int n, const uint8_t** rows)
   }
 }
 
+// x rounded to nearest even in bf16 (mode 1) or fp16 (mode 2), as torch's .to(dtype) rounds the table's rows (finite
+// x); mode 0: x.
+inline __m512 round_as(__m512 x, int mode) {
+  if (mode == 1) {
+    const __m512i i = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(i, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+  }
+  if (mode == 2) return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return x;
+}
+
 // The tile's keys straight into kt[D][TK] (16 positions per vector): decoded, the page pools' outliers written over
 // them, rotated with RoPE composed from the split tables, the exact sinks put back. Lanes past n hold copies of
 // position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
@@ -441,8 +455,8 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
       for (int i = 0; i < half; ++i) {
         const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
         const __m512 fc = _mm512_loadu_ps(lc + i * 16), fs = _mm512_loadu_ps(ls + i * 16);
-        const __m512 c = _mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs));
-        const __m512 sn = _mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs));
+        const __m512 c = round_as(_mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs)), A.rope_round);
+        const __m512 sn = round_as(_mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs)), A.rope_round);
         float* a = kt + i * TK + v;
         float* b = kt + (i + half) * TK + v;
         const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);

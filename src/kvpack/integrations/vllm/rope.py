@@ -4,9 +4,9 @@ their positions before encoding and forward again after decoding (`kvpack.hf.rop
 cos/sin come from the transformers rotary module of the model's architecture (what the recipe was calibrated
 with), computed once per engine for every position up to `max_model_len`, and are the values the model's layers
 rotate with: computed in float32, then rounded to the model's dtype (vLLM casts its cos_sin_cache to the query's
-dtype, transformers its cos/sin to the activations'). Undoing a bf16 model's rotation with float32 angles instead
-left every key off by up to a bf16 ulp of its largest channel, which 2-bit pages turned into perplexity
-(docs/vllm.md, "Keys arrive post-RoPE").
+dtype, transformers its cos/sin to the activations'), so the write path undoes exactly the rotation vLLM applied and
+the read path rotates keys as the query was rotated (float32 angles would leave a bf16 model's keys off by up to a
+bf16 step of their pair channel).
 """
 from __future__ import annotations
 

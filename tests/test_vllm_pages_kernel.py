@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvpack.integrations.vllm import kernel, native_prefill  # noqa: E402
-from kvpack.integrations.vllm.config import KvpackVllmConfig  # noqa: E402
+from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError  # noqa: E402
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
 from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
 from kvpack.integrations.vllm.read import attend, attend_torch, gather_kv  # noqa: E402
@@ -353,6 +353,8 @@ def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
     exact = RopeTable(config, 4096, torch.float32)
     assert exact.exact is None and exact.rounding == 0 and not torch.equal(exact.cos, table.cos)
     torch.testing.assert_close(exact.cos, table.exact[0])
+    with pytest.raises(KvpackVllmError, match="float32, bfloat16 or float16"):
+        RopeTable(config, 16, torch.float64)
 
 
 def test_split_rope_tables_round_as_the_table():

@@ -32,6 +32,8 @@ class RopeTable:
     def __init__(self, hf_config, max_len: int, dtype: torch.dtype = torch.float32):
         kind = rope_type(hf_config)
         model_type = getattr(hf_config, "model_type", "?")
+        if dtype not in ROUNDING:
+            raise KvpackVllmError(f"Pre-RoPE pages take float32, bfloat16 or float16 models, not {dtype}.")
         if kind in LENGTH_DEPENDENT_ROPE:
             raise KvpackVllmError(f"'{kind}' RoPE changes its frequencies with the sequence length, which pre-RoPE pages "
                                   "cannot reproduce; use a post-RoPE recipe (method option ':post-rope').")
@@ -47,8 +49,6 @@ class RopeTable:
                                   "post-RoPE recipe (':post-rope').") from exc
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
-        if dtype not in ROUNDING:
-            raise KvpackVllmError(f"Pre-RoPE pages take float32, bfloat16 or float16 models, not {dtype}.")
         cos, sin = cos[0].float(), sin[0].float()  # [max_len, rot_dim]
         self.rounding = ROUNDING[dtype]
         if self.rounding:

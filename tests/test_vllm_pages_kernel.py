@@ -358,9 +358,9 @@ def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
 
 
 def test_split_rope_tables_round_as_the_table():
-    """The channel-major path composes cos/sin from float32 split tables and rounds them to the model's dtype as the
-    table's rows are (`pages::round_as`): its decoded bf16-model keys match the torch reference (which rotates with
-    the rounded rows) far closer than without the rounding."""
+    """Decoded bf16-model keys match the torch reference, which rotates with the rounded rows: with AVX-512 the
+    channel-major path composes cos/sin from float32 split tables and rounds them as the rows are (`pages::round_as`;
+    far closer than without the rounding); with AVX2 the tiles read the rows."""
     needs_kernel()
     layout = make_layout("kvpack-3bit", torch.bfloat16)
     layout.rope = rope_table(2048, dtype=torch.bfloat16)
@@ -375,8 +375,13 @@ def test_split_rope_tables_round_as_the_table():
         layout.rope.rounding = rounding
         keys, _ = kernel.dense(layout, pool, 2, seq, table, kernel._layer(layout.layers[2], layout.dtype))
         errors[rounding] = (keys - ref_k).abs().mean() / ref_k.abs().mean()
-    assert errors[1] < errors[0] / 4, errors
     assert errors[1] < 1e-4, errors
+    from kvpack.kernels import cpu
+
+    if cpu.kernel_isa() == "AVX512":  # the channel-major path composes, so its rounding is what matches
+        assert errors[1] < errors[0] / 4, errors
+    else:  # AVX2: the token-major tiles read the rounded rows themselves
+        assert errors[0] == errors[1], errors
 
 
 def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):

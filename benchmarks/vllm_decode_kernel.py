@@ -1,12 +1,14 @@
-"""One decode step of one layer, as vLLM's engine runs it: kvpack's packed pages (`kernel.attend`, the C++ read path)
+"""One decode step, layer after layer, as vLLM's engine runs it: kvpack's packed pages (`kernel.attend`, the C++ read path)
 next to vLLM's own CPU attention op (`cpu_attention_with_kv_cache` over its cache in the model's dtype), same
 requests, same threads, this process (no engine). A microscope for the decode-step share of a serving run
 (benchmarks/vllm_time_split.py).
 
-Keys and values are the default model's own: one transformers forward per WikiText-2 window of `--context` tokens
-(post-RoPE keys, as vLLM hands them), request r holding window r % windows; kvpack writes them into its pages
+Keys and values are the default model's own, every layer's: one transformers forward per WikiText-2 window of
+`--context` tokens (post-RoPE keys, as vLLM hands them), request r holding window r % windows; kvpack writes them into its pages
 (`write_tokens`, block tables shuffled), vLLM's op gets them in its cache layout. Each row: median wall time of
-`--repeat` calls (after 3 warm-up calls), and the ratio to vLLM's op in the same dtype measured in the same run.
+`--repeat` steps (after 3 warm-up steps) divided by the layers (`ms`: one layer's call, every layer's pages held as
+in an engine, so they are read from memory, not cache), and the ratio to vLLM's op in the same dtype measured in the
+same run.
 
     .venv-vllm/bin/python benchmarks/vllm_decode_kernel.py --out results/vllm-decode-kernel.json
 """
@@ -25,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def real_kv(windows: int, context: int, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor], object]:
-    """Post-RoPE keys and values [context, Hkv, D] (float32) of `layer` for `windows` WikiText-2 windows, and the
-    model's config."""
+def real_kv(windows: int, context: int, layers: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]], object]:
+    """Post-RoPE keys and values [context, Hkv, D] (float32) of the first `layers` layers ([layer][window]) for
+    `windows` WikiText-2 windows, and the model's config."""
     from kvpack.data import load_windows
     from kvpack.hf.attention import cache_kwargs
     from kvpack.hf.models import load_model
@@ -35,13 +37,14 @@ def real_kv(windows: int, context: int, layer: int) -> tuple[list[torch.Tensor],
 
     model, tokenizer = load_model()
     ids = load_windows(tokenizer, "wikitext2", context, windows)
-    keys, values = [], []
+    keys, values = [[] for _ in range(layers)], [[] for _ in range(layers)]
     with torch.no_grad():
         for window in ids:
             cache = DynamicCache(config=model.config)
             model(window.unsqueeze(0), **cache_kwargs(cache), use_cache=True)
-            keys.append(cache.layers[layer].keys[0].transpose(0, 1).float().contiguous())
-            values.append(cache.layers[layer].values[0].transpose(0, 1).float().contiguous())
+            for layer in range(layers):
+                keys[layer].append(cache.layers[layer].keys[0].transpose(0, 1).float().contiguous())
+                values[layer].append(cache.layers[layer].values[0].transpose(0, 1).float().contiguous())
     return keys, values, model.config
 
 
@@ -57,8 +60,8 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, block: int, query: torch.Tensor,
-                scale: float, layer: int):
-    """A callable running kvpack's decode step over pages holding the requests' tokens."""
+                scale: float):
+    """A callable running kvpack's decode step of every layer in `keys` over pages holding the requests' tokens."""
     from kvpack.integrations.vllm import kernel
     from kvpack.integrations.vllm.config import parse_entry
     from kvpack.integrations.vllm.layout import layout_for
@@ -69,7 +72,7 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
 
     config = parse_entry({"method": method})
     recipe = load_recipe(config, hf, model_path("smollm2-135m"))
-    context, heads, dim = keys[0].shape
+    context, heads, dim = keys[0][0].shape
     layout = layout_for(config, recipe, hf, heads, dim, dtype, block, context + 1)
     per = -(-context // block)
     blocks = batch * per
@@ -77,15 +80,17 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
     pool = PagePool(buffer.view(len(layout.layers), blocks, 1, block, -1)[0], layout.layers)
     table = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)).view(batch, per).to(torch.int32)
     pos = torch.arange(context)
-    for r in range(batch):
-        k, v = keys[r % len(keys)].to(dtype), values[r % len(values)].to(dtype)
-        write_tokens(layout, pool, layer, k, v, table[r, pos // block].long() * block + pos % block, pos)
+    for layer in range(len(keys)):
+        for r in range(batch):
+            k, v = keys[layer][r % len(keys[layer])].to(dtype), values[layer][r % len(values[layer])].to(dtype)
+            write_tokens(layout, pool, layer, k, v, table[r, pos // block].long() * block + pos % block, pos)
     meta = SimpleNamespace(query_start_loc=torch.arange(batch + 1), seq_lens=torch.full((batch,), context),
                            block_table=table)
     out = torch.empty_like(query)
 
     def step():
-        assert kernel.attend(layout, pool, layer, query, meta, scale, out)
+        for layer in range(len(keys)):
+            assert kernel.attend(layout, pool, layer, query, meta, scale, out)
 
     return step, layout.describe()
 
@@ -95,18 +100,21 @@ def vllm_step(dtype: torch.dtype, keys, values, batch: int, block: int, query: t
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    context, heads, dim = keys[0].shape
+    context, heads, dim = keys[0][0].shape
     isa = _get_attn_isa(dtype, block, dim, "auto")
     if isa == "amx":
         torch.cpu._init_amx()
     per = -(-context // block)
-    cache = torch.zeros(batch * per, heads, 2 * block, dim, dtype=dtype)
-    key_cache, value_cache = cache.chunk(2, dim=2)
     table = torch.arange(batch * per, dtype=torch.int32).view(batch, per)
-    for r in range(batch):
-        slots = table[r, torch.arange(context) // block].long() * block + torch.arange(context) % block
-        ops.cpu_attn_reshape_and_cache(keys[r % len(keys)].to(dtype), values[r % len(values)].to(dtype), key_cache,
-                                       value_cache, slots, isa)
+    caches = []
+    for layer in range(len(keys)):
+        key_cache, value_cache = torch.zeros(batch * per, heads, 2 * block, dim, dtype=dtype).chunk(2, dim=2)
+        for r in range(batch):
+            slots = table[r, torch.arange(context) // block].long() * block + torch.arange(context) % block
+            ops.cpu_attn_reshape_and_cache(keys[layer][r % len(keys[layer])].to(dtype),
+                                           values[layer][r % len(values[layer])].to(dtype), key_cache, value_cache,
+                                           slots, isa)
+        caches.append((key_cache, value_cache))
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
     plan = ops.cpu_attn_get_scheduler_metadata(batch, query.shape[1], heads, dim, seq_lens, dtype, qsl, True, -1, isa,
@@ -114,8 +122,9 @@ def vllm_step(dtype: torch.dtype, keys, values, batch: int, block: int, query: t
     out = torch.empty_like(query)
 
     def step():
-        ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, out, qsl, seq_lens, scale, True, None, -1, table,
-                                        0.0, plan, None)
+        for key_cache, value_cache in caches:
+            ops.cpu_attention_with_kv_cache(query, key_cache, value_cache, out, qsl, seq_lens, scale, True, None, -1,
+                                            table, 0.0, plan, None)
 
     return step, isa
 
@@ -127,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=1056, help="tokens per request (1K prompt + 32 steps)")
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--layers", type=int, default=None, help="layers held and attended (default: all)")
     parser.add_argument("--block", type=int, default=128, help="tokens per page (vLLM's CPU default)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=50)
@@ -136,8 +145,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from vllm_engine import environment
 
-    keys, values, hf = real_kv(args.windows, args.context, args.layer)
-    heads, dim = keys[0].shape[1:]
+    from transformers import AutoConfig
+
+    from kvpack.hf.models import model_path
+
+    layers = args.layers or AutoConfig.from_pretrained(model_path("smollm2-135m")).num_hidden_layers
+    keys, values, hf = real_kv(args.windows, args.context, layers)
+    heads, dim = keys[0][0].shape[1:]
     q_heads = hf.num_attention_heads
     scale = dim ** -0.5
     rows = []
@@ -145,17 +159,17 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         query = torch.randn(args.batch, q_heads, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
         step, isa = vllm_step(dtype, keys, values, args.batch, args.block, query, scale)
-        base = median_ms(step, args.repeat)
+        base = median_ms(step, args.repeat) / layers
         rows.append({"config": f"vllm-{dtype_name}", "dtype": dtype_name, "vllm_isa": isa, "ms": base, "x_vllm": 1.0})
         print(json.dumps(rows[-1]), flush=True)
         for method in args.methods.split(","):
-            step, layout = kvpack_step(method, dtype, keys, values, hf, args.batch, args.block, query, scale, args.layer)
-            ms = median_ms(step, args.repeat)
+            step, layout = kvpack_step(method, dtype, keys, values, hf, args.batch, args.block, query, scale)
+            ms = median_ms(step, args.repeat) / layers
             rows.append({"config": f"{method}-{dtype_name}", "dtype": dtype_name, "ms": ms, "x_vllm": ms / base,
                          "page_content_bytes": layout["page_content_bytes"]})
             print(json.dumps(rows[-1]), flush=True)
     out = {"benchmark": "vllm-decode-kernel", "command": "python benchmarks/vllm_decode_kernel.py " + " ".join(sys.argv[1:]),
-           "batch": args.batch, "context": args.context, "layer": args.layer, "block_size": args.block,
+           "batch": args.batch, "context": args.context, "layers": layers, "block_size": args.block,
            "threads": args.threads, "q_heads": q_heads, "kv_heads": heads, "head_dim": dim, **environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

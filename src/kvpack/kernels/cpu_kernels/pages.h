@@ -970,8 +970,50 @@ inline void put16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 // One token's part: x[C] -> slot bytes at slot + P.offset; returns outliers that found no slot (clamped).
 constexpr int KSMALL = 8;  // k-th extremes of a vector by insertion into k + 1 sorted registers up to this k
 
+#if KVPACK_AVX512
+// The k-th smallest (LARGEST: largest) of v[0 .. n), 0-based, NaNs left out, n <= 4096: the extreme after k extremes
+// are taken out one lane at a time (as the insertion below: +inf (-inf) when fewer than k + 1 numbers).
+template <bool LARGEST>
+inline float kth_extreme16(const float* v, int n, int k) {
+  const float none = LARGEST ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+  const int nv = (n + 15) / 16;
+  __mmask16 live[256];
+  for (int j = 0; j < nv; ++j) {
+    const __mmask16 valid = n - 16 * j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * j)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(valid, v + 16 * j);
+    live[j] = _mm512_mask_cmp_ps_mask(valid, x, x, _CMP_ORD_Q);
+  }
+  for (int i = 0;; ++i) {
+    __m512 best = _mm512_set1_ps(none);
+    for (int j = 0; j < nv; ++j) {
+      const __m512 x = _mm512_maskz_loadu_ps(live[j], v + 16 * j);
+      best = LARGEST ? _mm512_mask_max_ps(best, live[j], best, x) : _mm512_mask_min_ps(best, live[j], best, x);
+    }
+    const float m = LARGEST ? _mm512_reduce_max_ps(best) : _mm512_reduce_min_ps(best);
+    if (i == k) return m;
+    const __m512 mv = _mm512_set1_ps(m);
+    int j = 0;
+    for (; j < nv; ++j) {  // take one lane holding m out
+      const __mmask16 hit = _mm512_mask_cmp_ps_mask(live[j], _mm512_maskz_loadu_ps(live[j], v + 16 * j), mv, _CMP_EQ_OQ);
+      if (hit) {
+        live[j] &= (__mmask16)(hit - 1) | (__mmask16)~hit;
+        break;
+      }
+    }
+    if (j == nv) return none;  // no numbers left
+  }
+}
+#endif
+
 // The k-th smallest (lo) and k-th largest (hi) of v[0 .. n), 0-based, as nth_element would give them (k < KSMALL).
 inline void kth_extremes(const float* v, int n, int k, float* lo, float* hi) {
+#if KVPACK_AVX512
+  if (n <= 4096) {
+    *lo = kth_extreme16<false>(v, n, k);
+    *hi = kth_extreme16<true>(v, n, k);
+    return;
+  }
+#endif
   float small[KSMALL], large[KSMALL];
   for (int i = 0; i <= k; ++i) {
     small[i] = std::numeric_limits<float>::infinity();
@@ -1086,6 +1128,38 @@ inline bool sequential_codes(const EncPart& P, int C) {
   return (at + 7) / 8 <= P.code_bytes;
 }
 
+// order <- the channels c < C with err[c] >= 0 (the ones beyond their range), ascending.
+inline void flagged(const float* err, int C, std::vector<int>& order) {
+  order.resize(C);
+  int m = 0;
+#if KVPACK_AVX512
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(err + c), _mm512_setzero_ps(), _CMP_GE_OQ);
+    _mm512_mask_compressstoreu_epi32(order.data() + m, k, _mm512_add_epi32(lane, _mm512_set1_epi32(c)));
+    m += __builtin_popcount((unsigned)k);
+  }
+  for (; c < C; ++c)
+    if (err[c] >= 0) order[m++] = c;
+#else
+  for (int c = 0; c < C; ++c)
+    if (err[c] >= 0) order[m++] = c;
+#endif
+  order.resize(m);
+}
+
+// bit c of words[c / 64] set where err[c] >= 0 (|u| > 1), c < C.
+inline void flag_bits(const float* err, int C, uint64_t* words) {
+  int c = 0;
+#if KVPACK_AVX512
+  for (; c + 16 <= C; c += 16)
+    words[c / 64] |= (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(err + c), _mm512_setzero_ps(), _CMP_GE_OQ) << (c % 64);
+#endif
+  for (; c < C; ++c)
+    if (err[c] >= 0) words[c / 64] |= 1ULL << (c % 64);
+}
+
 inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t* slot, float* u, float* err,
                         int32_t* code, bool sequential, std::vector<float>& sorted, std::vector<int>& order) {
   uint8_t* s = slot + P.offset;
@@ -1117,10 +1191,14 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
       const float scale = half > 0 ? half : 5.9604644775390625e-08f;  // 2**-24
       zeros[p] = zero;
       scales[p] = scale;
+      float* up = u + p * n;
+      float* ep = err + p * n;
+      const bool outliers = P.outliers;
+#pragma omp simd
       for (int i = 0; i < n; ++i) {
-        const int c = p * n + i;
-        u[c] = (v[i] - zero) / scale;
-        err[c] = P.outliers && (v[i] < lo || v[i] > hi) ? std::max(std::fabs(u[c]) - 1.0f, 0.0f) * std::fabs(scale) : -1.0f;
+        const float ui = (v[i] - zero) / scale;
+        up[i] = ui;
+        ep[i] = outliers && (v[i] < lo || v[i] > hi) ? std::max(std::fabs(ui) - 1.0f, 0.0f) * std::fabs(scale) : -1.0f;
       }
     }
     uint8_t* at = s + P.code_bytes;
@@ -1133,9 +1211,7 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
   pack_codes(P, code, C, sequential, s);
   if (!P.slots) return 0;
   // outlier slots: the largest clamping errors first (ties: lower channel first)
-  order.clear();
-  for (int c = 0; c < C; ++c)
-    if (err[c] >= 0) order.push_back(c);
+  flagged(err, C, order);
   by_error(order, err);
   const int used = std::min<int>((int)order.size(), P.slots);
   uint8_t* vals = s + P.code_bytes + 4 * (P.axis_token ? P.pairs : 0);
@@ -1182,7 +1258,22 @@ __attribute__((noinline, optimize("fp-contract=off"))) void unrotate(const Write
     for (int h = 0; h < A.H; ++h) {
       const float* xh = x + h * A.D;
       float* yh = y + h * A.D;
-      for (int i = 0; i < half; ++i) {
+      int i = 0;
+#if KVPACK_AVX512
+      for (; i < half; i += 16) {  // the same operations, 16 pairs at a time
+        const __mmask16 m = half - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - i)) - 1);
+        const __m512 lo = _mm512_maskz_loadu_ps(m, xh + i), hi = _mm512_maskz_loadu_ps(m, xh + i + half);
+        const __m512 c0 = _mm512_maskz_loadu_ps(m, cs + i), s0 = _mm512_maskz_loadu_ps(m, sn + i);
+        const __m512 c1 = _mm512_maskz_loadu_ps(m, cs + i + half), s1 = _mm512_maskz_loadu_ps(m, sn + i + half);
+        const __m512 n0 = _mm512_add_ps(_mm512_mul_ps(c0, c0), _mm512_mul_ps(s0, s0));
+        const __m512 n1 = _mm512_add_ps(_mm512_mul_ps(c1, c1), _mm512_mul_ps(s1, s1));
+        const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(hi), _mm512_set1_epi32(INT32_MIN)));  // -hi
+        _mm512_mask_storeu_ps(yh + i, m, _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(lo, c0), _mm512_mul_ps(neg, s0)), n0));
+        _mm512_mask_storeu_ps(yh + i + half, m,
+                              _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(hi, c1), _mm512_mul_ps(lo, s1)), n1));
+      }
+#endif
+      for (; i < half; ++i) {
         const float lo = xh[i], hi = xh[i + half];
         const float n0 = cs[i] * cs[i] + sn[i] * sn[i];
         const float n1 = cs[i + half] * cs[i + half] + sn[i + half] * sn[i + half];
@@ -1218,9 +1309,7 @@ i64 write(WriteArgs& A) {
       uint8_t* slot = A.rows + A.slots[t] * A.slot_bytes;
       overflow += encode_token(A.key, A.kx + (i64)t * C, C, A.D, slot, u.data(), err.data(), code.data(), key_seq,
                                sorted, order);
-      if (pooled)  // the channels the pool pass below looks at: |u| > 1
-        for (int c = 0; c < C; ++c)
-          if (err[c] >= 0) flags[(i64)t * words + c / 64] |= 1ULL << (c % 64);
+      if (pooled) flag_bits(err.data(), C, flags.data() + (i64)t * words);  // the channels the pool pass looks at
       encode_token(A.value, A.vx + (i64)t * C, C, A.D, slot, u.data(), err.data(), code.data(), value_seq, sorted,
                    order);  // values: 2k slots
     }

@@ -294,14 +294,16 @@ def test_compiled_equals_torch_wide_heads_all_widths():
     assert err < 1e-4, f"relative error {err:.2e}"
 
 
-def test_bf16_prefill_through_vllms_kernel_equals_sdpa(monkeypatch):
+@pytest.mark.parametrize("lens,new", [([70, 1, 90, 40], [70, 1, 33, 1]),  # prefills apart: their rows gathered
+                                      ([40, 1, 70, 90], [1, 1, 70, 33])])  # one run of prefills (vLLM's order): a slice
+def test_bf16_prefill_through_vllms_kernel_equals_sdpa(monkeypatch, lens, new):
     """Prefill chunks of a bf16 model (a fresh prompt, a chunk after cached tokens, next to decode steps) attend
     through vLLM's own CPU kernel over the decoded pages (`native_prefill`): the same output as torch's SDPA."""
     needs_kernel()
     layout = make_layout("kvpack-3bit", torch.bfloat16)
     g = torch.Generator().manual_seed(11)
     pool = make_pool(layout)
-    query, meta = step(layout, pool, 3, [70, 1, 90, 40], [70, 1, 33, 1], 9, g)
+    query, meta = step(layout, pool, 3, lens, new, 9, g)
     native, sdpa = torch.zeros_like(query), torch.zeros_like(query)
     calls = []
     attend_native = native_prefill.attend

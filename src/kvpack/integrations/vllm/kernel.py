@@ -220,8 +220,12 @@ def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch
     lens = seq_lens[index].contiguous()
     keys, values = dense(layout, pool, layer, lens, table[index].contiguous(), constant)
     if native_prefill.usable(query.dtype, layout.layers[layer].key.head_dim):
-        rows = torch.cat([torch.arange(int(qsl[r]), int(qsl[r + 1])) for r in which])
-        q_lens = [int(qsl[r + 1] - qsl[r]) for r in which]
+        starts = qsl.tolist()
+        q_lens = [starts[r + 1] - starts[r] for r in which]
+        if which == list(range(which[0], which[-1] + 1)):  # one run of requests (vLLM puts prefills last): a slice
+            rows = slice(starts[which[0]], starts[which[-1] + 1])
+        else:
+            rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in which])
         out = native_prefill.attend(query[rows], keys, values, q_lens, lens.tolist(), scale)
         if out is not None:
             output[rows] = out.to(output.dtype)

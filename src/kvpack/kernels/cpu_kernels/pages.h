@@ -438,11 +438,22 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
         const int count = std::max(0, std::min<int>((int16_t)u16(pool), A.pool_entries));
         S.head_count = head_entries(pool + 2, count, h, D, S.head_list.data());
       }
+      // the entries at the tile's positions, 16 at a time: one masked scatter each, in pool order (a scatter writes
+      // its lanes in order, so a later entry still overrides an earlier one)
       const i64 begin = page * A.bs;
-      for (int e = 0; e < S.head_count; ++e) {  // in pool order: a later entry overrides an earlier one
-        const uint32_t w = S.head_list[e];
-        const i64 p = begin + ((w >> 16) & 0xff);
-        if (p >= k0 && p < k0 + n) kt[(i64)((w >> 24) - h * D) * TK + (p - k0)] = h2f((uint16_t)(w & 0xffff));
+      const __m512i lo = _mm512_set1_epi32((int)std::max<i64>(0, k0 - begin));
+      const __m512i hi = _mm512_set1_epi32((int)std::min<i64>(A.bs, k0 + n - begin));
+      const __m512i shift = _mm512_set1_epi32((int)(begin - k0) - h * D * TK), byte = _mm512_set1_epi32(0xff);
+      for (int e = 0; e < S.head_count; e += 16) {
+        const __mmask16 valid = S.head_count - e >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S.head_count - e)) - 1);
+        const __m512i w = _mm512_maskz_loadu_epi32(valid, S.head_list.data() + e);
+        const __m512i off = _mm512_and_si512(_mm512_srli_epi32(w, 16), byte);
+        const __mmask16 in = valid & _mm512_cmpge_epi32_mask(off, lo) & _mm512_cmplt_epi32_mask(off, hi);
+        if (!in) continue;
+        // kt[(channel - h * D) * TK + begin + off - k0]
+        const __m512i at = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(w, 24), 5), off), shift);
+        const __m512 value = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(w, _mm512_set1_epi32(0xffff))));
+        _mm512_mask_i32scatter_ps(kt, in, at, value, 4);
       }
     }
   }

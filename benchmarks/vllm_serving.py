@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--kv-bytes", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every configuration (every other round in reverse order); x vLLM per round")
     parser.add_argument("--out", default="results/vllm-serving.json")
     args = parser.parse_args()
     if args.model is None:
@@ -85,22 +87,23 @@ def main() -> None:
     # a third of the requests' tokens in vLLM's own bf16 layout
     tight = BF16_BYTES_PER_TOKEN * (args.prompt + args.new) * args.requests // 3
     rows = []
-    for scenario in args.scenario.split(","):
-        for name in args.configs.split(","):
+    names = args.configs.split(",")
+    for scenario, round_ in ((s, r) for s in args.scenario.split(",") for r in range(args.repeat)):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
             child = ["--model", args.model, "--requests", str(args.requests), "--prompt", str(args.prompt),
                      "--new", str(args.new)]
             env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
             if scenario == "tight":
                 child += ["--kv-bytes", str(tight)]
                 env = {"VLLM_CPU_KVCACHE_SPACE": None}  # it would override kv_cache_memory_bytes
-            row = {"scenario": scenario, **run_child(__file__, name, child, env=env), **CONFIGS[name]}
+            row = {"scenario": scenario, "round": round_, **run_child(__file__, name, child, env=env), **CONFIGS[name]}
             if scenario == "tight":
                 row["kv_cache_memory_bytes"] = tight
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("scenario", "config", "wall_seconds", "output_tokens_per_s",
                                                       "preemptions", "capacity_tokens", "error")}), flush=True)
     for row in rows:
-        base = next((r for r in rows if r["scenario"] == row["scenario"]
+        base = next((r for r in rows if r["scenario"] == row["scenario"] and r["round"] == row["round"]
                      and r["config"] == f"vllm-{'bf16' if row['dtype'] == 'bfloat16' else 'fp32'}"), None)
         if base and base.get("output_tokens_per_s") and row.get("output_tokens_per_s"):
             row["throughput_x_vllm_same_dtype"] = row["output_tokens_per_s"] / base["output_tokens_per_s"]

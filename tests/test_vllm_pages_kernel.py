@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from kvpack.errors import ActivationRangeError, NonFiniteError  # noqa: E402
 from kvpack.integrations.vllm import kernel, native_prefill  # noqa: E402
 from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError  # noqa: E402
 from kvpack.integrations.vllm.layout import EngineLayout  # noqa: E402
@@ -396,3 +397,21 @@ def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):
     layout = make_layout("kvpack-3bit", torch.float32)
     layout.rope = rope_table()  # a fresh table: its split tables are built (here: refused) on first use
     compare(layout, LENS, NEW, seed=8)
+
+
+@pytest.mark.parametrize("bad,error", [(float("nan"), NonFiniteError), (float("inf"), NonFiniteError),
+                                       (1e5, ActivationRangeError)])
+def test_write_refuses_what_the_pages_cannot_hold(bad, error):
+    """A NaN, an inf or a bf16 activation beyond fp16's range (ranges and outliers are stored in fp16) is refused
+    with the layer named, by the compiled writer and the torch one, and nothing is written."""
+    layout = make_layout("kvpack-3bit", torch.bfloat16)
+    pool = make_pool(layout)
+    g = torch.Generator().manual_seed(5)
+    k = keys_like(layout, 4, 8, g).to(torch.bfloat16)
+    v = torch.randn(8, HEADS, DIM, generator=g).to(torch.bfloat16)
+    v[3, 1, 7] = bad
+    before = pool.slots[4].clone()
+    for compiled in (True, False):
+        with pytest.raises(error, match="layer 4's values"):
+            write_tokens(layout, pool, 4, k, v, torch.arange(8), torch.arange(8), compiled=compiled)
+    assert torch.equal(pool.slots[4], before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from kvpack.codecs.checks import check_storable
 from kvpack.integrations.vllm import kernel
 from kvpack.integrations.vllm.layout import EngineLayout
 from kvpack.integrations.vllm.outlier_pool import write_pool
@@ -15,7 +16,10 @@ from kvpack.integrations.vllm.pages import PagePool
 def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, value: torch.Tensor,
                  slot_mapping: torch.Tensor, positions: torch.Tensor, compiled: bool = True) -> int:
     """Store key/value [T, Hkv, D] (post-RoPE, model dtype) at `slot_mapping` [T] (-1: padding, skipped), tokens
-    at `positions` [T]. Returns the key outliers clamped for lack of a slot. `compiled=False`: the torch reference."""
+    at `positions` [T]. Returns the key outliers clamped for lack of a slot. `compiled=False`: the torch reference.
+    Quantized slots refuse NaN, inf and magnitudes beyond fp16's range (their ranges and outliers are fp16) with
+    NonFiniteError / ActivationRangeError naming the layer (`codecs.checks.check_storable`), instead of encoding
+    them as some level; raw (lossless) slots store what they are given, as vLLM's own cache does."""
     slots = slot_mapping.to(torch.int64)
     keep = slots >= 0
     if not bool(keep.all()):
@@ -24,6 +28,9 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
         return 0
     pos = positions[keep]
     parts = layout.layers[layer]
+    if parts.key.kind != "raw" or parts.value.kind != "raw":  # raw slots hold what vLLM's own cache would
+        check_storable(key, f"layer {layer}'s keys written to kvpack's vLLM pages")
+        check_storable(value, f"layer {layer}'s values written to kvpack's vLLM pages")
     overflow = kernel.write(layout, pool, layer, key, value, slots, pos) if compiled else None
     if overflow is None:
         k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key

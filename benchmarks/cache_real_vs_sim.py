@@ -32,7 +32,7 @@ from kvpack.evaluate.streaming import streaming_perplexity
 def _append(path: Path, row: dict) -> None:
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if not (r["method"] == row["method"] and r.get("kind") == row.get("kind")
-                                    and r.get("tokens") == row.get("tokens")
+                                    and r.get("tokens") == row.get("tokens") and r.get("chunk") == row.get("chunk")
                                     and r.get("dtype", "float32") == row.get("dtype", "float32"))]
     write_rows(path, rows + [row])
 

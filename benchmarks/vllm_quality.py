@@ -62,13 +62,20 @@ def one(model: str, spec: dict, data: str, seqlen: int, windows: int) -> dict:
 
 def real_cache_deltas(data: str, seqlen: int, windows: int, dtype: str = "float32") -> dict:
     """method -> transformers real-cache perplexity delta (%) vs fp16 from the corpus's REAL_CACHE file
-    (rows of the same data, seqlen, number of windows and model dtype only; rows without a dtype ran in float32)."""
+    (rows of the same data, seqlen, number of windows and model dtype only; rows without a dtype ran in float32).
+    Where the file holds several prefill chunk sizes, the rows prefilled as vLLM prefills these windows are taken:
+    one chunk per window (`chunk` == seqlen; vLLM's CPU engine schedules 4096 tokens a step for `LLM`), else the
+    largest chunk there is."""
     path = REAL_CACHE.get(data)
     if path is None or not path.is_file():
         return {}
     rows = [r for r in json.loads(path.read_text()) if r.get("kind", "ppl") == "ppl" and "real_ppl" in r
             and r.get("data", "wikitext2") == data and r.get("seqlen") == seqlen and r.get("windows") == windows
             and r.get("dtype", "float32") == dtype]
+    chunks = {r.get("chunk") or 0 for r in rows if r.get("method") == "fp16"}
+    if chunks:
+        chunk = seqlen if seqlen in chunks else max(chunks)
+        rows = [r for r in rows if (r.get("chunk") or 0) == chunk]
     base = next((r["real_ppl"] for r in rows if r.get("method") == "fp16"), None)
     return {r["method"]: {"real_ppl": r["real_ppl"], "delta_pct": 100 * (r["real_ppl"] / base - 1), "dtype": dtype,
                           "windows": r["windows"], "seqlen": r["seqlen"], "chunk": r.get("chunk")}

@@ -22,10 +22,12 @@ METHODS = ["kvpack-4bit", "kvpack-3bit", "kvpack-2bit", "kvquant-4bit-1pct", "kv
 REAL_CACHE = {"wikitext2": Path("results/cache-real-vs-sim.json"), "c4[500:]": Path("results/cache-real-vs-sim-c4.json")}
 DATA_ALIASES = {"c4": "c4[500:]"}
 OUT = {"wikitext2": "results/vllm-quality.json", "c4[500:]": "results/vllm-quality-c4.json"}
-# how the C4 reference was made (main venv; chunk 256 instead of 1: kvpack writes a chunk before attending to it)
+# how the C4 references were made (main venv): float32, chunk 256 (kvpack writes a chunk before attending to it);
+# bf16 as vLLM prefills the windows, one chunk each
 REAL_CACHE_COMMAND = ("python benchmarks/cache_real_vs_sim.py --data 'c4[500:]' --ppl-out cache-real-vs-sim-c4.json "
                       "--methods fp16,kvpack-2bit,kvpack-3bit,kvpack-4bit --seqlen 2048 --windows 2 --chunk 256 "
-                      "--calib-windows 16 --calib-seqlen 2048 --noise-seeds 0 --skip memory,generation")
+                      "--calib-windows 16 --calib-seqlen 2048 --noise-seeds 0 --skip memory,generation; the same with "
+                      "--dtype bfloat16 --chunk 2048")
 
 
 def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None = None) -> dict:

@@ -1,14 +1,14 @@
-"""One decode step, layer after layer, as vLLM's engine runs it: kvpack's packed pages (`kernel.attend`, the C++ read path)
-next to vLLM's own CPU attention op (`cpu_attention_with_kv_cache` over its cache in the model's dtype), same
-requests, same threads, this process (no engine). A microscope for the decode-step share of a serving run
+"""One decode step, layer after layer, as vLLM's engine runs it: kvpack's packed pages (`kernel.attend`, the C++
+read path) next to vLLM's own CPU attention op (`cpu_attention_with_kv_cache` over its cache in the model's dtype),
+same requests, same threads, this process (no engine). A microscope for the decode-step share of a serving run
 (benchmarks/vllm_time_split.py).
 
 Keys and values are the default model's own, every layer's: one transformers forward per WikiText-2 window of
-`--context` tokens (post-RoPE keys, as vLLM hands them), request r holding window r % windows; kvpack writes them into its pages
-(`write_tokens`, block tables shuffled), vLLM's op gets them in its cache layout. Each row: median wall time of
-`--repeat` steps (after 3 warm-up steps) divided by the layers (`ms`: one layer's call, every layer's pages held as
-in an engine, so they are read from memory, not cache), and the ratio to vLLM's op in the same dtype measured in the
-same run.
+`--context` tokens (post-RoPE keys, as vLLM hands them), request r holding window r % windows; kvpack writes them
+into its pages (`write_tokens`, block tables shuffled), vLLM's op gets them in its cache layout. Each row: the median
+wall time of `--repeat` interleaved rounds (every configuration one step a round, after two warm-up rounds, so
+drifts in machine load hit all alike) divided by the layers (`ms`: one layer's call, with every layer's pages held as
+in an engine, so they are read from memory, not cache), and the ratio to vLLM's op in the same dtype.
 
     .venv-vllm/bin/python benchmarks/vllm_decode_kernel.py --out results/vllm-decode-kernel.json
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,17 +44,6 @@ def real_kv(windows: int, context: int, layers: int) -> tuple[list[list[torch.Te
                 keys[layer].append(cache.layers[layer].keys[0].transpose(0, 1).float().contiguous())
                 values[layer].append(cache.layers[layer].values[0].transpose(0, 1).float().contiguous())
     return keys, values, model.config
-
-
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, block: int, query: torch.Tensor,
@@ -139,11 +126,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="layers held and attended (default: all)")
     parser.add_argument("--block", type=int, default=128, help="tokens per page (vLLM's CPU default)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds (every configuration once a round)")
     parser.add_argument("--out", default="results/vllm-decode-kernel.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from vllm_engine import environment
+
+    from kvpack.evaluate.bench.timing import median, timed
 
     from transformers import AutoConfig
 
@@ -154,20 +143,27 @@ def main() -> None:
     heads, dim = keys[0][0].shape[1:]
     q_heads = hf.num_attention_heads
     scale = dim ** -0.5
-    rows = []
+    entries = []  # (row, step): every configuration built first, then timed in interleaved rounds
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         query = torch.randn(args.batch, q_heads, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
         step, isa = vllm_step(dtype, keys, values, args.batch, args.block, query, scale)
-        base = median_ms(step, args.repeat) / layers
-        rows.append({"config": f"vllm-{dtype_name}", "dtype": dtype_name, "vllm_isa": isa, "ms": base, "x_vllm": 1.0})
-        print(json.dumps(rows[-1]), flush=True)
+        entries.append(({"config": f"vllm-{dtype_name}", "dtype": dtype_name, "vllm_isa": isa}, step))
         for method in args.methods.split(","):
             step, layout = kvpack_step(method, dtype, keys, values, hf, args.batch, args.block, query, scale)
-            ms = median_ms(step, args.repeat) / layers
-            rows.append({"config": f"{method}-{dtype_name}", "dtype": dtype_name, "ms": ms, "x_vllm": ms / base,
-                         "page_content_bytes": layout["page_content_bytes"]})
-            print(json.dumps(rows[-1]), flush=True)
+            entries.append(({"config": f"{method}-{dtype_name}", "dtype": dtype_name,
+                             "page_content_bytes": layout["page_content_bytes"]}, step))
+    times = [[] for _ in entries]
+    for round_ in range(args.repeat + 2):  # two warm-up rounds
+        for (_, step), log in zip(entries, times):
+            wall, _ = timed(step, torch.device("cpu"))
+            if round_ >= 2:
+                log.append(wall / layers)
+    rows = [{**row, "ms": median(log)} for (row, _), log in zip(entries, times)]
+    for row in rows:
+        base = next(r for r in rows if r["config"] == f"vllm-{row['dtype']}")
+        row["x_vllm"] = row["ms"] / base["ms"]
+        print(json.dumps(row), flush=True)
     out = {"benchmark": "vllm-decode-kernel", "command": "python benchmarks/vllm_decode_kernel.py " + " ".join(sys.argv[1:]),
            "batch": args.batch, "context": args.context, "layers": layers, "block_size": args.block,
            "threads": args.threads, "q_heads": q_heads, "kv_heads": heads, "head_dim": dim, **environment(), "rows": rows}

@@ -83,24 +83,19 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
 
 
 def vllm_step(dtype: torch.dtype, keys, values, batch: int, block: int, query: torch.Tensor, scale: float):
-    """A callable running vLLM's CPU attention op for the same decode step over its own cache in `dtype`."""
+    """A callable running vLLM's CPU attention op for the same decode step over its own cache in `dtype`, laid out as
+    vLLM's backend lays it out (`native_prefill.scratch_cache`)."""
     from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kvpack.integrations.vllm.native_prefill import scratch_cache
 
     context, heads, dim = keys[0][0].shape
-    isa = _get_attn_isa(dtype, block, dim, "auto")
-    if isa == "amx":
-        torch.cpu._init_amx()
-    per = -(-context // block)
-    table = torch.arange(batch * per, dtype=torch.int32).view(batch, per)
+    lens = [context] * batch
     caches = []
-    for layer in range(len(keys)):
-        key_cache, value_cache = torch.zeros(batch * per, heads, 2 * block, dim, dtype=dtype).chunk(2, dim=2)
-        for r in range(batch):
-            slots = table[r, torch.arange(context) // block].long() * block + torch.arange(context) % block
-            ops.cpu_attn_reshape_and_cache(keys[layer][r % len(keys[layer])].to(dtype),
-                                           values[layer][r % len(values[layer])].to(dtype), key_cache, value_cache,
-                                           slots, isa)
+    for layer_keys, layer_values in zip(keys, values):
+        k = torch.cat([layer_keys[r % len(layer_keys)] for r in range(batch)])
+        v = torch.cat([layer_values[r % len(layer_values)] for r in range(batch)])
+        key_cache, value_cache, table, isa = scratch_cache(k, v, lens, dtype, block)
         caches.append((key_cache, value_cache))
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)

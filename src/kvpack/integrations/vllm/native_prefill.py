@@ -31,6 +31,29 @@ def usable(dtype: torch.dtype, head_dim: int) -> bool:
     return ops is not None and dtype == torch.bfloat16 and head_dim % 32 == 0 and not _broken
 
 
+def scratch_cache(keys: torch.Tensor, values: torch.Tensor, lens: list[int], dtype: torch.dtype,
+                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """keys/values [sum(lens), Hkv, D] (request after request) in vLLM's CPU cache layout, in `dtype`: (key cache,
+    value cache [blocks, Hkv, block, D] each, views of one buffer as vLLM's backend allocates it; block table int32
+    [requests, most blocks], each request's blocks in order; the ISA vLLM's kernels use for it). A block's unused
+    tail is zero (vLLM's kernels read it, masked)."""
+    kv_heads, dim = keys.shape[1:]
+    isa = _get_attn_isa(dtype, block, dim, "auto")
+    if isa == "amx":
+        torch.cpu._init_amx()  # the process's permission for AMX tiles (vLLM's engine has it already)
+    blocks = [-(-n // block) for n in lens]
+    key_cache, value_cache = torch.zeros(sum(blocks), kv_heads, 2 * block, dim, dtype=dtype).chunk(2, dim=2)
+    first = torch.tensor([0] + blocks[:-1]).cumsum(0)
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    for r, (start, count) in enumerate(zip(first.tolist(), blocks)):
+        table[r, :count] = torch.arange(start, start + count, dtype=torch.int32)
+    seq = torch.tensor(lens, dtype=torch.int64)
+    pos = torch.arange(int(seq.sum())) - torch.repeat_interleave(torch.cumsum(seq, 0) - seq, seq)
+    slots = torch.repeat_interleave(first * block, seq) + pos
+    ops.cpu_attn_reshape_and_cache(keys.to(dtype), values.to(dtype), key_cache, value_cache, slots, isa)
+    return key_cache, value_cache, table, isa
+
+
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_lens: list[int], lens: list[int],
            scale: float) -> torch.Tensor | None:
     """Causal attention of query [sum(q_lens), Hq, D] (request after request; request r's queries are the last q_lens[r]
@@ -38,22 +61,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_lens
     in the query's dtype; None when vLLM's ops refuse (a warning names why, and SDPA is used from then on)."""
     dtype, (tokens, heads, dim), kv_heads = query.dtype, query.shape, keys.shape[1]
     try:
-        isa = _get_attn_isa(dtype, BLOCK, dim, "auto")
-        if isa == "amx":
-            torch.cpu._init_amx()  # the process's permission for AMX tiles (vLLM's engine has it already)
-        blocks = [-(-n // BLOCK) for n in lens]
-        cache = torch.zeros(sum(blocks), kv_heads, 2 * BLOCK, dim, dtype=dtype)  # a block's unused tail is read, masked
-        key_cache, value_cache = cache.chunk(2, dim=2)
-        first = torch.tensor([0] + blocks[:-1]).cumsum(0)
-        table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
-        for r, (start, count) in enumerate(zip(first.tolist(), blocks)):
-            table[r, :count] = torch.arange(start, start + count, dtype=torch.int32)
-        seq = torch.tensor(lens, dtype=torch.int64)
-        pos = torch.arange(int(seq.sum())) - torch.repeat_interleave(torch.cumsum(seq, 0) - seq, seq)
-        slots = torch.repeat_interleave(first * BLOCK, seq) + pos
-        ops.cpu_attn_reshape_and_cache(keys.to(dtype), values.to(dtype), key_cache, value_cache, slots, isa)
+        key_cache, value_cache, table, isa = scratch_cache(keys, values, lens, dtype)
         qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-        seq_lens = seq.to(torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
         plan = ops.cpu_attn_get_scheduler_metadata(len(lens), heads, kv_heads, dim, seq_lens, dtype, qsl, True, -1, isa,
                                                    False)
         out = torch.empty(tokens, heads, dim, dtype=dtype)

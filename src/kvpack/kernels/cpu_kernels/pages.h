@@ -1139,24 +1139,26 @@ inline bool sequential_codes(const EncPart& P, int C) {
   return (at + 7) / 8 <= P.code_bytes;
 }
 
+#if KVPACK_AVX512
+inline __mmask16 beyond16(const float* err) {  // lanes of err[0 .. 16) that are >= 0
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(err), _mm512_setzero_ps(), _CMP_GE_OQ);
+}
+#endif
+
 // order <- the channels c < C with err[c] >= 0 (the ones beyond their range), ascending.
 inline void flagged(const float* err, int C, std::vector<int>& order) {
   order.resize(C);
-  int m = 0;
+  int m = 0, c = 0;
 #if KVPACK_AVX512
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int c = 0;
   for (; c + 16 <= C; c += 16) {
-    const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(err + c), _mm512_setzero_ps(), _CMP_GE_OQ);
+    const __mmask16 k = beyond16(err + c);
     _mm512_mask_compressstoreu_epi32(order.data() + m, k, _mm512_add_epi32(lane, _mm512_set1_epi32(c)));
     m += __builtin_popcount((unsigned)k);
   }
+#endif
   for (; c < C; ++c)
     if (err[c] >= 0) order[m++] = c;
-#else
-  for (int c = 0; c < C; ++c)
-    if (err[c] >= 0) order[m++] = c;
-#endif
   order.resize(m);
 }
 
@@ -1164,8 +1166,7 @@ inline void flagged(const float* err, int C, std::vector<int>& order) {
 inline void flag_bits(const float* err, int C, uint64_t* words) {
   int c = 0;
 #if KVPACK_AVX512
-  for (; c + 16 <= C; c += 16)
-    words[c / 64] |= (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(err + c), _mm512_setzero_ps(), _CMP_GE_OQ) << (c % 64);
+  for (; c + 16 <= C; c += 16) words[c / 64] |= (uint64_t)beyond16(err + c) << (c % 64);
 #endif
   for (; c < C; ++c)
     if (err[c] >= 0) words[c / 64] |= 1ULL << (c % 64);

@@ -30,12 +30,19 @@ REAL_CACHE_COMMAND = ("python benchmarks/cache_real_vs_sim.py --data 'c4[500:]' 
                       "--dtype bfloat16 --chunk 2048")
 
 
-def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None = None) -> dict:
+def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None = None,
+            recipes: str | None = None) -> dict:
+    """name -> configuration. With `recipes` (a `kvpack calibrate --out` folder, one subfolder per method), a method
+    whose subfolder exists is served from that recipe (`{"recipe": DIR}`), e.g. ':post-rope' variants no recipe
+    ships for; `method` names it for the transformers reference."""
     extra = {} if key_outlier_slots is None else {"key_outlier_slots": key_outlier_slots}
     out = {}
     for dtype in dtypes:
         out[f"vllm-{dtype}"] = {"dtype": dtype}
-        out.update({f"{m}-{dtype}": {"dtype": dtype, "kvpack": {"method": m, **extra}} for m in methods})
+        for m in methods:
+            folder = Path(recipes) / m if recipes else None
+            entry = {"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": m}
+            out[f"{m}-{dtype}"] = {"dtype": dtype, "method": m, "kvpack": {**entry, **extra}}
     return out
 
 
@@ -95,6 +102,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--kv-gib", type=int, default=2)
     parser.add_argument("--key-outlier-slots", type=int, default=None, help="kvpack option (default: the codec's)")
+    parser.add_argument("--recipes", default=None,
+                        help="folder of saved recipes (kvpack calibrate --out), one subfolder per method: served as "
+                             "{'recipe': DIR/METHOD}")
     parser.add_argument("--out", default=None, help="default: results/vllm-quality.json, -c4.json for --data c4")
     parser.add_argument("--annotate", action="store_true",
                         help="no engine: re-read --out and redo its transformers references and gaps (e.g. after a new "
@@ -110,7 +120,7 @@ def main() -> None:
     if args.annotate:
         annotate(args)
         return
-    table = configs(args.dtypes.split(","), args.methods.split(","), args.key_outlier_slots)
+    table = configs(args.dtypes.split(","), args.methods.split(","), args.key_outlier_slots, args.recipes)
     if args.one:
         print("RESULT " + json.dumps(one(args.model, table[args.one], args.data, args.seqlen, args.windows)), flush=True)
         return
@@ -119,6 +129,8 @@ def main() -> None:
                   str(args.windows), "--dtypes", args.dtypes, "--methods", args.methods]
     if args.key_outlier_slots is not None:
         child_args += ["--key-outlier-slots", str(args.key_outlier_slots)]
+    if args.recipes is not None:
+        child_args += ["--recipes", args.recipes]
     for name, spec in table.items():
         row = {**run_child(__file__, name, child_args, env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}), **spec}
         rows.append(row)
@@ -155,7 +167,7 @@ def add_references(args, rows: list[dict]) -> None:
         base = next((r.get("ppl") for r in rows if r["config"] == f"vllm-{row['dtype']}"), None)
         if base and row.get("ppl"):
             row["delta_pct_vs_vllm_same_dtype"] = 100 * (row["ppl"] / base - 1)
-        method = row.get("kvpack", {}).get("method")
+        method = row.get("method") or row.get("kvpack", {}).get("method")
         if "delta_pct_vs_vllm_same_dtype" not in row:
             continue
         delta = row["delta_pct_vs_vllm_same_dtype"]

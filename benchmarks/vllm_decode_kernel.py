@@ -58,8 +58,9 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
     from kvpack.integrations.vllm.write import write_tokens
     from kvpack.hf.models import model_path
 
-    folder = Path(recipes) / method if recipes else None
-    config = parse_entry({"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": method})
+    from vllm_engine import kvpack_entry
+
+    config = parse_entry(kvpack_entry(method, recipes))
     recipe = load_recipe(config, hf, model_path("smollm2-135m"))
     context, heads, dim = keys[0][0].shape
     layout = layout_for(config, recipe, hf, heads, dim, dtype, block, context + 1)

@@ -12,8 +12,16 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CAPACITY_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def kvpack_entry(method: str, recipes: str | None = None) -> dict:
+    """The `kvpack` entry serving `method`: its saved recipe `recipes`/METHOD where that folder exists (a `kvpack
+    calibrate --out` folder, e.g. ':post-rope' variants no recipe ships for), else the method by name."""
+    folder = Path(recipes) / method if recipes else None
+    return {"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": method}
 
 
 def engine_kwargs(spec: dict) -> dict:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_engine import capacity, engine_kwargs, environment, run_child  # noqa: E402
+from vllm_engine import capacity, engine_kwargs, environment, kvpack_entry, run_child  # noqa: E402
 
 METHODS = ["kvpack-4bit", "kvpack-3bit", "kvpack-2bit", "kvquant-4bit-1pct", "kvquant-3bit-1pct"]
 REAL_CACHE = {"wikitext2": Path("results/cache-real-vs-sim.json"), "c4[500:]": Path("results/cache-real-vs-sim-c4.json")}
@@ -40,9 +40,7 @@ def configs(dtypes: list[str], methods: list[str], key_outlier_slots: int | None
     for dtype in dtypes:
         out[f"vllm-{dtype}"] = {"dtype": dtype}
         for m in methods:
-            folder = Path(recipes) / m if recipes else None
-            entry = {"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": m}
-            out[f"{m}-{dtype}"] = {"dtype": dtype, "method": m, "kvpack": {**entry, **extra}}
+            out[f"{m}-{dtype}"] = {"dtype": dtype, "method": m, "kvpack": {**kvpack_entry(m, recipes), **extra}}
     return out
 
 

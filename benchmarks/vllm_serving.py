@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_engine import capacity, engine_kwargs, environment, run_child  # noqa: E402
+from vllm_engine import capacity, engine_kwargs, environment, kvpack_entry, run_child  # noqa: E402
 
 CONFIGS = {
     "vllm-bf16": {"dtype": "bfloat16"},
@@ -37,9 +37,7 @@ def config_spec(name: str, recipes: str | None = None) -> dict:
     method, _, dtype = name.rpartition("-")
     if not method or dtype not in DTYPES:
         raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)} or METHOD-bf16 / METHOD-fp32")
-    folder = Path(recipes) / method if recipes else None
-    entry = {"recipe": str(folder)} if folder is not None and folder.is_dir() else {"method": method}
-    return {"dtype": DTYPES[dtype], "method": method, "kvpack": entry}
+    return {"dtype": DTYPES[dtype], "method": method, "kvpack": kvpack_entry(method, recipes)}
 
 
 def metric(llm, name: str) -> float | None:

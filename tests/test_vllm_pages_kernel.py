@@ -364,11 +364,13 @@ def test_rope_table_holds_the_angles_the_model_rotates_with(dtype):
         RopeTable(config, 16, torch.float64)
 
 
-def test_split_rope_tables_round_as_the_table():
+def test_split_rope_tables_round_as_the_table(monkeypatch):
     """Decoded bf16-model keys match the torch reference, which rotates with the rounded rows: with AVX-512 the
-    channel-major path composes cos/sin from float32 split tables and rounds them as the rows are (`pages::round_as`;
-    far closer than without the rounding); with AVX2 the tiles read the rows."""
+    channel-major path, when the table is too large to be read as it is, composes cos/sin from float32 split tables
+    and rounds them as the rows are (`pages::round_as`; far closer than without the rounding); with AVX2 the tiles
+    read the rows."""
     needs_kernel()
+    monkeypatch.setattr(kernel, "CHANNEL_MAJOR_ROPE_BYTES", 0)  # compose, as for a long max_model_len
     layout = make_layout("kvpack-3bit", torch.bfloat16)
     layout.rope = rope_table(2048, dtype=torch.bfloat16)
     pool = make_pool(layout, blocks=2 * 94)
@@ -392,11 +394,39 @@ def test_split_rope_tables_round_as_the_table():
 
 
 def test_compiled_equals_torch_without_split_rope_tables(monkeypatch):
-    """Where the RoPE table cannot be split, the token-major tiles rotate every key (same output)."""
+    """Where the RoPE table can neither be split nor read channel-major, the token-major tiles rotate every key (same
+    output)."""
     monkeypatch.setattr(kernel, "split_tables", lambda cos, sin: None)
+    monkeypatch.setattr(kernel, "channel_major", lambda cos, sin: None)
     layout = make_layout("kvpack-3bit", torch.float32)
     layout.rope = rope_table()  # a fresh table: its split tables are built (here: refused) on first use
     compare(layout, LENS, NEW, seed=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("table_bytes", [0, 1 << 30])
+def test_compiled_equals_torch_composed_or_read_rope(monkeypatch, dtype, table_bytes):
+    """The channel-major path's cos/sin composed from the split tables (a table over CHANNEL_MAJOR_ROPE_BYTES) or read
+    from the channel-major table: the same output as the torch reference."""
+    monkeypatch.setattr(kernel, "CHANNEL_MAJOR_ROPE_BYTES", table_bytes)
+    layout = make_layout("kvpack-3bit", dtype)
+    layout.rope = rope_table(dtype=dtype)  # fresh: its tables are built under this limit
+    compare(layout, LENS, NEW, seed=10)
+
+
+def test_channel_major_rope_layout():
+    """channel_major(cos, sin)[m] holds rows 16m..16m+15 channel after channel: cos of the first half's channels, then
+    their sin, 16 positions a line; the last block is padded with the last row; larger tables are refused."""
+    rope = rope_table(40)
+    half = rope.cos.shape[1] // 2
+    cm = kernel.channel_major(rope.cos, rope.sin)
+    assert cm.shape == (3, 2 * half, 16)
+    for position in (0, 15, 16, 39, 47):
+        row = min(position, 39)
+        torch.testing.assert_close(cm[position // 16, :half, position % 16], rope.cos[row, :half], rtol=0, atol=0)
+        torch.testing.assert_close(cm[position // 16, half:, position % 16], rope.sin[row, :half], rtol=0, atol=0)
+    big = rope_table(kernel.CHANNEL_MAJOR_ROPE_BYTES // (4 * rope.cos.shape[1]) + 1)
+    assert kernel.channel_major(big.cos, big.sin) is None
 
 
 @pytest.mark.parametrize("bad,error", [(float("nan"), NonFiniteError), (float("inf"), NonFiniteError),

@@ -430,7 +430,8 @@ int kvpack_mixed_encode(const i64* a) {
 // slot bytes, sink records ptr, sink tokens, sink dtype (0 float32, 1 float16, 2 bfloat16), key-outlier pools ptr,
 // pool entries, RoPE cos ptr (0: none), sin ptr, their row stride, rotated channels, the split tables of the
 // channel-major path (pages::Args::rope_hi, rope_lo; 0: none, the token-major path rotates), what their composed cos/sin
-// are rounded to (pages::Args::rope_round: the table's dtype, coded as the sink dtype); then the key part and the value
+// are rounded to (pages::Args::rope_round: the table's dtype, coded as the sink dtype), the channel-major cos/sin table
+// (pages::Args::rope_cm; 0: none, the split tables are composed); then the key part and the value
 // part, each: kind, raw type, offset, code bytes, byte, shift, mask, base, levels ptrs, pairs, pair_div, outlier
 // slots, index bytes; then the most query tokens of a request this call attends for (0: no limit; longer requests are
 // skipped, the caller attends for them).
@@ -459,6 +460,7 @@ static pages::Args pages_args(Reader& r) {
   A.rope_hi = (const float*)r.ptr();
   A.rope_lo = (const float*)r.ptr();
   A.rope_round = (int)r.next();
+  A.rope_cm = (const float*)r.ptr();
   for (pages::Part* p : {&A.key, &A.value}) {
     p->kind = (int)r.next(); p->raw_type = (int)r.next(); p->offset = r.next(); p->code_bytes = (int)r.next();
     p->byte = (const int32_t*)r.ptr(); p->shift = (const int32_t*)r.ptr(); p->mask = (const int32_t*)r.ptr();

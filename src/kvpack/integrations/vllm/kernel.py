@@ -106,23 +106,44 @@ def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
     return tables.hi, tables.lo.view(16, 2, half).permute(1, 2, 0).contiguous()
 
 
+CHANNEL_MAJOR_ROPE_BYTES = 1 << 20  # a channel-major cos/sin table up to this size is read, a larger one composed
+
+
+def channel_major(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """cos, sin [P, rot] (float32) laid out as the channel-major path reads them (pages.h, Args::rope_cm):
+    [ceil(P / 16), cos (rot / 2 lines of 16 positions) | sin (likewise)], the last block padded with the last row;
+    None for halves that differ (not rotate_half RoPE) or a table over CHANNEL_MAJOR_ROPE_BYTES (long contexts: the
+    rows a step reads would not stay in the caches; the split tables compose them instead)."""
+    rows, rot = cos.shape
+    half = rot // 2
+    if rot % 2 or rows * rot * 4 > CHANNEL_MAJOR_ROPE_BYTES or not (
+            torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        return None
+    padded = -(-rows // 16) * 16
+    at = torch.arange(padded).clamp(max=rows - 1)
+    both = torch.cat([cos[at, :half], sin[at, :half]], 1)  # [padded, rot]
+    return both.view(padded // 16, 16, rot).transpose(1, 2).contiguous()
+
+
 def _rope(layout: EngineLayout) -> list[int]:
     """cos, sin, their row stride, rotated channels, the split tables (0, 0 where there are none; composed from the
-    unrounded angles, built once per table) and the type the kernel rounds what they compose to (the table's dtype,
-    as RAW_TYPES codes it)."""
+    unrounded angles, built once per table), the type the kernel rounds what they compose to (the table's dtype,
+    as RAW_TYPES codes it) and the channel-major table (`channel_major` of cos/sin as they are; 0: none)."""
     rope = layout.rope
     if rope is None:
-        return [0, 0, 0, 0, 0, 0, 0]
+        return [0, 0, 0, 0, 0, 0, 0, 0]
     cos, sin = rope.cos, rope.sin
     if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32 and sin.dtype == torch.float32):
         rope.cos, rope.sin = cos, sin = cos.float().contiguous(), sin.float().contiguous()
     split = rope.__dict__.get("_split_tables")
     if split is None or split[0] is not cos or split[1] is not sin:
         source = rope.exact if rope.exact is not None else (cos, sin)
-        split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(*(t.float().contiguous() for t in source)))
-    tables = split[2]
+        split = rope.__dict__["_split_tables"] = (cos, sin, split_tables(*(t.float().contiguous() for t in source)),
+                                                  channel_major(cos, sin))
+    tables, table = split[2], split[3]
     hi, lo = (tables[0].data_ptr(), tables[1].data_ptr()) if tables is not None else (0, 0)
-    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo, RAW_TYPES[rope.dtype]]
+    return [cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[1], hi, lo, RAW_TYPES[rope.dtype],
+            table.data_ptr() if table is not None else 0]
 
 
 def _arguments(layout: EngineLayout, pool: PagePool, layer: int, first: int, second: int, requests: int, heads: int,

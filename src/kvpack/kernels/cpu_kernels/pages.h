@@ -303,6 +303,10 @@ struct Args {
   const float* rope_hi;
   const float* rope_lo;
   int rope_round;  // the type the composed cos/sin are rounded to, as the table's rows are (raw_type's codes; 0: none)
+  // channel-major path, short contexts (nullptr: compose as above): the table's cos/sin themselves laid out
+  // [position / 16][cos (rot / 2 lines of 16 lanes) | sin (likewise)], 256 bytes per position for rot 64, read
+  // instead of composed where the whole table stays in the caches (kernel._rope decides)
+  const float* rope_cm;
   Part key, value;
   i64 max_query;       // attention(): requests with more query tokens are skipped (0: none are)
   CodeMap kmap, vmap;  // filled by attention() / dense()
@@ -457,7 +461,20 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
       }
     }
   }
-  if (A.cos) {
+  if (A.cos && A.rope_cm) {
+    const int half = A.rot / 2;
+    for (int v = 0; v < n; v += 16) {
+      const float* block = A.rope_cm + (k0 + v) / 16 * A.rot * 16;
+      for (int i = 0; i < half; ++i) {
+        const __m512 c = _mm512_loadu_ps(block + i * 16), sn = _mm512_loadu_ps(block + (half + i) * 16);
+        float* a = kt + i * TK + v;
+        float* b = kt + (i + half) * TK + v;
+        const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);
+        _mm512_storeu_ps(a, _mm512_fmsub_ps(lo, c, _mm512_mul_ps(hi, sn)));
+        _mm512_storeu_ps(b, _mm512_fmadd_ps(hi, c, _mm512_mul_ps(lo, sn)));
+      }
+    }
+  } else if (A.cos) {
     const int half = A.rot / 2;
     const float* lc = A.rope_lo;
     const float* ls = A.rope_lo + half * 16;
@@ -520,7 +537,7 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 // are not scores of any key (the caller masks them).
 void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 #if KVPACK_AVX512
-  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi)) return tile16(A, r, h, k0, n, S);
+  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi || A.rope_cm)) return tile16(A, r, h, k0, n, S);
 #endif
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;
@@ -829,7 +846,7 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
 
 // A work item on the lane path; false where it does not apply (more rows, no channel-major decoding).
 inline bool lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
-  if (!(A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi))) return false;
+  if (!(A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi || A.rope_cm))) return false;
   switch (nq * A.G) {
     case 1: item_lanes<1>(A, r, h, q0, nq, S); return true;
     case 2: item_lanes<2>(A, r, h, q0, nq, S); return true;

@@ -83,6 +83,13 @@ def _layer(parts: LayerSlots, dtype: torch.dtype) -> list[int] | None:
     return cached[1]
 
 
+def _halves_repeat(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """cos, sin [P, rot] are rotate_half RoPE's: an even rot whose two halves hold the same angles (the channel-major
+    path rotates channel i with channel i + rot / 2 by one cos/sin)."""
+    half = cos.shape[1] // 2
+    return cos.shape[1] % 2 == 0 and torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])
+
+
 def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The channel-major path's RoPE tables (pages.h, Args::rope_hi / rope_lo) of cos, sin [P, rot] (float32): the
     `kvpack.kernels.rope.SplitTables` of 16-position rows, hi [P / 16 + 1, rot] (cos | sin halves at positions 16m),
@@ -91,7 +98,7 @@ def split_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, to
     angles that do not add up within float rounding)."""
     rows, rot = cos.shape
     half = rot // 2
-    if rows < 16 or rot % 2 or not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+    if rows < 16 or not _halves_repeat(cos, sin):
         return None
     scaling = float(cos[0, 0])
     if scaling == 0:
@@ -116,8 +123,7 @@ def channel_major(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     rows a step reads would not stay in the caches; the split tables compose them instead)."""
     rows, rot = cos.shape
     half = rot // 2
-    if rot % 2 or rows * rot * 4 > CHANNEL_MAJOR_ROPE_BYTES or not (
-            torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+    if rows * rot * 4 > CHANNEL_MAJOR_ROPE_BYTES or not _halves_repeat(cos, sin):
         return None
     padded = -(-rows // 16) * 16
     at = torch.arange(padded).clamp(max=rows - 1)

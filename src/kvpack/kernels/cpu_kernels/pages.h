@@ -461,30 +461,24 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
       }
     }
   }
-  if (A.cos && A.rope_cm) {
-    const int half = A.rot / 2;
-    for (int v = 0; v < n; v += 16) {
-      const float* block = A.rope_cm + (k0 + v) / 16 * A.rot * 16;
-      for (int i = 0; i < half; ++i) {
-        const __m512 c = _mm512_loadu_ps(block + i * 16), sn = _mm512_loadu_ps(block + (half + i) * 16);
-        float* a = kt + i * TK + v;
-        float* b = kt + (i + half) * TK + v;
-        const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);
-        _mm512_storeu_ps(a, _mm512_fmsub_ps(lo, c, _mm512_mul_ps(hi, sn)));
-        _mm512_storeu_ps(b, _mm512_fmadd_ps(hi, c, _mm512_mul_ps(lo, sn)));
-      }
-    }
-  } else if (A.cos) {
+  if (A.cos) {  // cos/sin of 16 positions: read from the channel-major table, or composed from the split tables
     const int half = A.rot / 2;
     const float* lc = A.rope_lo;
     const float* ls = A.rope_lo + half * 16;
     for (int v = 0; v < n; v += 16) {
-      const float* hrow = A.rope_hi + (k0 + v) / 16 * A.rot;
+      const float* block = A.rope_cm ? A.rope_cm + (k0 + v) / 16 * A.rot * 16 : nullptr;
+      const float* hrow = A.rope_cm ? nullptr : A.rope_hi + (k0 + v) / 16 * A.rot;
       for (int i = 0; i < half; ++i) {
-        const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
-        const __m512 fc = _mm512_loadu_ps(lc + i * 16), fs = _mm512_loadu_ps(ls + i * 16);
-        const __m512 c = round_as(_mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs)), A.rope_round);
-        const __m512 sn = round_as(_mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs)), A.rope_round);
+        __m512 c, sn;
+        if (block) {
+          c = _mm512_loadu_ps(block + i * 16);
+          sn = _mm512_loadu_ps(block + (half + i) * 16);
+        } else {
+          const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
+          const __m512 fc = _mm512_loadu_ps(lc + i * 16), fs = _mm512_loadu_ps(ls + i * 16);
+          c = round_as(_mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs)), A.rope_round);
+          sn = round_as(_mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs)), A.rope_round);
+        }
         float* a = kt + i * TK + v;
         float* b = kt + (i + half) * TK + v;
         const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);

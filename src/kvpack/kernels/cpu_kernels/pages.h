@@ -14,7 +14,8 @@
 // in tiles of TK positions through the block table (flash-attention style, one pass, online softmax): decode the
 // tile's keys (pre-RoPE), write the page pool's outliers over them, rotate them to their positions (rotate_half
 // RoPE), put the exact sink tokens back, transpose; scores of all rows against the tile (rows x W keys in
-// registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP. On AVX-512,
+// registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP (a
+// request's heads on one thread where items abound: head_chunk). On AVX-512,
 // items of at most LANE_ROWS rows (decode steps) take the lane path (item_lanes): two passes, values summed per
 // channel in token lanes straight from their codes.
 #pragma once
@@ -857,6 +858,12 @@ inline bool lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
 inline bool lanes(const Args&, int, int, i64, int, Scratch&) { return false; }
 #endif
 
+// Work items are listed head-minor: (request, block of queries or tokens, head). Where there are items enough for
+// every thread (4 chunks each), a thread takes the H heads of one request and block in a row, so the slot rows its
+// first head reads into the core's caches serve the other heads (a row holds every head's codes); otherwise one
+// item at a time, for balance.
+inline int head_chunk(i64 count, int H, int threads) { return count >= 4LL * H * threads ? H : 1; }
+
 int attention(Args& A) {
   if (A.D % 16 || A.D > MAXD || A.G < 1 || A.G > MAXROWS || A.bs < 1) return -1;
   A.kmap = code_map(A.key, A.H, A.D);
@@ -875,11 +882,12 @@ int attention(Args& A) {
       }
   }
   const i64 count = (i64)items.size() / 3;
+  const int chunk = head_chunk(count, A.H, A.threads);
 #pragma omp parallel num_threads(A.threads)
   {
     Scratch S(A.D);
     S.head_list.resize(A.pool_entries);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
       const i64 q0 = items[3 * i + 2], ql = A.qsl[r + 1] - A.qsl[r];
@@ -925,11 +933,12 @@ int dense(Args& A, float* K, float* V) {
         items.push_back(k0);
       }
   const i64 count = (i64)items.size() / 3;
+  const int chunk = head_chunk(count, A.H, A.threads);
 #pragma omp parallel num_threads(A.threads)
   {
     Scratch S(A.D);
     S.head_list.resize(A.pool_entries);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
       const i64 first = items[3 * i + 2], L = A.seq_lens[r];

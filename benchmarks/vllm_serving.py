@@ -4,7 +4,9 @@ N requests of P prompt tokens (distinct WikiText-2 windows, so no prefix is shar
 submitted at once to `LLM.generate`. Scenario "tight": `kv_cache_memory_bytes` sized so vLLM's own bf16 cache holds
 about a third of the requests' tokens (it must queue or preempt; kvpack's pages hold them all). Scenario "roomy":
 VLLM_CPU_KVCACHE_SPACE=1, where every configuration holds them all (throughput next to vLLM's own attention).
-Reported: wall time, output tokens/s, preemptions (vLLM's counter), the capacity vLLM planned.
+Reported: wall time, output tokens/s, preemptions (vLLM's counter), the capacity vLLM planned. vLLM's engine core
+runs in a process of its own (its default; `--in-process`: in the process that calls generate, as
+benchmarks/vllm_time_split.py runs it), recorded as `engine_core`.
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py                       # -> results/vllm-serving.json
 """
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every configuration (every other round in reverse order); x vLLM per round")
     parser.add_argument("--recipes", default=None, help="folder of saved recipes, one subfolder per method (config_spec)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="vLLM's engine core in the process that calls generate (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
+                             "instead of a process of its own, vLLM's default")
     parser.add_argument("--out", default="results/vllm-serving.json")
     args = parser.parse_args()
     if args.model is None:
@@ -109,6 +114,7 @@ def main() -> None:
             if scenario == "tight":
                 child += ["--kv-bytes", str(tight)]
                 env = {"VLLM_CPU_KVCACHE_SPACE": None}  # it would override kv_cache_memory_bytes
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.in_process else None
             row = {"scenario": scenario, "round": round_, **run_child(__file__, name, child, env=env),
                    **config_spec(name, args.recipes)}
             if scenario == "tight":
@@ -123,7 +129,7 @@ def main() -> None:
             row["throughput_x_vllm_same_dtype"] = row["output_tokens_per_s"] / base["output_tokens_per_s"]
     out = {"benchmark": "vllm-serving", "command": "python benchmarks/vllm_serving.py " + " ".join(sys.argv[1:]),
            "model": args.model, "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens": args.new,
-           **environment(), "rows": rows}
+           "engine_core": "in-process" if args.in_process else "own process", **environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -726,7 +726,7 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
   alignas(64) uint16_t keep[MAXD][NV];
   std::fill(&keep[0][0], &keep[0][0] + MAXD * NV, (uint16_t)0xFFFF);
   const int vb = 4 * P.pairs;
-  alignas(64) float fix[16];
+  alignas(64) float exact[16];
   alignas(64) int32_t where[16];
   for (int v = 0; v < NV; ++v)
     for (int k = 0; k < P.outliers; ++k) {
@@ -734,17 +734,11 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
       const __mmask16 in = L.outliers_in(P, v, k, c0, D, &off);
       if (!in) continue;
       _mm512_store_si512(where, off);
-      for (unsigned m = in; m; m &= m - 1) {
-        const int l = __builtin_ctz(m);
-        keep[where[l]][v] &= (uint16_t)~(1u << l);
-      }
-      const __m512 exact = _mm512_sub_ps(L.fp16(v, vb + 2 * k), zero[v]);
-      for (int g = 0; g < R; ++g) {
-        _mm512_store_ps(fix, _mm512_mul_ps(_mm512_loadu_ps(pz + g * TK + 16 * v), exact));
-        for (unsigned m = in; m; m &= m - 1) {
-          const int l = __builtin_ctz(m);
-          corr[g * D + where[l]] += fix[l];
-        }
+      _mm512_store_ps(exact, _mm512_sub_ps(L.fp16(v, vb + 2 * k), zero[v]));
+      for (unsigned m = in; m; m &= m - 1) {  // one pass over the lanes (a loop of unknown length mispredicts once)
+        const int l = __builtin_ctz(m), c = where[l];
+        keep[c][v] &= (uint16_t)~(1u << l);
+        for (int g = 0; g < R; ++g) corr[g * D + c] += pz[g * TK + 16 * v + l] * exact[l];
       }
     }
   for (int i = 0; i < D; ++i) {

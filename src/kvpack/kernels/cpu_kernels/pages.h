@@ -977,6 +977,7 @@ struct EncPart {
   int k_side;          // values: outliers per side of each range
   int pairs;           // values: ranges per token (1: all heads, H: per head)
   int slots, index_bytes;  // outlier slots in the slot
+  const i64* bit_at = nullptr;  // [C + 8] each channel's first bit where pack_codes packs 8 at a time (write() sets it)
 };
 
 // Stable sort of channel ids by err, largest first (few elements: insertion sort, no allocation).
@@ -1118,6 +1119,25 @@ inline void codes_of(const EncPart& P, const float* u, int C, int32_t* code) {
 // The codes at their bit offsets in s (zeroed): one running 64-bit word when the channels' codes follow each other
 // from bit 0 (`sequential`), else byte by byte at (byte, shift).
 inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequential, uint8_t* s) {
+#if KVPACK_AVX512
+  if (sequential && P.bit_at) {  // 8 codes of <= 8 bits make one 64-bit word, ORed in at its first bit
+    alignas(64) uint64_t out[4096 / 8 + 2];  // C <= 4096 codes of <= 8 bits
+    const int words = P.code_bytes / 8 + 2;
+    std::memset(out, 0, 8 * (size_t)words);
+    for (int c0 = 0; c0 < C; c0 += 8) {
+      const __mmask8 valid = (__mmask8)((1u << std::min(8, C - c0)) - 1);
+      const i64 base = P.bit_at[c0];
+      const __m512i codes = _mm512_cvtepu32_epi64(_mm256_maskz_loadu_epi32(valid, code + c0));
+      const __m512i rel = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(valid, P.bit_at + c0), _mm512_set1_epi64(base));
+      const uint64_t word = (uint64_t)_mm512_reduce_or_epi64(_mm512_maskz_sllv_epi64(valid, codes, rel));
+      const int w = (int)(base >> 6), sh = (int)(base & 63);
+      out[w] |= word << sh;
+      if (sh) out[w + 1] |= word >> (64 - sh);
+    }
+    std::memcpy(s, out, P.code_bytes);
+    return;
+  }
+#endif
   if (sequential) {
     uint64_t word = 0;
     int bits = 0;
@@ -1141,6 +1161,18 @@ inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequen
     s[P.byte[c]] |= (uint8_t)(shifted & 0xFF);
     if (shifted >> 8) s[P.byte[c] + 1] |= (uint8_t)(shifted >> 8);
   }
+}
+
+// bits[c] <- channel c's first bit (c < C; then C - 1's, 8 times) where every code of the part is at most 8 bits
+// wide (what pack_codes' 8-at-a-time path needs); nullptr otherwise.
+inline const i64* narrow_bits(const EncPart& P, int C, std::vector<i64>* bits) {
+  bits->resize((size_t)C + 8);
+  for (int c = 0; c < C; ++c) {
+    if (P.mask[c] > 0xFF) return nullptr;
+    (*bits)[c] = 8 * (i64)P.byte[c] + P.shift[c];
+  }
+  std::fill(bits->begin() + C, bits->end(), C ? (*bits)[C - 1] : 0);
+  return bits->data();
 }
 
 // The part's codes follow each other from bit 0 in channel order (byte * 8 + shift = the widths before).
@@ -1321,6 +1353,9 @@ i64 write(WriteArgs& A) {
     A.kx = pre.data();
   }
   const bool key_seq = sequential_codes(A.key, C), value_seq = sequential_codes(A.value, C);
+  std::vector<i64> key_bits, value_bits;  // pack_codes' 8-at-a-time path
+  A.key.bit_at = key_seq ? narrow_bits(A.key, C, &key_bits) : nullptr;
+  A.value.bit_at = value_seq ? narrow_bits(A.value, C, &value_bits) : nullptr;
   const bool pooled = A.pool && A.pool_entries && A.key.outliers;
   const int words = (C + 63) / 64;
   std::vector<uint64_t> flags(pooled ? (size_t)A.T * words : 0, 0);

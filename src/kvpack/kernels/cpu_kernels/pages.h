@@ -1121,7 +1121,7 @@ inline void codes_of(const EncPart& P, const float* u, int C, int32_t* code) {
 inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequential, uint8_t* s) {
 #if KVPACK_AVX512
   if (sequential && P.bit_at) {  // 8 codes of <= 8 bits make one 64-bit word, ORed in at its first bit
-    alignas(64) uint64_t out[4096 / 8 + 2];  // C <= 4096 codes of <= 8 bits
+    alignas(64) uint64_t out[4096 / 8 + 2];  // code_bytes <= 4096 (narrow_bits)
     const int words = P.code_bytes / 8 + 2;
     std::memset(out, 0, 8 * (size_t)words);
     for (int c0 = 0; c0 < C; c0 += 8) {
@@ -1164,8 +1164,9 @@ inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequen
 }
 
 // bits[c] <- channel c's first bit (c < C; then C - 1's, 8 times) where every code of the part is at most 8 bits
-// wide (what pack_codes' 8-at-a-time path needs); nullptr otherwise.
+// wide and the codes take at most 4096 bytes (what pack_codes' 8-at-a-time path holds); nullptr otherwise.
 inline const i64* narrow_bits(const EncPart& P, int C, std::vector<i64>* bits) {
+  if (P.code_bytes > 4096) return nullptr;
   bits->resize((size_t)C + 8);
   for (int c = 0; c < C; ++c) {
     if (P.mask[c] > 0xFF) return nullptr;

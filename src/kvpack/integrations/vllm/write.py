@@ -20,13 +20,12 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
     Quantized slots refuse NaN, inf and magnitudes beyond fp16's range (their ranges and outliers are fp16) with
     NonFiniteError / ActivationRangeError naming the layer (`codecs.checks.check_storable`), instead of encoding
     them as some level; raw (lossless) slots store what they are given, as vLLM's own cache does."""
-    slots = slot_mapping.to(torch.int64)
+    slots, pos = slot_mapping.to(torch.int64), positions
     keep = slots >= 0
     if not bool(keep.all()):
-        key, value, slots = key[keep], value[keep], slots[keep]
+        key, value, slots, pos = key[keep], value[keep], slots[keep], positions[keep]
     if slots.numel() == 0:
         return 0
-    pos = positions[keep]
     parts = layout.layers[layer]
     if parts.key.kind != "raw" or parts.value.kind != "raw":  # raw slots hold what vLLM's own cache would
         check_storable(key, f"layer {layer}'s keys written to kvpack's vLLM pages")

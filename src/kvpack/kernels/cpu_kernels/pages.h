@@ -498,6 +498,10 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
   }
 }
 
+// Whether the channel-major path (tile16, the lane path) reads this call: both parts' codes map (CodeMap::ok) and, for
+// pre-RoPE keys, cos/sin of 16 positions at a time (the channel-major table or the split tables).
+inline bool channel_major_path(const Args& A) { return A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi || A.rope_cm); }
+
 // tile() on the channel-major path: keys16 into kt[D][TK], and the values decoded channel-major and transposed to
 // v[TK][D] (lanes past n: the caller masks them).
 void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
@@ -532,7 +536,7 @@ void tile16(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 // are not scores of any key (the caller masks them).
 void tile(const Args& A, int r, int h, i64 k0, int n, Scratch& S) {
 #if KVPACK_AVX512
-  if (A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi || A.rope_cm)) return tile16(A, r, h, k0, n, S);
+  if (channel_major_path(A)) return tile16(A, r, h, k0, n, S);
 #endif
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;
@@ -835,7 +839,7 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
 
 // A work item on the lane path; false where it does not apply (more rows, no channel-major decoding).
 inline bool lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
-  if (!(A.kmap.ok && A.vmap.ok && (!A.cos || A.rope_hi || A.rope_cm))) return false;
+  if (!channel_major_path(A)) return false;
   switch (nq * A.G) {
     case 1: item_lanes<1>(A, r, h, q0, nq, S); return true;
     case 2: item_lanes<2>(A, r, h, q0, nq, S); return true;
@@ -1120,7 +1124,7 @@ inline void codes_of(const EncPart& P, const float* u, int C, int32_t* code) {
 // from bit 0 (`sequential`), else byte by byte at (byte, shift).
 inline void pack_codes(const EncPart& P, const int32_t* code, int C, bool sequential, uint8_t* s) {
 #if KVPACK_AVX512
-  if (sequential && P.bit_at) {  // 8 codes of <= 8 bits make one 64-bit word, ORed in at its first bit
+  if (P.bit_at) {  // (sequential parts only) 8 codes of <= 8 bits make one 64-bit word, ORed in at its first bit
     alignas(64) uint64_t out[4096 / 8 + 2];  // code_bytes <= 4096 (narrow_bits)
     const int words = P.code_bytes / 8 + 2;
     std::memset(out, 0, 8 * (size_t)words);

@@ -37,6 +37,10 @@ class CompressedLayer(CacheLayerMixin):
         self.is_sliding = sliding_window is not None
         self.k: TokenStream | None = None
         self.v: TokenStream | None = None
+        # every attribute exists from construction on, in one order: the instances then share their attribute
+        # names (CPython's key-sharing instance dicts, a few hundred bytes less per layer)
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
 
     # -- contract: sizes ------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, head_tokens: int = 0) -> None:

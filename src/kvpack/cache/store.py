@@ -3,8 +3,8 @@
 A block is what a codec's `encode` returned for x [batch, heads, tokens, head_dim]. Blocks of the
 same layout (same x shape, tensor names, dtypes and trailing tensor dims, same meta) are kept
 in one *run*, per tensor one buffer that blocks are concatenated into along dim 0, with spare
-capacity (grown by 1/128 of what it holds: under 1% spare, and appends stay amortized O(1), a row being
-copied about 128 times over its life). A run decodes in one codec call: the
+capacity (grown by 1/256 of what it holds: under 0.4% spare; appends stay amortized O(1) per row, each appended
+row paying for the copy of about 256 rows). A run decodes in one codec call: the
 codec sees the blocks as one batch of `blocks * batch` rows, [blocks * batch, heads, tokens,
 head_dim], block-major. That is what `encode` would have produced for the blocks stacked along
 the batch dim for every codec whose tensors are batch-major (leading batch dim, or flat
@@ -25,6 +25,7 @@ by position (run, index), not by a second reference to its tensors.
 from __future__ import annotations
 
 import sys
+from array import array
 from itertools import accumulate
 
 import torch
@@ -60,31 +61,36 @@ def signature(enc: Encoded) -> tuple:
 class Run:
     """Blocks of one layout. buffers[name][:used(name)] holds every block's tensor, block after block.
 
-    Bookkeeping is O(1) per block: a tensor whose blocks all have one dim-0 length keeps that length (an
-    int); the sparse outlier values and indices (whose lengths vary) derive each block's length from the
-    block's `outlier_counts` when asked (`bounds`); any other tensor of varying length keeps a growable
-    int64 tensor of block ends. Appending a block grows no Python container."""
+    Bookkeeping is O(1) per block and a few hundred bytes per run: per tensor, the rows in use and, where its
+    blocks all have one dim-0 length, that length, both in one int64 array (`_sizes`, indexed through a name ->
+    position map shared by every run of the same tensor names); the sparse outlier values and indices (whose
+    lengths vary) derive each block's length from the block's `outlier_counts` when asked (`bounds`); any other
+    tensor of varying length keeps a growable int64 tensor of block ends (`_ends`). Appending a block grows no
+    Python container. `meta` and `block_shape` are shared between runs that have equal ones, never mutated."""
 
     def __init__(self, block_shape: tuple[int, ...], meta: dict, sig: tuple, buffers: dict[str, torch.Tensor],
                  lengths: dict[str, list[int]]):
-        self.block_shape = tuple(block_shape)  # one block's x: [batch, heads, tokens, head_dim]
-        self.meta = dict(meta)  # `sig` (signature of the first block) is implied by the buffers, shape and meta
+        self.block_shape = _shared(tuple(block_shape))  # one block's x: [batch, heads, tokens, head_dim]
+        self.meta = _shared_meta(meta)  # `sig` (signature of the first block) is implied by the buffers, shape and meta
         self.buffers = buffers
         self.count = len(next(iter(lengths.values()))) if lengths else 0
         self.edits = 0  # counts changes other than appends (drops, batch maps, compaction), for memos
-        self._used: dict[str, int] = {}  # rows in use per tensor
-        self._rows: dict[str, int] = {}  # dim-0 length of every block, for tensors where it is one number
-        self._ends: dict[str, torch.Tensor] = {}  # int64 [>= count] block end rows, other varying tensors
+        self._index = _positions(tuple(buffers))  # name -> position in _sizes (shared)
+        self._sizes = array("q", bytes(16 * len(buffers)))  # per tensor: rows in use, rows per block (-1: varying)
+        self._ends: dict[str, torch.Tensor] | None = None  # int64 [>= count] block end rows, other varying tensors
         lengths = {n: [int(x) for x in lens] for n, lens in lengths.items()}
         uniform = {n: all(x == lens[0] for x in lens) for n, lens in lengths.items()}
         derive = uniform.get("outlier_counts", False)  # counts rows are fixed by the block shape
         for name, lens in lengths.items():
-            self._used[name] = sum(lens)
+            i = 2 * self._index[name]
+            self._sizes[i] = sum(lens)
+            self._sizes[i + 1] = -1
             if derive and name in _DERIVED:
                 continue
             if uniform[name]:
-                self._rows[name] = lens[0] if lens else 0
+                self._sizes[i + 1] = lens[0] if lens else 0
             else:
+                self._ends = self._ends or {}
                 self._ends[name] = torch.tensor(list(accumulate(lens)), dtype=torch.int64)
 
     @classmethod
@@ -121,17 +127,29 @@ class Run:
 
     def used(self, name: str) -> int:
         """Rows of buffer `name` in use (O(1))."""
-        return self._used[name]
+        return self._sizes[2 * self._index[name]]
+
+    def _set_used(self, name: str, rows: int) -> None:
+        self._sizes[2 * self._index[name]] = rows
+
+    def _block_rows(self, name: str) -> int | None:
+        """Dim-0 length of every block of tensor `name` where it is one number, else None."""
+        rows = self._sizes[2 * self._index[name] + 1]
+        return None if rows < 0 else rows
+
+    def _set_block_rows(self, name: str, rows: int | None) -> None:
+        self._sizes[2 * self._index[name] + 1] = -1 if rows is None else rows
 
     def bounds(self, name: str, blocks: int | None = None) -> list[int]:
         """[0, end of block 0, ..., end of block `blocks` - 1] in rows of tensor `name` (default: every block).
         O(blocks); for outlier values and indices computed from the stored counts."""
         blocks = self.count if blocks is None else blocks
-        if name in self._rows:
-            return [i * self._rows[name] for i in range(blocks + 1)]
-        if name in self._ends:
+        rows = self._block_rows(name)
+        if rows is not None:
+            return [i * rows for i in range(blocks + 1)]
+        if self._ends and name in self._ends:
             return [0, *self._ends[name][:blocks].tolist()]
-        per = self._rows["outlier_counts"]
+        per = self._block_rows("outlier_counts")
         counts = self.buffers["outlier_counts"][: blocks * per].to(torch.int64).view(blocks, per)
         return [0, *torch.cumsum(counts.sum(1), 0).tolist()]
 
@@ -174,28 +192,30 @@ class Run:
         for name, t in enc.tensors.items():
             buf, used, n = self.buffers[name], self.used(name), t.shape[0]
             if used + n > buf.shape[0]:
-                grow = max(n, buf.shape[0] // 128)
+                grow = max(n, buf.shape[0] // 256)
                 extra = torch.empty(grow, *buf.shape[1:], dtype=buf.dtype, device=buf.device)
                 buf = self.buffers[name] = torch.cat([buf[:used], extra])
             buf[used:used + n].copy_(t)
             per = rows[name]
-            same = self._rows.get(name) == per[0] and per.count(per[0]) == len(per)  # nothing to record
-            if not same and not (name in _DERIVED and "outlier_counts" in self._rows):
+            same = self._block_rows(name) == per[0] and per.count(per[0]) == len(per)  # nothing to record
+            if not same and not (name in _DERIVED and self._block_rows("outlier_counts") is not None):
                 for i, r in enumerate(per):
                     self._note(name, r, self.count + i)
-            self._used[name] = used + n
+            self._set_used(name, used + n)
         self.count += blocks
 
     def _note(self, name: str, n: int, index: int) -> None:
         """Record that block `index` (being appended) has `n` rows of tensor `name`."""
-        if name in self._ends:
+        if self._ends and name in self._ends:
             ends = self._ends[name]
             if index >= ends.numel():
                 ends = self._ends[name] = torch.cat([ends[:index], ends.new_empty(max(8, index // 8))])
             ends[index] = (ends[index - 1] if index else 0) + n
-        elif name in self._rows and self._rows[name] != n:
-            ends = torch.arange(1, index + 2, dtype=torch.int64) * self._rows.pop(name)
+        elif self._block_rows(name) not in (None, n):
+            ends = torch.arange(1, index + 2, dtype=torch.int64) * self._block_rows(name)
+            self._set_block_rows(name, None)
             ends[index] = (ends[index - 1] if index else 0) + n
+            self._ends = self._ends or {}
             self._ends[name] = ends
 
     def nbytes(self, name: str, reserved: bool = False) -> int:
@@ -208,22 +228,24 @@ class Run:
         """Drop spare capacity (before saving)."""
         self.edits += 1
         self.buffers = {n: self.tensor(n).contiguous() for n in self.buffers}
-        self._ends = {n: e[:self.count].clone() for n, e in self._ends.items()}
+        if self._ends:
+            self._ends = {n: e[:self.count].clone() for n, e in self._ends.items()}
 
     def drop_first(self, blocks: int) -> None:
         self.edits += 1
         cuts = {n: self.bounds(n, blocks)[-1] for n in self.buffers}
         for name, cut in cuts.items():
             self.buffers[name] = self.tensor(name)[cut:].clone()
-            self._used[name] -= cut
-            if name in self._ends:
+            self._set_used(name, self.used(name) - cut)
+            if self._ends and name in self._ends:
                 self._ends[name] = self._ends[name][blocks:self.count] - cut
         self.count -= blocks
 
     def drop_last(self, blocks: int) -> None:
         self.edits += 1
         keep = self.count - blocks
-        self._used = {n: self.bounds(n, keep)[-1] for n in self.buffers}
+        for name, rows in [(n, self.bounds(n, keep)[-1]) for n in self.buffers]:
+            self._set_used(name, rows)
         self.count = keep
 
     def map_batch(self, fn, layout: StorageLayout) -> None:
@@ -238,16 +260,17 @@ class Run:
         for name in self.buffers:
             if name in outliers:
                 continue
-            if self._rows.get(name) != batch:
+            if self._block_rows(name) != batch:
                 raise ValueError(f"encoded tensor '{name}' does not lead with the batch dim; its codec's layout must "
                                  "declare it (StorageLayout.parts)")
             t = self.tensor(name)
             v = t.reshape(self.count, batch, *t.shape[1:])[:, order]
             self.buffers[name] = v.reshape(self.count * new_batch, *t.shape[1:]).contiguous()
-            self._rows[name], self._used[name] = new_batch, self.count * new_batch
+            self._set_block_rows(name, new_batch)
+            self._set_used(name, self.count * new_batch)
         if outliers:
             self._map_outliers(order, layout)
-        self.block_shape = (new_batch, *self.block_shape[1:])
+        self.block_shape = _shared((new_batch, *self.block_shape[1:]))
 
     def _map_outliers(self, order: torch.Tensor, layout: StorageLayout) -> None:
         """Regroup the sparse outliers of every block by the new batch rows `order` (vectorized over blocks)."""
@@ -261,11 +284,42 @@ class Run:
         index = sparse.segment_index(starts[:, order].flatten(), new_seg.flatten())
         for name in ("outlier_values", "outlier_indices"):
             self.buffers[name] = self.tensor(name)[index].contiguous()
-            self._used[name] = self.buffers[name].shape[0]
-            self._ends.pop(name, None)  # derived from the counts
+            self._set_used(name, self.buffers[name].shape[0])
+            self._set_block_rows(name, None)  # derived from the counts
+            if self._ends:
+                self._ends.pop(name, None)
         self.buffers["outlier_counts"] = per_row[:, order].reshape(-1).to(counts.dtype).contiguous()
-        self._rows["outlier_counts"] = len(order) * rows
-        self._used["outlier_counts"] = self.buffers["outlier_counts"].shape[0]
+        self._set_block_rows("outlier_counts", len(order) * rows)
+        self._set_used("outlier_counts", self.buffers["outlier_counts"].shape[0])
+
+
+_SHARED: dict = {}  # equal block shapes, metas and name -> position maps of runs, held once
+_SHARED_MAX = 4096  # past this many (a server seeing ever new prompt lengths), new values are no longer shared
+
+
+def _share(key: tuple, value):
+    """The object kept for `key` (`value` the first time), so that what many runs have in common is held once."""
+    found = _SHARED.get(key)
+    if found is None:
+        found = value
+        if len(_SHARED) < _SHARED_MAX:
+            _SHARED[key] = value
+    return found
+
+
+def _shared(value):
+    """One object for equal (hashable) values, e.g. block shapes."""
+    return _share(("value", value), value)
+
+
+def _shared_meta(meta: dict) -> dict:
+    """One dict for equal metas (never mutated: `Run.meta` is read only)."""
+    return _share(("meta", repr(sorted(meta.items()))), dict(meta))
+
+
+def _positions(names: tuple[str, ...]) -> dict[str, int]:
+    """name -> position of each of `names` (one dict per tuple of names)."""
+    return _share(("positions", names), {n: i for i, n in enumerate(names)})
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -278,9 +332,11 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 class BlockStore:
     """The encoded middle of one layer's keys or values: runs of blocks, oldest first."""
 
+    __slots__ = ("runs", "_newest")
+
     def __init__(self) -> None:
         self.runs: list[Run] = []
-        self._last: tuple[Run, int] | None = None  # where the newest block is: blocks after a drop start a new run
+        self._newest = -1  # the newest block is block `_newest` of the last run (-1: dropped since; a new run follows)
 
     @property
     def tokens(self) -> int:
@@ -299,11 +355,11 @@ class BlockStore:
         else:
             last = Run.start(enc, blocks)
             self.runs.append(last)
-        self._last = (last, last.count - 1)
+        self._newest = last.count - 1
 
     def _newest_in(self, run: Run) -> bool:
         """Whether the newest block appended is still the last block of `run` (nothing dropped since)."""
-        return self._last is not None and self._last[0] is run and self._last[1] == run.count - 1
+        return self._newest >= 0 and run is self.runs[-1] and self._newest == run.count - 1
 
     def decode(self, codec: Codec) -> torch.Tensor | None:
         """All blocks decoded, float [batch, heads, tokens, head_dim]; None when empty."""
@@ -326,7 +382,7 @@ class BlockStore:
                 break
             self.runs.pop(0)
         if not self.runs:
-            self._last = None
+            self._newest = -1
         return dropped
 
     def drop_after(self, keep: int, codec: Codec) -> None:
@@ -354,9 +410,9 @@ class BlockStore:
                 if not run.count:
                     self.runs.pop()
                 self.runs.append(Run.start(part))
-        self._last = None
+        self._newest = -1
 
     def map_batch(self, fn, layout: StorageLayout) -> None:
         for run in self.runs:
             run.map_batch(fn, layout)
-        self._last = None
+        self._newest = -1

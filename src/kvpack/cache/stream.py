@@ -32,6 +32,9 @@ def _encode_block(codec: Codec, x: torch.Tensor):
 class TokenStream:
     """Stored keys or values of one layer; see the module docstring."""
 
+    __slots__ = ("codec", "group", "head_tokens", "recent", "block_tokens", "head", "body", "tail", "dropped",
+                 "head_dropped")
+
     def __init__(self, codec: Codec, head_tokens: int, recent_tokens: int, block_tokens: int | None = None):
         self.codec = codec
         self.group = max(int(codec.token_group()), 1)

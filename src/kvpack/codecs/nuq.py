@@ -21,6 +21,8 @@ channel (the paper's per-channel CSC layout for keys would cost a count per chan
 from __future__ import annotations
 
 import math
+import sys
+from array import array
 
 import torch
 
@@ -43,6 +45,8 @@ def _half(t: torch.Tensor | None) -> torch.Tensor | None:
     """t rounded to fp16 and kept in fp16: the codec's shared state is held at its stored precision."""
     return None if t is None else torch.as_tensor(t).to(torch.float16).contiguous()
 
+
+MAX_COLUMNS = 32767  # channels per layer with per-channel widths: `width_columns` lists them as int16
 
 PAD = 4.0  # codebook padding beyond the normalized range [-1, 1]: midpoints next to it exceed 1
 
@@ -93,6 +97,9 @@ class NuqCodec(Codec):
             bits = torch.as_tensor(channel_bits).to(torch.int64).reshape(heads * head_dim)
             if groups != heads * head_dim or not 0 <= int(bits.min()) <= int(bits.max()) <= 8 or n != 1 << int(bits.max()):
                 raise ValueError("per-channel bit widths (0..8) need one codebook per channel of 2**max(bits) entries")
+            if heads * head_dim > MAX_COLUMNS:
+                raise ValueError(f"per-channel bit widths cover at most {MAX_COLUMNS} channels per layer (KV heads x "
+                                 f"head_dim), got {heads} x {head_dim}: use one width per layer (kvquant-<N>bit-1pct)")
             self.channel_bits = bits.to(torch.uint8)
             unused = torch.arange(n) >= (1 << bits)[:, None]
             levels = levels.masked_fill(unused, PAD)  # entries past a channel's 2**b levels are never chosen
@@ -110,7 +117,7 @@ class NuqCodec(Codec):
             used = torch.arange(n, device=levels.device) < (1 << self.channel_bits.long().to(levels.device))[:, None]
             self.level_data = levels[used].contiguous()
         self.bits = n.bit_length() - 1 if self.channel_bits is not None else check_bits(n.bit_length() - 1, 1, 8)
-        self.axis, self.span, self.outlier_scope = axis, span, outlier_scope
+        self.axis, self.span, self.outlier_scope = sys.intern(axis), sys.intern(span), sys.intern(outlier_scope)
         self.heads, self.head_dim = heads, head_dim
         self.outlier_frac = float(outlier_frac)
         self.qnorm = None if qnorm is None else _half(qnorm).reshape(groups, 2)
@@ -126,7 +133,7 @@ class NuqCodec(Codec):
             self.out_lo = _half(out_lo).reshape(heads, 1, 1)
             self.out_hi = _half(out_hi).reshape(heads, 1, 1)
         width = f"{self.mean_bits:g}" if self.channel_bits is not None else f"{self.bits}"
-        self.name = name or f"nuq{width}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else "")
+        self.name = sys.intern(name or f"nuq{width}-{axis}" + (f"-{outlier_frac * 100:g}pct" if outlier_frac else ""))
 
     @property
     def levels(self) -> torch.Tensor:
@@ -335,21 +342,28 @@ class NuqCodec(Codec):
 
     # ----- code packing -----
     def width_columns(self) -> dict[int, torch.Tensor]:
-        """Bit width -> int32 [n]: the (head * head_dim + channel) columns stored at that width (0-bit ones store
-        nothing); computed once per device (the kernels read the same tensors)."""
-        key = (self.channel_bits.data_ptr(), self.channel_bits.device)
+        """Bit width -> int16 [n]: the (head * head_dim + channel) columns stored at that width (0-bit ones store
+        nothing), ascending widths; views of one int16 tensor computed once per device (the kernels read the same
+        memory), the views made per call."""
         memo = self.__dict__.get("_columns")
-        if memo is None or memo[0] != key:
-            columns = {int(b): (self.channel_bits == b).nonzero().flatten().to(torch.int32)
-                       for b in self.channel_bits.unique() if b > 0}
-            memo = self.__dict__["_columns"] = (key, columns)
-        return memo[1]
+        if memo is None or memo[0] is not self.channel_bits:  # kept for the widths tensor it was computed from
+            widths = [int(b) for b in self.channel_bits.unique() if b > 0]
+            parts = [(self.channel_bits == b).nonzero().flatten() for b in widths]
+            flat = torch.cat(parts).to(torch.int16) if parts else self.channel_bits.new_empty(0, dtype=torch.int16)
+            sizes = array("i", [v for b, part in zip(widths, parts) for v in (b, part.numel())])
+            memo = self.__dict__["_columns"] = (self.channel_bits, flat, sizes)
+        _, flat, sizes = memo
+        out, start = {}, 0
+        for i in range(0, len(sizes), 2):
+            out[sizes[i]] = flat[start:start + sizes[i + 1]]
+            start += sizes[i + 1]
+        return out
 
     def _pack(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channel_bits is None:
             return {"codes": packing.pack(codes.reshape(*codes.shape[:-2], -1), self.bits)}
         flat = codes.movedim(-3, -2).reshape(*codes.shape[:-3], codes.shape[-2], -1)  # [..., T, H*D]
-        return {f"codes{b}": packing.pack(flat[..., cols].reshape(*flat.shape[:-2], -1), b)
+        return {f"codes{b}": packing.pack(flat[..., cols.long()].reshape(*flat.shape[:-2], -1), b)
                 for b, cols in self.width_columns().items()}
 
     def _unpack(self, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -358,7 +372,7 @@ class NuqCodec(Codec):
             return packing.unpack(t["codes"], self.bits, tokens * dim).reshape(shape)
         flat = torch.zeros(*lead, tokens, heads * dim, dtype=torch.int64, device=self.levels.device)
         for b, cols in self.width_columns().items():
-            flat[..., cols] = packing.unpack(t[f"codes{b}"], b, tokens * cols.numel()).reshape(*lead, tokens, -1)
+            flat[..., cols.long()] = packing.unpack(t[f"codes{b}"], b, tokens * cols.numel()).reshape(*lead, tokens, -1)
         return flat.reshape(*lead, tokens, heads, dim).movedim(-2, -3)
 
     # ----- codec interface -----

@@ -336,14 +336,14 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     its arguments across appends, brought up to date (`_grown_one_block`)."""
     rotary_keys = rotary_keys and isinstance(codec, TurboQuantCodec)  # only TurboQuant keys' arguments depend on it
     key = (*run_key(run, codec), keys, rotary_keys)
-    memo = run.__dict__.get("_kvpack_args")
+    memo = run.__dict__.get("_kvpack_args")  # (*key, args, foreign, one_block): one flat tuple
     if memo is not None:
-        if memo[0] == key:
-            return memo[1]
-        before, args, foreign, one_block = memo
+        before, (args, foreign, one_block) = memo[:len(key)], memo[len(key):]
+        if before == key:
+            return args
         if one_block and before[0] == key[0] and before[2:] == key[2:]:  # only appends since (Run.edits)
             _grown_one_block(args, run)
-            run.__dict__["_kvpack_args"] = (key, args, foreign, one_block)
+            run.__dict__["_kvpack_args"] = (*key, args, foreign, one_block)
             return args
     found = _run_segment(run, codec, keys, rotary_keys)
     if found is None or found[1] is None or found[0].heads != heads or found[0].dim != dim:
@@ -362,7 +362,7 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
         again = array.array("q", args)
         _grown_one_block(again, run)
         one_block = again == args
-    run.__dict__["_kvpack_args"] = (key, args, foreign or None, one_block)
+    run.__dict__["_kvpack_args"] = (*key, args, foreign or None, one_block)
     return args
 
 
@@ -505,7 +505,7 @@ def mixed_encode(codec, x: torch.Tensor):
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None
-    cols = columns  # int32, contiguous: the codec's own
+    cols = columns  # int16, contiguous: the codec's own
     # the codec's fp16 levels (channel after channel), widths and ranges as they are held: the C side makes the
     # midpoints per call
     fp16 = [codec.level_data] + ([codec.zero, codec.scale] if codec.axis == "channel" else [])

@@ -90,7 +90,7 @@ int read_mixed(Reader& r, int nblk, int B, int H, int T, int D, bool keys, mixed
     mixed::Group& g = m.g[i];
     g.bits = (int)r.next(); g.n = (int)r.next();
     g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
-    g.cols = (const int32_t*)r.ptr(); g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
+    g.cols = (const int16_t*)r.ptr(); g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
     g.qnorm = (const uint16_t*)r.ptr(); g.scale = (const uint16_t*)r.ptr(); g.zero = (const uint16_t*)r.ptr();
     if (g.bits < 1 || g.bits > 8 || g.n % 8 || !g.levels || !g.widths || (keys && !(g.scale && g.zero))) return -1;
   }

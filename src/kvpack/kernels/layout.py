@@ -97,7 +97,7 @@ class MixedGroup:
 
     bits: int
     codes: torch.Tensor  # uint8 [nblk, B, tokens * n * bits / 8]: n codes per token, byte-aligned (n % 8 == 0)
-    cols: torch.Tensor  # int32 [n], channel h * head_dim + c of each member (the codec's own `width_columns`)
+    cols: torch.Tensor  # int16 [n], channel h * head_dim + c of each member (the codec's own `width_columns`)
     codec: NuqCodec
 
     @property

@@ -149,7 +149,7 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
         code[c] = nearest(std::min(std::max(u[c], -1.0f), 1.0f), mids.data() + moff[c], (int)(moff[c + 1] - moff[c]));
       for (int g = 0; g < ng; ++g) {
         const int bits = (int)groups[4 * g], m = (int)groups[4 * g + 1];
-        const int32_t* cols = (const int32_t*)groups[4 * g + 2];
+        const int16_t* cols = (const int16_t*)groups[4 * g + 2];
         uint8_t* out = (uint8_t*)groups[4 * g + 3];
         for (int j = 0; j < m; ++j) buf[j] = code[cols[j]];
         pack_row(buf.data(), m, bits, out + ((i64)b * T + t) * m * bits / 8);

@@ -39,7 +39,7 @@ struct Group {
   int bits, n;
   const uint8_t* codes;  // token (blk, b, t) at codes + blk * sblk + b * sb + t * st
   i64 sblk, sb, st;
-  const int32_t* cols;      // [n] channel (h * D + c) of each member
+  const int16_t* cols;      // [n] channel (h * D + c) of each member
   const uint16_t* levels;   // fp16 [sum over channels of 2**width]: the codec's levels, channel after channel
   const uint8_t* widths;    // [H * D] every channel's width (where its levels start follows from them)
   const uint16_t* qnorm;    // fp16 [H * D, 2]: decoded level = level * a + b (Q-Norm); nullptr: none
@@ -327,13 +327,13 @@ constexpr int member_period(int bits) { return bits % 2 ? 32 : bits % 4 ? 16 : b
 // Member J of a period of members (member_period) whose codes fill whole windows from w[0]: its shift is known at
 // compile time (an immediate shift, no window or shift read per member; the period's last code ends its last window).
 template <int BITS, int J>
-inline void decode_member(const __m512i* w, const float* tab, const int32_t* cols, float* kd) {
+inline void decode_member(const __m512i* w, const float* tab, const int16_t* cols, float* kd) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
   simd::storea(kd + (i64)cols[J] * W, simd::lut<BITS>(tab + J * P, member_code<BITS, J>(w)));
 }
 
 template <int BITS, int... J>
-inline void decode_period(const __m512i* w, const float* tab, const int32_t* cols, float* kd,
+inline void decode_period(const __m512i* w, const float* tab, const int16_t* cols, float* kd,
                           std::integer_sequence<int, J...>) {
   (decode_member<BITS, J>(w, tab, cols, kd), ...);
 }
@@ -405,7 +405,7 @@ inline void decode_tokens(const Mixed& m, int nblk, int B, int H, int T, int D, 
 #pragma GCC pop_options
 
 template <int BITS>
-inline void decode_group(const float* tab, int n, const int32_t* cols, const GroupCodes& gc, int v, float* kd) {
+inline void decode_group(const float* tab, int n, const int16_t* cols, const GroupCodes& gc, int v, float* kd) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
   int j = 0;
 #if KVPACK_AVX512
@@ -565,7 +565,7 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
 // VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`. keep (AVX-512, or nullptr): [n][VECS] the
 // lanes of each member's vectors whose codes count (outliers' lanes are left out: they are added exactly apart).
 template <int BITS, int GT, int VT>
-inline void value_group(const float* tab, int n, const int32_t* cols, const int32_t* head_of, const GroupCodes& gc,
+inline void value_group(const float* tab, int n, const int16_t* cols, const int32_t* head_of, const GroupCodes& gc,
                         int vecs_, const float* w, int G_, float* acc, const uint16_t* keep) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
   const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;

@@ -20,13 +20,14 @@ import torch
 
 from kvpack import load_model, load_windows
 from kvpack.cache.cache import CompressedCache
-from kvpack.recipes.resolve import resolve_recipe
-from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_corpus, tokenize
 from kvpack.evaluate.perplexity import simulated_perplexity
-from kvpack.recipes.simulate import Simulator
 from kvpack.evaluate.results import environment, write_rows
 from kvpack.evaluate.streaming import streaming_perplexity
+from kvpack.hf.attention import cache_kwargs
+from kvpack.recipes.recipe import Recipe
+from kvpack.recipes.resolve import resolve_recipe
+from kvpack.recipes.simulate import Simulator
 
 
 def _append(path: Path, row: dict) -> None:
@@ -75,7 +76,7 @@ def memory_rows(model, recipe, ids: torch.Tensor, lengths: list[int], prefill_ch
     for length in sorted(lengths):
         while done < length:
             step = min(prefill_chunk, length - done)
-            model(ids[:, done:done + step], past_key_values=cache, use_cache=True)
+            model(ids[:, done:done + step], **cache_kwargs(cache), use_cache=True)
             done += step
         rep = cache.memory_report()
         rows.append({"kind": "memory", "method": recipe.method, "tokens": length, "bytes": rep.total,
@@ -87,7 +88,7 @@ def memory_rows(model, recipe, ids: torch.Tensor, lengths: list[int], prefill_ch
 @torch.no_grad()
 def generation_row(model, recipe, prompt: torch.Tensor, reference: torch.Tensor, new_tokens: int) -> dict:
     start = time.perf_counter()
-    out = model.generate(prompt, past_key_values=CompressedCache(model, recipe), max_new_tokens=new_tokens,
+    out = model.generate(prompt, **cache_kwargs(CompressedCache(model, recipe)), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False)[0, prompt.shape[1]:]
     same = (out == reference).long()
     first_diff = int((same == 0).nonzero()[0]) if bool((same == 0).any()) else new_tokens

@@ -27,6 +27,7 @@ from kvpack import load_model, load_windows
 from kvpack.cache.cache import CompressedCache
 from kvpack.cache.memory import fp16_cache_nbytes
 from kvpack.evaluate.results import environment, write_rows
+from kvpack.hf.attention import cache_kwargs
 from kvpack.recipes.recipe import Recipe
 
 
@@ -62,7 +63,7 @@ def stream(model, ids: torch.Tensor, cache) -> tuple[float, int, float]:
     nll, steps = 0.0, ids.shape[1] - 1
     start = time.perf_counter()
     for t in range(steps):
-        logits = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float()
+        logits = model(ids[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits.float()
         nll += float(F.cross_entropy(logits[0], ids[0, t + 1:t + 2], reduction="sum"))
     return nll, steps, (time.perf_counter() - start) / steps
 

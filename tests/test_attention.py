@@ -10,13 +10,14 @@ import torch
 
 from conftest import TINY_ARCHS, make_tiny_model
 from kvpack.cache import packed
-from kvpack.kernels import dispatch as attention
 from kvpack.cache.cache import CompressedCache
 from kvpack.codecs.nuq import NuqCodec
 from kvpack.codecs.rvq import RVQCodec
+from kvpack.hf.attention import cache_kwargs
+from kvpack.hf.models import text_config
+from kvpack.kernels import dispatch as attention
 from kvpack.kernels import cpu, reference
 from kvpack.methods.names import parse_method
-from kvpack.hf.models import text_config
 from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +84,7 @@ RECIPES = {
 def _generate(model, recipe, ids, mask, packed: bool, steps: int = 6, backend: str | None = None, block_tokens=128):
     cache = CompressedCache(model, recipe, packed_attention=packed, attention_backend=backend, block_tokens=block_tokens)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=steps, do_sample=False,
                              output_scores=True, return_dict_in_generate=True, pad_token_id=2)
     return out.sequences, torch.stack(out.scores), cache
 
@@ -125,7 +126,7 @@ def _filled_cache(model, recipe, batch=2, tokens=70, chunk=None):
     with torch.no_grad():
         step = chunk or tokens
         for start in range(0, tokens, step):
-            model(ids[:, start:start + step], past_key_values=cache)
+            model(ids[:, start:start + step], **cache_kwargs(cache))
     cache.packed = packed.attach(cache, True)
     return cache
 
@@ -192,7 +193,7 @@ def test_chunked_streaming_uses_packed_path():
     for packed in (False, True):
         cache = CompressedCache(model, recipe, packed_attention=packed)
         with torch.no_grad():
-            outs[packed] = torch.cat([model(ids[:, s:s + 4], past_key_values=cache).logits for s in range(0, 33, 4)], 1)
+            outs[packed] = torch.cat([model(ids[:, s:s + 4], **cache_kwargs(cache)).logits for s in range(0, 33, 4)], 1)
         if packed:
             assert cache.packed.calls > 0
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-4)
@@ -202,12 +203,12 @@ def test_not_claimed_with_grad_long_queries_blockwise():
     model = make_tiny_model("llama")
     cache = CompressedCache(model, RECIPES["nuq4"](model))
     ids = torch.randint(3, 120, (1, 40))
-    model(ids, past_key_values=cache)  # grad mode on: decode path
+    model(ids, **cache_kwargs(cache))  # grad mode on: decode path
     assert cache.packed.calls == 0
     with torch.no_grad():
-        model(ids[:, :20], past_key_values=cache)  # 20 > max_queries: blockwise path
+        model(ids[:, :20], **cache_kwargs(cache))  # 20 > max_queries: blockwise path
         assert cache.packed.calls == 2 and cache.packed.blockwise_calls == 2
-        model(ids[:, :2], past_key_values=cache)
+        model(ids[:, :2], **cache_kwargs(cache))
     assert cache.packed.calls == 4 and cache.packed.blockwise_calls == 2 and not cache.packed.pending
     assert model.config._attn_implementation == "sdpa"  # restored after the forward
 
@@ -241,9 +242,9 @@ def test_rope_table_follows_positions():
     cache = CompressedCache(model, RECIPES["nuq4"](model))
     ids = torch.randint(3, 120, (1, 30))
     with torch.no_grad():
-        model(ids[:, :20], past_key_values=cache)
+        model(ids[:, :20], **cache_kwargs(cache))
         for t in range(20, 25):
-            model(ids[:, t:t + 1], past_key_values=cache)
+            model(ids[:, t:t + 1], **cache_kwargs(cache))
         table = cache.packed.rope
         got = table.get(0, 0, 25).full()
         want = cache.rope_for(0, 0, 25)
@@ -329,7 +330,7 @@ def test_packed_cpu_attention_at_large_positions_matches_decoding():
     cache = CompressedCache(model, RECIPES["nuq4"](model))
     ids = torch.randint(3, 120, (1, 40))
     with torch.no_grad():
-        model(ids, past_key_values=cache, position_ids=torch.arange(30000, 30040).unsqueeze(0))
+        model(ids, **cache_kwargs(cache), position_ids=torch.arange(30000, 30040).unsqueeze(0))
     layer = cache.layers[0]
     heads, dim = layer.k.body.runs[0].block_shape[1], layer.k.body.runs[0].block_shape[3]
     query = torch.randn(1, heads * 2, 1, dim)

@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from kvpack.cache.cache import CompressedCache
 from kvpack.codecs import Fp16Codec
 from kvpack.errors import MethodError, UnsupportedArchitectureError
-from kvpack.hf.attention import intercept_kv
+from kvpack.hf.attention import cache_kwargs, intercept_kv
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.simulate import Simulator
 
@@ -21,7 +21,7 @@ def recipe(method: str, layers: int = 2) -> Recipe:
 
 
 def stream_logits(model, ids, cache, chunk):
-    outs = [model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits for s in range(0, ids.shape[1], chunk)]
+    outs = [model(ids[:, s:s + chunk], **cache_kwargs(cache), use_cache=True).logits for s in range(0, ids.shape[1], chunk)]
     return torch.cat(outs, dim=1)
 
 
@@ -51,7 +51,7 @@ def test_prefill_in_one_chunk_is_the_simulation():
     r = recipe("int3:key-channel:g8:recent6:sink1")
     with intercept_kv(model, Simulator(r)):
         sim = model(ids).logits
-    assert torch.allclose(model(ids, past_key_values=CompressedCache(model, r)).logits, sim, atol=1e-5)
+    assert torch.allclose(model(ids, **cache_kwargs(CompressedCache(model, r))).logits, sim, atol=1e-5)
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def test_pre_rope_storage_is_exact():
     attn = model.model.layers[1].self_attn
     hook = attn.k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
     cache = CompressedCache(model, recipe("fp16:pre-rope"))
-    model(ids, past_key_values=cache)
+    model(ids, **cache_kwargs(cache))
     hook.remove()
     k_proj = captured["k"].view(1, 12, 2, 16).transpose(1, 2)
     stored = cache.layers[1].k.read(torch.float32)
@@ -76,13 +76,13 @@ def test_positions_and_rope_reapplied_at_stored_positions():
     model = make_tiny_model("llama")
     ids = torch.randint(3, 120, (1, 10))
     cache = CompressedCache(model, recipe("fp16:pre-rope"))
-    model(ids[:, :6], past_key_values=cache)
-    model(ids[:, 6:], past_key_values=cache)
+    model(ids[:, :6], **cache_kwargs(cache))
+    model(ids[:, 6:], **cache_kwargs(cache))
     assert cache.positions.tolist() == [list(range(10))]
     ref = model(ids).logits[:, -1]
     cache2 = CompressedCache(model, recipe("fp16:pre-rope"))
-    model(ids[:, :9], past_key_values=cache2)
-    out = model(ids[:, 9:], past_key_values=cache2).logits[:, -1]
+    model(ids[:, :9], **cache_kwargs(cache2))
+    out = model(ids[:, 9:], **cache_kwargs(cache2)).logits[:, -1]
     assert torch.allclose(out, ref, atol=1e-2)
 
 
@@ -96,10 +96,10 @@ def test_left_padded_batch_rows_match_single_rows(method):
     ids = torch.cat([long, torch.cat([pad, short], 1)])
     mask = torch.cat([torch.ones(1, 20), torch.cat([torch.zeros(1, 6), torch.ones(1, 14)], 1)]).long()
     r = recipe(method)
-    out = model.generate(ids, attention_mask=mask, past_key_values=CompressedCache(model, r), max_new_tokens=6,
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(CompressedCache(model, r)), max_new_tokens=6,
                          do_sample=False, pad_token_id=2)
     for row, single in ((0, long), (1, short)):
-        alone = model.generate(single, past_key_values=CompressedCache(model, r), max_new_tokens=6, do_sample=False,
+        alone = model.generate(single, **cache_kwargs(CompressedCache(model, r)), max_new_tokens=6, do_sample=False,
                                pad_token_id=2)
         assert out[row, -6:].tolist() == alone[0, -6:].tolist()
 
@@ -111,11 +111,11 @@ def test_generate_on_tiny_architectures(arch, attn):
     model = make_tiny_model(arch, attn)
     ids = torch.randint(3, 120, (2, 24), generator=torch.Generator().manual_seed(1))
     fp = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=2)
-    exact = model.generate(ids, past_key_values=CompressedCache(model, recipe("fp16:pre-rope:sink1")), max_new_tokens=12,
+    exact = model.generate(ids, **cache_kwargs(CompressedCache(model, recipe("fp16:pre-rope:sink1"))), max_new_tokens=12,
                            do_sample=False, pad_token_id=2)
     assert exact.tolist() == fp.tolist()  # fp16 storage of a float32 model keeps greedy tokens here
     cache = CompressedCache(model, recipe("int4:pre-rope:sink1"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, pad_token_id=2)
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=12, do_sample=False, pad_token_id=2)
     assert out.shape == fp.shape and cache.get_seq_length() == 24 + 11
     assert cache.memory_report().storage_ratio > 1.5  # 16-dim heads: two fp16 stats per 16 4-bit codes
 
@@ -153,10 +153,10 @@ def test_appends_never_reencode_and_runs_stack():
     model = make_tiny_model("llama")
     ids = torch.randint(3, 120, (1, 30))
     cache = CompressedCache(model, recipe("int4:pre-rope"))
-    model(ids[:, :20], past_key_values=cache)
+    model(ids[:, :20], **cache_kwargs(cache))
     first = {n: b[: 1].clone() for n, b in cache.layers[0].k.body.runs[0].buffers.items()}
     for t in range(20, 30):
-        model(ids[:, t:t + 1], past_key_values=cache)
+        model(ids[:, t:t + 1], **cache_kwargs(cache))
     runs = cache.layers[0].k.body.runs
     assert [r.count for r in runs] == [1, 10]  # the prefill block, then ten 1-token blocks in one run
     for n, b in runs[0].buffers.items():
@@ -173,15 +173,15 @@ def test_crop_and_beam_search():
     assert cache.get_seq_length() == 13 and cache.positions.shape[1] == 13
     ref_cache = CompressedCache(model, recipe("int4:pre-rope"))
     stream_logits(model, ids[:, :13], ref_cache, 1)
-    a = model(ids[:, 13:], past_key_values=cache).logits
-    b = model(ids[:, 13:], past_key_values=ref_cache).logits
+    a = model(ids[:, 13:], **cache_kwargs(cache)).logits
+    b = model(ids[:, 13:], **cache_kwargs(ref_cache)).logits
     assert torch.allclose(a, b, atol=1e-5)
     prefill = CompressedCache(model, recipe("int4:pre-rope"))
-    model(ids, past_key_values=prefill)
+    model(ids, **cache_kwargs(prefill))
     prefill.crop(-3)  # inside the prefill block: its first tokens are kept exactly as encoding them alone stores them
-    c = model(ids[:, 13:], past_key_values=prefill).logits
+    c = model(ids[:, 13:], **cache_kwargs(prefill)).logits
     assert torch.allclose(c, b, atol=1e-5)
-    beams = model.generate(ids, past_key_values=CompressedCache(model, recipe("int4:pre-rope")), num_beams=3,
+    beams = model.generate(ids, **cache_kwargs(CompressedCache(model, recipe("int4:pre-rope"))), num_beams=3,
                            max_new_tokens=5, do_sample=False, pad_token_id=2)
     assert beams.shape == (1, 21)
 
@@ -204,7 +204,7 @@ def test_memory_report_counts_parts():
     model = make_tiny_model("llama")
     ids = torch.randint(3, 120, (1, 64))
     cache = CompressedCache(model, recipe("int4:pre-rope:sink1"))
-    model(ids, past_key_values=cache)
+    model(ids, **cache_kwargs(cache))
     rep = cache.memory_report()
     # 2 layers x K,V x 2 heads x 16 dims: codes 63 tokens x 4 bits, min+step fp16 per token, 1 fp16 sink token
     elems_per_token = 2 * 2 * 2 * 16

@@ -12,6 +12,7 @@ from conftest import make_tiny_model
 
 from kvpack.cache.cache import CompressedCache
 from kvpack.errors import CacheFileError, KVPackError
+from kvpack.hf.attention import cache_kwargs
 from kvpack.recipes.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,12 +29,12 @@ def saved(tmp_path_factory):
     ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(5))
     cache = CompressedCache(model, recipe)
     with torch.no_grad():
-        model(ids[:, :20], past_key_values=cache)
-        model(ids[:, 20:22], past_key_values=cache)  # a prefill block plus a run of later blocks
+        model(ids[:, :20], **cache_kwargs(cache))
+        model(ids[:, 20:22], **cache_kwargs(cache))  # a prefill block plus a run of later blocks
     path = tmp_path_factory.mktemp("cache") / "prompt.kvc"
     cache.save(path)
     with torch.no_grad():
-        expected = model(ids[:, 22:], past_key_values=cache).logits
+        expected = model(ids[:, 22:], **cache_kwargs(cache)).logits
     return model, recipe, ids, path, expected
 
 
@@ -44,7 +45,7 @@ def test_round_trip_continues_identically(saved):
     assert loaded.get_seq_length() == 22
     assert loaded.positions.tolist() == [list(range(22))]
     # same stored bytes; only the layout of the runs (one more run after loading) changes float summation order
-    assert torch.allclose(model(ids[:, 22:], past_key_values=loaded).logits, expected, atol=1e-6, rtol=0)
+    assert torch.allclose(model(ids[:, 22:], **cache_kwargs(loaded)).logits, expected, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
@@ -53,11 +54,11 @@ def test_round_trip_sliding_model_and_generate(tmp_path):
     recipe = Recipe.baseline("int4:pre-rope", 2)
     ids = torch.randint(3, 120, (2, 30))
     cache = CompressedCache(model, recipe, block_tokens=4)
-    model(ids, past_key_values=cache)
+    model(ids, **cache_kwargs(cache))
     cache.save(tmp_path / "g.kvc")
     loaded = CompressedCache.load(tmp_path / "g.kvc", model, recipe)
     nxt = torch.randint(3, 120, (2, 1))
-    assert torch.allclose(model(nxt, past_key_values=loaded).logits, model(nxt, past_key_values=cache).logits, atol=1e-6)
+    assert torch.allclose(model(nxt, **cache_kwargs(loaded)).logits, model(nxt, **cache_kwargs(cache)).logits, atol=1e-6)
 
 
 def test_no_temporary_file_is_left(saved):

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from conftest import make_tiny_model
 from kvpack.cache.cache import CompressedCache
+from kvpack.hf.attention import cache_kwargs
 from kvpack.hf.models import text_config
 from kvpack.recipes.recipe import Recipe
 
@@ -36,7 +37,7 @@ def _ids(tokens: int) -> torch.Tensor:
 def _logits(model, cache, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     out, start = [], 0
     for size in chunks:
-        out.append(model(ids[:, start:start + size], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, start:start + size], **cache_kwargs(cache), use_cache=True).logits)
         start += size
     return torch.cat(out, 1)
 
@@ -84,7 +85,7 @@ def test_decoded_chunks_match_the_packed_blockwise_path(model, name):
     # decode steps still read the packed storage
     step = ids[:, -1:]
     with torch.no_grad():
-        model(step, past_key_values=decoded, use_cache=True)
+        model(step, **cache_kwargs(decoded), use_cache=True)
     assert decoded.packed.calls > 0
 
 

@@ -14,6 +14,7 @@ from kvpack.cache.cache import CompressedCache
 from kvpack.cache.layer import CompressedLayer
 from kvpack.cache.stream import TokenStream
 from kvpack.codecs import Fp16Codec, NormalFloatCodec, UniformCodec
+from kvpack.hf.attention import cache_kwargs
 from kvpack.hf.models import text_config
 from kvpack.kernels import dispatch, reference
 from kvpack.recipes.recipe import Recipe
@@ -55,7 +56,7 @@ def _stream_logits(model, recipe, ids, mask, chunks: list[int], packed: bool, wi
     with torch.no_grad():
         for size in chunks:
             stop = start + size
-            out.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache).logits)
+            out.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], **cache_kwargs(cache)).logits)
             start = stop
     return torch.cat(out, 1), cache
 
@@ -164,7 +165,7 @@ def test_prefill_never_decodes_the_whole_history(monkeypatch):
         monkeypatch.setattr(type(codec), "decode", spy)
     with torch.no_grad():
         for start, stop in ((0, 64), (64, 100), (100, 120)):
-            model(ids[:, start:stop], past_key_values=cache)
+            model(ids[:, start:stop], **cache_kwargs(cache))
     assert cache.packed.blockwise_calls == 3 * 2 and cache.layers[0].k.body.tokens >= 64
     assert seen and max(seen) <= 12
 

@@ -144,7 +144,7 @@ class CompressedCache(Cache):
             raise UnsupportedArchitectureError(
                 f"Layer {layer_idx}: no rotary cos/sin reached the cache. A pre-RoPE CompressedCache must be used through "
                 "the model it was built for (its attention modules receive `position_embeddings`), e.g. "
-                "model(ids, past_key_values=cache) or model.generate(..., past_key_values=cache)."
+                "model(ids, cache=cache) or model.generate(..., cache=cache) (`past_key_values=` before transformers 5.24)."
             )
         (cos, sin), position_ids = got
         if cos.shape[-2] != q:

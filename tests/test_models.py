@@ -161,3 +161,16 @@ def test_conversion_is_keyed_by_content_and_kept_in_float32(smollm2):
     folder = model_path(DEFAULT_MODEL)
     assert folder == converted_dir(_embedded_gguf(DEFAULT_MODEL)) and (folder / "config.json").is_file()
     assert json.loads((folder / "config.json").read_text()).get("dtype", "float32") == "float32"
+
+
+def test_layer_kwargs_come_per_layer_whatever_the_transformers_version(monkeypatch):
+    """transformers 5.17 returns one kwargs dict for every layer, later versions one per layer: kvpack sees one per
+    layer, the window only on the windowed layers."""
+    from kvpack.hf import models
+
+    kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+    monkeypatch.setattr(models, "get_layer_types_and_kwargs", lambda config: (kinds, {"sliding_window": 16}))
+    assert models.layer_types_and_kwargs(None) == (kinds, [{"sliding_window": 16}, {}, {"sliding_window": 16}])
+    per_layer = [{"sliding_window": 16}, {}, {"sliding_window": 16}]
+    monkeypatch.setattr(models, "get_layer_types_and_kwargs", lambda config: (kinds, per_layer))
+    assert models.layer_types_and_kwargs(None) == (kinds, per_layer)

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
 from kvpack.cache.io import load_cache, save_cache
 from kvpack.cache.layer import CompressedLayer
@@ -37,7 +37,7 @@ from kvpack.cache.positions import PositionLog
 from kvpack.codecs.checks import check_storable
 from kvpack.hf.rope import RopeSource, check_pre_rope_supported, invert_rope
 from kvpack.cache.packed import attach
-from kvpack.hf.models import check_architecture, text_config
+from kvpack.hf.models import check_architecture, layer_types_and_kwargs, text_config
 from kvpack.recipes.io import check_identity
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.resolve import check_settings_fit_model
@@ -85,7 +85,7 @@ class CompressedCache(Cache):
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         self.prefill = prefill
         self.left_pad = 0
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layer_types, layer_kwargs = layer_types_and_kwargs(config)
         groups = []
         for i in range(n_layers):
             _check_streamable(recipe.key_codecs[i], f"layer {i} keys")

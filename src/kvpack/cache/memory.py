@@ -27,8 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from kvpack.hf.models import text_config
-from transformers.cache_utils import get_layer_types_and_kwargs
+from kvpack.hf.models import layer_types_and_kwargs, text_config
 
 PARTS = ("codes", "scales", "outliers", "other", "sink_window", "positions", "rope", "unlisted", "bookkeeping",
          "reserved")
@@ -59,7 +58,7 @@ def fp16_cache_nbytes(config, tokens: int, batch: int = 1) -> int:
     cfg = text_config(config)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    types, kwargs = get_layer_types_and_kwargs(cfg)
+    types, kwargs = layer_types_and_kwargs(cfg)
     total = 0
     for kind, kw in zip(types, kwargs):
         held = min(tokens, kw["sliding_window"] - 1) if "sliding_window" in kw and tokens >= kw["sliding_window"] else tokens

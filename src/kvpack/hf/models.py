@@ -14,6 +14,7 @@ import torch
 
 from kvpack.errors import ModelLoadError, UnsupportedArchitectureError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -135,6 +136,20 @@ def _load_pretrained(source: str | Path, dtype: torch.dtype):
 def text_config(config):
     """The decoder's config (multimodal configs nest it under `text_config`)."""
     return getattr(config, "text_config", None) or config
+
+
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+def layer_types_and_kwargs(config) -> tuple[list[str], list[dict]]:
+    """transformers' layer type of every decoder layer of `config` and each layer's cache arguments (its
+    `sliding_window`, ...), one dict per layer. transformers 5.18 and later return them per layer; 5.17 one dict for
+    every layer, whose window then belongs to the windowed layers only."""
+    types, kwargs = get_layer_types_and_kwargs(config)
+    if isinstance(kwargs, dict):
+        kwargs = [{k: v for k, v in kwargs.items() if k != "sliding_window" or kind in WINDOWED_LAYER_TYPES}
+                  for kind in types]
+    return list(types), list(kwargs)
 
 
 def num_layers(model) -> int:

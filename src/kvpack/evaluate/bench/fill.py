@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvpack.hf.attention import cache_kwargs
-from transformers.cache_utils import get_layer_types_and_kwargs
-from kvpack.hf.attention import attention_layers
-from kvpack.hf.models import text_config
-from kvpack.hf.rope import apply_rope, invert_rope
-from kvpack.hf.rope import RopeSource
+from kvpack.hf.attention import attention_layers, cache_kwargs
+from kvpack.hf.models import layer_types_and_kwargs, text_config
+from kvpack.hf.rope import RopeSource, apply_rope, invert_rope
 
 
 @dataclass
@@ -74,7 +71,7 @@ class TeeCache(DynamicCache):
         tokens prefilled through the model) repeated with their period, keys rotated from their source
         position to the new one; RoPE and positions reported as the hooks report them."""
         period = self.get_seq_length()
-        rope = RopeSource(model, attention_layers(model), get_layer_types_and_kwargs(text_config(model.config))[0])
+        rope = RopeSource(model, attention_layers(model), layer_types_and_kwargs(text_config(model.config))[0])
         device = self.layers[0].keys.device
         for s in range(start, end, chunk):
             pos = torch.arange(s, min(s + chunk, end), device=device).unsqueeze(0)

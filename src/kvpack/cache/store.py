@@ -20,7 +20,7 @@ attention kernel can walk runs block by block.
 
 Memory: a block's tensors live in the run buffers only. A run starts from the encoded tensors
 themselves when they own exactly their storage (no copy), and the store remembers its newest block
-by position (run, index), not by a second reference to its tensors.
+by its index in the last run, not by a second reference to its tensors.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def _half(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.as_tensor(t).to(torch.float16).contiguous()
 
 
-MAX_COLUMNS = 32767  # channels per layer with per-channel widths: `width_columns` lists them as int16
+MAX_COLUMNS = 32767  # channels per layer with per-channel widths: the C++ kernels list them as int16
 
 PAD = 4.0  # codebook padding beyond the normalized range [-1, 1]: midpoints next to it exceed 1
 
@@ -303,8 +303,8 @@ class NuqCodec(Codec):
         if self.channel_bits is None:
             parts = {"codes": packed_token_range(t["codes"], start, stop, tokens, self.head_dim, self.bits)}
         else:  # per width, [..., tokens * n codes]: cut where both ends fall on a byte
-            parts = {f"codes{b}": packed_token_range(t[f"codes{b}"], start, stop, tokens, cols.numel(), b)
-                     for b, cols in self.width_columns().items()}
+            parts = {f"codes{b}": packed_token_range(t[f"codes{b}"], start, stop, tokens, n, b)
+                     for b, n in self.width_counts()}
         if any(p is None for p in parts.values()):
             return None
         out = dict(parts)
@@ -333,7 +333,7 @@ class NuqCodec(Codec):
         return Encoded(out, (tokens, heads, 1, dim), dict(enc.meta))
 
     def layout(self) -> StorageLayout:
-        parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b in self.width_columns()])}
+        parts = {n: "codes" for n in (["codes"] if self.channel_bits is None else [f"codes{b}" for b, _ in self.width_counts()])}
         if self.axis == "token":
             parts |= {"zero": "scales", "scale": "scales"}
         if self.outlier_frac > 0:
@@ -341,23 +341,23 @@ class NuqCodec(Codec):
         return StorageLayout(parts, self.outlier_rows if self.outlier_frac > 0 else None)
 
     # ----- code packing -----
+    def width_counts(self) -> list[tuple[int, int]]:
+        """(bit width, channels of that width) for every width in use, ascending (0-bit channels store nothing);
+        kept as a small array until `channel_bits` is replaced. What the C++ kernels are told: they list each
+        width's channels themselves, from the widths."""
+        memo = self.__dict__.get("_width_counts")
+        if memo is None or memo[0] is not self.channel_bits:
+            counts = torch.bincount(self.channel_bits.long().cpu(), minlength=9).tolist()
+            memo = self.__dict__["_width_counts"] = (self.channel_bits, array("i", [v for b in range(1, 9) if counts[b]
+                                                                                    for v in (b, counts[b])]))
+        sizes = memo[1]
+        return [(sizes[i], sizes[i + 1]) for i in range(0, len(sizes), 2)]
+
     def width_columns(self) -> dict[int, torch.Tensor]:
-        """Bit width -> int16 [n]: the (head * head_dim + channel) columns stored at that width (0-bit ones store
-        nothing), ascending widths; views of one int16 tensor computed once per device (the kernels read the same
-        memory), the views made per call."""
-        memo = self.__dict__.get("_columns")
-        if memo is None or memo[0] is not self.channel_bits:  # kept for the widths tensor it was computed from
-            widths = [int(b) for b in self.channel_bits.unique() if b > 0]
-            parts = [(self.channel_bits == b).nonzero().flatten() for b in widths]
-            flat = torch.cat(parts).to(torch.int16) if parts else self.channel_bits.new_empty(0, dtype=torch.int16)
-            sizes = array("i", [v for b, part in zip(widths, parts) for v in (b, part.numel())])
-            memo = self.__dict__["_columns"] = (self.channel_bits, flat, sizes)
-        _, flat, sizes = memo
-        out, start = {}, 0
-        for i in range(0, len(sizes), 2):
-            out[sizes[i]] = flat[start:start + sizes[i + 1]]
-            start += sizes[i + 1]
-        return out
+        """Bit width -> int64 [n]: the (head * head_dim + channel) columns stored at that width, ascending (0-bit
+        ones store nothing), computed when asked (the torch and Triton paths; the C++ kernels list them from the
+        widths, so the codec holds no column lists)."""
+        return {b: (self.channel_bits == b).nonzero().flatten() for b, _ in self.width_counts()}
 
     def _pack(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channel_bits is None:

@@ -265,7 +265,7 @@ def tq_segment(view: TqView) -> list[int]:
             _ptr(view.rotation)]
 
 
-MIXED_HEAD, MIXED_GROUP = 10, 12  # mixed_segment: arguments before the first group, per group
+MIXED_HEAD, MIXED_GROUP = 10, 11  # mixed_segment: arguments before the first group, per group
 
 
 def _strides(t: torch.Tensor) -> list[int]:
@@ -300,8 +300,8 @@ def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
         c = g.codec  # fp16 levels [sum of 2**width] (channel after channel), widths [H * D], Q-Norm [H * D, 2], ranges [H * D]: once per model
         keyed = c.axis == "channel"
         sblk, sb, _ = _strides(g.codes)
-        args += [g.bits, g.cols.numel(), _ptr(g.codes), sblk, sb, g.cols.numel() * g.bits // 8,
-                 _ptr(g.cols), _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
+        args += [g.bits, g.n, _ptr(g.codes), sblk, sb, g.n * g.bits // 8,
+                 _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
                  _ptr(c.zero) if keyed else 0]
     if keys or view.vscale is None:
         args += [0, 0, 0, 0, 0, 0]
@@ -351,8 +351,6 @@ def _run_arguments(run, codec, keys: bool, rotary_keys: bool, heads: int, dim: i
     view, build = found
     args = _int64s(build())
     held = [*run.buffers.values(), *(t for t in vars(codec).values() if isinstance(t, torch.Tensor))]
-    if isinstance(codec, NuqCodec) and codec.channel_bits is not None:
-        held += codec.width_columns().values()
     own = {t.untyped_storage().data_ptr() for t in held}
     foreign = [t for t in view_tensors(view) if t.untyped_storage().data_ptr() not in own]
     # one-token blocks read as one block (layout._as_one_block: count > 1 blocks, yet one block in the view)
@@ -499,22 +497,20 @@ def mixed_encode(codec, x: torch.Tensor):
     batch, heads, tokens, dim = x.shape
     if load() is None or heads != codec.heads or dim != codec.head_dim or dim % 8 or codec.outlier_scope != "vector":
         return None
-    columns = codec.width_columns()
-    if int(codec.channel_bits.min()) < 1 or any(c.numel() % 8 for c in columns.values()) or codec.bits > 8:
+    groups_of = codec.width_counts()  # (bits, channels) per width
+    if int(codec.channel_bits.min()) < 1 or any(n % 8 for _, n in groups_of) or codec.bits > 8:
         return None
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None
-    cols = columns  # int16, contiguous: the codec's own
     # the codec's fp16 levels (channel after channel), widths and ranges as they are held: the C side makes the
-    # midpoints per call
+    # midpoints and each width's channel list per call
     fp16 = [codec.level_data] + ([codec.zero, codec.scale] if codec.axis == "channel" else [])
     if any(t.dtype != torch.float16 or not t.is_contiguous() for t in fp16) or not codec.channel_bits.is_contiguous():
         return None
     x = x.float().contiguous()
-    tensors = {f"codes{b}": torch.empty(batch, tokens * c.numel() * b // 8, dtype=torch.uint8) for b, c in cols.items()}
-    groups = torch.tensor([v for b, c in cols.items() for v in (b, c.numel(), _ptr(c), _ptr(tensors[f"codes{b}"]))],
-                          dtype=torch.int64)
+    tensors = {f"codes{b}": torch.empty(batch, tokens * n * b // 8, dtype=torch.uint8) for b, n in groups_of}
+    groups = torch.tensor([v for b, n in groups_of for v in (b, n, _ptr(tensors[f"codes{b}"]))], dtype=torch.int64)
     span = heads if codec.span == "all" else 1
     k = outliers_per_side(codec.outlier_frac, span * dim) if codec.outlier_frac > 0 and codec.axis == "token" else 0
     if codec.axis == "token":
@@ -525,7 +521,7 @@ def mixed_encode(codec, x: torch.Tensor):
     mask, values, positions, counts, nnz = buffers
     keyed = codec.axis == "channel"
     args = [_ptr(x), batch, heads, tokens, dim, int(not keyed), _ptr(codec.level_data), _ptr(codec.channel_bits),
-            _ptr(codec.zero) if keyed else 0, _ptr(codec.scale) if keyed else 0, span, k, len(cols), _ptr(groups),
+            _ptr(codec.zero) if keyed else 0, _ptr(codec.scale) if keyed else 0, span, k, len(groups_of), _ptr(groups),
             _ptr(tensors.get("zero")), _ptr(tensors.get("scale")), _ptr(mask), mode or 0, _ptr(values), _ptr(positions),
             _ptr(counts), _ptr(nnz)]
     if load().kvpack_mixed_encode((ctypes.c_int64 * len(args))(*args)) != 0:

@@ -90,9 +90,18 @@ int read_mixed(Reader& r, int nblk, int B, int H, int T, int D, bool keys, mixed
     mixed::Group& g = m.g[i];
     g.bits = (int)r.next(); g.n = (int)r.next();
     g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
-    g.cols = (const int16_t*)r.ptr(); g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
+    g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
     g.qnorm = (const uint16_t*)r.ptr(); g.scale = (const uint16_t*)r.ptr(); g.zero = (const uint16_t*)r.ptr();
     if (g.bits < 1 || g.bits > 8 || g.n % 8 || !g.levels || !g.widths || (keys && !(g.scale && g.zero))) return -1;
+  }
+  // each group's members, from the widths (the codec holds no column lists)
+  const int HD = H * D;
+  int total = 0;
+  for (int i = 0; i < m.ng; ++i) total += m.g[i].n;
+  m.cols.resize((size_t)total);
+  for (int i = 0, at = 0; i < m.ng; at += m.g[i].n, ++i) {
+    if (width_columns(m.g[i].widths, HD, m.g[i].bits, m.cols.data() + at, m.g[i].n) != m.g[i].n) return -1;
+    m.g[i].cols = m.cols.data() + at;
   }
   const uint16_t* vs = (const uint16_t*)r.ptr();
   const uint16_t* vz = (const uint16_t*)r.ptr();
@@ -391,7 +400,7 @@ int kvpack_nuq_encode(const i64* a) {
 }
 
 // Mixed-width encode (see mixed_encode). Array: x ptr, B, H, T, D, axis_token, mids ptr, L1, kzero ptr, kscale ptr,
-// span_heads, k_side, number of groups, groups ptr (int64 [g][bits, n, cols ptr, codes ptr]), vzero ptr, vscale ptr,
+// span_heads, k_side, number of groups, groups ptr (int64 [g][bits, n, codes ptr]), vzero ptr, vscale ptr,
 // mask ptr (0: no outliers), sparse mode, outlier values, positions, counts, nnz ptrs (as kvpack_nuq_encode).
 int kvpack_mixed_encode(const i64* a) {
   Reader r{a};
@@ -416,7 +425,7 @@ int kvpack_mixed_encode(const i64* a) {
   for (int c = 0; c < H * D; ++c)
     if (widths[c] < 1 || widths[c] > 8) return -1;
   for (int g = 0; g < ng; ++g)
-    if (groups[4 * g] < 1 || groups[4 * g] > 8 || groups[4 * g + 1] % 8) return -1;
+    if (groups[3 * g] < 1 || groups[3 * g] > 8 || groups[3 * g + 1] % 8) return -1;
   const int code = mixed_encode(x, B, H, T, D, axis_token, levels, widths, kzero, kscale, span_heads, k_side, ng, groups,
                                 vzero, vscale, mask);
   if (code == 0 && mask)

@@ -96,9 +96,14 @@ class MixedGroup:
     codec, fp16, held once per model: the C++ kernels expand them per call, `levels`/`scale`/`zero` on demand."""
 
     bits: int
-    codes: torch.Tensor  # uint8 [nblk, B, tokens * n * bits / 8]: n codes per token, byte-aligned (n % 8 == 0)
-    cols: torch.Tensor  # int16 [n], channel h * head_dim + c of each member (the codec's own `width_columns`)
+    n: int  # members (channels of this width), a multiple of 8
+    codes: torch.Tensor  # uint8 [nblk, B, tokens * n * bits / 8]: n codes per token, byte-aligned
     codec: NuqCodec
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """int64 [n]: channel h * head_dim + c of each member, ascending (`NuqCodec.width_columns`, made when asked)."""
+        return self.codec.width_columns()[self.bits]
 
     @property
     def levels(self) -> torch.Tensor:
@@ -306,12 +311,11 @@ def _mixed_view(run, codec: NuqCodec) -> MixedNuqView | None:
     if codec.channel_bits.numel() != heads * dim or any(t.dtype != half or not t.is_contiguous() for t in fp16):
         return None
     groups = []
-    for bits, cols in codec.width_columns().items():
-        n = cols.numel()
+    for bits, n in codec.width_counts():
         codes = t.get(f"codes{bits}")
         if n % 8 or codes is None or codes.dtype != torch.uint8 or tuple(codes.shape) != (nblk * batch, tokens * n * bits // 8):
             return None
-        groups.append(MixedGroup(bits, codes.contiguous().view(nblk, batch, -1), cols, codec))
+        groups.append(MixedGroup(bits, n, codes.contiguous().view(nblk, batch, -1), codec))
     view = MixedNuqView(groups=groups, nblk=nblk, batch=batch, heads=heads, tokens=tokens, dim=dim, axis=codec.axis,
                         vscale=None, vzero=None, outliers=_outliers(t, mode))
     if codec.axis == "token":

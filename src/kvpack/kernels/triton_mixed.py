@@ -73,7 +73,7 @@ def width_tables(codec, view: MixedNuqView, keys: bool) -> WidthTables | None:
         return None
     memo = codec.__dict__.setdefault("_kvpack_triton_tables", {})
     levels = groups[0].codec.level_data  # what the tables are built from (the padded `levels` is built per ask)
-    key = (keys, str(groups[0].cols.device), id(levels), levels._version)
+    key = (keys, str(groups[0].codes.device), id(levels), levels._version)
     if key not in memo:
         memo[key] = _build_tables(view, keys)
     return memo[key]
@@ -81,7 +81,7 @@ def width_tables(codec, view: MixedNuqView, keys: bool) -> WidthTables | None:
 
 def _build_tables(view: MixedNuqView, keys: bool) -> WidthTables | None:
     heads, dim = view.heads, view.dim
-    dev = view.groups[0].cols.device
+    dev = view.groups[0].codes.device
     meta = torch.zeros(heads, 5, dim, dtype=torch.int64)
     parts: list[list[torch.Tensor]] = [[] for _ in range(heads)]  # per head, per permuted channel: its levels
     fill = [0] * heads

@@ -17,6 +17,18 @@ namespace {
 
 constexpr int MAXG = 64;  // query rows per KV head handled in registers/stack
 
+// The channels c < HD of width `bits` (widths[c] == bits), ascending, into out (at most cap of them); their count.
+// What NuqCodec.width_columns lists for the group of that width: the codecs hold only the widths.
+inline int width_columns(const uint8_t* widths, int HD, int bits, int16_t* out, int cap) {
+  int n = 0;
+  for (int c = 0; c < HD; ++c)
+    if (widths[c] == bits) {
+      if (n < cap) out[n] = (int16_t)c;
+      ++n;
+    }
+  return n;
+}
+
 // RoPE at each key's logged position, from two small tables (angle addition: position p = (r << shift) + j):
 // cos/sin(p) = hi[r] (x) lo[j], so tables grow with the square root of the context, not with it.
 struct Rope {

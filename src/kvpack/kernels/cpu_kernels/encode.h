@@ -109,6 +109,13 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
                  const uint8_t* widths, const uint16_t* kzero, const uint16_t* kscale, int span_heads, int k_side, int ng,
                  const i64* groups, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
   const int HD = H * D;
+  std::vector<int> first(ng + 1, 0);  // each group's members, from the widths (the codec holds no column lists)
+  for (int g = 0; g < ng; ++g) first[g + 1] = first[g] + (int)groups[3 * g + 1];
+  std::vector<int16_t> columns((size_t)first[ng]);
+  for (int g = 0; g < ng; ++g)
+    if (width_columns(widths, HD, (int)groups[3 * g], columns.data() + first[g], (int)groups[3 * g + 1]) !=
+        (int)groups[3 * g + 1])
+      return -1;
   std::vector<i64> moff(HD + 1, 0);  // first midpoint of each channel
   for (int c = 0; c < HD; ++c) moff[c + 1] = moff[c] + (1 << widths[c]) - 1;
   std::vector<float> mids(moff[HD]);
@@ -148,9 +155,9 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
       for (int c = 0; c < HD; ++c)
         code[c] = nearest(std::min(std::max(u[c], -1.0f), 1.0f), mids.data() + moff[c], (int)(moff[c + 1] - moff[c]));
       for (int g = 0; g < ng; ++g) {
-        const int bits = (int)groups[4 * g], m = (int)groups[4 * g + 1];
-        const int16_t* cols = (const int16_t*)groups[4 * g + 2];
-        uint8_t* out = (uint8_t*)groups[4 * g + 3];
+        const int bits = (int)groups[3 * g], m = (int)groups[3 * g + 1];
+        const int16_t* cols = columns.data() + first[g];
+        uint8_t* out = (uint8_t*)groups[3 * g + 2];
         for (int j = 0; j < m; ++j) buf[j] = code[cols[j]];
         pack_row(buf.data(), m, bits, out + ((i64)b * T + t) * m * bits / 8);
       }

@@ -39,7 +39,7 @@ struct Group {
   int bits, n;
   const uint8_t* codes;  // token (blk, b, t) at codes + blk * sblk + b * sb + t * st
   i64 sblk, sb, st;
-  const int16_t* cols;      // [n] channel (h * D + c) of each member
+  const int16_t* cols;      // [n] channel (h * D + c) of each member, ascending (width_columns)
   const uint16_t* levels;   // fp16 [sum over channels of 2**width]: the codec's levels, channel after channel
   const uint8_t* widths;    // [H * D] every channel's width (where its levels start follows from them)
   const uint16_t* qnorm;    // fp16 [H * D, 2]: decoded level = level * a + b (Q-Norm); nullptr: none
@@ -50,6 +50,7 @@ struct Group {
 struct Mixed {
   int ng = 0;
   Group g[9];
+  std::vector<int16_t> cols;  // every group's members (Group::cols points here), derived from the widths per call
   Half4 vs{}, vz{};  // values: per-token scale / zero (blk, b, h | 0, t)
   const uint16_t* ov = nullptr;
   const void* oi = nullptr;

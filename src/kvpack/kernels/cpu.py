@@ -265,7 +265,7 @@ def tq_segment(view: TqView) -> list[int]:
             _ptr(view.rotation)]
 
 
-MIXED_HEAD, MIXED_GROUP = 10, 11  # mixed_segment: arguments before the first group, per group
+MIXED_HEAD, MIXED_GROUP = 15, 6  # mixed_segment: arguments before the first group, per group
 
 
 def _strides(t: torch.Tensor) -> list[int]:
@@ -295,14 +295,14 @@ def _grown_one_block(args: array.array, run) -> None:
 
 def mixed_segment(view: MixedNuqView, keys: bool) -> list[int]:
     """Arguments of one run of mixed-width nuq blocks (kind SEG_MIXED): every width group, value ranges, outliers."""
-    args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups)]
+    c = view.groups[0].codec  # fp16 levels [sum of 2**width] (channel after channel), widths [H * D], Q-Norm [H * D, 2],
+    keyed = c.axis == "channel"  # keys' ranges [H * D]: the codec's, once per model, shared by every group
+    args = [view.run_tokens, SEG_MIXED, 0, 0, 0, 0, 0, view.nblk, view.tokens, len(view.groups),
+            _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
+            _ptr(c.zero) if keyed else 0]
     for g in view.groups:
-        c = g.codec  # fp16 levels [sum of 2**width] (channel after channel), widths [H * D], Q-Norm [H * D, 2], ranges [H * D]: once per model
-        keyed = c.axis == "channel"
         sblk, sb, _ = _strides(g.codes)
-        args += [g.bits, g.n, _ptr(g.codes), sblk, sb, g.n * g.bits // 8,
-                 _ptr(c.level_data), _ptr(c.channel_bits), _ptr(c.qnorm), _ptr(c.scale) if keyed else 0,
-                 _ptr(c.zero) if keyed else 0]
+        args += [g.bits, g.n, _ptr(g.codes), sblk, sb, g.n * g.bits // 8]
     if keys or view.vscale is None:
         args += [0, 0, 0, 0, 0, 0]
     else:

@@ -86,12 +86,17 @@ int read_mixed(Reader& r, int nblk, int B, int H, int T, int D, bool keys, mixed
   mixed::Mixed& m = *out;
   m.ng = (int)r.next();
   if (m.ng < 1 || m.ng > 9 || D % 8) return -1;
+  // the codec's state, shared by every group: levels, widths, Q-Norm, keys' ranges
+  const uint16_t* levels = (const uint16_t*)r.ptr();
+  const uint8_t* widths = (const uint8_t*)r.ptr();
+  const uint16_t* qnorm = (const uint16_t*)r.ptr();
+  const uint16_t* scale = (const uint16_t*)r.ptr();
+  const uint16_t* zero = (const uint16_t*)r.ptr();
   for (int i = 0; i < m.ng; ++i) {
     mixed::Group& g = m.g[i];
     g.bits = (int)r.next(); g.n = (int)r.next();
     g.codes = (const uint8_t*)r.ptr(); g.sblk = r.next(); g.sb = r.next(); g.st = r.next();
-    g.levels = (const uint16_t*)r.ptr(); g.widths = (const uint8_t*)r.ptr();
-    g.qnorm = (const uint16_t*)r.ptr(); g.scale = (const uint16_t*)r.ptr(); g.zero = (const uint16_t*)r.ptr();
+    g.levels = levels; g.widths = widths; g.qnorm = qnorm; g.scale = scale; g.zero = zero;
     if (g.bits < 1 || g.bits > 8 || g.n % 8 || !g.levels || !g.widths || (keys && !(g.scale && g.zero))) return -1;
   }
   // each group's members, from the widths (the codec holds no column lists)

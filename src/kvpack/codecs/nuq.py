@@ -357,7 +357,11 @@ class NuqCodec(Codec):
         """Bit width -> int64 [n]: the (head * head_dim + channel) columns stored at that width, ascending (0-bit
         ones store nothing), computed when asked (the torch and Triton paths; the C++ kernels list them from the
         widths, so the codec holds no column lists)."""
-        return {b: (self.channel_bits == b).nonzero().flatten() for b, _ in self.width_counts()}
+        return {b: self.columns_of(b) for b, _ in self.width_counts()}
+
+    def columns_of(self, bits: int) -> torch.Tensor:
+        """int64 [n]: the columns stored at width `bits`, ascending (one entry of `width_columns`)."""
+        return (self.channel_bits == bits).nonzero().flatten()
 
     def _pack(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channel_bits is None:

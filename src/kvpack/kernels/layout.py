@@ -102,8 +102,8 @@ class MixedGroup:
 
     @property
     def cols(self) -> torch.Tensor:
-        """int64 [n]: channel h * head_dim + c of each member, ascending (`NuqCodec.width_columns`, made when asked)."""
-        return self.codec.width_columns()[self.bits]
+        """int64 [n]: channel h * head_dim + c of each member, ascending (`NuqCodec.columns_of`, made when asked)."""
+        return self.codec.columns_of(self.bits)
 
     @property
     def levels(self) -> torch.Tensor:

@@ -233,11 +233,14 @@ def _run_head(view) -> list[int]:
 
 
 def nuq_segment(view: NuqView, keys: bool) -> list[int]:
-    """Arguments of one run of nuq blocks (kind SEG_NUQ, see run_segment in cpu_kernels.cpp)."""
+    """Arguments of one run of nuq blocks (kind SEG_NUQ, see run_segment in cpu_kernels.cpp): the codec's fp16
+    levels [1 | H, 2**bits], Q-Norm and keys' ranges as it holds them (the C side decodes them per call)."""
     n, *codes = _run_head(view)
-    args = [n, SEG_NUQ, *codes, view.bits, _ptr(view.levels), int(view.levels.shape[0] > 1), *_outlier_args(view.outliers)]
+    c = view.codec
+    args = [n, SEG_NUQ, *codes, view.bits, _ptr(c.level_data), int(c.level_data.shape[0] > 1), _ptr(c.qnorm),
+            *_outlier_args(view.outliers)]
     if keys:
-        return args + [_ptr(view.kscale), _ptr(view.kzero)]
+        return args + [_ptr(c.scale), _ptr(c.zero)]
     s = view.vscale.stride()
     return args + [_ptr(view.vscale), _ptr(view.vzero), s[0], s[1], s[2] if view.vscale.shape[2] > 1 else 0, s[3],
                    int(view.span_all)]
@@ -548,30 +551,22 @@ def nuq_encode(codec, x: torch.Tensor):
     mode = sparse_mode(codec)
     if codec.outlier_frac > 0 and mode is None:
         return None
-    mid = codec.__dict__.get("_kvpack_midpoints")
-    if mid is None:
-        levels = codec.levels.float()
-        mid = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
-        codec.__dict__["_kvpack_midpoints"] = mid
+    levels = codec.level_data  # fp16 [1 | H, 2**bits] as held: the C side makes the midpoints per call
     x = x.float().contiguous()
     codes = torch.empty(batch, heads, tokens * dim * codec.bits // 8, dtype=torch.uint8)
     buffers = _outlier_buffers(codec, x, mode)
     mask, values, positions, counts, nnz = buffers
     tensors = {"codes": codes}
-    if codec.axis == "channel":
-        kz = codec.__dict__.get("_kvpack_kzs")
-        if kz is None:
-            kz = (codec.zero.reshape(heads, dim).float().contiguous(), codec.scale.reshape(heads, dim).float().contiguous())
-            codec.__dict__["_kvpack_kzs"] = kz
-        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 0, _ptr(mid), int(mid.shape[0] > 1), _ptr(kz[0]),
-                _ptr(kz[1]), 1, 0, _ptr(codes), 0, 0]
+    if codec.axis == "channel":  # the codec's fp16 zero and scale [H, 1, D] as held
+        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 0, _ptr(levels), int(levels.shape[0] > 1),
+                _ptr(codec.zero), _ptr(codec.scale), 1, 0, _ptr(codes), 0, 0]
     else:
         span = heads if codec.span == "all" else 1
         k = outliers_per_side(codec.outlier_frac, span * dim) if mask is not None else 0
         zero = torch.empty(batch, heads // span, tokens, 1, dtype=torch.float16)
         scale = torch.empty_like(zero)
         tensors.update(zero=zero, scale=scale)
-        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 1, _ptr(mid), int(mid.shape[0] > 1), 0, 0, span, k,
+        head = [_ptr(x), batch, heads, tokens, dim, codec.bits, 1, _ptr(levels), int(levels.shape[0] > 1), 0, 0, span, k,
                 _ptr(codes), _ptr(zero), _ptr(scale)]
     args = head + [_ptr(mask), mode or 0, _ptr(values), _ptr(positions), _ptr(counts), _ptr(nnz)]
     if load().kvpack_nuq_encode((ctypes.c_int64 * len(args))(*args)) != 0:

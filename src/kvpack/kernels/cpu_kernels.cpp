@@ -7,7 +7,8 @@
 // tokens), already multiplied by the softmax scaling. Scores are written to out[b, h, g, n]
 // (n contiguous); value kernels add p[b, h, g, n] . v into out[b, h, g, d].
 //
-// nuq (KVQuant): a code row of D codes of BITS bits, 8 codes in BITS bytes; decoded level = levels[code].
+// nuq (KVQuant): a code row of D codes of BITS bits, 8 codes in BITS bytes; decoded level = levels[code], the
+//   codec's fp16 levels (Q-Norm applied) and keys' ranges expanded to float32 per call (decode_levels).
 //   keys   (per channel): k = kscale[h, c] * level + kzero[h, c]; sparse outliers (CSC: rows (blk, b, h, c),
 //          entries = token) replace elements, added here as a correction (v - dequantized) * (R^T q)_c.
 //   values (per token):  v = vscale[t] * level + vzero[t]; outliers (CSR: rows (blk, b, [h,] t)) likewise.
@@ -64,6 +65,24 @@ namespace {
 // A layer's keys or values are segments in token order: fp16 (head / tail) or one run of encoded blocks.
 // Each segment's arguments follow its kind in the int64 array; `x`/`out` point at its first token.
 enum { SEG_FP16 = 0, SEG_NUQ = 1, SEG_RVQ = 2, SEG_TQ = 3, SEG_MIXED = 4 };
+
+// A single-width NuqCodec's levels as NuqCodec.decode_levels computes them in float32: fp16 levels [groups][L], times
+// a, plus b of the fp16 Q-Norm [groups][2] (nullptr: none), each operation rounded on its own as torch does.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void decode_levels(const uint16_t* levels, const uint16_t* qnorm, int groups, int L, std::vector<float>* out) {
+  out->resize((size_t)groups * L);
+  for (int g = 0; g < groups; ++g)
+    for (int e = 0; e < L; ++e) {
+      float level = h2f(levels[g * L + e]);
+      if (qnorm) {
+        const float scaled = level * h2f(qnorm[2 * g]);
+        level = scaled + h2f(qnorm[2 * g + 1]);
+      }
+      (*out)[(size_t)g * L + e] = level;
+    }
+}
+#pragma GCC pop_options
 
 struct Reader {
   const i64* a;
@@ -140,10 +159,15 @@ int run_segment(Reader& r, const Common& c, bool keys) {
   const Codes codes{(const uint8_t*)r.ptr(), r.next(), r.next(), r.next(), r.next()};
   const int nblk = (int)r.next(), T = (int)r.next();
   const int B = c.B, H = c.H, D = c.D, G = c.G;
-  if (kind == SEG_NUQ) {
+  if (kind == SEG_NUQ) {  // the codec's fp16 levels, Q-Norm and keys' ranges as it holds them, decoded here per call
     const int bits = (int)r.next();
-    const float* levels = (const float*)r.ptr();
+    const uint16_t* levels16 = (const uint16_t*)r.ptr();
     const int per_head = (int)r.next();
+    const uint16_t* qnorm16 = (const uint16_t*)r.ptr();
+    if (!levels16 || bits < 1 || bits > 8) return -1;
+    std::vector<float> level_table;
+    decode_levels(levels16, qnorm16, per_head ? H : 1, 1 << bits, &level_table);
+    const float* levels = level_table.data();
     const uint16_t* ov = (const uint16_t*)r.ptr();
     const void* oi = r.ptr();
     const int ois = (int)r.next();
@@ -151,8 +175,13 @@ int run_segment(Reader& r, const Common& c, bool keys) {
     const int ocs = (int)r.next();
     const int omode = (int)r.next();
     if (keys) {
-      const float* kscale = (const float*)r.ptr();
-      const float* kzero = (const float*)r.ptr();
+      const uint16_t* kscale16 = (const uint16_t*)r.ptr();
+      const uint16_t* kzero16 = (const uint16_t*)r.ptr();
+      if (!kscale16 || !kzero16) return -1;
+      std::vector<float> ranges(2 * (size_t)H * D);
+      for (int i = 0; i < H * D; ++i) ranges[i] = h2f(kscale16[i]), ranges[H * D + i] = h2f(kzero16[i]);
+      const float* kscale = ranges.data();
+      const float* kzero = ranges.data() + H * D;
       KeyOutliers o;
       const KeyOutliers* op_ = nullptr;
       if (ov) { prepare_key_outliers(ov, oi, ois, oc, ocs, omode, nblk, B, H, T, D, &o); op_ = &o; }
@@ -312,8 +341,8 @@ int kvpack_layer(const i64* a) {
 }
 
 
-// NuqCodec.encode (see nuq_encode). Array: x ptr, B, H, T, D, bits, axis_token, mid ptr, mid_per_head, kzero ptr,
-// kscale ptr, span_heads, k_side, codes ptr, vzero ptr, vscale ptr, mask ptr (0: no outliers), sparse mode, outlier values,
+// NuqCodec.encode (see nuq_encode). Array: x ptr, B, H, T, D, bits, axis_token, the codec's fp16 levels ptr
+// [1 | H][2**bits], levels_per_head, its fp16 kzero ptr and kscale ptr [H * D] (keys; 0 for values), span_heads, k_side, codes ptr, vzero ptr, vscale ptr, mask ptr (0: no outliers), sparse mode, outlier values,
 // positions, counts, nnz ptrs (the sparse layout, see sparse_rows).
 // The codec's sparse layout of the outliers (codecs/sparse.py encode_rows over NuqCodec._rows): keys CSC, rows
 // (b, h, c) over the T tokens; values CSR, rows (b, t) over H*D channels (span all) or (b, h, t) over D.
@@ -382,10 +411,10 @@ int kvpack_nuq_encode(const i64* a) {
   const float* x = (const float*)r.ptr();
   const int B = (int)r.next(), H = (int)r.next(), T = (int)r.next(), D = (int)r.next(), bits = (int)r.next();
   const int axis_token = (int)r.next();
-  const float* mid = (const float*)r.ptr();
+  const uint16_t* levels16 = (const uint16_t*)r.ptr();
   const int mid_per_head = (int)r.next();
-  const float* kzero = (const float*)r.ptr();
-  const float* kscale = (const float*)r.ptr();
+  const uint16_t* kzero16 = (const uint16_t*)r.ptr();
+  const uint16_t* kscale16 = (const uint16_t*)r.ptr();
   const int span_heads = (int)r.next(), k_side = (int)r.next();
   uint8_t* codes = (uint8_t*)r.ptr();
   uint16_t* vzero = (uint16_t*)r.ptr();
@@ -396,9 +425,18 @@ int kvpack_nuq_encode(const i64* a) {
   int32_t* out_positions = (int32_t*)r.ptr();
   int32_t* out_counts = (int32_t*)r.ptr();
   i64* out_nnz = (i64*)r.ptr();
-  if (D % 8 || bits < 1 || bits > 8 || span_heads < 1 || H % span_heads) return -1;
-  const int code = nuq_encode(x, B, H, T, D, bits, axis_token, mid, mid_per_head, kzero, kscale, span_heads, k_side,
-                              codes, vzero, vscale, mask);
+  if (D % 8 || bits < 1 || bits > 8 || span_heads < 1 || H % span_heads || !levels16) return -1;
+  if (!axis_token && !(kzero16 && kscale16)) return -1;
+  // midpoints of the codec's fp16 levels (as torch.bucketize is given them) and keys' ranges, made per call
+  const int L = 1 << bits, groups = mid_per_head ? H : 1;
+  std::vector<float> mid((size_t)groups * (L - 1)), ranges(axis_token ? 0 : 2 * (size_t)H * D);
+  for (int g = 0; g < groups; ++g)
+    for (int j = 0; j + 1 < L; ++j) mid[(size_t)g * (L - 1) + j] = (h2f(levels16[g * L + j]) + h2f(levels16[g * L + j + 1])) / 2;
+  for (size_t i = 0; i < ranges.size() / 2; ++i) ranges[i] = h2f(kzero16[i]), ranges[ranges.size() / 2 + i] = h2f(kscale16[i]);
+  const float* kzero = axis_token ? nullptr : ranges.data();
+  const float* kscale = axis_token ? nullptr : ranges.data() + (size_t)H * D;
+  const int code = nuq_encode(x, B, H, T, D, bits, axis_token, mid.data(), mid_per_head, kzero, kscale, span_heads,
+                              k_side, codes, vzero, vscale, mask);
   if (code == 0 && mask)
     *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
   return code;

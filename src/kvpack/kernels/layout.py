@@ -45,7 +45,8 @@ def sparse_mode(codec: Codec) -> int | None:
 
 @dataclass
 class NuqView:
-    """One run of NuqCodec blocks. codes uint8 [nblk, B, H, T, D * bits / 8]."""
+    """One run of NuqCodec blocks. codes uint8 [nblk, B, H, T, D * bits / 8]; the codec's own fp16 state (levels
+    [1 | H, 2**bits], Q-Norm, keys' zero and scale [H, 1, D]) is what the C++ kernels read, decoded per call."""
 
     codes: torch.Tensor
     nblk: int
@@ -54,18 +55,40 @@ class NuqView:
     tokens: int
     dim: int
     bits: int
-    levels: torch.Tensor  # fp32 [1 | H, 2**bits], decoded levels (Q-Norm applied)
     axis: str
-    kscale: torch.Tensor | None  # keys: fp32 [H, D]
-    kzero: torch.Tensor | None
     vscale: torch.Tensor | None  # values: fp16 [nblk, B, 1 | H, T]
     vzero: torch.Tensor | None
     span_all: bool
     outliers: Outliers | None
+    codec: NuqCodec
 
     @property
     def run_tokens(self) -> int:
         return self.nblk * self.tokens
+
+    # float32 copies for the Triton kernels, made on first use on the codes' device and held by the codec
+    @property
+    def levels(self) -> torch.Tensor:
+        """fp32 [1 | H, 2**bits], the decoded levels (Q-Norm applied)."""
+        dev, codec = self.codes.device, self.codec
+        return _codec_constants(codec, f"levels_{dev}", lambda: codec.decode_levels.to(dev).float().contiguous(),
+                                codec.levels)
+
+    @property
+    def kscale(self) -> torch.Tensor | None:
+        """Keys: fp32 [H, D]; values: None."""
+        return self._ranges("scale")
+
+    @property
+    def kzero(self) -> torch.Tensor | None:
+        return self._ranges("zero")
+
+    def _ranges(self, name: str) -> torch.Tensor | None:
+        if self.axis != "channel":
+            return None
+        dev, source = self.codes.device, getattr(self.codec, name)
+        return _codec_constants(self.codec, f"k{name}_{dev}",
+                                lambda: source.reshape(self.heads, self.dim).to(dev).float().contiguous(), source)
 
 
 @dataclass
@@ -398,19 +421,10 @@ def _nuq_view(run, codec: NuqCodec) -> NuqView | None:
         return None
     view = NuqView(
         codes=codes.contiguous().view(nblk, batch, heads, tokens, row), nblk=nblk, batch=batch, heads=heads,
-        tokens=tokens, dim=dim, bits=bits, axis=codec.axis,
-        levels=_codec_constants(codec, f"levels_{codes.device}",
-                                lambda: codec.decode_levels.to(codes.device).float().contiguous(), codec.levels),
-        kscale=None, kzero=None, vscale=None, vzero=None, span_all=codec.span == "all",
-        outliers=_outliers(t, mode),
+        tokens=tokens, dim=dim, bits=bits, axis=codec.axis, vscale=None, vzero=None, span_all=codec.span == "all",
+        outliers=_outliers(t, mode), codec=codec,
     )
-    if codec.axis == "channel":
-        dev = codes.device
-        view.kscale = _codec_constants(codec, f"kscale_{dev}", lambda: codec.scale.reshape(heads, dim).to(dev).float().contiguous(),
-                                       codec.scale)
-        view.kzero = _codec_constants(codec, f"kzero_{dev}", lambda: codec.zero.reshape(heads, dim).to(dev).float().contiguous(),
-                                      codec.zero)
-    else:
+    if codec.axis != "channel":
         ranges = _value_ranges(t, nblk, batch, tokens)
         if ranges is None:
             return None

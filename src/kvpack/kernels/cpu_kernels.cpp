@@ -342,8 +342,9 @@ int kvpack_layer(const i64* a) {
 
 
 // NuqCodec.encode (see nuq_encode). Array: x ptr, B, H, T, D, bits, axis_token, the codec's fp16 levels ptr
-// [1 | H][2**bits], levels_per_head, its fp16 kzero ptr and kscale ptr [H * D] (keys; 0 for values), span_heads, k_side, codes ptr, vzero ptr, vscale ptr, mask ptr (0: no outliers), sparse mode, outlier values,
-// positions, counts, nnz ptrs (the sparse layout, see sparse_rows).
+// [1 | H][2**bits], levels_per_head, its fp16 kzero ptr and kscale ptr [H * D] (keys; 0 for values), span_heads,
+// k_side, codes ptr, vzero ptr, vscale ptr, mask ptr (0: no outliers), sparse mode, outlier values, positions,
+// counts, nnz ptrs (the sparse layout, see sparse_rows).
 // The codec's sparse layout of the outliers (codecs/sparse.py encode_rows over NuqCodec._rows): keys CSC, rows
 // (b, h, c) over the T tokens; values CSR, rows (b, t) over H*D channels (span all) or (b, h, t) over D.
 // Fills values (fp16), positions and counts (int32) and returns the number of outliers.

@@ -35,6 +35,17 @@ def test_marker_with_methods_and_columns(tmp_path):
     assert text.endswith("<!-- /results -->\nb\n")
 
 
+def test_column_named_by_a_key_holding_a_colon(tmp_path):
+    """A pivot's column named after a method with options (`int4:pre-rope`) is that key, not key `int4` headed
+    `pre-rope`."""
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "t.json").write_text(json.dumps([{"task": "x", "fp16": "0.9", "int4:pre-rope": "0.8"}]))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:t columns=task:what,int4:pre-rope -->\n<!-- /results -->\n")
+    text = render_readme(readme, tmp_path / "res")
+    assert "| what | int4:pre-rope |" in text and "| x | 0.8 |" in text
+
+
 def test_marker_unknown_option_is_an_error(tmp_path):
     _write(tmp_path, ROWS)
     readme = tmp_path / "README.md"

@@ -3,7 +3,8 @@
 A marker may select rows and columns of results/NAME.json:
 `<!-- results:NAME methods=fp16,kvquant-3bit* columns=method:method,ppl:ppl -->` keeps rows whose
 `method` matches one of the glob patterns (in the order of the patterns) and shows the listed
-`key:header` columns (header optional; default: the perplexity columns or every key).
+`key:header` columns (header optional; default: the perplexity columns or every key). A listed column that is a
+key of the rows as it stands (e.g. a pivot's method name with options, `int4:pre-rope`) is that key.
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def render_file(path: Path, options: dict[str, str] | None = None) -> str:
     if not rows:
         return f"*(no rows in {path})*\n"
     if options.get("columns"):
-        columns = [(c.split(":", 1) + [c])[:2] for c in options["columns"].split(",")]
-        columns = [(key, header) for key, header in columns]
+        keys = {k for r in rows for k in r}
+        columns = [(c, c) if c in keys else tuple((c.split(":", 1) + [c])[:2]) for c in options["columns"].split(",")]
     else:
         columns = PPL_COLUMNS if "ppl" in rows[0] else [(k, k) for k in rows[0]]
     return f"{markdown_table(rows, columns)}\n\n{(describe(rows) + ' ').lstrip()}Source: `{path}`.\n"

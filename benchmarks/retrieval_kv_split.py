@@ -19,7 +19,7 @@ import torch
 
 from kvpack.evaluate import retrieval
 from kvpack.evaluate.results import environment, read_rows, write_rows
-from kvpack.evaluate.retrieval.run import run_retrieval
+from kvpack.evaluate.retrieval.run import DEFAULTS, run_retrieval
 from kvpack.hf.models import load_model
 from kvpack.recipes.recipe import Recipe
 from kvpack.recipes.resolve import resolve_recipe
@@ -50,7 +50,7 @@ def main() -> None:
     old = read_rows(args.reuse)
     fp16 = next(r for r in old if r["method"] == "fp16")
     task, length, seed, haystack, depths = fp16["task"], fp16["length"], fp16["seed"], fp16["haystack"], fp16["depths"]
-    prefill = fp16.get("prefill", "stored")
+    prefill = fp16.get("prefill", DEFAULTS["prefill"])
     model, tok = load_model(args.model)
     parts = {m: resolve_recipe(model, tok, m, progress=False) for m in (args.keys, args.values)}
     name = f"K:{args.keys}+V:{args.values}"

@@ -66,24 +66,6 @@ namespace {
 // Each segment's arguments follow its kind in the int64 array; `x`/`out` point at its first token.
 enum { SEG_FP16 = 0, SEG_NUQ = 1, SEG_RVQ = 2, SEG_TQ = 3, SEG_MIXED = 4 };
 
-// A single-width NuqCodec's levels as NuqCodec.decode_levels computes them in float32: fp16 levels [groups][L], times
-// a, plus b of the fp16 Q-Norm [groups][2] (nullptr: none), each operation rounded on its own as torch does.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-void decode_levels(const uint16_t* levels, const uint16_t* qnorm, int groups, int L, std::vector<float>* out) {
-  out->resize((size_t)groups * L);
-  for (int g = 0; g < groups; ++g)
-    for (int e = 0; e < L; ++e) {
-      float level = h2f(levels[g * L + e]);
-      if (qnorm) {
-        const float scaled = level * h2f(qnorm[2 * g]);
-        level = scaled + h2f(qnorm[2 * g + 1]);
-      }
-      (*out)[(size_t)g * L + e] = level;
-    }
-}
-#pragma GCC pop_options
-
 struct Reader {
   const i64* a;
   int k = 0;
@@ -178,8 +160,8 @@ int run_segment(Reader& r, const Common& c, bool keys) {
       const uint16_t* kscale16 = (const uint16_t*)r.ptr();
       const uint16_t* kzero16 = (const uint16_t*)r.ptr();
       if (!kscale16 || !kzero16) return -1;
-      std::vector<float> ranges(2 * (size_t)H * D);
-      for (int i = 0; i < H * D; ++i) ranges[i] = h2f(kscale16[i]), ranges[H * D + i] = h2f(kzero16[i]);
+      std::vector<float> ranges;
+      key_ranges(kscale16, kzero16, H * D, &ranges);
       const float* kscale = ranges.data();
       const float* kzero = ranges.data() + H * D;
       KeyOutliers o;
@@ -413,7 +395,7 @@ int kvpack_nuq_encode(const i64* a) {
   const int B = (int)r.next(), H = (int)r.next(), T = (int)r.next(), D = (int)r.next(), bits = (int)r.next();
   const int axis_token = (int)r.next();
   const uint16_t* levels16 = (const uint16_t*)r.ptr();
-  const int mid_per_head = (int)r.next();
+  const int levels_per_head = (int)r.next();
   const uint16_t* kzero16 = (const uint16_t*)r.ptr();
   const uint16_t* kscale16 = (const uint16_t*)r.ptr();
   const int span_heads = (int)r.next(), k_side = (int)r.next();
@@ -428,16 +410,8 @@ int kvpack_nuq_encode(const i64* a) {
   i64* out_nnz = (i64*)r.ptr();
   if (D % 8 || bits < 1 || bits > 8 || span_heads < 1 || H % span_heads || !levels16) return -1;
   if (!axis_token && !(kzero16 && kscale16)) return -1;
-  // midpoints of the codec's fp16 levels (as torch.bucketize is given them) and keys' ranges, made per call
-  const int L = 1 << bits, groups = mid_per_head ? H : 1;
-  std::vector<float> mid((size_t)groups * (L - 1)), ranges(axis_token ? 0 : 2 * (size_t)H * D);
-  for (int g = 0; g < groups; ++g)
-    for (int j = 0; j + 1 < L; ++j) mid[(size_t)g * (L - 1) + j] = (h2f(levels16[g * L + j]) + h2f(levels16[g * L + j + 1])) / 2;
-  for (size_t i = 0; i < ranges.size() / 2; ++i) ranges[i] = h2f(kzero16[i]), ranges[ranges.size() / 2 + i] = h2f(kscale16[i]);
-  const float* kzero = axis_token ? nullptr : ranges.data();
-  const float* kscale = axis_token ? nullptr : ranges.data() + (size_t)H * D;
-  const int code = nuq_encode(x, B, H, T, D, bits, axis_token, mid.data(), mid_per_head, kzero, kscale, span_heads,
-                              k_side, codes, vzero, vscale, mask);
+  const int code = nuq_encode(x, B, H, T, D, bits, axis_token, levels16, levels_per_head, kzero16, kscale16,
+                              span_heads, k_side, codes, vzero, vscale, mask);
   if (code == 0 && mask)
     *out_nnz = sparse_rows(x, mask, B, H, T, D, mode, out_values, out_positions, out_counts);
   return code;

@@ -20,6 +20,12 @@ inline void pack_row(const uint8_t* code, int D, int bits, uint8_t* out) {
   }
 }
 
+// The n - 1 midpoints of n sorted fp16 levels in fp32, (a + b) * 0.5 as the codec's torch encode makes them: made per
+// call, so a codec holds only its fp16 levels.
+inline void fp16_midpoints(const uint16_t* levels, int n, float* out) {
+  for (int j = 0; j + 1 < n; ++j) out[j] = (h2f(levels[j]) + h2f(levels[j + 1])) * 0.5f;
+}
+
 inline uint8_t nearest(float u, const float* mid, int n) {  // count of midpoints below u (bucketize, right=False)
   int c = 0;
   for (int j = 0; j < n; ++j) c += mid[j] < u;
@@ -47,20 +53,23 @@ inline void token_range(const std::vector<float>& vec, std::vector<float>& work,
   if (!(*scale > 0)) *scale = 5.9604645e-08f;
 }
 
-int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_token, const float* mid,
-               int mid_per_head, const float* kzero, const float* kscale, int span_heads, int k_side,
+// levels: the codec's fp16 [1 | H][2**bits] (levels_per_head); keys' zero and scale: its fp16 [H * D].
+int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_token, const uint16_t* levels,
+               int levels_per_head, const uint16_t* kzero, const uint16_t* kscale, int span_heads, int k_side,
                uint8_t* codes, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
   const int L1 = (1 << bits) - 1;
+  std::vector<float> mid((size_t)(levels_per_head ? H : 1) * L1);
+  for (size_t g = 0; g < mid.size() / L1; ++g) fp16_midpoints(levels + g * (L1 + 1), L1 + 1, mid.data() + g * L1);
   const i64 row_bytes = (i64)D * bits / 8;
   std::vector<uint8_t> code(D);
   if (!axis_token) {
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) {
-        const float* m = mid + (mid_per_head ? h * L1 : 0);
+        const float* m = mid.data() + (levels_per_head ? h * L1 : 0);
         for (int t = 0; t < T; ++t) {
           const i64 base = (((i64)b * H + h) * T + t) * D;
           for (int c = 0; c < D; ++c) {
-            float u = (x[base + c] - kzero[h * D + c]) / kscale[h * D + c];
+            float u = (x[base + c] - h2f(kzero[h * D + c])) / h2f(kscale[h * D + c]);
             if (mask) mask[base + c] = std::fabs(u) > 1.0f;
             u = std::min(std::max(u, -1.0f), 1.0f);
             code[c] = nearest(u, m, L1);
@@ -84,7 +93,7 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
         vscale[zs] = _cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT);
         for (int r = 0; r < span_heads; ++r) {
           const int h = grp * span_heads + r;
-          const float* m = mid + (mid_per_head ? h * L1 : 0);
+          const float* m = mid.data() + (levels_per_head ? h * L1 : 0);
           const i64 base = (((i64)b * H + h) * T + t) * D;
           for (int c = 0; c < D; ++c) {
             const float v = vec[r * D + c];
@@ -103,8 +112,7 @@ int nuq_encode(const float* x, int B, int H, int T, int D, int bits, int axis_to
 // past its own 2**bits levels with midpoints above 1) below u; the codes of each width group are packed per token
 // (n codes of `bits` bits, n % 8 == 0) at gcodes[g] + (b * T + t) * n * bits / 8. Ranges, mask as nuq_encode.
 // Per-channel widths: channel c's 2**widths[c] fp16 levels follow the previous channel's in `levels` (the codec's
-// level_data); keys' zero and scale are the codec's fp16 [H * D]. Midpoints are made here, per call, in fp32
-// ((a + b) * 0.5, as the codec's torch encode makes them), so the codec holds only its fp16 levels.
+// level_data); keys' zero and scale are the codec's fp16 [H * D]. Midpoints as nuq_encode's (fp16_midpoints).
 int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, const uint16_t* levels,
                  const uint8_t* widths, const uint16_t* kzero, const uint16_t* kscale, int span_heads, int k_side, int ng,
                  const i64* groups, uint16_t* vzero, uint16_t* vscale, uint8_t* mask) {
@@ -119,8 +127,7 @@ int mixed_encode(const float* x, int B, int H, int T, int D, int axis_token, con
   std::vector<i64> moff(HD + 1, 0);  // first midpoint of each channel
   for (int c = 0; c < HD; ++c) moff[c + 1] = moff[c] + (1 << widths[c]) - 1;
   std::vector<float> mids(moff[HD]);
-  for (int c = 0, l = 0; c < HD; l += 1 << widths[c], ++c)
-    for (i64 j = 0; j < moff[c + 1] - moff[c]; ++j) mids[moff[c] + j] = (h2f(levels[l + j]) + h2f(levels[l + j + 1])) * 0.5f;
+  for (int c = 0, l = 0; c < HD; l += 1 << widths[c], ++c) fp16_midpoints(levels + l, 1 << widths[c], mids.data() + moff[c]);
   std::vector<uint8_t> code(HD), buf(HD);
   std::vector<float> u(HD), vec(span_heads * D), work(span_heads * D);
   const int spans = H / span_heads, n = span_heads * D;

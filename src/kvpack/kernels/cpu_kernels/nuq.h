@@ -4,6 +4,32 @@
 
 namespace {
 
+// ------------------------------------------------------------------------------------------------ codec state
+// The kernels read a codec's fp16 state as the codec holds it and expand it per call (a few hundred floats).
+// Levels as NuqCodec.decode_levels computes them in float32: fp16 levels [groups][L], times a, plus b of the fp16
+// Q-Norm [groups][2] (nullptr: none), each operation rounded on its own as torch does.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+inline void decode_levels(const uint16_t* levels, const uint16_t* qnorm, int groups, int L, std::vector<float>* out) {
+  out->resize((size_t)groups * L);
+  for (int g = 0; g < groups; ++g)
+    for (int e = 0; e < L; ++e) {
+      float level = h2f(levels[g * L + e]);
+      if (qnorm) {
+        const float scaled = level * h2f(qnorm[2 * g]);
+        level = scaled + h2f(qnorm[2 * g + 1]);
+      }
+      (*out)[(size_t)g * L + e] = level;
+    }
+}
+#pragma GCC pop_options
+
+// Keys' fp16 scale and zero [HD] -> float32 [scale..., zero...].
+inline void key_ranges(const uint16_t* scale, const uint16_t* zero, int HD, std::vector<float>* out) {
+  out->resize(2 * (size_t)HD);
+  for (int i = 0; i < HD; ++i) (*out)[i] = h2f(scale[i]), (*out)[HD + i] = h2f(zero[i]);
+}
+
 // ------------------------------------------------------------------------------------------------ nuq keys
 // 8 accumulators -> one vector of their 8 horizontal sums.
 inline __m256 hsum8x8(const __m256* v) {

@@ -37,6 +37,7 @@ constexpr int TK = 32;        // key positions per tile (a multiple of W and 8)
 constexpr int MAXROWS = 128;  // query rows per work item
 constexpr int MAXD = 256;
 constexpr int LANE_ROWS = 8;  // work items of at most this many query rows take the lane path (AVX-512)
+constexpr int VT = 64;        // lane path: value positions per call of values_lanes (a multiple of TK)
 
 struct Part {
   int kind;      // 0: raw (the model's dtype), 1: nuq
@@ -108,11 +109,20 @@ inline void decode(const Part& P, const uint8_t* slot, int h, int D, float* dst)
   }
 }
 
+// Where one channel's code sits in its head's 32-bit windows (Slots16), and its level row.
+struct ChanCode {
+  int32_t win;    // its window: bits from the head's first code byte / 32
+  int32_t shift;  // bits into that window (the code may run on into the next)
+  int32_t mask;   // 2**width - 1
+  int32_t bits;   // width
+  int32_t tab;    // first float of its level row (Part::base)
+};
+
 // Where each channel's code sits relative to its head's first code byte: what the channel-major path reads.
 struct CodeMap {
   bool ok = false;
   std::vector<int> first, span;  // [H] first code byte of the head, bytes read (through the byte after the last)
-  std::vector<int> rel, bits;    // [H * D] first byte relative to the head's, code width
+  std::vector<ChanCode> code;    // [H * D]
   int tail = 0;                  // bytes after the codes: per-token ranges and outlier slots
 };
 
@@ -123,8 +133,7 @@ inline CodeMap code_map(const Part& P, int H, int D) {
   if (P.kind != 1) return m;
   m.first.resize(H);
   m.span.resize(H);
-  m.rel.resize((size_t)H * D);
-  m.bits.resize((size_t)H * D);
+  m.code.resize((size_t)H * D);
   for (int h = 0; h < H; ++h) {
     int lo = P.byte[h * D], hi = lo;
     for (int i = 0; i < D; ++i) {
@@ -137,8 +146,8 @@ inline CodeMap code_map(const Part& P, int H, int D) {
     for (int i = 0; i < D; ++i) {
       const int c = h * D + i, bits = __builtin_popcount((unsigned)P.mask[c]);
       if (P.shift[c] + bits > 16 || P.mask[c] != (1 << bits) - 1) return m;
-      m.rel[c] = P.byte[c] - lo;
-      m.bits[c] = bits;
+      const int bit = (P.byte[c] - lo) * 8 + P.shift[c];
+      m.code[c] = ChanCode{bit >> 5, bit & 31, P.mask[c], bits, P.base[c]};
     }
   }
   m.tail = 4 * P.pairs + P.outliers * (2 + P.index_bytes);
@@ -149,9 +158,9 @@ inline CodeMap code_map(const Part& P, int H, int D) {
 
 #if KVPACK_AVX512
 // Channel-major decoding (AVX-512): 16 tokens across the lanes. The head's code bytes of the 16 slots are
-// transposed once (16 x 16 dword transpose + a byte shuffle: byte b of the 16 tokens on one 16-byte line), every
-// byte pair widened to 16 words, and then each channel is a shift, a mask and a lookup in its own table (one
-// permute for <= 4 bits).
+// transposed once into 32-bit windows (window k: bytes 4k .. 4k + 3 of each token, 16 tokens a vector), and then
+// each channel is a funnel shift of its window and the next, a mask and a lookup in its own table (one permute for
+// <= 4 bits). The bytes after the codes (per-token ranges, outlier slots) are transposed byte-major.
 inline const uint8_t* byte_line(const uint8_t* lines, int b) { return lines + (b >> 2) * 64 + (b & 3) * 16; }
 
 // lines <- bytes [0, nb) of the 16 rows, byte-major (nb <= 128).
@@ -174,26 +183,58 @@ inline void bytes16(const uint8_t* const* rows, int nb, uint8_t* lines) {
   }
 }
 
-// One head's part of NV x 16 slots (rows: the slots; vector v: rows 16v .. 16v + 15), byte-major: the code bytes as
-// 16-bit words at every byte offset (byte b | byte b + 1 << 8, 16 tokens a vector) and the bytes after the codes
-// (per-token ranges, outlier slots).
+// win[k] <- bytes 4k .. 4k + 3 of the 16 rows (lane t: row t), k < ceil(nb / 4), then one zero window (nb <= 128).
+// Up to 32 bytes at a time: rows t and t + 8 share a vector and one 8 x 8 transpose per 256-bit half serves both;
+// longer spans take 64 bytes per 16 x 16 transpose.
+inline void windows16(const uint8_t* const* rows, int nb, __m512i* win) {
+  for (int c0 = 0; c0 < nb; c0 += 64) {
+    const int w = std::min(64, nb - c0), nw = (w + 3) / 4;
+    __m512i r[16];
+    if (w <= 32) {
+      const __mmask32 cm = w == 32 ? ~0u : ((1u << w) - 1);
+      for (int t = 0; t < 8; ++t)
+        r[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(cm, rows[t] + c0)),
+                                  _mm256_maskz_loadu_epi8(cm, rows[t + 8] + c0), 1);
+      __m512i u[8];
+      for (int i = 0; i < 4; ++i) {
+        u[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        r[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
+      }
+      // r[j] (j < 4) holds dword j (128-bit lanes 0, 2: rows 0-3 | 8-11) and dword j + 4 (lanes 1, 3) of rows 0-3,
+      // 8-11; r[4 + j] the same of rows 4-7, 12-15
+      const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+      for (int j = 0; j < 4; ++j) {
+        if (j < nw) win[c0 / 4 + j] = _mm512_permutex2var_epi64(r[j], first, r[4 + j]);
+        if (j + 4 < nw) win[c0 / 4 + j + 4] = _mm512_permutex2var_epi64(r[j], second, r[4 + j]);
+      }
+    } else {
+      const __mmask64 cm = w == 64 ? ~0ULL : ((1ULL << w) - 1);
+      for (int t = 0; t < 16; ++t) r[t] = _mm512_maskz_loadu_epi8(cm, rows[t] + c0);
+      simd::transpose(r);
+      for (int k = 0; k < nw; ++k) win[c0 / 4 + k] = r[k];
+    }
+  }
+  win[(nb + 3) / 4] = _mm512_setzero_si512();
+}
+
+// One head's part of NV x 16 slots (rows: the slots; vector v: rows 16v .. 16v + 15): the code bytes as 32-bit
+// windows (windows16) and the bytes after the codes (per-token ranges, outlier slots) byte-major.
 template <int NV>
 struct Slots16 {
   alignas(64) uint8_t tail[NV][128 / 4 * 64];
-  alignas(64) uint32_t words[NV][128 * 16];
+  alignas(64) __m512i win[NV][128 / 4 + 1];
 
   void load(const Part& P, const CodeMap& M, const uint8_t* const* rows, int h) {
-    alignas(64) uint8_t lines[128 / 4 * 64];
     const uint8_t* at[16];
-    const int nb = M.span[h];
     for (int v = 0; v < NV; ++v) {
       for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + M.first[h];
-      bytes16(at, nb, lines);
-      for (int b = 0; b + 1 < nb; ++b) {
-        const __m512i lo = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b)));
-        const __m512i hi = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)byte_line(lines, b + 1)));
-        _mm512_store_si512(words[v] + b * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 8)));
-      }
+      windows16(at, M.span[h], win[v]);
       if (M.tail) {
         for (int t = 0; t < 16; ++t) at[t] = rows[16 * v + t] + P.offset + P.code_bytes;
         bytes16(at, M.tail, tail[v]);
@@ -223,14 +264,14 @@ struct Slots16 {
   }
   // channel c (of the part; i = c - h * D) of the NV vectors looked up in its level row, lanes outside keep[v] zero
   void levels(const Part& P, const CodeMap& M, int c, const __mmask16* keep, __m512* x) const {
-    const __m512i sh = _mm512_set1_epi32(P.shift[c]), mk = _mm512_set1_epi32(P.mask[c]);
-    const uint32_t* wd = words[0] + M.rel[c] * 16;
-    const float* tab = P.levels + P.base[c];  // rows padded to >= 16 floats
-    auto code = [&](int v) { return _mm512_and_si512(_mm512_srlv_epi32(_mm512_load_si512(wd + v * 128 * 16), sh), mk); };
-    if (M.bits[c] <= 4) {
+    const ChanCode& cc = M.code[c];
+    const __m512i mk = _mm512_set1_epi32(cc.mask);
+    const float* tab = P.levels + cc.tab;  // rows padded to >= 16 floats
+    auto code = [&](int v) { return _mm512_and_si512(simd::join(win[v][cc.win], win[v][cc.win + 1], &cc.shift), mk); };
+    if (cc.bits <= 4) {
       const __m512 t0 = _mm512_loadu_ps(tab);
       for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_permutexvar_ps(keep[v], code(v), t0);
-    } else if (M.bits[c] == 5) {
+    } else if (cc.bits == 5) {
       const __m512 t0 = _mm512_loadu_ps(tab), t1 = _mm512_loadu_ps(tab + 16);
       for (int v = 0; v < NV; ++v) x[v] = _mm512_maskz_permutex2var_ps(keep[v], t0, code(v), t1);
     } else {
@@ -720,7 +761,7 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
     zero[v] = L.zero(P, v, c0);
     const __m512 scale = L.scale(P, v, c0);
     for (int g = 0; g < R; ++g) {
-      const __m512 pv = _mm512_loadu_ps(pz + g * TK + 16 * v);
+      const __m512 pv = _mm512_loadu_ps(pz + g * VT + 16 * v);
       w[g][v] = _mm512_mul_ps(pv, scale);
       if (P.pairs) _mm512_store_ps(zs + g * 16, _mm512_fmadd_ps(pv, zero[v], _mm512_load_ps(zs + g * 16)));
     }
@@ -742,7 +783,7 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
       for (unsigned m = in; m; m &= m - 1) {  // one pass over the lanes (a loop of unknown length mispredicts once)
         const int l = __builtin_ctz(m), c = where[l];
         keep[c][v] &= (uint16_t)~(1u << l);
-        for (int g = 0; g < R; ++g) corr[g * D + c] += pz[g * TK + 16 * v + l] * exact[l];
+        for (int g = 0; g < R; ++g) corr[g * D + c] += pz[g * VT + 16 * v + l] * exact[l];
       }
     }
   for (int i = 0; i < D; ++i) {
@@ -773,10 +814,10 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
       float* dst = q + (t * G + g) * D;
       for (int d = 0; d < D; ++d) dst[d] = src[d] * A.scale;
     }
-  const i64 span = (end + TK - 1) / TK * TK;
+  const i64 span = (end + VT - 1) / VT * VT;
   if ((i64)S.p.size() < R * span) S.p.resize((size_t)(R * span));
   float* P = S.p.data();
-  const uint8_t* rows[TK];
+  const uint8_t* rows[VT];
   for (i64 k0 = 0; k0 < end; k0 += TK) {  // keys: every score of the item
     const int n = (int)std::min<i64>(TK, end - k0);
     tile_rows(A, r, k0, n, rows);
@@ -787,6 +828,8 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
       for (int j = valid; j < TK; ++j) P[row * span + k0 + j] = ninf;
     }
   }
+  const i64 scored = (end + TK - 1) / TK * TK;
+  for (int row = 0; row < R; ++row) std::fill(P + row * span + scored, P + (row + 1) * span, ninf);
   float total[R];
   for (int row = 0; row < R; ++row) {  // softmax weights, unnormalized; 1 / total at the end
     float* x = P + row * span;
@@ -808,25 +851,29 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   std::fill(acc, acc + (i64)D * R * 16, 0.0f);
   std::fill(corr, corr + (i64)R * D, 0.0f);
   alignas(64) float zs[R * 16] = {};
-  alignas(64) float pz[R * TK];
-  for (i64 k0 = 0; k0 < end; k0 += TK) {  // values
-    const int n = (int)std::min<i64>(TK, end - k0);
-    tile_rows(A, r, k0, n, rows);
-    for (int row = 0; row < R; ++row) std::memcpy(pz + row * TK, P + row * span + k0, sizeof(float) * TK);
+  alignas(64) float pz[R * VT];
+  for (i64 k0 = 0; k0 < end; k0 += VT) {  // values, VT positions a call (one pass over each channel's sums)
+    const int n = (int)std::min<i64>(VT, end - k0);
+    for (int t0 = 0; t0 < n; t0 += TK) tile_rows(A, r, k0 + t0, std::min(TK, n - t0), rows + t0);
+    for (int row = 0; row < R; ++row) std::memcpy(pz + row * VT, P + row * span + k0, sizeof(float) * VT);
     if (A.sink_tokens && k0 < A.sink_tokens) {  // exact sink values, their lanes out of the sums
       const int es = A.sink_type == 0 ? 4 : 2;
       const uint8_t* first_rec = A.sinks + (i64)A.table[r * A.ts] * ((i64)A.sink_tokens * 2 * C * es);
       for (int j = 0; j < n && k0 + j < A.sink_tokens; ++j) {
         const uint8_t* rec = first_rec + (k0 + j) * 2 * C * es + (i64)C * es;
         for (int row = 0; row < R; ++row) {
-          const float pj = pz[row * TK + j];
-          pz[row * TK + j] = 0.0f;
+          const float pj = pz[row * VT + j];
+          pz[row * VT + j] = 0.0f;
           for (int d = 0; d < D; ++d) corr[row * D + d] += pj * elem(rec, A.sink_type, h * D + d);
         }
       }
     }
-    if (n > 16) values_lanes<R, 2>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr);
-    else values_lanes<R, 1>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr);
+    switch ((n + 15) / 16) {
+      case 4: values_lanes<R, 4>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr); break;
+      case 3: values_lanes<R, 3>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr); break;
+      case 2: values_lanes<R, 2>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr); break;
+      default: values_lanes<R, 1>(A.value, A.vmap, rows, h, D, pz, acc, zs, corr); break;
+    }
   }
   for (int row = 0; row < R; ++row) {
     const float z = _mm512_reduce_add_ps(_mm512_load_ps(zs + row * 16)), inv = 1.0f / total[row];

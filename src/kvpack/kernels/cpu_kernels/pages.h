@@ -466,10 +466,27 @@ inline __m512 round_as(__m512 x, int type) {
   return x;
 }
 
+// cos/sin of the 16 positions from p0 (a multiple of 16) for RoPE pair i: read from the channel-major table, or
+// composed from the split tables and rounded as the table's rows are.
+inline void rope16(const Args& A, i64 p0, int i, __m512* c, __m512* sn) {
+  const int half = A.rot / 2;
+  if (A.rope_cm) {
+    const float* block = A.rope_cm + p0 / 16 * A.rot * 16;
+    *c = _mm512_loadu_ps(block + i * 16);
+    *sn = _mm512_loadu_ps(block + (half + i) * 16);
+  } else {
+    const float* hrow = A.rope_hi + p0 / 16 * A.rot;
+    const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
+    const __m512 fc = _mm512_loadu_ps(A.rope_lo + i * 16), fs = _mm512_loadu_ps(A.rope_lo + (half + i) * 16);
+    *c = round_as(_mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs)), A.rope_round);
+    *sn = round_as(_mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs)), A.rope_round);
+  }
+}
+
 // The tile's keys straight into kt[D][TK] (16 positions per vector): decoded, the page pools' outliers written over
 // them, rotated with RoPE composed from the split tables, the exact sinks put back. Lanes past n hold copies of
 // position k0 + n - 1 (first vector) or stale values (second vector); the caller masks them.
-void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_t* const* rows) {
+void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_t* const* rows, bool rotate = true) {
   const int D = A.D, C = A.H * A.D;
   const int32_t* table = A.table + r * A.ts;
   float* kt = S.kt.data();
@@ -503,24 +520,12 @@ void keys16(const Args& A, int r, int h, i64 k0, int n, Scratch& S, const uint8_
       }
     }
   }
-  if (A.cos) {  // cos/sin of 16 positions: read from the channel-major table, or composed from the split tables
+  if (A.cos && rotate) {  // cos/sin of 16 positions: read from the channel-major table, or composed from the split tables
     const int half = A.rot / 2;
-    const float* lc = A.rope_lo;
-    const float* ls = A.rope_lo + half * 16;
     for (int v = 0; v < n; v += 16) {
-      const float* block = A.rope_cm ? A.rope_cm + (k0 + v) / 16 * A.rot * 16 : nullptr;
-      const float* hrow = A.rope_cm ? nullptr : A.rope_hi + (k0 + v) / 16 * A.rot;
       for (int i = 0; i < half; ++i) {
         __m512 c, sn;
-        if (block) {
-          c = _mm512_loadu_ps(block + i * 16);
-          sn = _mm512_loadu_ps(block + (half + i) * 16);
-        } else {
-          const __m512 hc = _mm512_set1_ps(hrow[i]), hs = _mm512_set1_ps(hrow[half + i]);
-          const __m512 fc = _mm512_loadu_ps(lc + i * 16), fs = _mm512_loadu_ps(ls + i * 16);
-          c = round_as(_mm512_fmsub_ps(hc, fc, _mm512_mul_ps(hs, fs)), A.rope_round);
-          sn = round_as(_mm512_fmadd_ps(hs, fc, _mm512_mul_ps(hc, fs)), A.rope_round);
-        }
+        rope16(A, k0 + v, i, &c, &sn);
         float* a = kt + i * TK + v;
         float* b = kt + (i + half) * TK + v;
         const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(b);
@@ -800,6 +805,42 @@ void values_lanes(const Part& P, const CodeMap& M, const uint8_t* const* rows, i
   }
 }
 
+// scores<R> of pre-RoPE keys kt[D][TK] (decoded, outliers written over them) with the rotation done in registers:
+// per RoPE pair (i, i + rot / 2) both channels rotated by cos/sin of the 16 positions of each vector and q . k
+// accumulated for every row; channels past rot as they are. P[row * span + j] for j < TK (lanes past n: the caller
+// masks them). The rotated keys are never stored (keys16 + scores store them, then read them back).
+template <int R>
+void rope_scores(const Args& A, i64 k0, int n, const float* kt, const float* q, float* P, i64 span) {
+  constexpr int NV = TK / 16;
+  const int D = A.D, half = A.rot / 2, nv = n > 16 ? 2 : 1;
+  __m512 acc[R][NV];
+  for (int g = 0; g < R; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int i = 0; i < half; ++i) {
+    __m512 qa[R], qb[R];
+    for (int g = 0; g < R; ++g) {
+      qa[g] = _mm512_set1_ps(q[g * D + i]);
+      qb[g] = _mm512_set1_ps(q[g * D + i + half]);
+    }
+    for (int v = 0; v < NV; ++v) {
+      if (v >= nv) break;
+      __m512 c, sn;
+      rope16(A, k0 + 16 * v, i, &c, &sn);
+      const __m512 lo = _mm512_loadu_ps(kt + i * TK + 16 * v), hi = _mm512_loadu_ps(kt + (i + half) * TK + 16 * v);
+      const __m512 klo = _mm512_fmsub_ps(lo, c, _mm512_mul_ps(hi, sn));
+      const __m512 khi = _mm512_fmadd_ps(hi, c, _mm512_mul_ps(lo, sn));
+      for (int g = 0; g < R; ++g) acc[g][v] = _mm512_fmadd_ps(qb[g], khi, _mm512_fmadd_ps(qa[g], klo, acc[g][v]));
+    }
+  }
+  for (int d = 2 * half; d < D; ++d)
+    for (int v = 0; v < nv; ++v) {
+      const __m512 k = _mm512_loadu_ps(kt + d * TK + 16 * v);
+      for (int g = 0; g < R; ++g) acc[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d]), k, acc[g][v]);
+    }
+  for (int g = 0; g < R; ++g)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(P + g * span + 16 * v, acc[g][v]);
+}
+
 template <int R>
 void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   const int D = A.D, G = A.G, Hq = A.H * A.G, C = A.H * A.D;
@@ -821,8 +862,10 @@ void item_lanes(const Args& A, int r, int h, i64 q0, int nq, Scratch& S) {
   for (i64 k0 = 0; k0 < end; k0 += TK) {  // keys: every score of the item
     const int n = (int)std::min<i64>(TK, end - k0);
     tile_rows(A, r, k0, n, rows);
-    keys16(A, r, h, k0, n, S, rows);
-    scores<R>(q, S.kt.data(), D, P + k0, span);
+    const bool sink = A.sink_tokens && k0 < A.sink_tokens;  // exact post-RoPE sinks go in after the rotation
+    keys16(A, r, h, k0, n, S, rows, sink || !A.cos);
+    if (A.cos && !sink) rope_scores<R>(A, k0, n, S.kt.data(), q, P + k0, span);
+    else scores<R>(q, S.kt.data(), D, P + k0, span);
     for (int row = 0; row < R; ++row) {  // causal (bottom-right aligned), and the lanes past n
       const int valid = (int)std::max<i64>(0, std::min<i64>(n, first + row / G - k0 + 1));
       for (int j = valid; j < TK; ++j) P[row * span + k0 + j] = ninf;

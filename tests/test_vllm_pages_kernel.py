@@ -429,19 +429,22 @@ def test_channel_major_rope_layout():
     assert kernel.channel_major(big.cos, big.sin) is None
 
 
+@pytest.mark.parametrize("side", ["keys", "values"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bad,error", [(float("nan"), NonFiniteError), (float("inf"), NonFiniteError),
                                        (1e5, ActivationRangeError)])
-def test_write_refuses_what_the_pages_cannot_hold(bad, error):
-    """A NaN, an inf or a bf16 activation beyond fp16's range (ranges and outliers are stored in fp16) is refused
-    with the layer named, by the compiled writer and the torch one, and nothing is written."""
-    layout = make_layout("kvpack-3bit", torch.bfloat16)
+def test_write_refuses_what_the_pages_cannot_hold(bad, error, dtype, side):
+    """A NaN, an inf or an activation beyond fp16's range (ranges and outliers are stored in fp16) in the keys or the
+    values is refused with the layer and the tensor named, by the compiled writer (which takes the peaks in its own
+    pass over the model's dtype) and the torch one, and nothing is written."""
+    layout = make_layout("kvpack-3bit", dtype)
     pool = make_pool(layout)
     g = torch.Generator().manual_seed(5)
-    k = keys_like(layout, 4, 8, g).to(torch.bfloat16)
-    v = torch.randn(8, HEADS, DIM, generator=g).to(torch.bfloat16)
-    v[3, 1, 7] = bad
+    k = keys_like(layout, 4, 8, g).to(dtype)
+    v = torch.randn(8, HEADS, DIM, generator=g).to(dtype)
+    (k if side == "keys" else v)[3, 1, 7] = bad
     before = pool.slots[4].clone()
     for compiled in (True, False):
-        with pytest.raises(error, match="layer 4's values"):
+        with pytest.raises(error, match=f"layer 4's {side}"):
             write_tokens(layout, pool, 4, k, v, torch.arange(8), torch.arange(8), compiled=compiled)
     assert torch.equal(pool.slots[4], before)

@@ -37,7 +37,7 @@ def _range_error(what: str, peak: float) -> ActivationRangeError:
     )
 
 
-def _raise_for_peak(peak: float, what: str) -> None:
+def raise_for_peak(peak: float, what: str) -> None:
     """The error for a tensor whose peak |x| is `peak` (NaN or inf: non-finite; > 65504: out of range), if any."""
     if peak != peak or peak == float("inf"):
         raise _nonfinite_error(what)
@@ -94,7 +94,7 @@ class PendingChecks:
         self.peaks.zero_()
         self.dirty = False
         for name, peak in zip(self.names, peaks):
-            _raise_for_peak(peak, name + " (in a step checked asynchronously, since the last check)")
+            raise_for_peak(peak, name + " (in a step checked asynchronously, since the last check)")
 
 
 _PENDING: dict[torch.device, PendingChecks] = {}
@@ -133,4 +133,4 @@ def check_storable(x: torch.Tensor, what: str, defer: bool | None = None) -> Non
     if x.device in _PENDING:  # a safe point: what decode steps recorded surfaces first
         _PENDING[x.device].raise_pending()
     if x.numel():
-        _raise_for_peak(float(_peak(x)), what)
+        raise_for_peak(float(_peak(x)), what)

@@ -512,14 +512,17 @@ int kvpack_pages_dense(const i64* a) {
   return pages::dense(A, (float*)A.query, A.out);
 }
 
-// The write path over kvpack's vLLM pages (pages.h, pages::write). Array: keys ptr, values ptr (float32
-// [T, H * D] contiguous), T, H, D, threads, slot ids ptr (int64 [T]), positions ptr (int64 [T]), slot rows ptr, slot
+// The write path over kvpack's vLLM pages (pages.h, pages::write). Array: keys ptr, values ptr ([T, H * D]
+// contiguous, in the type given last), T, H, D, threads, slot ids ptr (int64 [T]), positions ptr (int64 [T]), slot rows ptr, slot
 // bytes, block size, key-outlier pools ptr (0: none), pool entries, sink tokens, RoPE cos ptr (0: the keys are
 // pre-RoPE; else post-RoPE, rotated back at their positions), sin ptr, their row stride, rotated channels; then the
 // key part and the value part,
 // each: axis_token, offset, code bytes, byte, shift, mask ptrs (int32 [C]), midpoints ptr (float32 [C, M]), M, zero,
-// scale ptrs (float32 [C], keys), has outliers, outliers per side, ranges per token, outlier slots, index bytes.
-// Returns the key outliers clamped for lack of a slot / pool entry (>= 0), or < 0 if the arguments are refused.
+// scale ptrs (float32 [C], keys), has outliers, outliers per side, ranges per token, outlier slots, index bytes;
+// then the keys' and values' type (0 float32, 1 float16, 2 bfloat16) and a peaks ptr (float32 [2]: max |keys|,
+// max |values|, NaN where one is NaN; 0: not checked).
+// Returns the key outliers clamped for lack of a slot / pool entry (>= 0), -3 (nothing written) where a peak is NaN,
+// inf or beyond fp16's range, or another value < 0 if the arguments are refused.
 i64 kvpack_pages_write(const i64* a) {
   Reader r{a};
   pages::WriteArgs A{};
@@ -542,6 +545,8 @@ i64 kvpack_pages_write(const i64* a) {
     p->outliers = (int)r.next(); p->k_side = (int)r.next(); p->pairs = (int)r.next(); p->slots = (int)r.next();
     p->index_bytes = (int)r.next();
   }
+  A.x_type = (int)r.next();
+  A.peaks = (float*)r.ptr();
   return pages::write(A);
 }
 

@@ -18,6 +18,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
+from kvpack.codecs.checks import raise_for_peak
 from kvpack.codecs.nuq import outliers_per_side
 from kvpack.integrations.vllm import native_prefill
 from kvpack.integrations.vllm.layout import EngineLayout
@@ -314,12 +315,14 @@ def _writer(parts: LayerSlots) -> list[int] | None:
 
 
 def write(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, value: torch.Tensor,
-          slots: torch.Tensor, positions: torch.Tensor) -> int | None:
-    """Slots and key-outlier pools of tokens [T, H, D] (keys post-RoPE as vLLM hands them, no padding) in one C++
-    call, as `SlotPart.encode` + `outlier_pool.write_pool` write them after `layout.rope.unrotate` (pre-RoPE pages:
-    the keys are rotated back in the same call, with the same float32 arithmetic); the key outliers clamped, or None
-    (the caller writes with torch) when the kernels are unavailable or do not cover this layer's parts. Sink records
-    are not written."""
+          slots: torch.Tensor, positions: torch.Tensor, check: tuple[str, str] | None = None) -> int | None:
+    """Slots and key-outlier pools of tokens [T, H, D] (keys post-RoPE as vLLM hands them, in the model's dtype, no
+    padding) in one C++ call, as `SlotPart.encode` + `outlier_pool.write_pool` write them after
+    `layout.rope.unrotate` (pre-RoPE pages: the keys are rotated back in the same call, with the same float32
+    arithmetic, from the inputs widened to float32 exactly); the key outliers clamped, or None (the caller writes
+    with torch) when the kernels are unavailable or do not cover this layer's parts. Sink records are not written.
+    `check` = (keys' name, values' name): the same pass takes their peak |x| and, where one is NaN, inf or beyond
+    fp16's range, nothing is written and `check_storable`'s error is raised, naming the tensor."""
     lib = cpu.load()
     if lib is None or key.device.type != "cpu":
         return None
@@ -331,17 +334,22 @@ def write(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Tensor, v
     if fn.argtypes is None:
         fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int64
     tokens, heads, dim = key.shape
-    k = key.float().contiguous().view(tokens, -1)
-    v = value.float().contiguous().view(tokens, -1)
+    dtype = key.dtype if key.dtype in RAW_TYPES and value.dtype == key.dtype else torch.float32
+    k = key.to(dtype).contiguous().view(tokens, -1)
+    v = value.to(dtype).contiguous().view(tokens, -1)
+    peaks = torch.zeros(2, dtype=torch.float32) if check else None
     s = slots.to(torch.int64).contiguous()
     p = positions.to(torch.int64).contiguous()
     pooled = parts.key_pool > 0
     args = [k.data_ptr(), v.data_ptr(), tokens, heads, dim, max(1, torch.get_num_threads()), s.data_ptr(), p.data_ptr(),
             pool.slots[layer].data_ptr(), parts.slot_bytes, pool.block_size,
             pool.pools[layer].data_ptr() if pooled else 0, parts.key_pool, parts.sink_tokens, *_rope(layout)[:4],
-            *constant]
+            *constant, RAW_TYPES[dtype], peaks.data_ptr() if check else 0]
     array = cpu._int64s(args)
     clamped = fn(array.buffer_info()[0])
+    if clamped == -3 and check:
+        for peak, what in zip(peaks.tolist(), check):
+            raise_for_peak(peak, what)
     if clamped < 0:
         raise RuntimeError(f"kvpack_pages_write rejected its arguments (code {clamped})")
     return int(clamped)

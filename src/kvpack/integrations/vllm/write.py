@@ -27,11 +27,13 @@ def write_tokens(layout: EngineLayout, pool: PagePool, layer: int, key: torch.Te
     if slots.numel() == 0:
         return 0
     parts = layout.layers[layer]
-    if parts.key.kind != "raw" or parts.value.kind != "raw":  # raw slots hold what vLLM's own cache would
-        check_storable(key, f"layer {layer}'s keys written to kvpack's vLLM pages")
-        check_storable(value, f"layer {layer}'s values written to kvpack's vLLM pages")
-    overflow = kernel.write(layout, pool, layer, key, value, slots, pos) if compiled else None
+    names = (f"layer {layer}'s keys written to kvpack's vLLM pages", f"layer {layer}'s values written to kvpack's vLLM pages")
+    quantized = parts.key.kind != "raw" or parts.value.kind != "raw"  # raw slots hold what vLLM's own cache would
+    overflow = kernel.write(layout, pool, layer, key, value, slots, pos, names if quantized else None) if compiled else None
     if overflow is None:
+        if quantized:
+            check_storable(key, names[0])
+            check_storable(value, names[1])
         k_store = layout.rope.unrotate(key, pos) if layout.rope is not None else key
         k_rows, overflow = parts.key.encode(k_store)
         v_rows, _ = parts.value.encode(value)

@@ -21,7 +21,9 @@
 #pragma once
 #include <algorithm>
 #include <cstring>
+#include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -1382,6 +1384,8 @@ inline int encode_token(const EncPart& P, const float* x, int C, int D, uint8_t*
 struct WriteArgs {
   const float* kx;  // [T, C] pre-RoPE keys (float32); post-RoPE when cos is set (write() rotates them back)
   const float* vx;  // [T, C] values
+  int x_type;       // what kx, vx point to: 0 float32, 1 float16, 2 bfloat16 (write() widens the others, exactly)
+  float* peaks;     // [2] out: max |x| of the keys, of the values (NaN where one is NaN); nullptr: not checked
   int T, H, D, threads;
   const i64* slots;  // [T] slot ids (no padding)
   const i64* pos;    // [T] positions
@@ -1438,14 +1442,106 @@ __attribute__((noinline, optimize("fp-contract=off"))) void unrotate(const Write
   }
 }
 
+template <int TYPE>
+inline float widen_one(const void* x, i64 i) {
+  if constexpr (TYPE == 2) {
+    const uint32_t bits = (uint32_t)((const uint16_t*)x)[i] << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  } else if constexpr (TYPE == 1) {
+    return h2f(((const uint16_t*)x)[i]);
+  } else {
+    return ((const float*)x)[i];
+  }
+}
+
+// Elements i0 .. i1 - 1 of x (TYPE 0 float32, 1 float16, 2 bfloat16) -> dst float32 (exact; dst nullptr: not
+// copied), their max |x| folded into *peak and any NaN into *nan.
+template <int TYPE>
+inline void widen_range(const void* x, i64 i0, i64 i1, float* dst, float* peak, int* nan) {
+  i64 i = i0;
+#if KVPACK_AVX512
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (; i + 16 <= i1; i += 16) {
+    __m512 v;
+    if constexpr (TYPE == 2)
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))), 16));
+    else if constexpr (TYPE == 1)
+      v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i)));
+    else
+      v = _mm512_loadu_ps((const float*)x + i);
+    if (dst) _mm512_storeu_ps(dst + i, v);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float mv = _mm512_reduce_max_ps(m);
+  *peak = mv > *peak ? mv : *peak;
+  *nan |= bad != 0;
+#else
+  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= i1; i += 8) {
+    __m256 v;
+    if constexpr (TYPE == 2)
+      v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i))), 16));
+    else if constexpr (TYPE == 1)
+      v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
+    else
+      v = _mm256_loadu_ps((const float*)x + i);
+    if (dst) _mm256_storeu_ps(dst + i, v);
+    m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (float mv : lanes) *peak = mv > *peak ? mv : *peak;
+  *nan |= _mm256_movemask_ps(bad) != 0;
+#endif
+  for (; i < i1; ++i) {
+    const float v = widen_one<TYPE>(x, i);
+    if (dst) dst[i] = v;
+    const float a = std::fabs(v);
+    *peak = a > *peak ? a : *peak;
+    *nan |= v != v;
+  }
+}
+
+// x [n] (type 0 float32, 1 float16, 2 bfloat16) -> dst float32 (exact; dst nullptr: type 0, not copied); returns
+// max |x|, NaN where x holds a NaN.
+inline float widen_peak(const void* x, int type, i64 n, float* dst, int threads) {
+  float peak = 0.0f;
+  int nan = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : peak) reduction(| : nan)
+  for (i64 i0 = 0; i0 < n; i0 += 16384) {
+    const i64 i1 = std::min(n, i0 + 16384);
+    if (type == 2) widen_range<2>(x, i0, i1, dst, &peak, &nan);
+    else if (type == 1) widen_range<1>(x, i0, i1, dst, &peak, &nan);
+    else widen_range<0>(x, i0, i1, dst, &peak, &nan);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : peak;
+}
+
 i64 write(WriteArgs& A) {
   const int C = A.H * A.D;
-  if (C > 4096 || A.D > MAXD || (A.cos && (A.rot > A.D || A.rot % 2))) return -1;
-  std::vector<float> pre;
+  if (C > 4096 || A.D > MAXD || (A.cos && (A.rot > A.D || A.rot % 2)) || A.x_type < 0 || A.x_type > 2) return -1;
+  std::unique_ptr<float[]> wide[2];  // the inputs widened to float32 (other dtypes)
+  const float** xs[2] = {&A.kx, &A.vx};
+  for (int i = 0; i < 2; ++i) {
+    if (A.x_type == 0 && !A.peaks) continue;
+    const i64 n = (i64)A.T * C;
+    if (A.x_type != 0) wide[i].reset(new float[n]);
+    const float peak = widen_peak(*xs[i], A.x_type, n, wide[i].get(), A.threads);
+    if (A.peaks) A.peaks[i] = peak;
+    if (wide[i]) *xs[i] = wide[i].get();
+    if (A.peaks && !(peak <= 65504.0f)) return -3;  // NaN, inf or beyond fp16: the caller raises, nothing written
+  }
+  std::unique_ptr<float[]> pre;
   if (A.cos) {
-    pre.resize((size_t)A.T * C);
-    unrotate(A, pre.data());
-    A.kx = pre.data();
+    pre.reset(new float[(size_t)A.T * C]);
+    unrotate(A, pre.get());
+    A.kx = pre.get();
   }
   const bool key_seq = sequential_codes(A.key, C), value_seq = sequential_codes(A.value, C);
   std::vector<i64> key_bits, value_bits;  // pack_codes' 8-at-a-time path

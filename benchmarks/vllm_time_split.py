@@ -2,7 +2,8 @@
 this process, the KV functions wrapped in timers (wall seconds, summed over layers and steps).
 
 kvpack: the page writer (`write_tokens`), the decode-step kernel (`kernel.attend` less its prefill part), the prefill
-chunks (`_attend_dense`: pages decoded by `kernel.dense`, then `native_prefill.attend`, vLLM's kernel, or SDPA).
+chunks (`_attend_dense`: pages decoded by `kernel.dense`, then `native_prefill.stage` into vLLM's cache layout and
+`native_prefill.run`, vLLM's kernel, or SDPA).
 vLLM: its attention op `cpu_attention_with_kv_cache` (prefill and decode together; its cache writes are a copy).
 `kv_work_s`: vLLM's attention op, or kvpack's writer plus its attention (prefill and decode steps).
 `--new 1` runs the prompts alone, so the two runs split prefill from decode steps.
@@ -51,7 +52,8 @@ def instrument() -> None:
     timed(backend, "attend", "kvpack_attend")
     timed(kernel, "_attend_dense", "kvpack_prefill")
     timed(kernel, "dense", "kvpack_prefill_page_decode")
-    timed(native_prefill, "attend", "kvpack_prefill_vllm_kernel")
+    timed(native_prefill, "stage", "kvpack_prefill_stage")
+    timed(native_prefill, "run", "kvpack_prefill_vllm_kernel")
     timed(F, "scaled_dot_product_attention", "kvpack_prefill_sdpa")
     timed(cpu_attn.ops, "cpu_attention_with_kv_cache", "vllm_attention")
 

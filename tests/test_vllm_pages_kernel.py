@@ -255,6 +255,11 @@ def test_dense_decode_equals_gather(method, key_outliers, sinks):
     assert keys.shape == ref_k.shape == (sum(lens), HEADS, DIM)
     torch.testing.assert_close(keys, ref_k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values, ref_v, rtol=1e-6, atol=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):  # decoded straight to the model's dtype: the float32 ones rounded
+        narrow = kernel.dense(layout, pool, 2, seq, meta.block_table.to(torch.int32).contiguous(),
+                              kernel._layer(layout.layers[2], layout.dtype), dtype)
+        assert narrow[0].dtype == narrow[1].dtype == dtype
+        assert torch.equal(narrow[0], keys.to(dtype)) and torch.equal(narrow[1], values.to(dtype))
 
 
 def test_compiled_equals_torch_wide_heads_all_widths():
@@ -307,8 +312,8 @@ def test_bf16_prefill_through_vllms_kernel_equals_sdpa(monkeypatch, lens, new):
     query, meta = step(layout, pool, 3, lens, new, 9, g)
     native, sdpa = torch.zeros_like(query), torch.zeros_like(query)
     calls = []
-    attend_native = native_prefill.attend
-    monkeypatch.setattr(native_prefill, "attend", lambda *a: calls.append(1) or attend_native(*a))
+    run_native = native_prefill.run
+    monkeypatch.setattr(native_prefill, "run", lambda *a: calls.append(1) or run_native(*a))
     assert kernel.attend(layout, pool, 3, query, meta, DIM ** -0.5, native)
     assert calls == [1]
     refused = list(native_prefill._broken)  # a vLLM build or CPU whose kernel refuses: the SDPA fallback ran

@@ -505,11 +505,13 @@ int kvpack_pages_attention(const i64* a) {
 }
 
 // The decoded K and V of every cached token (pages.h, pages::dense). Array: as kvpack_pages_attention's, with the K
-// and V outputs (float32 [sum(seq_lens), H, D] each) in place of the query and out pointers.
+// and V outputs ([sum(seq_lens), H, D] each) in place of the query and out pointers, then their type (0 float32,
+// 1 float16, 2 bfloat16).
 int kvpack_pages_dense(const i64* a) {
   Reader r{a};
   pages::Args A = pages_args(r);
-  return pages::dense(A, (float*)A.query, A.out);
+  const int type = (int)r.next();
+  return pages::dense(A, (void*)A.query, (void*)A.out, type);
 }
 
 // The write path over kvpack's vLLM pages (pages.h, pages::write). Array: keys ptr, values ptr ([T, H * D]

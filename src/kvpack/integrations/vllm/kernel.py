@@ -7,8 +7,8 @@ page pools' key outliers over them, rotates keys to their positions, puts the ex
 online-softmax attention for the G query heads sharing the KV head. On AVX-512 a tile is decoded channel-major (16
 slots per vector, one table lookup per channel). Requests with more than DENSE_ABOVE new tokens (prefill chunks)
 would decode the same keys once per block of queries; they instead get their cached tokens decoded once
-(`kvpack_pages_dense`, the same tile code) and attend in the query's dtype: through vLLM's own CPU attention kernel
-for a bf16 model (`native_prefill`), else torch's SDPA. The per-channel tables (code byte, shift, mask, level row;
+(`kvpack_pages_dense`, the same tile code, in the query's dtype) and attend in it: through vLLM's own CPU attention
+kernel for a bf16 model (`native_prefill`), else torch's SDPA. The per-channel tables (code byte, shift, mask, level row;
 key levels with the per-channel scale and zero folded in) are built once per layer from its `LayerSlots`.
 """
 from __future__ import annotations
@@ -219,20 +219,21 @@ DENSE_ABOVE = 16  # requests with more new tokens than this (prefill chunks) att
 
 
 def dense(layout: EngineLayout, pool: PagePool, layer: int, seq_lens: torch.Tensor, table: torch.Tensor,
-          constant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE keys and values [sum(seq_lens), Hkv, D] (float32) of the requests (seq_lens int64, table int32 rows),
-    decoded from their pages as the attention kernel reads them (`kvpack_pages_dense`)."""
+          constant: list[int], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE keys and values [sum(seq_lens), Hkv, D] of the requests (seq_lens int64, table int32 rows), decoded
+    from their pages as the attention kernel reads them (`kvpack_pages_dense`), in `dtype` (float32, or float16 /
+    bfloat16 rounded to nearest even as .to(dtype) rounds the float32 ones)."""
     parts = layout.layers[layer]
     heads, dim = parts.key.heads, parts.key.head_dim
     total = int(seq_lens.sum())
-    keys = torch.empty(total, heads, dim, dtype=torch.float32)
-    values = torch.empty(total, heads, dim, dtype=torch.float32)
+    keys = torch.empty(total, heads, dim, dtype=dtype)
+    values = torch.empty(total, heads, dim, dtype=dtype)
     qsl = torch.zeros(seq_lens.numel() + 1, dtype=torch.int64)
     fn = cpu.load().kvpack_pages_dense
     if fn.argtypes is None:
         fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
     array = cpu._int64s(_arguments(layout, pool, layer, keys.data_ptr(), values.data_ptr(), seq_lens.numel(), heads, 1,
-                                   1.0, qsl, seq_lens, table, constant, 0))
+                                   1.0, qsl, seq_lens, table, constant, 0) + [RAW_TYPES[dtype]])
     code = fn(array.buffer_info()[0])
     if code != 0:
         raise RuntimeError(f"kvpack_pages_dense rejected its arguments (code {code})")
@@ -243,21 +244,26 @@ def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch
                   qsl: torch.Tensor, seq_lens: torch.Tensor, table: torch.Tensor, constant: list[int], scale: float,
                   output: torch.Tensor) -> None:
     """output rows of the requests `which`: causal (bottom-right aligned) attention over their decoded pages, by
-    vLLM's own CPU kernel where `native_prefill` takes the model, else torch's SDPA request by request."""
+    vLLM's own CPU kernel where `native_prefill` takes the model (pages decoded in the model's dtype, staged in its
+    scratch cache), else torch's SDPA request by request."""
     index = torch.tensor(which)
     lens = seq_lens[index].contiguous()
-    keys, values = dense(layout, pool, layer, lens, table[index].contiguous(), constant)
-    if native_prefill.usable(query.dtype, layout.layers[layer].key.head_dim):
+    pages = table[index].contiguous()
+    parts = layout.layers[layer]
+    if native_prefill.usable(query.dtype, parts.key.head_dim):
         starts = qsl.tolist()
         q_lens = [starts[r + 1] - starts[r] for r in which]
         if which == list(range(which[0], which[-1] + 1)):  # one run of requests (vLLM puts prefills last): a slice
             rows = slice(starts[which[0]], starts[which[-1] + 1])
         else:
             rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in which])
-        out = native_prefill.attend(query[rows], keys, values, q_lens, lens.tolist(), scale)
+        keys, values = dense(layout, pool, layer, lens, pages, constant, query.dtype)
+        sc = native_prefill.stage(keys, values, lens.tolist())
+        out = native_prefill.run(query[rows], sc, q_lens, scale) if sc is not None else None
         if out is not None:
             output[rows] = out.to(output.dtype)
             return
+    keys, values = dense(layout, pool, layer, lens, pages, constant)
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     at = 0
     for r, length in zip(which, lens.tolist()):

@@ -1,10 +1,10 @@
 """Long prefill chunks through vLLM's own CPU attention kernel, over kvpack's decoded pages.
 
-Requests with many new tokens (prefill chunks) get their cached tokens decoded once (`kernel.dense`); this module
-stages them, in the model's dtype, in a scratch cache laid out as vLLM's CPU backend lays out its own (blocks of
-128 tokens, its default, `cpu_attn_reshape_and_cache`) and runs `cpu_attention_with_kv_cache` over it: the kernel vLLM
-runs for a prefill with its own cache (AMX tiles for a bf16 model where the CPU has them), causal and bottom-right
-aligned.
+Requests with many new tokens (prefill chunks) get their cached tokens decoded once, in the model's dtype
+(`kernel.dense`); `stage` writes them with vLLM's own `cpu_attn_reshape_and_cache` into a scratch cache laid out as
+vLLM's CPU backend lays out its own (blocks of 128 tokens, its default; only each request's last block zeroed) and
+`run` runs `cpu_attention_with_kv_cache` over it: the kernel vLLM runs for a prefill with its own cache (AMX tiles
+for a bf16 model where the CPU has them), causal and bottom-right aligned.
 With one layer of scratch at a time, the extra memory is one chunk's decoded keys and values.
 
 Used for bf16 models, where vLLM's kernel measured faster than torch's SDPA (1024-token prompt, 9 query heads over
@@ -14,6 +14,7 @@ dtypes, and any vLLM build whose ops refuse the call, keep torch's SDPA (`kernel
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -34,47 +35,92 @@ def usable(dtype: torch.dtype, head_dim: int) -> bool:
     return ops is not None and dtype == torch.bfloat16 and head_dim % 32 == 0 and not _broken
 
 
-def scratch_cache(keys: torch.Tensor, values: torch.Tensor, lens: list[int], dtype: torch.dtype,
-                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """keys/values [sum(lens), Hkv, D] (request after request) in vLLM's CPU cache layout, in `dtype`: (key cache,
-    value cache [blocks, Hkv, block, D] each, views of one buffer as vLLM's backend allocates it; block table int32
-    [requests, most blocks], each request's blocks in order; the ISA vLLM's kernels use for it). A block's unused
-    tail is zero (vLLM's kernels read it, masked)."""
-    kv_heads, dim = keys.shape[1:]
+@dataclass
+class Scratch:
+    """A scratch cache laid out as vLLM's CPU backend lays out its own: key/value caches [blocks, Hkv, block, D] in
+    the model's dtype (views of one buffer, K and V of a block side by side, as vLLM allocates them), the block table
+    int32 [requests, most blocks] (each request's blocks in order), each request's first block (int64 [requests]),
+    the token counts and the ISA vLLM's kernels use for it."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    table: torch.Tensor
+    first: torch.Tensor
+    lens: list[int]
+    isa: str
+
+
+def scratch(lens: list[int], kv_heads: int, dim: int, dtype: torch.dtype, block: int = BLOCK) -> Scratch:
+    """An empty Scratch for requests of `lens` tokens: allocated, not filled, but for each request's last block,
+    zeroed (vLLM's kernels read the rows past a request's tokens, masked)."""
     isa = _get_attn_isa(dtype, block, dim, "auto")
     if isa == "amx":
         torch.cpu._init_amx()  # the process's permission for AMX tiles (vLLM's engine has it already)
     blocks = [-(-n // block) for n in lens]
-    key_cache, value_cache = torch.zeros(sum(blocks), kv_heads, 2 * block, dim, dtype=dtype).chunk(2, dim=2)
-    first = torch.tensor([0] + blocks[:-1]).cumsum(0)
+    buffer = torch.empty(sum(blocks), kv_heads, 2 * block, dim, dtype=dtype)
+    first = torch.tensor([0] + blocks[:-1], dtype=torch.int64).cumsum(0)
+    buffer[first + torch.tensor(blocks) - 1] = 0
+    key_cache, value_cache = buffer.chunk(2, dim=2)
     table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
     for r, (start, count) in enumerate(zip(first.tolist(), blocks)):
         table[r, :count] = torch.arange(start, start + count, dtype=torch.int32)
-    seq = torch.tensor(lens, dtype=torch.int64)
-    pos = torch.arange(int(seq.sum())) - torch.repeat_interleave(torch.cumsum(seq, 0) - seq, seq)
-    slots = torch.repeat_interleave(first * block, seq) + pos
-    ops.cpu_attn_reshape_and_cache(keys.to(dtype), values.to(dtype), key_cache, value_cache, slots, isa)
-    return key_cache, value_cache, table, isa
+    return Scratch(key_cache, value_cache, table, first, list(lens), isa)
+
+
+def stage(keys: torch.Tensor, values: torch.Tensor, lens: list[int], block: int = BLOCK) -> Scratch | None:
+    """keys/values [sum(lens), Hkv, D] (request after request, in the model's dtype) written into a Scratch by vLLM's
+    own `cpu_attn_reshape_and_cache` (which lays a block out as its kernels read it, e.g. in AMX tile order); None
+    when vLLM's ops refuse (a warning names why, and SDPA is used from then on)."""
+    try:
+        sc = scratch(lens, keys.shape[1], keys.shape[2], keys.dtype, block)
+        seq = torch.tensor(lens, dtype=torch.int64)
+        pos = torch.arange(int(seq.sum())) - torch.repeat_interleave(torch.cumsum(seq, 0) - seq, seq)
+        slots = torch.repeat_interleave(sc.first * block, seq) + pos
+        ops.cpu_attn_reshape_and_cache(keys, values, sc.key_cache, sc.value_cache, slots, sc.isa)
+        return sc
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError) as exc:
+        _refused(exc)
+        return None
+
+
+def scratch_cache(keys: torch.Tensor, values: torch.Tensor, lens: list[int], dtype: torch.dtype,
+                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """keys/values [sum(lens), Hkv, D] (request after request, any float dtype) staged in `dtype` (`stage`): (key
+    cache, value cache [blocks, Hkv, block, D] each, block table, ISA)."""
+    sc = stage(keys.to(dtype), values.to(dtype), lens, block)
+    if sc is None:
+        raise RuntimeError(f"vLLM's CPU ops refused to stage a cache: {_broken[-1]}")
+    return sc.key_cache, sc.value_cache, sc.table, sc.isa
+
+
+def _refused(exc: Exception) -> None:
+    _broken.append(str(exc))
+    warnings.warn(f"kvpack: vLLM's CPU attention kernel refused a prefill over decoded pages ({exc}); "
+                  "prefill chunks use torch's SDPA from now on.", RuntimeWarning, stacklevel=3)
+
+
+def run(query: torch.Tensor, sc: Scratch, q_lens: list[int], scale: float) -> torch.Tensor | None:
+    """Causal attention of query [sum(q_lens), Hq, D] (request after request; request r's queries are the last
+    q_lens[r] of its sc.lens[r] tokens) over the scratch cache -> [sum(q_lens), Hq, D] in the query's dtype; None when
+    vLLM's ops refuse (a warning names why, and SDPA is used from then on)."""
+    dtype, (tokens, heads, dim), kv_heads = query.dtype, query.shape, sc.key_cache.shape[1]
+    try:
+        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+        seq_lens = torch.tensor(sc.lens, dtype=torch.int32)
+        plan = ops.cpu_attn_get_scheduler_metadata(len(sc.lens), heads, kv_heads, dim, seq_lens, dtype, qsl, True, -1,
+                                                   sc.isa, False)
+        out = torch.empty(tokens, heads, dim, dtype=dtype)
+        ops.cpu_attention_with_kv_cache(query.contiguous(), sc.key_cache, sc.value_cache, out, qsl, seq_lens, scale,
+                                        True, None, -1, sc.table, 0.0, plan, None)
+        return out
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError) as exc:
+        _refused(exc)
+        return None
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_lens: list[int], lens: list[int],
            scale: float) -> torch.Tensor | None:
-    """Causal attention of query [sum(q_lens), Hq, D] (request after request; request r's queries are the last q_lens[r]
-    of its lens[r] tokens) over keys/values [sum(lens), Hkv, D] (float32, request after request) -> [sum(q_lens), Hq, D]
-    in the query's dtype; None when vLLM's ops refuse (a warning names why, and SDPA is used from then on)."""
-    dtype, (tokens, heads, dim), kv_heads = query.dtype, query.shape, keys.shape[1]
-    try:
-        key_cache, value_cache, table, isa = scratch_cache(keys, values, lens, dtype)
-        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-        seq_lens = torch.tensor(lens, dtype=torch.int32)
-        plan = ops.cpu_attn_get_scheduler_metadata(len(lens), heads, kv_heads, dim, seq_lens, dtype, qsl, True, -1, isa,
-                                                   False)
-        out = torch.empty(tokens, heads, dim, dtype=dtype)
-        ops.cpu_attention_with_kv_cache(query.contiguous(), key_cache, value_cache, out, qsl, seq_lens, scale, True,
-                                        None, -1, table, 0.0, plan, None)
-        return out
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError) as exc:
-        _broken.append(str(exc))
-        warnings.warn(f"kvpack: vLLM's CPU attention kernel refused a prefill over decoded pages ({exc}); "
-                      "prefill chunks use torch's SDPA from now on.", RuntimeWarning, stacklevel=2)
-        return None
+    """`run` over keys/values [sum(lens), Hkv, D] (any float dtype, request after request) staged in the query's
+    dtype; None when vLLM's ops refuse."""
+    sc = stage(keys.to(query.dtype), values.to(query.dtype), lens)
+    return None if sc is None else run(query, sc, q_lens, scale)

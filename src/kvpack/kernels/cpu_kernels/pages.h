@@ -1006,11 +1006,35 @@ inline void untranspose(const float* kt, int n, int D, float* dst, i64 stride) {
 
 // K, V [sum_r seq_lens[r], H, D] float32, request after request: every cached token decoded as attention() reads it
 // (post-RoPE keys, pool outliers, exact sinks). The caller runs a dense attention over them (long prefills).
-int dense(Args& A, float* K, float* V) {
-  if (A.D % 16 || A.D > MAXD || A.bs < 1) return -1;
+// n rows of D floats (row j at src + j * ss) -> dst + j * ds in `type`.
+inline void store_rows(const float* src, i64 ss, int n, int D, void* dst, i64 ds, int type) {
+  for (int j = 0; j < n; ++j) {
+    const float* x = src + j * ss;
+    if (type == 0) {
+      std::memcpy((float*)dst + j * ds, x, 4 * (size_t)D);
+      continue;
+    }
+    uint16_t* y = (uint16_t*)dst + j * ds;
+    for (int d = 0; d < D; ++d) {
+      if (type == 1) {
+        y[d] = _cvtss_sh(x[d], _MM_FROUND_TO_NEAREST_INT);
+      } else {
+        uint32_t bits;
+        std::memcpy(&bits, x + d, 4);
+        y[d] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);  // finite x: round to nearest even
+      }
+    }
+  }
+}
+
+// K, V [sum_r seq_lens[r], H, D], request after request, in `type` (0 float32, 1 float16, 2 bfloat16, rounded to
+// nearest even as torch's .to(dtype) rounds): every cached token decoded as attention() reads it (post-RoPE keys,
+// pool outliers, exact sinks). The caller runs a dense attention over them (long prefills).
+int dense(Args& A, void* K, void* V, int type) {
+  if (A.D % 16 || A.D > MAXD || A.bs < 1 || type < 0 || type > 2) return -1;
   A.kmap = code_map(A.key, A.H, A.D);
   A.vmap = code_map(A.value, A.H, A.D);
-  const int D = A.D, C = A.H * A.D;
+  const int D = A.D, C = A.H * A.D, es = type == 0 ? 4 : 2;
   std::vector<i64> start(A.R + 1, 0);
   for (int r = 0; r < A.R; ++r) start[r + 1] = start[r] + A.seq_lens[r];
   std::vector<i64> items;  // (request, head, first position of a run of tiles)
@@ -1028,6 +1052,7 @@ int dense(Args& A, float* K, float* V) {
   {
     Scratch S(A.D);
     S.head_list.resize(A.pool_entries);
+    std::vector<float> kr((size_t)TK * D);
 #pragma omp for schedule(dynamic, chunk)
     for (i64 i = 0; i < count; ++i) {
       const int r = (int)items[3 * i], h = (int)items[3 * i + 1];
@@ -1036,9 +1061,14 @@ int dense(Args& A, float* K, float* V) {
       for (i64 k0 = first; k0 < std::min(L, first + RUN); k0 += TK) {
         const int n = (int)std::min<i64>(TK, L - k0);
         tile(A, r, h, k0, n, S);
-        const i64 row = (start[r] + k0) * C + (i64)h * D;
-        untranspose(S.kt.data(), n, D, K + row, C);
-        for (int j = 0; j < n; ++j) std::memcpy(V + row + (i64)j * C, S.v.data() + (i64)j * D, 4 * (size_t)D);
+        const i64 row = (start[r] + k0) * C + (i64)h * D;  // in elements
+        if (type == 0) {
+          untranspose(S.kt.data(), n, D, (float*)K + row, C);
+        } else {
+          untranspose(S.kt.data(), n, D, kr.data(), D);
+          store_rows(kr.data(), D, n, D, (uint8_t*)K + es * row, C, type);
+        }
+        store_rows(S.v.data(), D, n, D, (uint8_t*)V + es * row, C, type);
       }
     }
   }

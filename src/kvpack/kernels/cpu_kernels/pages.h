@@ -16,8 +16,9 @@
 // RoPE), put the exact sink tokens back, transpose; scores of all rows against the tile (rows x W keys in
 // registers), causal mask (bottom-right aligned), online softmax, o += p . v. Items are shared by OpenMP (a
 // request's heads on one thread where items abound: head_chunk). On AVX-512,
-// items of at most LANE_ROWS rows (decode steps) take the lane path (item_lanes): two passes, values summed per
-// channel in token lanes straight from their codes.
+// items of at most LANE_ROWS rows (decode steps) take the lane path (item_lanes): two passes, pre-RoPE keys
+// rotated in registers as their scores accumulate (rope_scores), values summed per channel in token lanes straight
+// from their codes, VT positions per pass over the channels.
 #pragma once
 #include <algorithm>
 #include <cstring>

@@ -198,17 +198,7 @@ inline void windows16(const uint8_t* const* rows, int nb, __m512i* win) {
       for (int t = 0; t < 8; ++t)
         r[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(cm, rows[t] + c0)),
                                   _mm256_maskz_loadu_epi8(cm, rows[t + 8] + c0), 1);
-      __m512i u[8];
-      for (int i = 0; i < 4; ++i) {
-        u[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        u[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-      }
-      for (int i = 0; i < 2; ++i) {
-        r[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
-      }
+      simd::transpose4(r, 8);
       // r[j] (j < 4) holds dword j (128-bit lanes 0, 2: rows 0-3 | 8-11) and dword j + 4 (lanes 1, 3) of rows 0-3,
       // 8-11; r[4 + j] the same of rows 4-7, 12-15
       const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);

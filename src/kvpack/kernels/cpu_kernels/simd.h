@@ -82,19 +82,26 @@ inline vi join(vi lo, vi hi, const int32_t* s) {
 #endif
 }
 
-// r[c] <- column c of the 16 x 16 32-bit matrix whose rows are r[0..15].
-inline void transpose(__m512i* r) {
+// The first two steps of a transpose, on n rows (a multiple of 4) in groups of 4: within every 128-bit lane, r[4g + j]
+// <- dword j of rows 4g .. 4g + 3 (each lane of 4 rows transposed as a 4 x 4 block).
+inline void transpose4(__m512i* r, int n) {
   __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < n / 2; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < n / 4; ++i) {
     r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+}
+
+// r[c] <- column c of the 16 x 16 32-bit matrix whose rows are r[0..15].
+inline void transpose(__m512i* r) {
+  transpose4(r, 16);
+  __m512i t[16];
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
     t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);

@@ -353,3 +353,23 @@ def test_interleaved_rope_refused_for_pre_rope(tiny_ids):
     ref = logits(model, tiny_ids)
     with intercept_kv(model, Recorder(pre_rope=False)):
         assert torch.equal(logits(model, tiny_ids), ref)
+
+
+def test_rope_check_allows_float_rounding_of_large_angles_not_another_rope():
+    """The once-per-layer check that the rotary module reproduces the cos/sin a layer used accepts what float32 makes
+    of large angles computed another way (it failed at 2K tokens with 2 threads: 1.5e-4 apart), and still refuses
+    the cos/sin of another RoPE base."""
+    from kvpack.hf.rope import RopeSource
+
+    model = make_tiny_model("llama")
+    source = RopeSource(model, attention_layers(model), [])
+    positions = torch.arange(4096).unsqueeze(0)
+    cos, sin = source.compute(0, positions, torch.float32)
+    angle = torch.atan2(sin, cos).double()
+    wobble = 6 * 2.0 ** -24 * positions.double().unsqueeze(-1)  # an angle rounded a few ulps of p away
+    source.verify(0, positions, torch.cos(angle + wobble).float(), torch.sin(angle + wobble).float())
+    assert 0 in source.verified
+    other_cos, other_sin = angles(1, 4096, cos.shape[-1], base=20000.0)
+    with pytest.raises(UnsupportedArchitectureError, match="does not reproduce the cos/sin"):
+        source.verify(1, positions, other_cos, other_sin)
+

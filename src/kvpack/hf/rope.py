@@ -94,6 +94,17 @@ def _rotary_modules(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name.split(".")[-1].startswith("rotary_emb")]
 
 
+def rope_tolerance(positions: torch.Tensor, cos: torch.Tensor) -> float:
+    """How far two computations of one model's cos/sin [..., rot] at `positions` may differ: float32 rounds an angle
+    p * f to about p * 2**-24, and torch's vectorized and scalar cos/sin (which parts of a tensor take depends on its
+    shape and the threads) reduce large angles differently, so at position p they may differ by a few p * 2**-24
+    (times the table's scaling); bf16/fp16 tables by their own rounding. A different RoPE differs by far more."""
+    if cos.dtype != torch.float32:
+        return 1e-2
+    scaling = float(cos.detach().abs().max()) if cos.numel() else 1.0
+    return max(scaling, 1.0) * (1e-5 + 8 * 2.0 ** -24 * float(positions.detach().abs().max()))
+
+
 class RopeSource:
     """cos/sin [batch, tokens, rot_dim] for any positions, per attention layer of `model`: the model's rotary
     module (`rotary_emb`) re-run on stored positions, with the layer's type for modules that take one
@@ -147,7 +158,7 @@ class RopeSource:
                 )
         mine_cos, mine_sin = self.compute(layer_idx, positions, cos.dtype)
         mine_cos, mine_sin = mine_cos.expand_as(cos), mine_sin.expand_as(sin)
-        tol = 1e-5 if cos.dtype == torch.float32 else 1e-2
+        tol = rope_tolerance(positions, cos)
         if not (torch.allclose(mine_cos, cos, atol=tol, rtol=0) and torch.allclose(mine_sin, sin, atol=tol, rtol=0)):
             raise UnsupportedArchitectureError(
                 f"Layer {layer_idx}: the model's rotary module does not reproduce the cos/sin its attention used "

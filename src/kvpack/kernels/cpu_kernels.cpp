@@ -522,7 +522,7 @@ int kvpack_pages_dense(const i64* a) {
 // each: axis_token, offset, code bytes, byte, shift, mask ptrs (int32 [C]), midpoints ptr (float32 [C, M]), M, zero,
 // scale ptrs (float32 [C], keys), has outliers, outliers per side, ranges per token, outlier slots, index bytes;
 // then the keys' and values' type (0 float32, 1 float16, 2 bfloat16) and a peaks ptr (float32 [2]: max |keys|,
-// max |values|, NaN where one is NaN; 0: not checked).
+// max |values|, NaN where one is NaN or inf; 0: not checked).
 // Returns the key outliers clamped for lack of a slot / pool entry (>= 0), -3 (nothing written) where a peak is NaN,
 // inf or beyond fp16's range, or another value < 0 if the arguments are refused.
 i64 kvpack_pages_write(const i64* a) {

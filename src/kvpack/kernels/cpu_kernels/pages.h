@@ -1406,7 +1406,7 @@ struct WriteArgs {
   const float* kx;  // [T, C] pre-RoPE keys (float32); post-RoPE when cos is set (write() rotates them back)
   const float* vx;  // [T, C] values
   int x_type;       // what kx, vx point to: 0 float32, 1 float16, 2 bfloat16 (write() widens the others, exactly)
-  float* peaks;     // [2] out: max |x| of the keys, of the values (NaN where one is NaN); nullptr: not checked
+  float* peaks;     // [2] out: max |x| of the keys, of the values (NaN where one is NaN or inf); nullptr: not checked
   int T, H, D, threads;
   const i64* slots;  // [T] slot ids (no padding)
   const i64* pos;    // [T] positions
@@ -1478,70 +1478,43 @@ inline float widen_one(const void* x, i64 i) {
 }
 
 // Elements i0 .. i1 - 1 of x (TYPE 0 float32, 1 float16, 2 bfloat16) -> dst float32 (exact; dst nullptr: not
-// copied), their max |x| folded into *peak and any NaN into *nan.
+// copied), their max |x| folded into *peak and any NaN or inf into *bad (x - x is NaN exactly there).
 template <int TYPE>
-inline void widen_range(const void* x, i64 i0, i64 i1, float* dst, float* peak, int* nan) {
+inline void widen_range(const void* x, i64 i0, i64 i1, float* dst, float* peak, int* bad) {
   i64 i = i0;
-#if KVPACK_AVX512
-  __m512 m = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  for (; i + 16 <= i1; i += 16) {
-    __m512 v;
-    if constexpr (TYPE == 2)
-      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i))), 16));
-    else if constexpr (TYPE == 1)
-      v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i)));
-    else
-      v = _mm512_loadu_ps((const float*)x + i);
-    if (dst) _mm512_storeu_ps(dst + i, v);
-    m = _mm512_max_ps(m, _mm512_abs_ps(v));
-    bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  simd::vf m = simd::zero(), nonfinite = simd::zero();
+  for (; i + simd::W <= i1; i += simd::W) {
+    const uint16_t* h = (const uint16_t*)x + i;
+    const simd::vf v = TYPE == 2 ? simd::load_bf16(h) : TYPE == 1 ? simd::load_half(h) : simd::load((const float*)x + i);
+    if (dst) simd::store(dst + i, v);
+    m = simd::max(m, simd::abs(v));
+    nonfinite = simd::add(nonfinite, simd::sub(v, v));
   }
-  float mv = _mm512_reduce_max_ps(m);
+  const float mv = simd::hmax(m), nf = simd::hsum(nonfinite);
   *peak = mv > *peak ? mv : *peak;
-  *nan |= bad != 0;
-#else
-  __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (; i + 8 <= i1; i += 8) {
-    __m256 v;
-    if constexpr (TYPE == 2)
-      v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i))), 16));
-    else if constexpr (TYPE == 1)
-      v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
-    else
-      v = _mm256_loadu_ps((const float*)x + i);
-    if (dst) _mm256_storeu_ps(dst + i, v);
-    m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude));
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  for (float mv : lanes) *peak = mv > *peak ? mv : *peak;
-  *nan |= _mm256_movemask_ps(bad) != 0;
-#endif
+  *bad |= nf != nf;
   for (; i < i1; ++i) {
     const float v = widen_one<TYPE>(x, i);
     if (dst) dst[i] = v;
     const float a = std::fabs(v);
     *peak = a > *peak ? a : *peak;
-    *nan |= v != v;
+    *bad |= v - v != v - v;
   }
 }
 
 // x [n] (type 0 float32, 1 float16, 2 bfloat16) -> dst float32 (exact; dst nullptr: type 0, not copied); returns
-// max |x|, NaN where x holds a NaN.
+// max |x|, NaN where x holds a NaN or an inf.
 inline float widen_peak(const void* x, int type, i64 n, float* dst, int threads) {
   float peak = 0.0f;
-  int nan = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : peak) reduction(| : nan)
+  int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : peak) reduction(| : bad)
   for (i64 i0 = 0; i0 < n; i0 += 16384) {
     const i64 i1 = std::min(n, i0 + 16384);
-    if (type == 2) widen_range<2>(x, i0, i1, dst, &peak, &nan);
-    else if (type == 1) widen_range<1>(x, i0, i1, dst, &peak, &nan);
-    else widen_range<0>(x, i0, i1, dst, &peak, &nan);
+    if (type == 2) widen_range<2>(x, i0, i1, dst, &peak, &bad);
+    else if (type == 1) widen_range<1>(x, i0, i1, dst, &peak, &bad);
+    else widen_range<0>(x, i0, i1, dst, &peak, &bad);
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : peak;
+  return bad ? std::numeric_limits<float>::quiet_NaN() : peak;
 }
 
 i64 write(WriteArgs& A) {

@@ -37,6 +37,14 @@ inline void store_n(float* p, vf v, int m) {  // the first m lanes
   else _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1), v);
 }
 inline vf load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline vf load_bf16(const uint16_t* p) {  // exact: a bf16 is the top half of its float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf abs(vf v) { return _mm512_abs_ps(v); }
+inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 inline vi index(const code_t* p) { return _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)p)); }
 typedef __mmask16 vmask;
 inline vmask lanes_from(int l) { return (vmask)(0xffffu << std::min(std::max(l, 0), 16)); }  // lanes >= l
@@ -145,6 +153,18 @@ inline void store_n(float* p, vf v, int m) {
   }
 }
 inline vf load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline vf load_bf16(const uint16_t* p) {  // exact: a bf16 is the top half of its float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf abs(vf v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+inline float hmax(vf v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
 inline vi index(const code_t* p) { return _mm256_load_si256((const __m256i*)p); }
 typedef __m256 vmask;
 inline vmask lanes_from(int l) {  // lanes >= l

@@ -116,11 +116,3 @@ def run(query: torch.Tensor, sc: Scratch, q_lens: list[int], scale: float) -> to
     except (RuntimeError, AttributeError, TypeError, NotImplementedError) as exc:
         _refused(exc)
         return None
-
-
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_lens: list[int], lens: list[int],
-           scale: float) -> torch.Tensor | None:
-    """`run` over keys/values [sum(lens), Hkv, D] (any float dtype, request after request) staged in the query's
-    dtype; None when vLLM's ops refuse."""
-    sc = stage(keys.to(query.dtype), values.to(query.dtype), lens)
-    return None if sc is None else run(query, sc, q_lens, scale)

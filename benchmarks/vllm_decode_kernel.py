@@ -87,10 +87,10 @@ def kvpack_step(method: str, dtype: torch.dtype, keys, values, hf, batch: int, b
 
 def vllm_step(dtype: torch.dtype, keys, values, batch: int, block: int, query: torch.Tensor, scale: float):
     """A callable running vLLM's CPU attention op for the same decode step over its own cache in `dtype`, laid out as
-    vLLM's backend lays it out (`native_prefill.scratch_cache`)."""
+    vLLM's backend lays it out (`native_prefill.stage`)."""
     from vllm import _custom_ops as ops
 
-    from kvpack.integrations.vllm.native_prefill import scratch_cache
+    from kvpack.integrations.vllm.native_prefill import stage
 
     context, heads, dim = keys[0][0].shape
     lens = [context] * batch
@@ -98,8 +98,11 @@ def vllm_step(dtype: torch.dtype, keys, values, batch: int, block: int, query: t
     for layer_keys, layer_values in zip(keys, values):
         k = torch.cat([layer_keys[r % len(layer_keys)] for r in range(batch)])
         v = torch.cat([layer_values[r % len(layer_values)] for r in range(batch)])
-        key_cache, value_cache, table, isa = scratch_cache(k, v, lens, dtype, block)
-        caches.append((key_cache, value_cache))
+        sc = stage(k.to(dtype), v.to(dtype), lens, block)
+        if sc is None:
+            raise RuntimeError("vLLM's CPU ops refused to stage a cache (see the warning above)")
+        caches.append((sc.key_cache, sc.value_cache))
+    table, isa = sc.table, sc.isa
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
     plan = ops.cpu_attn_get_scheduler_metadata(batch, query.shape[1], heads, dim, seq_lens, dtype, qsl, True, -1, isa,

@@ -244,26 +244,24 @@ def _attend_dense(layout: EngineLayout, pool: PagePool, layer: int, query: torch
                   qsl: torch.Tensor, seq_lens: torch.Tensor, table: torch.Tensor, constant: list[int], scale: float,
                   output: torch.Tensor) -> None:
     """output rows of the requests `which`: causal (bottom-right aligned) attention over their decoded pages, by
-    vLLM's own CPU kernel where `native_prefill` takes the model (pages decoded in the model's dtype, staged in its
-    scratch cache), else torch's SDPA request by request."""
+    vLLM's own CPU kernel where `native_prefill` takes the model (staged in its scratch cache), else torch's SDPA
+    request by request; either way over the pages decoded once, in the model's dtype."""
     index = torch.tensor(which)
     lens = seq_lens[index].contiguous()
-    pages = table[index].contiguous()
-    parts = layout.layers[layer]
-    if native_prefill.usable(query.dtype, parts.key.head_dim):
+    dtype = query.dtype if query.dtype in RAW_TYPES else torch.float32
+    keys, values = dense(layout, pool, layer, lens, table[index].contiguous(), constant, dtype)
+    if native_prefill.usable(query.dtype, layout.layers[layer].key.head_dim):
         starts = qsl.tolist()
         q_lens = [starts[r + 1] - starts[r] for r in which]
         if which == list(range(which[0], which[-1] + 1)):  # one run of requests (vLLM puts prefills last): a slice
             rows = slice(starts[which[0]], starts[which[-1] + 1])
         else:
             rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in which])
-        keys, values = dense(layout, pool, layer, lens, pages, constant, query.dtype)
         sc = native_prefill.stage(keys, values, lens.tolist())
         out = native_prefill.run(query[rows], sc, q_lens, scale) if sc is not None else None
         if out is not None:
             output[rows] = out.to(output.dtype)
             return
-    keys, values = dense(layout, pool, layer, lens, pages, constant)
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     at = 0
     for r, length in zip(which, lens.tolist()):

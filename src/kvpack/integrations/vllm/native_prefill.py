@@ -83,16 +83,6 @@ def stage(keys: torch.Tensor, values: torch.Tensor, lens: list[int], block: int 
         return None
 
 
-def scratch_cache(keys: torch.Tensor, values: torch.Tensor, lens: list[int], dtype: torch.dtype,
-                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """keys/values [sum(lens), Hkv, D] (request after request, any float dtype) staged in `dtype` (`stage`): (key
-    cache, value cache [blocks, Hkv, block, D] each, block table, ISA)."""
-    sc = stage(keys.to(dtype), values.to(dtype), lens, block)
-    if sc is None:
-        raise RuntimeError(f"vLLM's CPU ops refused to stage a cache: {_broken[-1]}")
-    return sc.key_cache, sc.value_cache, sc.table, sc.isa
-
-
 def _refused(exc: Exception) -> None:
     _broken.append(str(exc))
     warnings.warn(f"kvpack: vLLM's CPU attention kernel refused a prefill over decoded pages ({exc}); "

@@ -60,6 +60,10 @@ def test_cache_hit_second_time(text_file, cache, monkeypatch):
     second = resolve_recipe(model, tok, settings, calib_data=str(text_file), calib_windows=2, calib_seqlen=64, progress=False)
     x = torch.randn(1, 2, 10, 16)
     assert torch.equal(first.value_codecs[1].roundtrip(x)[0], second.value_codecs[1].roundtrip(x)[0])
+    windowed = resolve_recipe(model, tok, parse_method("kvquant-3bit:plain:sink4:recent8"), calib_data=str(text_file),
+                              calib_windows=2, calib_seqlen=64, progress=False)  # a recent window: the same recipe
+    assert windowed.settings.recent_tokens == 8 and windowed.method == "kvquant-3bit:plain:sink4:recent8"
+    assert torch.equal(first.value_codecs[1].roundtrip(x)[0], windowed.value_codecs[1].roundtrip(x)[0])
     with pytest.raises(AssertionError, match="recalibrated"):  # other settings: another cache entry
         resolve_recipe(model, tok, parse_method("kvquant-3bit:plain:sink1"), calib_data=str(text_file), calib_windows=2,
                        calib_seqlen=64, progress=False)

@@ -321,11 +321,14 @@ def test_simulator_keeps_fp16_parts_and_quantizes_the_middle():
     codec = UniformCodec(2, "channel", 32)
     assert torch.equal(k_out[..., :start, :], k[..., :start, :].half().float())
     assert torch.equal(k_out[..., stop:, :], k[..., stop:, :].half().float())
-    assert torch.equal(k_out[..., start:stop, :], codec.roundtrip(k[..., start:stop, :])[0])
+    # a served window (the default): tokens leave the window as their fp16 copies and are encoded from them
+    assert torch.equal(k_out[..., start:stop, :], codec.roundtrip(k[..., start:stop, :].half().float())[0])
     vcodec = UniformCodec(2, "token", 32)
-    assert torch.equal(v_out[..., 2:172, :], vcodec.roundtrip(v[..., 2:172, :])[0])
+    assert torch.equal(v_out[..., 2:172, :], vcodec.roundtrip(v[..., 2:172, :].half().float())[0])
     assert torch.equal(v_out[..., 172:, :], v[..., 172:, :].half().float())
     assert k_out.shape == k.shape and v_out.dtype == v.dtype
+    window_end = Simulator(sim.recipe, served_window=False)  # one chunk: encoded from the keys as they came
+    assert torch.equal(window_end(0, k, v)[0][..., start:stop, :], codec.roundtrip(k[..., start:stop, :])[0])
 
 
 def test_simulator_short_sequence_is_all_fp16():

@@ -55,6 +55,9 @@ def test_used_only_for_the_same_model_method_and_calibration(shipped):
     assert shipped_recipe(model, settings, data, 3, 64, folder=folder) is None  # other window count
     assert shipped_recipe(model, settings, "self", 2, 64, folder=folder) is None  # other data
     assert shipped_recipe(model, parse_method(METHOD + ":sink4"), data, 2, 64, folder=folder) is None
+    windowed = shipped_recipe(model, parse_method(METHOD + ":recent16"), data, 2, 64, folder=folder)  # a serving choice
+    assert windowed.method == METHOD + ":recent16" and windowed.settings.recent_tokens == 16
+    assert all(torch.equal(a.level_data, b.level_data) for a, b in zip(windowed.key_codecs, recipe.key_codecs))
     assert shipped_recipe(model, parse_method("kvquant-3bit-1pct"), data, 2, 64, folder=folder) is None
     assert shipped_recipe(make_tiny_model("llama", seed=1), settings, data, 2, 64, folder=folder) is None  # other weights
     assert shipped_recipe(make_tiny_model("qwen2"), settings, data, 2, 64, folder=folder) is None  # other architecture

@@ -36,6 +36,43 @@ def test_real_matches_simulated(setup, method):
     assert math.isclose(decode.bits_per_element, sim.bits_per_element + 32 / elements_per_token, rel_tol=0.02)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["int4:pre-rope:sink1:recent5", "kivi-2:recent5:g8"])
+def test_recent_window_served_per_query(method, attn):
+    """With a recent window the simulation has every query read its own window unchanged, as the cache
+    decoding token by token holds it (KIVI: keys leave the window in whole groups of tokens, values one by
+    one); with served_window=False it reads the window-end split instead (the last tokens of the whole window
+    unchanged), and the bits counted are the same."""
+    from kvpack.evaluate.perplexity import simulated_perplexity
+    from kvpack.recipes.simulate import Simulator
+
+    model = make_tiny_model("llama", attn=attn)
+    windows = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(7))
+    recipe = Recipe.baseline(method, 2)
+    served = simulated_perplexity(model, windows, recipe, progress=False)
+    decode = streaming_perplexity(model, windows, recipe, chunk=1, progress=False)
+    assert math.isclose(decode.ppl, served.ppl, rel_tol=1e-4)
+    window_end = simulated_perplexity(model, windows, recipe, progress=False,
+                                      simulator=Simulator(recipe, served_window=False))
+    assert served.kl < 0.8 * window_end.kl  # every query reads its own last tokens unchanged: less error
+    assert served.bits_per_element == window_end.bits_per_element  # and not what a cache of this length holds
+
+
+def test_window_starts_follow_the_stream():
+    """Per query, the first token the stream (cache/stream.py) still holds in fp16 after appending it."""
+    from kvpack.cache.stream import TokenStream
+    from kvpack.recipes.simulate import Simulator
+
+    recipe = Recipe.baseline("kivi-2:recent5:g8:sink2", 1)
+    starts = Simulator(recipe).window_starts(0, 40)
+    for codec, start in zip((recipe.key_codecs[0], recipe.value_codecs[0]), starts):
+        stream = TokenStream(codec, 2, 5)
+        for i in range(40):
+            stream.append(torch.randn(1, 2, 1, 16))
+            assert max(2, stream.head_len + stream.body.tokens) == int(start[i])  # the sink: unchanged either way
+    assert Simulator(Recipe.baseline("int4", 1)).window_starts(0, 40) is None
+
+
 def test_chunked_prefill_and_counts(setup):
     model, windows = setup
     recipe = Recipe.baseline("int4:pre-rope", 2)

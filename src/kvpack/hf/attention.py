@@ -5,7 +5,10 @@ One mechanism, installed once per model (`install`, idempotent):
   the model's own sdpa / eager attention. Per call, in this order:
   1. a KVTransform installed by `intercept_kv` (simulation, calibration) replaces the layer's keys and
      values [batch, kv_heads, tokens, head_dim] before GQA repetition; pre-RoPE transforms see keys
-     rotated back exactly with the layer's own cos/sin, and rotated forward again afterwards;
+     rotated back exactly with the layer's own cos/sin, and rotated forward again afterwards; a transform
+     that names a recent window (`window_starts`) has each query read the keys and values of its own
+     window as the cache keeps them (`kept`) and older ones transformed, as a cache serving token by token
+     holds them;
   2. a cache whose packed-attention state claimed this layer (a CompressedCache's decode steps) computes
      attention from its stored blocks (`PackedState.attend`);
   3. otherwise the wrapped function runs unchanged;
@@ -55,6 +58,20 @@ class KVTransform(Protocol):
     pre_rope: bool
 
     def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class WindowedTransform(KVTransform, Protocol):
+    """A KVTransform whose cache would keep each query's most recent tokens as they came (a recent window)."""
+
+    def window_starts(self, layer_idx: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per query i of a window of `tokens` [tokens] (int64), for keys and for values: the first token that a
+        cache serving token by token still holds unchanged when query i attends (earlier tokens, past the sink,
+        read transformed); None without a window."""
+        ...
+
+    def kept(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as the cache holds its recent window (e.g. rounded to fp16), same shapes."""
+        ...
 
 
 class PackedState(Protocol):
@@ -111,7 +128,11 @@ def _make_attention(kind: str):
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         transform = getattr(module, _TRANSFORM, None)
         if transform is not None:
+            starts = _window_starts(transform, module.layer_idx, query, key)
+            held = None if starts is None else _transformed(module, transform, key, value, kept=True)
             key, value = _transformed(module, transform, key, value)
+            if starts is not None:
+                key, value, attention_mask = _served_window(kind, query, held, (key, value), attention_mask, starts)
         frames = _frames()
         state = frames[-1][0] if frames and frames[-1] else None
         if state is not None and module.layer_idx in state.pending:
@@ -128,14 +149,55 @@ def _make_attention(kind: str):
     return attention
 
 
-def _transformed(module, transform: KVTransform, key: torch.Tensor, value: torch.Tensor):
+def _transformed(module, transform: KVTransform, key: torch.Tensor, value: torch.Tensor, kept: bool = False):
+    """The transform's keys and values; with `kept`, those its cache keeps unchanged (`WindowedTransform.kept`)."""
+    apply = transform.kept if kept else transform
     if not transform.pre_rope:
-        return transform(module.layer_idx, key, value)
+        return apply(module.layer_idx, key, value)
     cos, sin = getattr(module, _ROPE)
     if cos.shape[-2] != key.shape[-2]:  # only this step's tokens carry this step's cos/sin
         raise RuntimeError("pre-RoPE interception needs keys of exactly this step's positions (no cache).")
-    key_pre, value = transform(module.layer_idx, invert_rope(key, cos, sin), value)
+    key_pre, value = apply(module.layer_idx, invert_rope(key, cos, sin), value)
     return apply_rope(key_pre, cos, sin), value
+
+
+def _window_starts(transform, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
+    """The transform's per-query window starts (keys, values), for a whole window attending to itself; else None."""
+    starts = getattr(transform, "window_starts", None)
+    if starts is None or query.shape[-2] != key.shape[-2]:
+        return None
+    return starts(layer_idx, key.shape[-2])
+
+
+def _allowed(mask, queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """The model's mask as booleans [B | 1, 1 | H, queries, keys] (True: may attend); None means causal."""
+    if mask is None:
+        return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)[None, None]
+    mask = mask[..., :keys]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _served_window(kind: str, query: torch.Tensor, kept: tuple, transformed: tuple, mask, starts: tuple):
+    """Keys and values [B, H, copies * T, D] and the mask over them with which query i attends every token j it
+    may see exactly once: key j as the window keeps it when j >= the keys' start of query i, else transformed;
+    value j likewise by the values' start (copies: 2 when keys and values share their starts, else 4)."""
+    (key, value), (key_q, value_q) = kept, transformed
+    tokens = key.shape[-2]
+    pos = torch.arange(tokens, device=key.device)
+    key_recent = pos[None, :] >= starts[0].to(key.device)[:, None]  # [T, T]: query i reads key j unchanged
+    value_recent = pos[None, :] >= starts[1].to(key.device)[:, None]
+    allowed = _allowed(mask, query.shape[-2], tokens, key.device)
+    if torch.equal(key_recent, value_recent):
+        keys, values = [key, key_q], [value, value_q]
+        parts = [key_recent, ~key_recent]
+    else:
+        keys, values = [key, key, key_q, key_q], [value, value_q, value, value_q]
+        parts = [key_recent & value_recent, key_recent & ~value_recent, ~key_recent & value_recent,
+                 ~key_recent & ~value_recent]
+    both = torch.cat([allowed & p for p in parts], dim=-1)
+    if kind == "eager":
+        both = torch.zeros(both.shape, dtype=query.dtype, device=query.device).masked_fill(~both, torch.finfo(query.dtype).min)
+    return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), both
 
 
 def _register() -> None:

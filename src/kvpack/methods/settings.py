@@ -61,6 +61,14 @@ def generic_option(settings: MethodSettings, option: str) -> MethodSettings | No
     return None
 
 
+def fitted_settings(settings: MethodSettings) -> MethodSettings:
+    """The settings a recipe is fitted for: `settings` without their recent window (`recent_tokens` 0, no `recent<N>`
+    in the name). The window is a serving choice: calibration fits codebooks and checks switches with every token
+    past the sink quantized, so one recipe serves every window (`kvpack-3bit:recent64` reads kvpack-3bit's)."""
+    name = ":".join(part for part in settings.name.split(":") if not re.fullmatch(r"recent\d+", part))
+    return replace(settings, recent_tokens=0, name=name)
+
+
 def percentage(text: str, where: str) -> float:
     """An outlier percentage in [0, 50) as a fraction; MethodError naming `where` otherwise."""
     pct = float(text)

@@ -15,11 +15,12 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from kvpack.errors import RecipeError
 from kvpack.methods.names import MethodSettings
+from kvpack.methods.settings import fitted_settings
 from kvpack.recipes.io import (JSON_NAME, TENSORS_NAME, check_identity, model_identity, same_weights, weights_fingerprint,
                                weights_probe)
 from kvpack.recipes.recipe import Recipe
@@ -117,7 +118,8 @@ def shipped_recipe(model, settings: MethodSettings, data: str = "c4[:500]", wind
                    folder: Path | None = None) -> Recipe | None:
     """The shipped recipe calibrated for exactly this request (model, settings, data, windows, seqlen), or None."""
     folder = Path(folder or SHIPPED_DIR)
-    entry = matching_entry(model, settings, data, windows, seqlen, folder)
+    fitted = fitted_settings(settings)  # one recipe serves every recent window
+    entry = matching_entry(model, fitted, data, windows, seqlen, folder)
     if entry is None:
         return None
     path = verify(entry, folder)
@@ -126,7 +128,8 @@ def shipped_recipe(model, settings: MethodSettings, data: str = "c4[:500]", wind
     except RecipeError as exc:
         raise RecipeError(f"The shipped recipe '{path}' does not load with this kvpack ({exc}). Rebuild it with: "
                           f"{entry['command']}; or pass --recalibrate (recalibrate=True).") from exc
-    return recipe if _plain_settings(recipe.settings) == _plain_settings(settings) else None
+    same = _plain_settings(fitted_settings(recipe.settings)) == _plain_settings(fitted)
+    return replace(recipe, settings=settings) if same else None
 
 
 def shipped_methods(folder: Path | None = None) -> list[str]:

@@ -20,7 +20,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from kvpack.errors import DataError, MethodError, RecipeError
 from kvpack.methods import MethodSettings, family_named, needs_calibration, parse_method
+from kvpack.methods.settings import fitted_settings
 from kvpack.methods.kvpack.config import is_preset
 from kvpack.recipes.recipe import Recipe
 from kvpack.data import load_windows
@@ -139,9 +140,9 @@ def calibrate_windows(model, ids: torch.Tensor, settings: MethodSettings, data: 
     start = time.perf_counter()
     fisher = needs_fisher(settings)
     activations, timing = _collect(model, ids, fisher, settings.sink_tokens, settings.pre_rope, progress)
-    fit_settings, selection = settings, None
+    fit_settings, selection = fitted_settings(settings), None  # the recent window changes nothing fitted
     if is_preset(settings):  # the switches are checked on held-out windows; the kept ones are fitted below
-        fit_settings, selection = select_switches(model, ids, activations, settings, progress)
+        fit_settings, selection = select_switches(model, ids, activations, fit_settings, progress)
     keys, values, info = family.fit(model, activations, fit_settings, progress=progress)
     del activations
     total = time.perf_counter() - start
@@ -178,10 +179,10 @@ def calibrate(
 
 
 def cache_key(model, settings: MethodSettings, ids: torch.Tensor) -> str:
-    """Hash of everything a calibrated recipe depends on."""
+    """Hash of everything a calibrated recipe depends on (not the recent window: `fitted_settings`)."""
 
     payload = {
-        "model": model_identity(model), "weights": weights_fingerprint(model), "settings": asdict(settings),
+        "model": model_identity(model), "weights": weights_fingerprint(model), "settings": asdict(fitted_settings(settings)),
         "tokens": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(), "shape": list(ids.shape),
         "version": CALIBRATION_VERSION,
     }
@@ -196,22 +197,23 @@ def cached_calibration(
 ) -> Recipe:
     """The recipe for `settings`: loaded from `recipe_dir`, from the disk cache (unless `recalibrate`),
     or calibrated and cached."""
+    fitted = fitted_settings(settings)  # a recipe serves every recent window: the recipe of `fitted`, `settings` set
     if recipe_dir is not None:
         recipe = Recipe.load(recipe_dir, model)
-        if recipe.settings.name != settings.name:
+        if fitted_settings(recipe.settings).name != fitted.name:
             raise RecipeError(
                 f"Recipe '{recipe_dir}' is for method '{recipe.settings.name}', not '{settings.name}'. "
                 f"Evaluate '{recipe.settings.name}' with it, or drop --recipe to calibrate '{settings.name}'."
             )
-        return recipe
+        return replace(recipe, settings=settings)
     ids = calibration_windows(tokenizer, data, windows, seqlen, model=model, progress=progress)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in settings.name)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in fitted.name)
     folder = cache_root() / "recipes" / f"{safe}-{cache_key(model, settings, ids)[:16]}"
     if folder.is_dir() and not recalibrate:
         try:
             recipe = Recipe.load(folder, model)
             _log(progress, f"using the cached recipe {folder}")
-            return recipe
+            return replace(recipe, settings=settings)
         except RecipeError as exc:
             _log(progress, f"cached recipe {folder} unusable ({exc}); recalibrating")
     _announce(model, ids, settings, progress)

@@ -5,6 +5,14 @@ go through the layer's codec. Codecs that take statistics over groups of tokens 
 quantize only whole groups, so the fp16 tail holds the recent window plus the unfinished
 group, exactly what a streaming cache holds at this length. Bits are counted from the packed
 tensors the codecs really produce.
+
+With a recent window (`recent_tokens` > 0) every query reads its *own* window, as a cache decoding token
+by token holds it (`window_starts`, applied by the attention functions in hf/attention.py): query i reads
+token j in fp16 (`kept`) from the first token its cache still holds in fp16 on, and quantized before (past
+the sink). The quantized tokens are those the window-end split above quantizes, encoded from their fp16
+copies as tokens leaving a window are (no query of the window reads a later token quantized).
+`Simulator(recipe, served_window=False)` has every query read the window-end split instead (the last
+`recent_tokens` of the whole window in fp16, what a one-shot prefill stores).
 """
 from __future__ import annotations
 
@@ -56,8 +64,9 @@ def fp16_split(tokens: int, sink: int, recent: int, token_group: int) -> tuple[i
 class Simulator:
     """A KVTransform that quantize-dequantizes with `recipe` and counts the bits stored."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, served_window: bool = True):
         self.recipe = recipe
+        self.served_window = served_window
         self.pre_rope = recipe.settings.pre_rope
         self.count = BitCount()
         self.shared: dict[int, int] = {}  # id(codec) -> bytes every sequence shares (a codec shared by layers once)
@@ -83,7 +92,10 @@ class Simulator:
         if stop == start:
             self._add_shared(codec, what)
             return x.to(torch.float16).to(x.dtype)
-        middle, nbytes = codec.roundtrip(x[..., start:stop, :])
+        body = x[..., start:stop, :]
+        if self.served_window and s.recent_tokens:  # a token decoded one by one is encoded from its fp16 window copy
+            body = body.to(torch.float16).to(x.dtype)
+        middle, nbytes = codec.roundtrip(body)
         self.count.add(8.0 * nbytes, 0)
         # shared bytes after encoding: a codec that sizes itself to the head_dim it meets knows them only now
         self._add_shared(codec, what)
@@ -95,6 +107,25 @@ class Simulator:
         if id(codec) not in self._counted:
             self._counted.add(id(codec))
             self.count.add_shared(8.0 * self.shared[id(codec)])
+
+    def window_starts(self, layer_idx: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per query i of `tokens` [tokens] (int64), for keys and values: the first token past the sink that a
+        streaming cache (cache/stream.py) holds in fp16 after appending token i, i.e. sink + the whole token
+        groups that left the recent window; None without a served recent window."""
+        s = self.recipe.settings
+        if not self.served_window or s.recent_tokens <= 0:
+            return None
+        sink = min(s.sink_tokens, tokens)
+        seen = torch.arange(1, tokens + 1) - sink - s.recent_tokens  # tokens past the sink and the window
+        out = []
+        for codec in (self.recipe.key_codecs[layer_idx], self.recipe.value_codecs[layer_idx]):
+            group = max(int(codec.token_group()), 1)
+            out.append(sink + seen.clamp_min(0) // group * group)
+        return out[0], out[1]
+
+    def kept(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as a cache keeps its sink and recent window: rounded to fp16."""
+        return key.to(torch.float16).to(key.dtype), value.to(torch.float16).to(value.dtype)
 
     @property
     def fixed_bytes(self) -> int:

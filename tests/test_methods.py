@@ -356,3 +356,12 @@ def test_channel_group_must_divide_head_dim():
     with pytest.raises(MethodError, match=f"head_dim {dim}"):
         resolve_recipe(model, None, f"int4:g{bad}")
     check_settings_fit_model(parse_method(f"int4:g{dim // 2}"), model)  # a divisor is fine
+
+
+def test_fitted_settings_drop_only_the_recent_window():
+    from kvpack.methods.settings import fitted_settings
+
+    fitted = fitted_settings(parse_method("kvpack-3bit:recent16:sink4"))
+    assert fitted.name == "kvpack-3bit:sink4" and fitted.recent_tokens == 0 and fitted.sink_tokens == 4
+    assert fitted == fitted_settings(parse_method("kvpack-3bit:sink4"))
+    assert fitted_settings(parse_method("kivi-2")).name == "kivi-2"  # a family default window goes too

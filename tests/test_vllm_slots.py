@@ -121,3 +121,17 @@ def test_page_pool_holds_every_key_outlier_through_chunked_writes():
     ref[0], ref[40] = ks[0][0], ks[1][0]
     assert clamped == 0
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-6)
+
+
+def test_a_recent_window_is_refused_with_the_method_to_use():
+    """Page slots hold every token packed: a windowed method names the method without its window."""
+    import dataclasses
+
+    from kvpack.integrations.vllm.config import KvpackVllmConfig, KvpackVllmError
+    from kvpack.integrations.vllm.layout import layout_for
+    from kvpack.methods import parse_method
+
+    recipe = Recipe.load(SHIPPED_DIR / "kvpack-3bit")
+    windowed = dataclasses.replace(recipe, settings=parse_method("kvpack-3bit:recent16"))
+    with pytest.raises(KvpackVllmError, match="drop ':recent16'"):
+        layout_for(KvpackVllmConfig(method="kvpack-3bit:recent16"), windowed, None, 3, 64, torch.bfloat16, 16, 2048)

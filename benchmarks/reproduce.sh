@@ -58,7 +58,8 @@ kvpack bench --device cpu --contexts 2048,8192,32768 --methods fp16,kvquant-4bit
 kvpack calibrate --model smollm2-135m --method kvpack-4bit,kvpack-3bit,kvpack-2bit --data 'c4[:500]' --windows 16 \
   --seqlen 2048 --out src/kvpack/recipes/shipped --manifest
 QUALITY=fp16,kivi-4,kivi-2,kvquant-4bit-1pct,kvquant-3bit-1pct,kvquant-2bit-1pct,turboquant-3.5bit,turboquant-2.5bit,\
-rvq-d8-c2048-g32,rvq-d8-c2048-g32:share-all,kvpack-4bit,kvpack-3bit,kvpack-2bit
+rvq-d8-c2048-g32,rvq-d8-c2048-g32:share-all,kvpack-4bit,kvpack-3bit,kvpack-2bit,\
+kvpack-4bit:recent16,kvpack-3bit:recent16,kvpack-2bit:recent16
 kvpack eval --methods $QUALITY --data wikitext2 --max-windows 16 --calib-windows 16 --json results/quality-wikitext2.json
 kvpack eval --methods $QUALITY --data 'c4[500:]' --max-windows 8 --calib-windows 16 --json results/quality-c4.json
 kvpack eval --data wikitext2 --max-windows 8 --calib-windows 16 --json results/kvpack-ablation.json \
@@ -69,6 +70,8 @@ kvpack eval --methods fp16,kvpack-4bit,kvpack-3bit,kvpack-2bit,kvquant-3bit-1pct
   --seqlen 8192 --calib-seqlen 2048 --max-windows 4 --calib-windows 16 --json results/quality-8k.json
 python benchmarks/cache_real_vs_sim.py --methods kvpack-4bit,kvpack-3bit,kvpack-2bit --seqlen 2048 --windows 2 --chunk 1 \
   --calib-windows 16 --calib-seqlen 2048 --skip memory,generation --noise-seeds 4
+python benchmarks/cache_real_vs_sim.py --methods kvpack-4bit:recent16,kvpack-3bit:recent16,kvpack-2bit:recent16 --seqlen 2048 \
+  --windows 2 --chunk 1 --calib-windows 16 --calib-seqlen 2048 --skip memory,generation --noise-seeds 4
 python benchmarks/rvq_total_bytes.py --table results/quality-wikitext2.json \
   --methods fp16,rvq-d8-c2048-g32,rvq-d8-c2048-g32:share-all,kvpack-3bit --json results/rvq-total-bytes.json
 kvpack bench --contexts 2048,8192 --methods kvquant-3bit-1pct,kvpack-3bit,turboquant-3.5bit --timing-threads 1 \

@@ -133,7 +133,7 @@ def eval_row(result, recipe, model_spec: str, data: str, seqlen: int, mode: str,
         row["bits"] = _plain(bits)
     if mode == "real":
         row["chunk"] = chunk
-    elif recipe.settings.recent_tokens:  # recipes/simulate.py: each query reads its own recent window unchanged
+    elif recipe.settings.recent_tokens:  # recipes/simulate.py: each query reads its own recent window in fp16
         row["recent_window"] = "per query"
     return row
 

@@ -94,7 +94,7 @@ def layout_for(config: KvpackVllmConfig, recipe: Recipe | None, hf, heads: int, 
     if settings.recent_tokens:
         raise KvpackVllmError(f"'{settings.name}' keeps a full-precision window of {settings.recent_tokens} recent tokens, "
                               f"which fixed page slots do not hold; drop ':recent{settings.recent_tokens}' from the method "
-                              "(the recipe is the same: the window is a serving choice, fitted_settings).")
+                              "(the recipe is the same: a recent window is a serving choice).")
     if settings.sink_tokens > block_size:
         raise KvpackVllmError(f"'{settings.name}' keeps {settings.sink_tokens} sink tokens, more than one page "
                               f"({block_size} tokens); raise block_size.")

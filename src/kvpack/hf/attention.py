@@ -129,10 +129,9 @@ def _make_attention(kind: str):
         transform = getattr(module, _TRANSFORM, None)
         if transform is not None:
             starts = _window_starts(transform, module.layer_idx, query, key)
-            held = None if starts is None else _transformed(module, transform, key, value, kept=True)
-            key, value = _transformed(module, transform, key, value)
-            if starts is not None:
-                key, value, attention_mask = _served_window(kind, query, held, (key, value), attention_mask, starts)
+            (key, value), *kept = _transformed(module, transform, key, value, window=starts is not None)
+            if kept:
+                key, value, attention_mask = _served_window(kind, query, kept[0], (key, value), attention_mask, starts)
         frames = _frames()
         state = frames[-1][0] if frames and frames[-1] else None
         if state is not None and module.layer_idx in state.pending:
@@ -149,16 +148,17 @@ def _make_attention(kind: str):
     return attention
 
 
-def _transformed(module, transform: KVTransform, key: torch.Tensor, value: torch.Tensor, kept: bool = False):
-    """The transform's keys and values; with `kept`, those its cache keeps unchanged (`WindowedTransform.kept`)."""
-    apply = transform.kept if kept else transform
+def _transformed(module, transform: KVTransform, key: torch.Tensor, value: torch.Tensor, window: bool = False) -> list:
+    """[(keys, values) through the transform], and with `window` also (keys, values) as its cache keeps its recent
+    window (`WindowedTransform.kept`); pre-RoPE transforms see the keys rotated back once for both."""
+    steps = [transform, transform.kept] if window else [transform]
     if not transform.pre_rope:
-        return apply(module.layer_idx, key, value)
+        return [step(module.layer_idx, key, value) for step in steps]
     cos, sin = getattr(module, _ROPE)
     if cos.shape[-2] != key.shape[-2]:  # only this step's tokens carry this step's cos/sin
         raise RuntimeError("pre-RoPE interception needs keys of exactly this step's positions (no cache).")
-    key_pre, value = apply(module.layer_idx, invert_rope(key, cos, sin), value)
-    return apply_rope(key_pre, cos, sin), value
+    key_pre = invert_rope(key, cos, sin)
+    return [(apply_rope(k, cos, sin), v) for k, v in (step(module.layer_idx, key_pre, value) for step in steps)]
 
 
 def _window_starts(transform, layer_idx: int, query: torch.Tensor, key: torch.Tensor):

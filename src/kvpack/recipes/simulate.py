@@ -61,6 +61,11 @@ def fp16_split(tokens: int, sink: int, recent: int, token_group: int) -> tuple[i
     return start, stop
 
 
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """x as a cache holds it in fp16 (rounded), in x's dtype."""
+    return x.to(torch.float16).to(x.dtype)
+
+
 class Simulator:
     """A KVTransform that quantize-dequantizes with `recipe` and counts the bits stored."""
 
@@ -91,15 +96,15 @@ class Simulator:
         self.count.add(16.0 * fp16_tokens * per_token, x.numel())
         if stop == start:
             self._add_shared(codec, what)
-            return x.to(torch.float16).to(x.dtype)
+            return _fp16(x)
         body = x[..., start:stop, :]
-        if self.served_window and s.recent_tokens:  # a token decoded one by one is encoded from its fp16 window copy
-            body = body.to(torch.float16).to(x.dtype)
+        if self.serves_window:  # a token decoded one by one is encoded from its fp16 window copy
+            body = _fp16(body)
         middle, nbytes = codec.roundtrip(body)
         self.count.add(8.0 * nbytes, 0)
         # shared bytes after encoding: a codec that sizes itself to the head_dim it meets knows them only now
         self._add_shared(codec, what)
-        parts = [x[..., :start, :].to(torch.float16).to(x.dtype), middle, x[..., stop:, :].to(torch.float16).to(x.dtype)]
+        parts = [_fp16(x[..., :start, :]), middle, _fp16(x[..., stop:, :])]
         return torch.cat(parts, dim=-2)
 
     def _add_shared(self, codec, what: str) -> None:
@@ -108,13 +113,18 @@ class Simulator:
             self._counted.add(id(codec))
             self.count.add_shared(8.0 * self.shared[id(codec)])
 
+    @property
+    def serves_window(self) -> bool:
+        """Whether queries read a recent window of their own (`served_window` and `recent_tokens` > 0)."""
+        return self.served_window and self.recipe.settings.recent_tokens > 0
+
     def window_starts(self, layer_idx: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per query i of `tokens` [tokens] (int64), for keys and values: the first token past the sink that a
         streaming cache (cache/stream.py) holds in fp16 after appending token i, i.e. sink + the whole token
         groups that left the recent window; None without a served recent window."""
-        s = self.recipe.settings
-        if not self.served_window or s.recent_tokens <= 0:
+        if not self.serves_window:
             return None
+        s = self.recipe.settings
         sink = min(s.sink_tokens, tokens)
         seen = torch.arange(1, tokens + 1) - sink - s.recent_tokens  # tokens past the sink and the window
         out = []
@@ -125,7 +135,7 @@ class Simulator:
 
     def kept(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as a cache keeps its sink and recent window: rounded to fp16."""
-        return key.to(torch.float16).to(key.dtype), value.to(torch.float16).to(value.dtype)
+        return _fp16(key), _fp16(value)
 
     @property
     def fixed_bytes(self) -> int:

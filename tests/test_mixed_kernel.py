@@ -92,17 +92,21 @@ def test_mixed_width_kernel_whole_vector_blocks(block_tokens, threads, mixed_cal
 
 
 
-@pytest.mark.parametrize("tokens,threads", [(200, 1), (77, 2)])
+EVERY_WIDTH = {1: 40, 2: 40, 3: 40, 4: 40, 5: 40, 6: 40, 7: 8, 8: 8}
+WIDE_ROWS = {6: 96, 3: 128, 2: 32}  # 72 and 48 bytes a token: rows read by word transposes, 72 in two of them
+
+
+@pytest.mark.parametrize("tokens,threads,counts", [(200, 1, EVERY_WIDTH), (77, 2, EVERY_WIDTH), (200, 1, WIDE_ROWS)])
 @torch.no_grad()
-def test_mixed_width_kernel_every_width_in_long_groups(tokens, threads):
+def test_mixed_width_kernel_every_width_in_long_groups(tokens, threads, counts):
     """Groups of every width 1..8, most longer than the run of members whose shifts repeat (decoded with
     compile-time shifts on AVX-512) and ending in a shorter tail, keys with outliers over all heads, values with
-    outliers per head: the C++ kernel equals the torch reference."""
+    outliers per head; and groups whose rows of codes are short (read by byte permutes on AVX-512) or long (by word
+    transposes): the C++ kernel equals the torch reference."""
     if not cpu.available():
         pytest.skip(f"CPU kernels unavailable: {cpu.error()}")
     heads, dim = 2, 128
     g = torch.Generator().manual_seed(5)
-    counts = {1: 40, 2: 40, 3: 40, 4: 40, 5: 40, 6: 40, 7: 8, 8: 8}
     bits = torch.cat([torch.full((n,), w) for w, n in counts.items()])
     widths = [bits[torch.randperm(heads * dim, generator=g)] for _ in range(2)]
 

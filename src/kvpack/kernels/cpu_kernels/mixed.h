@@ -3,7 +3,8 @@
 // group's channel order (cols), each channel with its own codebook.
 //
 // Tokens run across the vector lanes. AVX-512: the codes of W = 16 tokens are read as 32-bit windows (window k,
-// lane l = bytes 4k .. 4k + 3 of token l's row of a group; one gather per window), and member j's W codes are one
+// lane l = bytes 4k .. 4k + 3 of token l's row of a group; short rows by one byte permute per window, long rows by
+// a 16 x 16 transpose of their words: no gathers, which cost several times more), and member j's W codes are one
 // funnel shift of two windows (bits j * BITS ..; keys: members in runs of 32 / gcd(BITS, 32), whose shifts repeat,
 // get them at compile time), left with their neighbours' bits above them, which the level lookup ignores (a permute
 // of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are unpacked and transposed to
@@ -84,9 +85,46 @@ struct Plan {
   std::vector<int32_t> head_of;   // [H * D]
   std::vector<int32_t> sh;        // [slots] bit offset of the member's code in its window
   int slots = 0;
+#if KVPACK_AVX512
+  struct Fetch {  // how a group's windows are read from W contiguous rows of R bytes (group_windows)
+    int chunks = 0;       // > 0: byte permutes, lanes in `chunks` runs of `lanes` (each run's rows within 128 bytes)
+    int lanes = 0;
+    __m512i idx[2];       // per run: the source byte (of 128 from the run's first row + 4k) of every output byte
+    __mmask64 out[2];     // per run: its output bytes
+    int need[2];          // per run: bytes read from the run's first row + 4k
+  } fetch[9];
+#endif
 };
 
 inline int window_count(const Group& g) { return (g.n * g.bits / 8 + 3) / 4 + 1; }  // + 1: the join's upper word
+
+#if KVPACK_AVX512
+// Window k of W rows of R bytes (lane l: bytes l * R + 4k .. + 3) by byte permutes when the rows of at most two runs
+// of lanes each lie within 128 bytes (R <= 17: one vpermi2b per run and window); otherwise (chunks 0) a 16 x 16
+// transpose of the rows' words. Both cost a fraction of a gather per window.
+inline void plan_fetch(int R, Plan::Fetch* f) {
+  const int lanes = std::min(W, (124 / std::max(R, 1)) + 1), chunks = (W + lanes - 1) / lanes;
+  f->chunks = chunks <= 2 ? chunks : 0;
+  f->lanes = lanes;
+  for (int c = 0; c < f->chunks; ++c) {
+    alignas(64) uint8_t idx[64] = {0};
+    __mmask64 out = 0;
+    const int first = c * lanes, count = std::min(W, first + lanes) - first;
+    for (int q = 0; q < 64; ++q) {
+      const int l = q / 4;
+      if (l >= first && l < first + count) {
+        idx[q] = (uint8_t)((l - first) * R + q % 4);
+        out |= 1ull << q;
+      }
+    }
+    f->idx[c] = _mm512_load_si512(idx);
+    f->out[c] = out;
+    f->need[c] = (count - 1) * R + 4;
+  }
+}
+
+inline __mmask64 first_bytes(int n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull : (1ull << n) - 1; }
+#endif
 
 inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   i64 floats = 16;
@@ -110,6 +148,9 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   p->head_of.resize(HD);
   for (int ch = 0; ch < HD; ++ch) p->head_of[ch] = ch / D;
   p->sh.assign(p->slots, 0);
+#if KVPACK_AVX512
+  for (int i = 0; i < m.ng; ++i) plan_fetch(m.g[i].n * m.g[i].bits / 8, &p->fetch[i]);
+#endif
   for (int i = 0; i < m.ng; ++i) {
     const Group& g = m.g[i];
     const int L = 1 << g.bits, P = table_size(g.bits);
@@ -178,16 +219,35 @@ inline TileCodes tile_buffer(const Plan& p, uint8_t* buf) {  // buf: tile_bytes 
   return {(__m512i*)(buf + (64 - (uintptr_t)buf % 64) % 64), &p};
 }
 
-// Windows of one group for tokens nv .. nv + W - 1 (clamped to N - 1): one gather per window where the W rows follow
-// each other in one block and the last window ends inside the codes, else byte copies.
-inline void group_windows(const Group& g, i64 b, i64 nv, i64 N, int B, int T, __m512i* win) {
+// Windows of one group for tokens nv .. nv + W - 1 (clamped to N - 1): where the W rows follow each other in one
+// block and the last window ends inside the codes, by byte permutes or a transpose of the rows' words (plan_fetch;
+// masked loads read no byte past the last window's), else byte copies.
+inline void group_windows(const Group& g, const Plan::Fetch& f, i64 b, i64 nv, i64 N, int B, int T, __m512i* win) {
   const int R = g.n * g.bits / 8, nw = window_count(g) - 1;
   const uint8_t* row0 = group_row(g, b, nv, T);
   const uint8_t* end = group_row(g, B - 1, N - 1, T) + R;  // the last row (non-negative strides)
   if (nv + W <= N && nv / T == (nv + W - 1) / T && g.st == R && row0 + (i64)(W - 1) * R + 4 * nw <= end) {
-    const __m512i off = _mm512_mullo_epi32(_mm512_set1_epi32(R), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                                                                   11, 12, 13, 14, 15));
-    for (int k = 0; k < nw; ++k) win[k] = _mm512_i32gather_epi32(off, row0 + 4 * k, 1);
+    if (f.chunks) {
+      for (int k = 0; k < nw; ++k) {
+        __m512i x = _mm512_setzero_si512();
+        for (int c = 0; c < f.chunks; ++c) {
+          const uint8_t* base = row0 + (i64)c * f.lanes * R + 4 * k;
+          const __m512i lo = _mm512_maskz_loadu_epi8(first_bytes(f.need[c]), base);
+          const __m512i hi = _mm512_maskz_loadu_epi8(first_bytes(f.need[c] - 64), base + 64);
+          x = _mm512_mask_mov_epi8(x, f.out[c], _mm512_permutex2var_epi8(lo, f.idx[c], hi));
+        }
+        win[k] = x;
+      }
+    } else {
+      for (int k0 = 0; k0 < nw; k0 += W) {
+        const int count = std::min(W, nw - k0);
+        const __mmask16 words = (__mmask16)((1u << count) - 1);
+        __m512i r[W];
+        for (int l = 0; l < W; ++l) r[l] = _mm512_maskz_loadu_epi32(words, row0 + (i64)l * R + 4 * k0);
+        simd::transpose(r);
+        for (int k = 0; k < count; ++k) win[k0 + k] = r[k];
+      }
+    }
   } else {
     alignas(64) uint32_t lanes[W];
     for (int k = 0; k < nw; ++k) {
@@ -205,7 +265,7 @@ inline void group_windows(const Group& g, i64 b, i64 nv, i64 N, int B, int T, __
 // Codes of every group for the tile vectors [0, vecs) starting at token n0.
 inline void tile_codes(const Mixed& m, const Plan& p, i64 b, i64 n0, int vecs, i64 N, int B, int T, TileCodes& tc) {
   for (int v = 0; v < vecs; ++v)
-    for (int i = 0; i < m.ng; ++i) group_windows(m.g[i], b, n0 + (i64)v * W, N, B, T, (__m512i*)tc.group(i, v));
+    for (int i = 0; i < m.ng; ++i) group_windows(m.g[i], p.fetch[i], b, n0 + (i64)v * W, N, B, T, (__m512i*)tc.group(i, v));
 }
 
 // One group's codes in a tile: the W codes of member j at vector v (bits above the code: the next members' codes).

@@ -4,7 +4,7 @@
 //
 // Tokens run across the vector lanes. AVX-512: the codes of W = 16 tokens are read as 32-bit windows (window k,
 // lane l = bytes 4k .. 4k + 3 of token l's row of a group; short rows by one byte permute per window, long rows by
-// a 16 x 16 transpose of their words: no gathers, which cost several times more), and member j's W codes are one
+// a 16 x 16 transpose of their words, no gathers: docs/results.md, the 32K profile), and member j's W codes are one
 // funnel shift of two windows (bits j * BITS ..; keys: members in runs of 32 / gcd(BITS, 32), whose shifts repeat,
 // get them at compile time), left with their neighbours' bits above them, which the level lookup ignores (a permute
 // of the channel's table, repeated to 16 entries for <= 4 bits). AVX2: a tile's codes are unpacked and transposed to
@@ -101,7 +101,7 @@ inline int window_count(const Group& g) { return (g.n * g.bits / 8 + 3) / 4 + 1;
 #if KVPACK_AVX512
 // Window k of W rows of R bytes (lane l: bytes l * R + 4k .. + 3) by byte permutes when the rows of at most two runs
 // of lanes each lie within 128 bytes (R <= 17: one vpermi2b per run and window); otherwise (chunks 0) a 16 x 16
-// transpose of the rows' words. Both cost a fraction of a gather per window.
+// transpose of the rows' words.
 inline void plan_fetch(int R, Plan::Fetch* f) {
   const int lanes = std::min(W, (124 / std::max(R, 1)) + 1), chunks = (W + lanes - 1) / lanes;
   f->chunks = chunks <= 2 ? chunks : 0;

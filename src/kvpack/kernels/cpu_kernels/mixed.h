@@ -623,33 +623,63 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   }
 }
 
+// One channel's share of a tile: its codes looked up (outliers' lanes left out, `keep`) times the weights of its
+// head's query rows, summed over the tile's vectors into a[g]. wv(g, v): the weights of row g, vector v.
+template <int BITS, int GT, int VT, typename WV>
+inline void value_channel(const float* t, const GroupCodes& gc, int j, int vecs_, int G_, const uint16_t* keep, WV wv,
+                          vf* a) {
+  const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;
+  for (int g = 0; g < G; ++g) a[g] = simd::zero();
+#if KVPACK_AVX512
+  if (keep) {
+    for (int v = 0; v < vecs; ++v) {
+      const vf x = simd::lut_keep<BITS>(t, gc.at<BITS>(j, v), keep[(i64)j * VECS + v]);
+      for (int g = 0; g < G; ++g) a[g] = simd::fmadd(wv(g, v), x, a[g]);
+    }
+    return;
+  }
+#endif
+  for (int v = 0; v < vecs; ++v) {
+    const vf x = simd::lut<BITS>(t, gc.at<BITS>(j, v));
+    for (int g = 0; g < G; ++g) a[g] = simd::fmadd(wv(g, v), x, a[g]);
+  }
+}
+
 // VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`. keep (AVX-512, or nullptr): [n][VECS] the
 // lanes of each member's vectors whose codes count (outliers' lanes are left out: they are added exactly apart).
+// Members are in channel order, so a head's members follow each other: with G and the tile's vectors known at compile
+// time (and few enough), a head's weights are loaded into registers once for all its members.
+constexpr int HOISTED = KVPACK_AVX512 ? 16 : 6;  // weight vectors kept in registers (32 or 16 of them)
+
 template <int BITS, int GT, int VT>
 inline void value_group(const float* tab, int n, const int16_t* cols, const int32_t* head_of, const GroupCodes& gc,
                         int vecs_, const float* w, int G_, float* acc, const uint16_t* keep) {
   constexpr int P = BITS <= 4 ? 16 : 1 << BITS;
-  const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;
-  for (int j = 0; j < n; ++j) {
-    const int ch = cols[j], h = head_of[ch];
+  const int G = GT > 0 ? GT : G_;
+  int j = 0;
+  while (j < n) {
+    const int h = head_of[cols[j]];
+    int e = j + 1;
+    while (e < n && head_of[cols[e]] == h) ++e;  // members j .. e - 1: head h
     const float* wh = w + (i64)h * G * TILE;
     vf a[GT > 0 ? GT : MAXG];
-    for (int g = 0; g < G; ++g) a[g] = simd::zero();
-    const float* t = tab + (i64)j * P;
-#if KVPACK_AVX512
-    if (keep) {
-      for (int v = 0; v < vecs; ++v) {
-        const vf x = simd::lut_keep<BITS>(t, gc.at<BITS>(j, v), keep[(i64)j * VECS + v]);
-        for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
+    if constexpr (GT > 0 && VT > 0 && GT * VT <= HOISTED) {
+      vf wr[GT][VT];
+      for (int g = 0; g < GT; ++g)
+        for (int v = 0; v < VT; ++v) wr[g][v] = simd::loada(wh + (i64)g * TILE + v * W);
+      for (; j < e; ++j) {
+        value_channel<BITS, GT, VT>(tab + (i64)j * P, gc, j, VT, GT, keep, [&](int g, int v) { return wr[g][v]; }, a);
+        float* dst = acc + (i64)cols[j] * G * W;
+        for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
       }
-    } else
-#endif
-    for (int v = 0; v < vecs; ++v) {
-      const vf x = simd::lut<BITS>(t, gc.at<BITS>(j, v));
-      for (int g = 0; g < G; ++g) a[g] = simd::fmadd(simd::loada(wh + (i64)g * TILE + v * W), x, a[g]);
+    } else {
+      for (; j < e; ++j) {
+        value_channel<BITS, GT, VT>(tab + (i64)j * P, gc, j, vecs_, G_, keep,
+                                    [&](int g, int v) { return simd::loada(wh + (i64)g * TILE + v * W); }, a);
+        float* dst = acc + (i64)cols[j] * G * W;
+        for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
+      }
     }
-    float* dst = acc + (i64)ch * G * W;
-    for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
   }
 }
 

@@ -623,12 +623,14 @@ void keys(const float* q, i64 qb, i64 qh, i64 qg, const Mixed& m, int nblk, int 
   }
 }
 
-// One channel's share of a tile: its codes looked up (outliers' lanes left out, `keep`) times the weights of its
-// head's query rows, summed over the tile's vectors into a[g]. wv(g, v): the weights of row g, vector v.
+// Member j's share of a tile added to its channel's lane sums dst [G][W]: its codes looked up (outliers' lanes left
+// out, `keep`) times the weights of its head's query rows, summed over the tile's vectors. wv(g, v): the weights of
+// row g, vector v.
 template <int BITS, int GT, int VT, typename WV>
 inline void value_channel(const float* t, const GroupCodes& gc, int j, int vecs_, int G_, const uint16_t* keep, WV wv,
-                          vf* a) {
+                          float* dst) {
   const int G = GT > 0 ? GT : G_, vecs = VT > 0 ? VT : vecs_;
+  vf a[GT > 0 ? GT : MAXG];
   for (int g = 0; g < G; ++g) a[g] = simd::zero();
 #if KVPACK_AVX512
   if (keep) {
@@ -636,21 +638,21 @@ inline void value_channel(const float* t, const GroupCodes& gc, int j, int vecs_
       const vf x = simd::lut_keep<BITS>(t, gc.at<BITS>(j, v), keep[(i64)j * VECS + v]);
       for (int g = 0; g < G; ++g) a[g] = simd::fmadd(wv(g, v), x, a[g]);
     }
-    return;
-  }
+  } else
 #endif
   for (int v = 0; v < vecs; ++v) {
     const vf x = simd::lut<BITS>(t, gc.at<BITS>(j, v));
     for (int g = 0; g < G; ++g) a[g] = simd::fmadd(wv(g, v), x, a[g]);
   }
+  for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
 }
+
+constexpr int HOISTED = KVPACK_AVX512 ? 16 : 6;  // weight vectors value_group keeps in registers (of 32 or 16)
 
 // VT: the tile's token vectors at compile time (a whole tile), 0: `vecs`. keep (AVX-512, or nullptr): [n][VECS] the
 // lanes of each member's vectors whose codes count (outliers' lanes are left out: they are added exactly apart).
 // Members are in channel order, so a head's members follow each other: with G and the tile's vectors known at compile
-// time (and few enough), a head's weights are loaded into registers once for all its members.
-constexpr int HOISTED = KVPACK_AVX512 ? 16 : 6;  // weight vectors kept in registers (32 or 16 of them)
-
+// time (and at most HOISTED), a head's weights are loaded into registers once for all its members.
 template <int BITS, int GT, int VT>
 inline void value_group(const float* tab, int n, const int16_t* cols, const int32_t* head_of, const GroupCodes& gc,
                         int vecs_, const float* w, int G_, float* acc, const uint16_t* keep) {
@@ -662,23 +664,18 @@ inline void value_group(const float* tab, int n, const int16_t* cols, const int3
     int e = j + 1;
     while (e < n && head_of[cols[e]] == h) ++e;  // members j .. e - 1: head h
     const float* wh = w + (i64)h * G * TILE;
-    vf a[GT > 0 ? GT : MAXG];
     if constexpr (GT > 0 && VT > 0 && GT * VT <= HOISTED) {
       vf wr[GT][VT];
       for (int g = 0; g < GT; ++g)
         for (int v = 0; v < VT; ++v) wr[g][v] = simd::loada(wh + (i64)g * TILE + v * W);
-      for (; j < e; ++j) {
-        value_channel<BITS, GT, VT>(tab + (i64)j * P, gc, j, VT, GT, keep, [&](int g, int v) { return wr[g][v]; }, a);
-        float* dst = acc + (i64)cols[j] * G * W;
-        for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
-      }
+      for (; j < e; ++j)
+        value_channel<BITS, GT, VT>(tab + (i64)j * P, gc, j, VT, GT, keep, [&](int g, int v) { return wr[g][v]; },
+                                    acc + (i64)cols[j] * G * W);
     } else {
-      for (; j < e; ++j) {
+      for (; j < e; ++j)
         value_channel<BITS, GT, VT>(tab + (i64)j * P, gc, j, vecs_, G_, keep,
-                                    [&](int g, int v) { return simd::loada(wh + (i64)g * TILE + v * W); }, a);
-        float* dst = acc + (i64)cols[j] * G * W;
-        for (int g = 0; g < G; ++g) simd::storea(dst + g * W, simd::add(simd::loada(dst + g * W), a[g]));
-      }
+                                    [&](int g, int v) { return simd::loada(wh + (i64)g * TILE + v * W); },
+                                    acc + (i64)cols[j] * G * W);
     }
   }
 }

@@ -91,14 +91,17 @@ struct Plan {
     int lanes = 0;
     __m512i idx[2];       // per run: the source byte (of 128 from the run's first row + 4k) of every output byte
     __mmask64 out[2];     // per run: its output bytes
-    int need[2];          // per run: bytes read from the run's first row + 4k
+    __mmask64 lo[2], hi[2];  // per run: the bytes read of the 128 from the run's first row + 4k (two loads)
   } fetch[9];
 #endif
 };
 
-inline int window_count(const Group& g) { return (g.n * g.bits / 8 + 3) / 4 + 1; }  // + 1: the join's upper word
+inline int row_bytes(const Group& g) { return g.n * g.bits / 8; }  // one token's codes of the group
+inline int window_count(const Group& g) { return (row_bytes(g) + 3) / 4 + 1; }  // + 1: the join's upper word
 
 #if KVPACK_AVX512
+inline __mmask64 first_bytes(int n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull : (1ull << n) - 1; }
+
 // Window k of W rows of R bytes (lane l: bytes l * R + 4k .. + 3) by byte permutes when the rows of at most two runs
 // of lanes each lie within 128 bytes (R <= 17: one vpermi2b per run and window); otherwise (chunks 0) a 16 x 16
 // transpose of the rows' words.
@@ -117,13 +120,13 @@ inline void plan_fetch(int R, Plan::Fetch* f) {
         out |= 1ull << q;
       }
     }
+    const int need = (count - 1) * R + 4;
     f->idx[c] = _mm512_load_si512(idx);
     f->out[c] = out;
-    f->need[c] = (count - 1) * R + 4;
+    f->lo[c] = first_bytes(need);
+    f->hi[c] = first_bytes(need - 64);
   }
 }
-
-inline __mmask64 first_bytes(int n) { return n >= 64 ? ~0ull : n <= 0 ? 0ull : (1ull << n) - 1; }
 #endif
 
 inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
@@ -149,7 +152,7 @@ inline void make_plan(const Mixed& m, int HD, int D, bool keys, Plan* p) {
   for (int ch = 0; ch < HD; ++ch) p->head_of[ch] = ch / D;
   p->sh.assign(p->slots, 0);
 #if KVPACK_AVX512
-  for (int i = 0; i < m.ng; ++i) plan_fetch(m.g[i].n * m.g[i].bits / 8, &p->fetch[i]);
+  for (int i = 0; i < m.ng; ++i) plan_fetch(row_bytes(m.g[i]), &p->fetch[i]);
 #endif
   for (int i = 0; i < m.ng; ++i) {
     const Group& g = m.g[i];
@@ -223,7 +226,7 @@ inline TileCodes tile_buffer(const Plan& p, uint8_t* buf) {  // buf: tile_bytes 
 // block and the last window ends inside the codes, by byte permutes or a transpose of the rows' words (plan_fetch;
 // masked loads read no byte past the last window's), else byte copies.
 inline void group_windows(const Group& g, const Plan::Fetch& f, i64 b, i64 nv, i64 N, int B, int T, __m512i* win) {
-  const int R = g.n * g.bits / 8, nw = window_count(g) - 1;
+  const int R = row_bytes(g), nw = window_count(g) - 1;
   const uint8_t* row0 = group_row(g, b, nv, T);
   const uint8_t* end = group_row(g, B - 1, N - 1, T) + R;  // the last row (non-negative strides)
   if (nv + W <= N && nv / T == (nv + W - 1) / T && g.st == R && row0 + (i64)(W - 1) * R + 4 * nw <= end) {
@@ -232,8 +235,8 @@ inline void group_windows(const Group& g, const Plan::Fetch& f, i64 b, i64 nv, i
         __m512i x = _mm512_setzero_si512();
         for (int c = 0; c < f.chunks; ++c) {
           const uint8_t* base = row0 + (i64)c * f.lanes * R + 4 * k;
-          const __m512i lo = _mm512_maskz_loadu_epi8(first_bytes(f.need[c]), base);
-          const __m512i hi = _mm512_maskz_loadu_epi8(first_bytes(f.need[c] - 64), base + 64);
+          const __m512i lo = _mm512_maskz_loadu_epi8(f.lo[c], base);
+          const __m512i hi = _mm512_maskz_loadu_epi8(f.hi[c], base + 64);
           x = _mm512_mask_mov_epi8(x, f.out[c], _mm512_permutex2var_epi8(lo, f.idx[c], hi));
         }
         win[k] = x;
